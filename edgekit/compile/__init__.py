@@ -1,0 +1,1 @@
+"""Per-backend compilers and the compile pipeline."""

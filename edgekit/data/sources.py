@@ -1,0 +1,112 @@
+"""Calibration and validation data: image folders, .npy/.npz files, Python factories.
+
+Images are turned into tensors by the *runtime's* preprocessing with the
+bundle's preprocessing spec, so calibration sees exactly what the device will
+feed the model. The calibration hash recorded in the manifest is the sha256 of
+the resulting float32 tensor (shape and bytes): two builds calibrated on the
+same data have the same hash whatever the source format was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit_runtime.processing import list_images, preprocess_batch
+
+from ..config import DataSource
+from ..errors import CalibrationError
+from ..models.importer import resolve_callable
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray  # preprocessed float32, batch first
+    y: np.ndarray | None  # int64 labels, or None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def sha256(self) -> str:
+        return tensor_sha256(self.x)
+
+
+def tensor_sha256(x: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(str(tuple(x.shape)).encode())
+    h.update(str(x.dtype).encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
+
+
+def _from_folder(folder: Path, preprocess: dict | None, labels: list[str] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    if preprocess is None:
+        raise CalibrationError(f"{folder} is an image folder, but the build has no 'preprocess' section")
+    files = list_images(folder)
+    if not files:
+        raise CalibrationError(f"{folder} holds no images")
+    x = preprocess_batch(files, preprocess)
+    # class-per-sub-folder layout (torchvision ImageFolder) gives labels
+    classes = sorted({f.parent.name for f in files if f.parent != folder})
+    if not classes or any(f.parent == folder for f in files):
+        return x, None
+    names = labels or classes
+    unknown = set(classes) - set(names)
+    if unknown:
+        raise CalibrationError(f"sub-folders {sorted(unknown)} of {folder} are not among the model's labels")
+    return x, np.array([names.index(f.parent.name) for f in files], dtype=np.int64)
+
+
+def _from_arrays(obj, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    if isinstance(obj, tuple) and len(obj) == 2:
+        x, y = obj
+    elif isinstance(obj, dict) or hasattr(obj, "files"):
+        keys = list(obj.keys()) if isinstance(obj, dict) else list(obj.files)
+        if "x" not in keys:
+            raise CalibrationError(f"{where} has keys {keys}; expected 'x' (and 'y' for labels)")
+        x, y = obj["x"], obj["y"] if "y" in keys else None
+    else:
+        x, y = obj, None
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise CalibrationError(f"{where}: x has dtype {x.dtype}; give preprocessed float tensors")
+        x = x.astype(np.float32)
+    if y is not None:
+        y = np.asarray(y).astype(np.int64)
+        if y.shape != (len(x),):
+            raise CalibrationError(f"{where}: y has shape {y.shape}, expected ({len(x)},)")
+    return x, y
+
+
+def load_data(src: DataSource, preprocess: dict | None = None, labels: list[str] | None = None) -> Dataset:
+    """Load ``src`` into preprocessed tensors (and labels where the source has them)."""
+    s = src.source
+    path = Path(s)
+    if path.is_dir():
+        x, y = _from_folder(path, preprocess, labels)
+    elif path.suffix in (".npy", ".npz"):
+        if not path.is_file():
+            raise CalibrationError(f"{path} does not exist")
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                x, y = _from_arrays(data, s)
+        else:
+            x, y = _from_arrays(np.load(path, allow_pickle=False), s)
+    elif ":" in s and not path.exists():
+        x, y = _from_arrays(resolve_callable(s)(**src.kwargs), s)
+    else:
+        raise CalibrationError(
+            f"data source {s!r} is neither an image folder, a .npy/.npz file nor 'module:factory'"
+        )
+    if src.count is not None:
+        x = x[: src.count]
+        y = y[: src.count] if y is not None else None
+    if len(x) == 0:
+        raise CalibrationError(f"data source {s!r} is empty")
+    return Dataset(x=np.ascontiguousarray(x), y=y, source=s)
+

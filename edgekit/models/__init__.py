@@ -1,0 +1,1 @@
+"""Model definitions shipped with edgekit and the import of user models."""

@@ -1,0 +1,141 @@
+"""The Python API a device application uses: ``load(bundle).predict(images)``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import processing
+from .bundle import VerifiedBundle, open_bundle
+from .engines import Engine, EngineOptions, create_engine
+from .errors import ErrorCode, InputError
+from .keyring import Keyring
+
+
+class Model:
+    """A verified bundle loaded into an inference engine."""
+
+    def __init__(self, bundle: VerifiedBundle, engine: Engine, workdir: Path, owns_workdir: bool):
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.engine = engine
+        self.workdir = workdir
+        self._owns_workdir = owns_workdir
+        labels_name = self.manifest.get("labels")
+        self.labels = bundle.members[labels_name].decode().splitlines() if labels_name else None
+        self.inputs = engine.inputs
+        self.outputs = engine.outputs
+
+    # -- raw tensors -------------------------------------------------------
+    def run(self, feeds: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """Run on already-preprocessed tensors (checked against the signature)."""
+        if isinstance(feeds, np.ndarray):
+            if len(self.inputs) != 1:
+                raise InputError(
+                    f"the model has {len(self.inputs)} inputs; pass a dict by name",
+                    code=ErrorCode.INPUT_MISSING,
+                )
+            feeds = {self.inputs[0].name: feeds}
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise InputError(f"input {spec.name!r} is missing", code=ErrorCode.INPUT_MISSING)
+            spec.check(feeds[spec.name])
+        return self.engine.run(feeds)
+
+    # -- images in, results out -------------------------------------------
+    def preprocess(self, items: Iterable[str | os.PathLike | np.ndarray]) -> np.ndarray:
+        return processing.preprocess_batch(items, self.manifest["preprocess"])
+
+    def postprocess(self, outputs: dict[str, np.ndarray]) -> list[dict]:
+        first = outputs[self.outputs[0].name]
+        return processing.postprocess(first, self.manifest["postprocess"], self.labels)
+
+    def predict(self, items: Iterable[str | os.PathLike | np.ndarray] | str | os.PathLike) -> list[dict]:
+        """Image paths or decoded uint8 images → one result per image."""
+        if isinstance(items, (str, os.PathLike)) or (isinstance(items, np.ndarray) and items.dtype == np.uint8 and items.ndim <= 3):
+            items = [items]
+        return self.postprocess(self.run(self.preprocess(items)))
+
+    def health_check(self) -> dict[str, Any]:
+        """Run the sample input stored in the bundle and compare with its expected output."""
+        hc = self.manifest.get("health_check")
+        if not hc:
+            return {"ok": True, "checked": False}
+        x = _load_npy(self.bundle.members[hc["input"]])
+        expected = _load_npy(self.bundle.members[hc["expected_output"]])
+        got = self.run(x)[self.outputs[0].name]
+        finite = bool(np.isfinite(got).all())
+        close = bool(np.allclose(got, expected, atol=hc["atol"], rtol=hc["rtol"]))
+        return {
+            "ok": finite and close,
+            "checked": True,
+            "finite": finite,
+            "max_abs_diff": float(np.max(np.abs(got.astype(np.float64) - expected))),
+            "atol": hc["atol"],
+            "rtol": hc["rtol"],
+        }
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "model": m["model"],
+            "target": m["target"]["name"],
+            "backend": m["backend"]["name"],
+            "precision": m["backend"]["precision"],
+            "key_id": self.bundle.key_id,
+            **self.engine.describe(),
+        }
+
+    def close(self) -> None:
+        self.engine = None  # type: ignore[assignment]
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    keyring: Keyring | str | os.PathLike | None = None,
+    threads: int | None = None,
+    engine: str | None = None,
+    inference_precision: str | None = None,
+    workdir: str | os.PathLike | None = None,
+) -> Model:
+    """Verify the bundle at ``path`` and load it into its engine.
+
+    ``keyring``: a :class:`Keyring`, a path to a ``.pub`` file or a directory of
+    them; default ``$EDGEKIT_KEYRING`` or ``/etc/edgekit/keys``. ``engine``
+    forces one engine instead of the manifest's order. Nothing is extracted
+    before the bundle has been verified.
+    """
+    if keyring is not None and not isinstance(keyring, Keyring):
+        keyring = Keyring.from_paths(keyring)
+    bundle = open_bundle(path, keyring)
+    owns = workdir is None
+    target = Path(tempfile.mkdtemp(prefix="edgekit-model-")) if owns else Path(workdir)
+    bundle.extract(target)
+    options = EngineOptions.from_manifest(bundle.manifest, threads=threads, inference_precision=inference_precision)
+    try:
+        eng = create_engine(target, bundle.manifest, options, order=[engine] if engine else None)
+    except Exception:
+        if owns:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return Model(bundle, eng, target, owns)

@@ -1,0 +1,188 @@
+"""Read and verify a bundle before anything from it is used.
+
+Order of checks (everything happens before a single byte is written to disk):
+
+1. the file is a complete ZIP (a cut download is reported as truncated);
+2. every member name is safe: no absolute path, no ``..``, no link or special
+   file, no duplicate;
+3. ``manifest.json`` declares a format this runtime reads (major version);
+4. ``signature.json`` verifies against a trusted key over the manifest bytes;
+5. the manifest is structurally valid;
+6. the archive holds exactly the files the manifest lists, each with the listed
+   size and sha256.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import bundle_spec as spec
+from .errors import BundleError, ErrorCode
+from .keyring import Keyring
+
+_ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+
+
+@dataclass
+class VerifiedBundle:
+    """A bundle whose signature and member hashes have been checked."""
+
+    path: Path
+    manifest: dict[str, Any]
+    key_id: str
+    members: dict[str, bytes] = field(repr=False)
+
+    def extract(self, dest: str | os.PathLike) -> Path:
+        """Write the verified members (and the manifest) under ``dest``."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, data in self.members.items():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        (dest / spec.MANIFEST_NAME).write_text(json.dumps(self.manifest, indent=2))
+        return dest
+
+    def extract_temp(self) -> Path:
+        return self.extract(tempfile.mkdtemp(prefix="edgekit-bundle-"))
+
+
+def _check_member_name(info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    path = PurePosixPath(name)
+    mode = info.external_attr >> 16
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or ".." in path.parts
+        or (len(name) > 1 and name[1] == ":")
+    ):
+        raise BundleError(f"unsafe member path {name!r}", code=ErrorCode.BUNDLE_UNSAFE_MEMBER)
+    if info.is_dir():
+        raise BundleError(f"directory entry {name!r} not allowed", code=ErrorCode.BUNDLE_UNSAFE_MEMBER)
+    if mode and not stat.S_ISREG(mode):
+        raise BundleError(
+            f"member {name!r} is a link or special file (mode {oct(mode)})",
+            code=ErrorCode.BUNDLE_UNSAFE_MEMBER,
+        )
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise BundleError(f"{path} does not exist", code=ErrorCode.BUNDLE_UNREADABLE) from None
+    except zipfile.BadZipFile:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head == _ZIP_LOCAL_MAGIC:
+            raise BundleError(
+                f"{path} is truncated (the archive's directory is missing)",
+                code=ErrorCode.BUNDLE_TRUNCATED,
+                hint="download or copy the bundle again",
+            ) from None
+        raise BundleError(f"{path} is not an edgekit bundle (not a ZIP archive)") from None
+
+
+def _read(zf: zipfile.ZipFile, name: str) -> bytes:
+    try:
+        return zf.read(name)
+    except (zipfile.BadZipFile, EOFError, OSError, binascii.Error) as exc:
+        # A cut-off member or a CRC mismatch: the file was damaged in transit.
+        raise BundleError(
+            f"member {name!r} cannot be read ({exc})",
+            code=ErrorCode.BUNDLE_TRUNCATED,
+            hint="download or copy the bundle again",
+        ) from None
+
+
+def read_manifest_unverified(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest, *without* verification: for inspection tools only."""
+    with _open_zip(Path(path)) as zf:
+        return json.loads(_read(zf, spec.MANIFEST_NAME))
+
+
+def open_bundle(path: str | os.PathLike, keyring: Keyring | None = None) -> VerifiedBundle:
+    """Verify ``path`` completely and return its contents held in memory.
+
+    ``keyring`` defaults to :meth:`Keyring.default` (``$EDGEKIT_KEYRING`` or
+    ``/etc/edgekit/keys``). Raises :class:`BundleError` with a stable code.
+    """
+    path = Path(path)
+    with _open_zip(path) as zf:
+        infos = zf.infolist()
+        seen: set[str] = set()
+        for info in infos:
+            _check_member_name(info)
+            if info.filename in seen:
+                raise BundleError(
+                    f"duplicate member {info.filename!r}", code=ErrorCode.BUNDLE_UNSAFE_MEMBER
+                )
+            seen.add(info.filename)
+        if spec.MANIFEST_NAME not in seen:
+            raise BundleError("manifest.json is missing", code=ErrorCode.BUNDLE_BAD_MANIFEST)
+        manifest_bytes = _read(zf, spec.MANIFEST_NAME)
+        try:
+            manifest = json.loads(manifest_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"manifest.json is not JSON ({exc})", code=ErrorCode.BUNDLE_BAD_MANIFEST) from None
+        if not isinstance(manifest, dict):
+            raise BundleError("manifest.json is not an object", code=ErrorCode.BUNDLE_BAD_MANIFEST)
+        spec.check_format_version(manifest)
+
+        if spec.SIGNATURE_NAME not in seen:
+            raise BundleError(
+                "bundle is unsigned (no signature.json)",
+                code=ErrorCode.BUNDLE_UNSIGNED,
+                hint="sign it on the host with `edgekit bundle sign`",
+            )
+        try:
+            sig = json.loads(_read(zf, spec.SIGNATURE_NAME))
+            signature = base64.b64decode(sig["signature"], validate=True)
+            key_id = sig["key_id"]
+            algorithm = sig["algorithm"]
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise BundleError(f"signature.json is malformed ({exc})", code=ErrorCode.BUNDLE_UNSIGNED) from None
+        if algorithm != spec.SIGNATURE_ALGORITHM:
+            raise BundleError(
+                f"signature algorithm {algorithm!r} is not supported", code=ErrorCode.BUNDLE_BAD_SIGNATURE
+            )
+        (keyring or Keyring.default()).verify(key_id, signature, manifest_bytes)
+
+        spec.validate_manifest(manifest)
+        if manifest["signing"]["key_id"] != key_id:
+            raise BundleError(
+                "signature key id differs from the manifest's signing.key_id",
+                code=ErrorCode.BUNDLE_BAD_SIGNATURE,
+            )
+        listed = manifest["files"]
+        present = seen - spec.RESERVED_NAMES
+        for name in sorted(present - set(listed)):
+            raise BundleError(
+                f"member {name!r} is not listed in the manifest", code=ErrorCode.BUNDLE_UNLISTED_MEMBER
+            )
+        for name in sorted(set(listed) - present):
+            raise BundleError(
+                f"member {name!r} listed in the manifest is missing", code=ErrorCode.BUNDLE_MISSING_MEMBER
+            )
+        members: dict[str, bytes] = {}
+        for name, entry in listed.items():
+            data = _read(zf, name)
+            if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise BundleError(
+                    f"member {name!r} does not match its sha256 in the signed manifest",
+                    code=ErrorCode.BUNDLE_TAMPERED,
+                )
+            members[name] = data
+    return VerifiedBundle(path=path, manifest=manifest, key_id=key_id, members=members)

@@ -1,0 +1,123 @@
+"""``edgekit-runtime``: the device-side command line (argparse, no extra deps).
+
+    edgekit-runtime verify BUNDLE [--keyring DIR]
+    edgekit-runtime run BUNDLE IMAGE... [--top-k N] [--json]
+    edgekit-runtime bench BUNDLE [--queries N] [--seconds T] [--batch B] [--json-out F]
+
+Exit codes: 0 ok, 2 usage, 3 a runtime error (its stable code is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .api import load
+from .bench import BenchSettings, run_benchmark
+from .bundle import open_bundle
+from .errors import RuntimeErrorBase
+from .keyring import Keyring
+from .processing import IMAGE_SUFFIXES, list_images
+
+
+def _keyring(args: argparse.Namespace) -> Keyring | None:
+    return Keyring.from_paths(*args.keyring) if args.keyring else None
+
+
+def _expand(inputs: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        out.extend(list_images(p) if p.is_dir() else [p])
+    return out
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    b = open_bundle(args.bundle, _keyring(args))
+    info = {"ok": True, "bundle": str(args.bundle), "key_id": b.key_id, "model": b.manifest["model"],
+            "target": b.manifest["target"]["name"], "format_version": b.manifest["format_version"],
+            "files": len(b.members)}
+    print(json.dumps(info, indent=2) if args.json else f"OK {args.bundle}: {info['model']['name']} "
+          f"{info['model']['version']} for {info['target']} (key {b.key_id}, {info['files']} files verified)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    images = _expand(args.inputs)
+    with load(args.bundle, keyring=_keyring(args), threads=args.threads, engine=args.engine) as model:
+        if args.top_k:
+            model.manifest["postprocess"] = dict(model.manifest["postprocess"] or {}, top_k=args.top_k)
+        results = model.predict(images)
+    rows = [{"input": str(p), **r} for p, r in zip(images, results)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            top = row.get("top_k")
+            text = ", ".join(f"{t['label']} {t['score']:.3f}" for t in top) if top else str(row["output"])[:80]
+            print(f"{row['input']}: {text}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    settings = BenchSettings(min_queries=args.queries, min_duration_s=args.seconds,
+                             offline_batch=args.batch or None, seed=args.seed, warmup=args.warmup)
+    images = _expand(args.inputs) if args.inputs else None
+    with load(args.bundle, keyring=_keyring(args), threads=args.threads, engine=args.engine) as model:
+        result = run_benchmark(model, images, settings)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    ss = result["single_stream"]["inference"]
+    print(json.dumps(result, indent=2) if args.json else
+          f"p50 {ss['p50_ms']:.3f} ms  p90 {ss['p90_ms']:.3f} ms  p99 {ss['p99_ms']:.3f} ms  "
+          f"QPS {result['single_stream']['qps']:.1f}  ({ss['count']} queries)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgekit-runtime", description="Run edgekit bundles on a device.")
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("bundle", type=Path)
+        sp.add_argument("--keyring", action="append", help="trusted public key file or directory (repeatable)")
+        sp.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("verify", help="check signature and integrity")
+    common(v)
+    v.set_defaults(func=cmd_verify)
+    for name, fn, help_ in (("run", cmd_run, "predict on images"), ("bench", cmd_bench, "benchmark latency")):
+        sp = sub.add_parser(name, help=help_)
+        common(sp)
+        sp.add_argument("inputs", nargs="*" if name == "bench" else "+",
+                        help=f"image files or folders ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        sp.add_argument("--threads", type=int)
+        sp.add_argument("--engine", help="force an engine instead of the manifest's order")
+        sp.set_defaults(func=fn)
+    r = sub.choices["run"]
+    r.add_argument("--top-k", type=int)
+    b = sub.choices["bench"]
+    b.add_argument("--queries", type=int, default=200)
+    b.add_argument("--seconds", type=float, default=2.0)
+    b.add_argument("--batch", type=int, default=8, help="offline batch size (0: skip offline)")
+    b.add_argument("--warmup", type=int, default=20)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json-out", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RuntimeErrorBase as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Stable, numeric error codes for the device runtime.
+
+Codes are grouped by range so that a fleet dashboard can bucket them without a
+lookup table, and they travel in telemetry events. A code, once published, keeps
+its meaning forever; new codes are appended.
+
+    1xx  bundle: reading, signature, integrity, format version
+    2xx  engine: backend missing, model load, inference
+    3xx  input: shape, dtype, unreadable image, preprocessing
+    4xx  configuration of the runtime itself (keyring, options)
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    # 1xx bundle
+    BUNDLE_UNREADABLE = 100
+    BUNDLE_TRUNCATED = 101
+    BUNDLE_UNSIGNED = 102
+    BUNDLE_BAD_SIGNATURE = 103
+    BUNDLE_UNTRUSTED_KEY = 104
+    BUNDLE_TAMPERED = 105
+    BUNDLE_UNSUPPORTED_VERSION = 106
+    BUNDLE_BAD_MANIFEST = 107
+    BUNDLE_UNSAFE_MEMBER = 108
+    BUNDLE_MISSING_MEMBER = 109
+    BUNDLE_UNLISTED_MEMBER = 110
+    # 2xx engine
+    ENGINE_UNAVAILABLE = 200
+    ENGINE_LOAD_FAILED = 201
+    ENGINE_INFERENCE_FAILED = 202
+    ENGINE_UNKNOWN_BACKEND = 203
+    # 3xx input
+    INPUT_BAD_SHAPE = 300
+    INPUT_BAD_DTYPE = 301
+    INPUT_UNREADABLE = 302
+    INPUT_MISSING = 303
+    INPUT_UNSUPPORTED = 304
+    # 4xx runtime configuration
+    CONFIG_NO_KEYRING = 400
+    CONFIG_INVALID = 401
+
+
+class RuntimeErrorBase(Exception):
+    """Base of every error the runtime raises on purpose.
+
+    ``code`` is stable across releases; ``hint`` says what the operator can do.
+    """
+
+    code: ErrorCode = ErrorCode.CONFIG_INVALID
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, hint: str | None = None):
+        if code is not None:
+            self.code = code
+        self.hint = hint
+        full = f"[E{int(self.code)} {self.code.name}] {message}"
+        if hint:
+            full += f" — {hint}"
+        super().__init__(full)
+        self.message = message
+
+    def to_event(self) -> dict:
+        """A JSON-ready description, as sent in telemetry events."""
+        return {"code": int(self.code), "name": self.code.name, "message": self.message, "hint": self.hint}
+
+
+class BundleError(RuntimeErrorBase):
+    """The bundle cannot be trusted or read; nothing was installed or run."""
+
+    code = ErrorCode.BUNDLE_UNREADABLE
+
+
+class EngineError(RuntimeErrorBase):
+    """The inference engine is missing, or failed to load or run the model."""
+
+    code = ErrorCode.ENGINE_LOAD_FAILED
+
+
+class InputError(RuntimeErrorBase):
+    """The input given to the model does not match its signature."""
+
+    code = ErrorCode.INPUT_BAD_SHAPE
+
+
+class RuntimeConfigError(RuntimeErrorBase):
+    """The runtime itself is misconfigured (keyring, options)."""
+
+    code = ErrorCode.CONFIG_INVALID
