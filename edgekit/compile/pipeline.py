@@ -133,6 +133,9 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Step | None
     # -- data -------------------------------------------------------------------------------
     step("load data")
     calib: Dataset | None = load_data(cfg.calibration, pre, labels) if cfg.calibration else None
+    if calib is not None and len(calib) > q.calibration_count:
+        # hash and statistics describe exactly the samples the quantizer sees
+        calib = Dataset(calib.x[: q.calibration_count], None, calib.source)
     val: Dataset | None = load_data(cfg.validation, pre, labels) if cfg.validation else None
     if q.enabled and calib is None:
         raise ConfigError("INT8 needs calibration data: add a 'calibration' section (or set quantize.enabled: false)")
@@ -254,7 +257,7 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Step | None
                     "latency_ms": {k: v for k, v in latency.items() if k != "measured_on"},
                     "latency_measured_on": latency["measured_on"]["cpu"],
                     "size_bytes": {"fp32": fp32.size_bytes(), chosen.precision: chosen.size_bytes()}},
-        "calibration": {"sha256": calib.sha256(), "count": min(len(calib), q.calibration_count),
+        "calibration": {"sha256": calib.sha256(), "count": len(calib),
                         "source": calib.source} if calib is not None and q.enabled else None,
         "health_check": {"input": "health/input.npy", "expected_output": "health/expected_output.npy",
                          "atol": tol[0], "rtol": tol[1]},

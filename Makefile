@@ -1,0 +1,35 @@
+# One command each, on a fresh machine:
+#   make demo   set up .venv, train the digits CNN, compile INT8 for x86, verify, run, benchmark
+#   make test   set up .venv and run the test suite (what CI runs, via .ci/run)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.edgekit-installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml runtime/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/edgekit demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m benchmarks.int8_vs_fp32
+	$(BIN)/python -m benchmarks.runtime_overhead
+
+clean:
+	rm -rf build .pytest_cache

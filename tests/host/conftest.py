@@ -1,0 +1,104 @@
+"""Shared, session-scoped artifacts for the host tests: a trained digits CNN, keys, bundles.
+
+Compiling is the expensive part (seconds per bundle), so each bundle is built
+once per session and shared read-only by the tests that need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_FILE = REPO / "examples" / "digits.yaml"
+X86_TARGETS = ("x86-openvino-cpu", "onnxruntime-cpu")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("host")
+
+
+@pytest.fixture(scope="session")
+def keys(workdir) -> dict[str, Path]:
+    from edgekit.signing import generate_keypair
+
+    priv, pub, key_id = generate_keypair(workdir / "keys")
+    return {"private": priv, "public": pub, "key_id": key_id}
+
+
+@pytest.fixture(scope="session")
+def signing_key(keys):
+    from edgekit.signing import load_private_key
+
+    return load_private_key(keys["private"])
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(workdir) -> Path:
+    """The digits CNN trained briefly (seeded); ~97–99 % top-1."""
+    import torch
+
+    from edgekit.data import digits
+    from edgekit.models.digits_cnn import build
+    from edgekit.train_minimal import train_classifier
+
+    torch.manual_seed(0)
+    s = digits.splits()
+    model, acc = train_classifier(build(width=16), digits.to_tensor(s["train"].images), s["train"].labels,
+                                  digits.to_tensor(s["val"].images), s["val"].labels, epochs=8)
+    assert acc > 93, f"training the test model failed ({acc:.1f} %)"
+    path = workdir / "digits_cnn.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def build_config(checkpoint: Path, target: str, output: Path, **overrides: Any):
+    from edgekit.config import load_build
+
+    base = {"target": target, "model.checkpoint": checkpoint, "model.kwargs": {"width": 16},
+            "output": output, "calibration.source": str(REPO / "calibration/digits/calib.npz")}
+    base.update(overrides)
+    return load_build(BUILD_FILE, base)
+
+
+@pytest.fixture(scope="session")
+def int8_bundles(workdir, digits_checkpoint, signing_key) -> dict[str, Any]:
+    """target → CompileResult of the INT8 digits bundle."""
+    from edgekit.compile.pipeline import compile_model
+
+    return {t: compile_model(build_config(digits_checkpoint, t, workdir / f"{t}-int8.ekb"), signing_key)
+            for t in X86_TARGETS}
+
+
+@pytest.fixture(scope="session")
+def fp32_bundles(workdir, digits_checkpoint, signing_key) -> dict[str, Any]:
+    from edgekit.compile.pipeline import compile_model
+
+    return {t: compile_model(build_config(digits_checkpoint, t, workdir / f"{t}-fp32.ekb",
+                                          quantize={"enabled": False}), signing_key)
+            for t in X86_TARGETS}
+
+
+@pytest.fixture(scope="session")
+def torch_reference(digits_checkpoint):
+    """(x_test, y_test, torch logits) for the held-out test split."""
+    import torch
+
+    from edgekit.data import digits
+    from edgekit.models.digits_cnn import build
+
+    model = build(width=16)
+    model.load_state_dict(torch.load(digits_checkpoint, weights_only=True))
+    model.eval()
+    x, y = digits.validation()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).numpy()
+    return x, y, logits
+
+
+def top1(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(1) == y).mean() * 100)
