@@ -22,6 +22,7 @@ import os
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -71,7 +72,7 @@ def _check_member_name(info: zipfile.ZipInfo) -> None:
         raise BundleError(f"unsafe member path {name!r}", code=ErrorCode.BUNDLE_UNSAFE_MEMBER)
     if info.is_dir():
         raise BundleError(f"directory entry {name!r} not allowed", code=ErrorCode.BUNDLE_UNSAFE_MEMBER)
-    if mode and not stat.S_ISREG(mode):
+    if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
         raise BundleError(
             f"member {name!r} is a link or special file (mode {oct(mode)})",
             code=ErrorCode.BUNDLE_UNSAFE_MEMBER,
@@ -86,7 +87,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
     except zipfile.BadZipFile:
         with open(path, "rb") as fh:
             head = fh.read(4)
-        if head == _ZIP_LOCAL_MAGIC:
+        if head and _ZIP_LOCAL_MAGIC.startswith(head):
             raise BundleError(
                 f"{path} is truncated (the archive's directory is missing)",
                 code=ErrorCode.BUNDLE_TRUNCATED,
@@ -98,8 +99,8 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
 def _read(zf: zipfile.ZipFile, name: str) -> bytes:
     try:
         return zf.read(name)
-    except (zipfile.BadZipFile, EOFError, OSError, binascii.Error) as exc:
-        # A cut-off member or a CRC mismatch: the file was damaged in transit.
+    except (zipfile.BadZipFile, EOFError, OSError, binascii.Error, zlib.error) as exc:
+        # A cut-off member, a CRC mismatch or a corrupt deflate stream: the file was damaged in transit.
         raise BundleError(
             f"member {name!r} cannot be read ({exc})",
             code=ErrorCode.BUNDLE_TRUNCATED,
@@ -152,6 +153,8 @@ def open_bundle(path: str | os.PathLike, keyring: Keyring | None = None) -> Veri
             signature = base64.b64decode(sig["signature"], validate=True)
             key_id = sig["key_id"]
             algorithm = sig["algorithm"]
+            if not isinstance(key_id, str):
+                raise TypeError(f"key_id is a {type(key_id).__name__}")
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise BundleError(f"signature.json is malformed ({exc})", code=ErrorCode.BUNDLE_UNSIGNED) from None
         if algorithm != spec.SIGNATURE_ALGORITHM:
@@ -178,6 +181,12 @@ def open_bundle(path: str | os.PathLike, keyring: Keyring | None = None) -> Veri
             )
         members: dict[str, bytes] = {}
         for name, entry in listed.items():
+            if zf.getinfo(name).file_size != entry["size"]:
+                # Checked before decompressing, so a swapped-in zip bomb is never inflated.
+                raise BundleError(
+                    f"member {name!r} does not match its size in the signed manifest",
+                    code=ErrorCode.BUNDLE_TAMPERED,
+                )
             data = _read(zf, name)
             if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise BundleError(

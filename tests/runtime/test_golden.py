@@ -1,0 +1,86 @@
+"""The committed v1.0 golden bundle must load and run on every later runtime.
+
+``tests/golden/v1.0-onnxruntime-matmul.ekb`` was written once by
+``tests/golden/make_golden.py`` and is never regenerated (its private key is
+gone). If this test fails, the runtime broke compatibility with bundles that are
+already on devices: fix the runtime, do not replace the golden file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgekit_runtime
+from edgekit_runtime import bundle_spec, open_bundle
+from edgekit_runtime.keyring import Keyring, key_id_of, load_public_key
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+BUNDLE = GOLDEN / "v1.0-onnxruntime-matmul.ekb"
+PUBLIC_KEY = GOLDEN / "golden.pub"
+
+# The model, restated independently of make_golden.py: y = flatten(x) @ W + b.
+W = np.array([[-0.750, -0.625, -0.500],
+              [-0.375, -0.250, -0.125],
+              [0.000, 0.125, 0.250],
+              [0.375, 0.500, 0.625]], dtype=np.float64)
+B = np.array([0.5, -0.25, 0.125], dtype=np.float64)
+
+
+def reference(x: np.ndarray) -> np.ndarray:
+    return x.reshape(len(x), 4).astype(np.float64) @ W + B
+
+
+def test_golden_files_are_small_and_present():
+    assert BUNDLE.stat().st_size < 50_000
+    assert PUBLIC_KEY.stat().st_size < 1_000
+    assert not list(GOLDEN.glob("*.key")), "the golden private key must never be committed"
+
+
+def test_golden_bundle_verifies_with_committed_key():
+    vb = open_bundle(BUNDLE, Keyring.from_paths(PUBLIC_KEY))
+    assert vb.key_id == key_id_of(load_public_key(PUBLIC_KEY))
+    m = vb.manifest
+    assert (m["format"], m["format_version"]) == ("edgekit-bundle", "1.0")
+    assert set(vb.members) == {"model.onnx", "labels.txt", "health/input.npy", "health/expected_output.npy"}
+    with zipfile.ZipFile(BUNDLE) as zf:
+        assert sorted(zf.namelist()) == sorted([*vb.members, "manifest.json", "signature.json"])
+    for name, data in vb.members.items():
+        assert m["files"][name]["sha256"] == hashlib.sha256(data).hexdigest()
+    bundle_spec.validate_manifest(m)  # the current spec still accepts a 1.0 manifest
+
+
+def test_golden_bundle_runs_and_matches_numpy(tmp_path):
+    with edgekit_runtime.load(BUNDLE, keyring=PUBLIC_KEY, workdir=tmp_path / "w") as model:
+        health = model.health_check()
+        assert health["ok"] is True and health["checked"] is True and health["max_abs_diff"] == 0.0
+
+        sample = np.array([[[[0.25, 0.5], [0.75, 1.0]]]], dtype=np.float32)
+        np.testing.assert_allclose(model.run(sample)["y"], reference(sample), rtol=0, atol=1e-6)
+        # flatten(x) @ W = [[0, 0.3125, 0.625]], plus b: worked out by hand
+        np.testing.assert_allclose(model.run(sample)["y"], [[0.5, 0.0625, 0.75]], rtol=0, atol=1e-6)
+
+        batch = np.random.default_rng(0).uniform(-2, 2, size=(5, 1, 2, 2)).astype(np.float32)
+        np.testing.assert_allclose(model.run(batch)["y"], reference(batch), rtol=1e-6, atol=1e-6)
+
+        # images in, labelled top-k out: gray 2x2, scaled by 1/256, softmax
+        image = np.array([[255, 0], [0, 255]], dtype=np.uint8)
+        logits = reference(image.astype(np.float64)[None, None] / 256)[0]
+        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        (result,) = model.predict(image)
+        assert [t["label"] for t in result["top_k"]] == [["zero", "one", "two"][i] for i in np.argsort(-probs)]
+        np.testing.assert_allclose([t["score"] for t in result["top_k"]], np.sort(probs)[::-1], rtol=1e-5)
+
+
+def test_golden_bundle_refused_without_its_key(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(edgekit_runtime.BundleError) as info:
+        edgekit_runtime.load(BUNDLE, keyring=Keyring({key_id_of(other): other}), workdir=tmp_path / "w")
+    assert info.value.code == edgekit_runtime.ErrorCode.BUNDLE_UNTRUSTED_KEY
+    assert not (tmp_path / "w").exists()
