@@ -55,6 +55,7 @@ def write_bundle(out: Path, manifest: dict[str, Any], members: dict[str, bytes],
             zf.writestr(_zipinfo(spec.SIGNATURE_NAME), json.dumps(signature, indent=2).encode())
             for name, data in sorted(members.items()):
                 zf.writestr(_zipinfo(name), data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; devices' service users must read bundles
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -62,12 +63,18 @@ def write_bundle(out: Path, manifest: dict[str, Any], members: dict[str, bytes],
     return out
 
 
-def resign_bundle(path: Path, key: Ed25519PrivateKey, out: Path | None = None) -> Path:
+def resign_bundle(path: Path, key: Ed25519PrivateKey, out: Path | None = None, keyring=None) -> Path:
     """Re-sign an existing bundle with ``key`` (e.g. after a key rotation).
 
-    The member hashes are checked against the old manifest first, so a bundle
-    that was tampered with is not laundered by a new signature.
+    With ``keyring`` (an ``edgekit_runtime.Keyring``) the old signature must
+    verify first: use it whenever the old key is still known. Without it the
+    member hashes are still checked against the old manifest, so a bundle whose
+    files were changed is not laundered by a new signature.
     """
+    if keyring is not None:
+        from edgekit_runtime.bundle import open_bundle
+
+        open_bundle(path, keyring)
     manifest = read_manifest_unverified(path)
     spec.check_format_version(manifest)
     with zipfile.ZipFile(path) as zf:

@@ -256,12 +256,14 @@ def bundle_verify(bundle: Path, keyring: Optional[Path] = KeyringOpt,
 @bundle_app.command("sign")
 @handle_errors
 def bundle_sign(bundle: Path, key: Optional[Path] = typer.Option(None, help="Signing key"),
-                out: Optional[Path] = typer.Option(None, help="Write here instead of in place")) -> None:
+                out: Optional[Path] = typer.Option(None, help="Write here instead of in place"),
+                keyring: Optional[Path] = typer.Option(None, "--keyring",
+                                                       help="Verify the current signature with these keys first")) -> None:
     """(Re-)sign a bundle, e.g. after rotating keys; refuses a bundle whose files do not match."""
     from .bundle_writer import resign_bundle
     from .signing import load_private_key
 
-    path = resign_bundle(bundle, load_private_key(key), out)
+    path = resign_bundle(bundle, load_private_key(key), out, keyring=_keyring(keyring) if keyring else None)
     console.print(f"signed {path}")
 
 

@@ -108,8 +108,10 @@ class OnnxRuntimeCompiler(BackendCompiler):
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
             names = [o.name for o in sess.get_outputs()]
-            vals = sess.run(names, {sess.get_inputs()[0].name: samples})
-            return dict(zip(names, vals))
+            feed = sess.get_inputs()[0].name
+            # one sample per run: works for fixed-batch models too
+            runs = [sess.run(names, {feed: samples[i : i + 1]}) for i in range(len(samples))]
+            return {n: np.concatenate([r[j] for r in runs]) for j, n in enumerate(names)}
 
         f, q = run_with(pre), run_with(qdq)
 

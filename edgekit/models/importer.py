@@ -86,7 +86,10 @@ def load_torch_model(src: ModelSource):
         raise ModelImportError(f"{source} returned a {type(model).__name__}, not a torch.nn.Module")
     if src.checkpoint:
         sd = _load_state_dict(Path(src.checkpoint))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as exc:  # shape mismatches raise even with strict=False
+            raise ModelImportError(f"checkpoint {src.checkpoint} does not fit {source}: {exc}") from None
         if missing or unexpected:
             raise ModelImportError(
                 f"checkpoint {src.checkpoint} does not fit {source}: missing {list(missing)[:5]}, "
