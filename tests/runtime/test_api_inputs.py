@@ -1,0 +1,123 @@
+"""Wrong inputs give clear errors with stable codes; the engine order is explicit, never silent."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgekit_runtime
+from edgekit_runtime import ErrorCode, InputError
+from edgekit_runtime.engines import ENGINES, EngineError, create_engine
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+BUNDLE = GOLDEN / "v1.0-onnxruntime-matmul.ekb"
+KEY = GOLDEN / "golden.pub"
+
+
+@pytest.fixture()
+def model():
+    with edgekit_runtime.load(BUNDLE, keyring=KEY) as m:
+        yield m
+
+
+def code_of(excinfo) -> ErrorCode:
+    return excinfo.value.code
+
+
+def test_wrong_shape(model):
+    with pytest.raises(InputError, match=r"shape \(1, 1, 3, 3\).*expects \('batch', 1, 2, 2\)") as e:
+        model.run(np.zeros((1, 1, 3, 3), np.float32))
+    assert code_of(e) == ErrorCode.INPUT_BAD_SHAPE
+
+
+def test_wrong_rank(model):
+    with pytest.raises(InputError) as e:
+        model.run(np.zeros((1, 4), np.float32))
+    assert code_of(e) == ErrorCode.INPUT_BAD_SHAPE
+
+
+def test_wrong_dtype(model):
+    with pytest.raises(InputError, match="dtype float64, the model expects float32") as e:
+        model.run(np.zeros((1, 1, 2, 2), np.float64))
+    assert code_of(e) == ErrorCode.INPUT_BAD_DTYPE
+
+
+def test_missing_named_input(model):
+    with pytest.raises(InputError, match="'x' is missing") as e:
+        model.run({"not_x": np.zeros((1, 1, 2, 2), np.float32)})
+    assert code_of(e) == ErrorCode.INPUT_MISSING
+
+
+def test_unreadable_image(model, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(InputError, match="not a readable image") as e:
+        model.predict(bad)
+    assert code_of(e) == ErrorCode.INPUT_UNREADABLE
+
+
+def test_missing_image(model, tmp_path):
+    with pytest.raises(InputError, match="does not exist") as e:
+        model.predict(tmp_path / "nope.png")
+    assert code_of(e) == ErrorCode.INPUT_MISSING
+
+
+def test_image_of_another_size_and_colour_is_preprocessed(model, tmp_path):
+    import cv2
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:10] = 255  # top half white
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), rgb)
+    from_file = model.predict(path)[0]
+    from_array = model.predict(rgb)[0]
+    assert from_file == from_array
+    x = model.preprocess([rgb])
+    assert x.shape == (1, 1, 2, 2) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0, 0, :, 0], [255 / 256, 0.0])
+
+
+def test_every_error_carries_a_telemetry_event(model):
+    with pytest.raises(InputError) as e:
+        model.run(np.zeros((1, 1, 3, 3), np.float32))
+    event = e.value.to_event()
+    assert event["code"] == 300 and event["name"] == "INPUT_BAD_SHAPE" and "shape" in event["message"]
+
+
+def test_unknown_engine_is_refused(model, tmp_path):
+    manifest = dict(model.manifest, backend=dict(model.manifest["backend"], engines=["tensorflow"]))
+    with pytest.raises(EngineError) as e:
+        create_engine(model.workdir, manifest)
+    assert e.value.code == ErrorCode.ENGINE_UNKNOWN_BACKEND
+
+
+def test_unavailable_engine_falls_back_in_order_and_says_so(model, monkeypatch, caplog):
+    from edgekit_runtime.engines.openvino_engine import OpenVINOEngine
+
+    monkeypatch.setattr(OpenVINOEngine, "unavailable_reason", classmethod(lambda cls: "openvino is not installed"))
+    manifest = dict(model.manifest, backend=dict(model.manifest["backend"], engines=["openvino", "onnxruntime"]))
+    with caplog.at_level(logging.WARNING):
+        eng = create_engine(model.workdir, manifest)
+    assert eng.name == "onnxruntime"
+    assert eng.fallback_from == ["openvino: openvino is not installed"]
+    assert eng.describe()["fallback_from"] == eng.fallback_from
+    assert any("openvino unavailable" in r.message for r in caplog.records)
+
+
+def test_no_available_engine_is_an_error(model, monkeypatch):
+    from edgekit_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "unavailable_reason", classmethod(lambda cls: "gone"))
+    with pytest.raises(EngineError) as e:
+        create_engine(model.workdir, model.manifest)
+    assert e.value.code == ErrorCode.ENGINE_UNAVAILABLE and "onnxruntime: gone" in str(e.value)
+
+
+def test_registry_lists_only_real_engines():
+    from edgekit_runtime.engines import engine_class
+
+    for name in ENGINES:
+        assert engine_class(name).name == name

@@ -1,0 +1,71 @@
+"""`edgekit-runtime` on a device: verify, run, bench; errors print their code and exit 3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+BUNDLE = GOLDEN / "v1.0-onnxruntime-matmul.ekb"
+KEY = GOLDEN / "golden.pub"
+
+
+def cli(*args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "edgekit_runtime.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_verify_json():
+    out = json.loads(cli("verify", BUNDLE, "--keyring", KEY, "--json").stdout)
+    assert out["ok"] and out["files"] == 4 and out["format_version"] == "1.0"
+
+
+def test_run_on_images(tmp_path):
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.array([[255, 0], [0, 255]], np.uint8))
+    rows = json.loads(cli("run", BUNDLE, tmp_path, "--keyring", KEY, "--json", "--top-k", "2").stdout)
+    assert len(rows) == 1 and [t["label"] for t in rows[0]["top_k"]] == ["two", "zero"]
+
+
+def test_bench_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    cli("bench", BUNDLE, "--keyring", KEY, "--queries", "20", "--seconds", "0.1", "--batch", "2", "--json-out", out)
+    r = json.loads(out.read_text())
+    assert r["single_stream"]["inference"]["count"] >= 20 and r["offline"]["batch"] == 2
+
+
+def test_untrusted_bundle_exits_3_with_code(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = tmp_path / "other.pub"
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    proc = cli("verify", BUNDLE, "--keyring", other, check=False)
+    assert proc.returncode == 3 and "E104 BUNDLE_UNTRUSTED_KEY" in proc.stderr
+
+
+def test_runtime_wheel_holds_only_the_runtime(tmp_path):
+    """The device distribution builds on its own and carries no host code."""
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(repo / "runtime")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("edgekit_runtime-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n == "edgekit_runtime/bundle.py" for n in names)
+    assert all(n.startswith(("edgekit_runtime/", "edgekit_runtime-")) for n in names), names
+    meta = next(n for n in names if n.endswith("METADATA"))
+    requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+                if line.startswith("Requires-Dist")]
+    assert not any(pkg in r for r in requires for pkg in ("torch", "onnx ", "edgekit ", "nncf"))
