@@ -32,6 +32,16 @@ BACKENDS: dict[str, Backend] = {
         "onnxruntime", "edgekit.compile.quantize_onnxruntime:OnnxRuntimeCompiler", "onnxruntime",
         "ONNX (Q/DQ INT8)", "Any CPU through ONNX Runtime; static Q/DQ INT8 with per-channel weights",
     ),
+    "tensorrt": Backend(
+        "tensorrt", "edgekit.compile.quantize_tensorrt:TensorRTCompiler", "tensorrt",
+        "explicit-quantization Q/DQ ONNX + TensorRT calibration cache (engine built on the device)",
+        "NVIDIA Jetson / GPUs through TensorRT; falls back to ONNX Runtime (TensorRT EP → CUDA EP → CPU EP)",
+    ),
+    "tflite": Backend(
+        "tflite", "edgekit.compile.quantize_tflite:TFLiteCompiler", "tflite",
+        ".tflite (full-integer INT8, int8 input/output)",
+        "Android/ARM boards through the LiteRT interpreter with XNNPACK; converted from PyTorch by litert-torch",
+    ),
 }
 
 

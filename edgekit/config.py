@@ -28,7 +28,21 @@ class DeviceInfo(Strict):
     family: Literal["x86", "arm64", "jetson", "generic"] = Field(description="Device family")
     arch: str = Field("x86_64", description="CPU architecture")
     memory_mb: int | None = Field(None, description="RAM available to the model process")
+    gpu: str | None = Field(None, description="GPU, e.g. 'Ampere, 1024 CUDA cores, 32 tensor cores'")
+    compute_capability: str | None = Field(None, description="CUDA compute capability, e.g. '8.7'")
+    dla_cores: int = Field(0, ge=0, description="NVIDIA Deep Learning Accelerator cores")
+    power_mode: int | None = Field(None, ge=0, description="nvpmodel mode benchmarks run at (Jetson)")
+    power_modes: dict[int, str] = Field(default_factory=dict, description="nvpmodel mode → name")
     notes: str | None = None
+
+
+class TensorRTBuild(Strict):
+    precision: list[Literal["int8", "fp16", "fp32"]] = Field(
+        default_factory=lambda: ["int8", "fp16"], description="Builder precision flags (INT8 honours Q/DQ)")
+    workspace_mb: int = Field(1024, ge=16, description="Builder workspace memory pool")
+    dla_core: int | None = Field(None, ge=0, description="Build for this DLA core (None: GPU)")
+    gpu_fallback: bool = Field(True, description="Let layers DLA cannot run fall back to the GPU")
+    max_batch: int = Field(1, ge=1, description="Largest batch of the optimization profile (dynamic batch)")
 
 
 class RuntimeSettings(Strict):
@@ -37,6 +51,10 @@ class RuntimeSettings(Strict):
         None, description="OpenVINO INFERENCE_PRECISION_HINT; f32 keeps FP32 math on bf16-capable CPUs"
     )
     performance_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+    providers: list[str] | None = Field(
+        None, description="ONNX Runtime execution providers in order; missing ones are skipped and reported"
+    )
+    tensorrt: TensorRTBuild | None = Field(None, description="TensorRT build settings (Jetson targets)")
 
 
 class QuantizeSettings(Strict):

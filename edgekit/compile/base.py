@@ -33,19 +33,33 @@ class Artifact:
 
 
 @dataclass
+class SourceModel:
+    """The model as the compilers receive it: always a checked ONNX file, and the torch
+    module too when the source was torch (converters such as litert-torch need it)."""
+
+    onnx: Path
+    torch: Any | None = None
+    input_shape: list[int] | None = None
+
+
+@dataclass
 class Signature:
     input_name: str
     output_name: str
     input_shape: list[int | str]  # batch may be "batch"
     output_shape: list[int | str]
+    # Where the artifact's own tensors are integer (full-INT8 TFLite), how to (de)quantize them.
+    # The manifest dtype stays float32: the engine converts, users pass float.
+    input_quantization: dict | None = None
+    output_quantization: dict | None = None
 
     def manifest_tensors(self) -> tuple[list[dict], list[dict]]:
         layout = "NCHW" if len(self.input_shape) == 4 else None
         return (
             [{"name": self.input_name, "dtype": "float32", "shape": self.input_shape, "layout": layout,
-              "quantization": None}],
+              "quantization": self.input_quantization}],
             [{"name": self.output_name, "dtype": "float32", "shape": self.output_shape, "layout": None,
-              "quantization": None}],
+              "quantization": self.output_quantization}],
         )
 
 
@@ -57,21 +71,22 @@ class BackendCompiler(abc.ABC):
 
     name: str = ""
     engine: str = ""  # runtime engine that runs this backend's artifacts
+    needs_torch: bool = False  # True: the compiler converts from the torch module, not from ONNX
 
     @abc.abstractmethod
     def library_version(self) -> str: ...
 
     @abc.abstractmethod
-    def fp32(self, onnx_path: Path, workdir: Path) -> Artifact:
+    def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
         """The unquantized model in this backend's format."""
 
     @abc.abstractmethod
-    def quantize(self, onnx_path: Path, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
+    def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                  exclude: list[str] | None = None) -> Artifact:
         """Post-training INT8 quantization calibrated on ``calib``."""
 
     @abc.abstractmethod
-    def recover(self, onnx_path: Path, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+    def recover(self, src: SourceModel, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                 settings: QuantizeSettings, workdir: Path, max_drop_pts: float,
                 evaluate: Callable[[Artifact], float], fp32_accuracy: float) -> tuple[Artifact, list[dict]]:
         """Backend-specific fallback when INT8 is over budget; returns the best artifact and its attempts."""
@@ -79,6 +94,14 @@ class BackendCompiler(abc.ABC):
     def reference_options(self, runtime: RuntimeSettings) -> dict[str, Any]:
         """Engine options for the FP32 reference measurement."""
         return runtime_options(runtime)
+
+    def deploy_options(self, runtime: RuntimeSettings, sig: Signature) -> dict[str, Any]:
+        """Engine options written into the bundle (``backend.options``)."""
+        return runtime_options(runtime)
+
+    def signature(self, artifact: Artifact, sig: Signature) -> Signature:
+        """The deployed artifact's signature; backends whose format renames tensors override it."""
+        return sig
 
 
 def runtime_options(runtime: RuntimeSettings) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ..data.sources import Dataset, load_data
 from ..errors import AccuracyBudgetError, CalibrationError, ConfigError
 from ..models.importer import import_model
 from ..targets import load_target
-from .base import Artifact, Signature, make_engine, predict_logits, runtime_options, top1_accuracy
+from .base import Artifact, Signature, SourceModel, make_engine, predict_logits, top1_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,22 @@ def _latency(engine, manifest: dict, samples: list[dict], queries: int = 100) ->
     return {k: inf[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "count")}
 
 
+def _evaluation_engine(profile: TargetProfile, backend) -> str:
+    """The first engine of the profile's order that runs on this host (TensorRT usually does not)."""
+    from edgekit_runtime.engines import engine_class
+
+    reasons = []
+    for name in profile.engines:
+        reason = engine_class(name).unavailable_reason()
+        if reason is None:
+            if name != backend.engine:
+                log.warning("measuring %s artifacts with %s: %s", backend.engine, name, "; ".join(reasons))
+            return name
+        reasons.append(f"{name}: {reason}")
+    raise ConfigError(f"no engine of target {profile.name} runs on this host to validate the build: "
+                      + "; ".join(reasons))
+
+
 def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Step | None = None) -> CompileResult:
     """Run the whole pipeline for one build config; returns the signed bundle's path."""
     step = on_step or (lambda name: log.info("%s", name))
@@ -156,27 +172,35 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Step | None
     export = import_model(cfg.model, workdir, probe, cfg.export_atol)
     report["steps"]["export"] = export.as_dict()
     sig = _signature(export.onnx_path)
+    if compiler.needs_torch and export.torch_model is None:
+        raise ConfigError(
+            f"target {profile.name} converts from PyTorch ({backend.name}); give a torch model "
+            f"(module:factory or .pt2) instead of an ONNX file"
+        )
+    src = SourceModel(export.onnx_path, export.torch_model, list(cfg.model.input_shape))
+    eval_engine = _evaluation_engine(profile, backend)
 
     def evaluate(art: Artifact, options: dict[str, Any]) -> float:
-        eng = make_engine(art, backend.engine, sig, options)
-        return top1_accuracy(predict_logits(eng, sig, val.x), val.y)
+        art_sig = compiler.signature(art, sig)
+        eng = make_engine(art, eval_engine, art_sig, options)
+        return top1_accuracy(predict_logits(eng, art_sig, val.x), val.y)
 
-    deploy_opts = runtime_options(profile.runtime)
-    fp32 = compiler.fp32(export.onnx_path, workdir)
+    deploy_opts = compiler.deploy_options(profile.runtime, sig)
+    fp32 = compiler.fp32(src, workdir)
     accuracy: dict[str, Any] = {"metric": "top1_percent", "dataset": val.source if val else None,
                                 "count": len(val) if val else 0}
     if val is not None:
         step("measure FP32 reference")
         ref_opts = compiler.reference_options(profile.runtime)
         accuracy["fp32"] = evaluate(fp32, ref_opts)
-        accuracy["fp32_measured_with"] = ref_opts
+        accuracy["fp32_measured_with"] = {"engine": eval_engine, **ref_opts}
 
     # -- quantize ---------------------------------------------------------------------------
     chosen = fp32
     attempts: list[dict[str, Any]] = []
     if q.enabled:
         step("quantize INT8")
-        chosen = compiler.quantize(export.onnx_path, calib.x, q, workdir)
+        chosen = compiler.quantize(src, calib.x, q, workdir)
         if val is not None:
             acc = evaluate(chosen, deploy_opts)
             attempts.append({"strategy": "ptq", **chosen.details, "accuracy": acc,
@@ -184,7 +208,7 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Step | None
             if budget is not None and accuracy["fp32"] - acc > budget:
                 step("accuracy fallback")
                 recovered, more = compiler.recover(
-                    export.onnx_path, calib.x, val.x, val.y, q, workdir, budget,
+                    src, calib.x, val.x, val.y, q, workdir, budget,
                     lambda art: evaluate(art, deploy_opts), accuracy["fp32"])
                 attempts += more
                 recovered_acc = evaluate(recovered, deploy_opts)
@@ -203,7 +227,7 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Step | None
                     )
             accuracy["int8"] = acc
             accuracy["drop_pts"] = accuracy["fp32"] - acc
-            accuracy["int8_measured_with"] = deploy_opts
+            accuracy["int8_measured_with"] = {"engine": eval_engine, **deploy_opts}
     elif val is not None:
         accuracy["deployed"] = evaluate(chosen, deploy_opts)
     accuracy["budget_pts"] = budget if q.enabled else None
@@ -215,16 +239,21 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Step | None
     samples_src = (val or calib).x if (val or calib) else probe
     samples = [{sig.input_name: samples_src[i : i + 1]} for i in range(min(32, len(samples_src)))]
     stub_manifest = {"input_stats": {}}
-    latency = {"measured_on": system_description(), "batch": 1, "threads": profile.runtime.threads}
+    latency = {"measured_on": system_description(), "engine": eval_engine, "batch": 1,
+               "threads": profile.runtime.threads}
     if q.enabled:
-        latency["fp32"] = _latency(make_engine(fp32, backend.engine, sig, compiler.reference_options(profile.runtime)),
-                                   stub_manifest, samples)
-    eng = make_engine(chosen, backend.engine, sig, deploy_opts)
+        latency["fp32"] = _latency(make_engine(fp32, eval_engine, compiler.signature(fp32, sig),
+                                               compiler.reference_options(profile.runtime)), stub_manifest, samples)
+    chosen_sig = compiler.signature(chosen, sig)
+    eng = make_engine(chosen, eval_engine, chosen_sig, deploy_opts)
     latency[chosen.precision] = _latency(eng, stub_manifest, samples)
     report["latency_ms"] = latency
 
     sample_x = samples_src[:1]
     expected = eng.run({sig.input_name: sample_x})[sig.output_name]
+    if eval_engine not in (backend.engine,):
+        report["note"] = (f"{backend.engine} is not available on this host: accuracy, latency and the health-check "
+                          f"reference were measured with {eval_engine}")
     scale = float(np.max(np.abs(expected))) or 1.0
     tol = (0.05 * scale, 0.05) if chosen.precision == "int8" else (1e-3 * scale + 1e-5, 1e-3)
 
@@ -235,7 +264,7 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Step | None
     members["health/expected_output.npy"] = _npy(expected)
     if labels:
         members["labels.txt"] = ("\n".join(labels) + "\n").encode()
-    ins, outs = sig.manifest_tensors()
+    ins, outs = chosen_sig.manifest_tensors()
     manifest = {
         "format": bundle_spec.FORMAT_NAME,
         "format_version": bundle_spec.FORMAT_VERSION,

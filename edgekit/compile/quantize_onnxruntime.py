@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import QuantizeSettings
-from .base import Artifact, BackendCompiler
+from .base import Artifact, BackendCompiler, SourceModel
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ class OnnxRuntimeCompiler(BackendCompiler):
 
         return onnxruntime.__version__
 
-    def fp32(self, onnx_path: Path, workdir: Path) -> Artifact:
+    def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
         out = workdir / "fp32"
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(onnx_path, out / "model.onnx")
+        shutil.copy(src.onnx, out / "model.onnx")
         return Artifact(out, "model.onnx", ["model.onnx"], "fp32")
 
     def _preprocessed(self, onnx_path: Path, workdir: Path) -> Path:
@@ -65,11 +65,11 @@ class OnnxRuntimeCompiler(BackendCompiler):
             quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
         return pre
 
-    def quantize(self, onnx_path: Path, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
+    def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                  exclude: list[str] | None = None) -> Artifact:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        pre = self._preprocessed(onnx_path, workdir)
+        pre = self._preprocessed(src.onnx, workdir)
         tag = f"int8-x{len(exclude)}" if exclude else "int8"
         out = workdir / tag
         out.mkdir(parents=True, exist_ok=True)
@@ -124,11 +124,11 @@ class OnnxRuntimeCompiler(BackendCompiler):
         added = [(n.name, rel_err(n.output[0]) - rel_err(n.input[0])) for n in nodes]
         return sorted(added, key=lambda kv: kv[1], reverse=True)
 
-    def recover(self, onnx_path: Path, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+    def recover(self, src: SourceModel, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                 settings: QuantizeSettings, workdir: Path, max_drop_pts: float,
                 evaluate: Callable[[Artifact], float], fp32_accuracy: float) -> tuple[Artifact, list[dict]]:
-        pre = self._preprocessed(onnx_path, workdir)
-        first = self.quantize(onnx_path, calib, settings, workdir)
+        pre = self._preprocessed(src.onnx, workdir)
+        first = self.quantize(src, calib, settings, workdir)
         ranking = self.rank_sensitive_nodes(pre, first.directory / first.main, calib[:32])
         attempts: list[dict] = []
         best: tuple[float, Artifact] | None = None
@@ -136,7 +136,7 @@ class OnnxRuntimeCompiler(BackendCompiler):
         k = 1
         while k <= limit:
             exclude = [name for name, _ in ranking[:k]]
-            art = self.quantize(onnx_path, calib, settings, workdir, exclude=exclude)
+            art = self.quantize(src, calib, settings, workdir, exclude=exclude)
             acc = evaluate(art)
             drop = fp32_accuracy - acc
             attempts.append({"strategy": "exclude_sensitive_nodes", "excluded": exclude,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import QuantizeSettings, RuntimeSettings
-from .base import Artifact, BackendCompiler, runtime_options
+from .base import Artifact, BackendCompiler, SourceModel, runtime_options
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,18 @@ class OpenVINOCompiler(BackendCompiler):
 
         return ov.convert_model(str(onnx_path))
 
-    def fp32(self, onnx_path: Path, workdir: Path) -> Artifact:
-        art = _save(self._read(onnx_path), workdir / "fp32")
+    def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
+        art = _save(self._read(src.onnx), workdir / "fp32")
         art.precision = "fp32"
         return art
 
-    def quantize(self, onnx_path: Path, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
+    def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                  exclude: list[str] | None = None) -> Artifact:
         import nncf
 
         dataset, n = _calibration_dataset(calib, settings)
         q = nncf.quantize(
-            self._read(onnx_path), dataset, preset=_preset(settings), subset_size=n,
+            self._read(src.onnx), dataset, preset=_preset(settings), subset_size=n,
             fast_bias_correction=settings.fast_bias_correction,
             ignored_scope=nncf.IgnoredScope(names=list(exclude), validate=False) if exclude else None,
         )
@@ -80,7 +80,7 @@ class OpenVINOCompiler(BackendCompiler):
                        "fast_bias_correction": settings.fast_bias_correction, "ignored": list(exclude or [])}
         return art
 
-    def recover(self, onnx_path: Path, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+    def recover(self, src: SourceModel, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                 settings: QuantizeSettings, workdir: Path, max_drop_pts: float,
                 evaluate: Callable[[Artifact], float], fp32_accuracy: float) -> tuple[Artifact, list[dict]]:
         import nncf
@@ -96,7 +96,7 @@ class OpenVINOCompiler(BackendCompiler):
             return float(np.mean(hits))
 
         q = nncf.quantize_with_accuracy_control(
-            self._read(onnx_path), dataset, validation, validate,
+            self._read(src.onnx), dataset, validation, validate,
             max_drop=max_drop_pts / 100.0, drop_type=nncf.DropType.ABSOLUTE, preset=_preset(settings),
             subset_size=n, fast_bias_correction=settings.fast_bias_correction,
             advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(

@@ -30,6 +30,7 @@ class ExportReport:
     opset: int
     max_abs_diff: float | None  # vs torch, None for an ONNX source
     checked_samples: int
+    torch_model: Any = None  # the eval-mode module (or ExportedProgram), None for an ONNX source
 
     def as_dict(self) -> dict[str, Any]:
         return {"onnx": self.onnx_path.name, "source": self.source_kind, "opset": self.opset,
@@ -182,4 +183,4 @@ def import_model(src: ModelSource, workdir: Path, check_samples: np.ndarray, ato
     export_onnx(model, src, out)
     opset = check_onnx(out)
     diff = compare_with_torch(model, out, check_samples, atol)
-    return ExportReport(out, kind, opset, diff, len(check_samples))
+    return ExportReport(out, kind, opset, diff, len(check_samples), model)

@@ -44,8 +44,28 @@ class Model:
         for spec in self.inputs:
             if spec.name not in feeds:
                 raise InputError(f"input {spec.name!r} is missing", code=ErrorCode.INPUT_MISSING)
+        chunks = self._split_batch(feeds)
+        if chunks is not None:
+            outs = [self.run(chunk) for chunk in chunks]
+            return {name: np.concatenate([o[name] for o in outs]) for name in outs[0]}
+        for spec in self.inputs:
             spec.check(feeds[spec.name])
         return self.engine.run(feeds)
+
+    def _split_batch(self, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
+        """A batch of N for a model with a fixed batch B (N a multiple of B): N/B runs.
+
+        Fixed-batch models (TFLite, many ONNX exports) can still be given a
+        list of images; anything else falls through to the shape check.
+        """
+        first = self.inputs[0]
+        fixed = first.shape[0] if first.shape else None
+        x = feeds[first.name]
+        if not isinstance(fixed, int) or x.ndim != len(first.shape) or len(x) == fixed or len(x) % fixed:
+            return None
+        if any(len(feeds[s.name]) != len(x) for s in self.inputs):
+            return None
+        return [{s.name: feeds[s.name][i : i + fixed] for s in self.inputs} for i in range(0, len(x), fixed)]
 
     # -- images in, results out -------------------------------------------
     def preprocess(self, items: Iterable[str | os.PathLike | np.ndarray]) -> np.ndarray:

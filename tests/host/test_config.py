@@ -123,5 +123,10 @@ def test_registry_entries_all_import():
         assert isinstance(compiler, BackendCompiler) and compiler.name == name
         assert compiler.engine == backend.engine
         cls = engine_class(backend.engine)
-        assert cls.name == backend.engine and cls.unavailable_reason() is None
-        assert compiler.library_version() == cls.library_version()
+        assert cls.name == backend.engine
+        reason = cls.unavailable_reason()
+        if reason is None:
+            assert compiler.library_version() == cls.library_version()
+        else:  # e.g. TensorRT on a host without it: the reason says what to install
+            assert "install" in reason
+            assert compiler.library_version()

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 ENGINES: dict[str, str] = {
     "onnxruntime": "edgekit_runtime.engines.onnxruntime_engine:OnnxRuntimeEngine",
     "openvino": "edgekit_runtime.engines.openvino_engine:OpenVINOEngine",
+    "tensorrt": "edgekit_runtime.engines.tensorrt_engine:TensorRTEngine",
+    "tflite": "edgekit_runtime.engines.tflite_engine:TFLiteEngine",
 }
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import EngineError, ErrorCode
 from .base import Engine, EngineOptions
+
+log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeEngine(Engine):
@@ -35,13 +38,36 @@ class OnnxRuntimeEngine(Engine):
         if options.threads:
             so.intra_op_num_threads = int(options.threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = options.extra.get("providers") or ["CPUExecutionProvider"]
+        providers = self._providers(options.extra.get("providers") or ["CPUExecutionProvider"], ort)
         path = self.model_dir / manifest["backend"]["artifact"]
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"ONNX Runtime could not load {path.name}: {exc}") from exc
         self._output_names = [o.name for o in self.session.get_outputs()]
+
+    def _providers(self, wanted: list[str], ort) -> list[str]:
+        """Keep the manifest's provider order, dropping (and reporting) those this build lacks.
+
+        A Jetson bundle asks for TensorRT → CUDA → CPU; on a CPU-only device that
+        ends on the CPU provider, and ``describe()`` says which were skipped.
+        """
+        available = set(ort.get_available_providers())
+        usable = [p for p in wanted if p in available]
+        self.skipped_providers = [p for p in wanted if p not in available]
+        if self.skipped_providers:
+            log.warning("ONNX Runtime here lacks %s; using %s", self.skipped_providers, usable)
+        if not usable:
+            raise EngineError(
+                f"none of the execution providers {wanted} is available (have {sorted(available)})",
+                code=ErrorCode.ENGINE_UNAVAILABLE,
+                hint="install the onnxruntime build with those providers (e.g. onnxruntime-gpu)",
+            )
+        return usable
+
+    def describe(self) -> dict:
+        return {**super().describe(), "providers": self.session.get_providers(),
+                "skipped_providers": self.skipped_providers}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
