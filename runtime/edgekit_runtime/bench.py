@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import jetson
 from .api import Model
 
 SCHEMA_VERSION = 1
@@ -86,6 +87,9 @@ def system_description(model: Model | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
     }
+    board = jetson.describe()
+    if board is not None:
+        desc["jetson"] = board
     if model is not None:
         desc["model"] = model.describe()
     return desc
@@ -207,8 +211,15 @@ def run_benchmark(
     s = settings or BenchSettings()
     samples = list(samples) if samples is not None else synthetic_inputs(model, 64, s.seed)
     runner = _Runner(model, samples)
-    elapsed = _loop([runner], s, on_progress)
+    board_stats = None
+    if jetson.is_jetson():
+        with jetson.TegraStats() as ts:
+            elapsed = _loop([runner], s, on_progress)
+        board_stats = ts.summary()
+    else:
+        elapsed = _loop([runner], s, on_progress)
     return {
+        "tegrastats": board_stats,
         "schema_version": SCHEMA_VERSION,
         "kind": "single",
         "settings": asdict(s),

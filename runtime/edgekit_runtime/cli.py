@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, jetson
 from .api import load
 from .bench import BenchSettings, run_benchmark
 from .bundle import open_bundle
@@ -66,8 +66,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(min_queries=args.queries, min_duration_s=args.seconds,
                              offline_batch=args.batch or None, seed=args.seed, warmup=args.warmup)
     images = _expand(args.inputs) if args.inputs else None
-    with load(args.bundle, keyring=_keyring(args), threads=args.threads, engine=args.engine) as model:
-        result = run_benchmark(model, images, settings)
+    if args.power_mode is not None or args.lock_clocks:
+        if not jetson.is_jetson():
+            print("error: --power-mode/--lock-clocks need a Jetson (nvpmodel, jetson_clocks)", file=sys.stderr)
+            return 2
+        if args.power_mode is not None:
+            jetson.set_power_mode(args.power_mode)
+        if args.lock_clocks:
+            jetson.lock_clocks()
+    try:
+        with load(args.bundle, keyring=_keyring(args), threads=args.threads, engine=args.engine) as model:
+            result = run_benchmark(model, images, settings)
+    finally:
+        if args.lock_clocks:
+            jetson.restore_clocks()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     ss = result["single_stream"]["inference"]
@@ -107,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=20)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json-out", type=Path)
+    b.add_argument("--power-mode", type=int, help="Jetson: nvpmodel mode to benchmark at (root)")
+    b.add_argument("--lock-clocks", action="store_true", help="Jetson: jetson_clocks during the run, restored after")
     return p
 
 
