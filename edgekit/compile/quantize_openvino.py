@@ -57,7 +57,10 @@ class OpenVINOCompiler(BackendCompiler):
     def _read(self, onnx_path: Path):
         import openvino as ov
 
-        return ov.convert_model(str(onnx_path))
+        # Core.read_model (the ONNX frontend) rather than ov.convert_model: the same graph, without
+        # the converter's usage telemetry, which forks a sender process (unsafe once JAX — pulled in
+        # by litert-torch — has started threads in this process).
+        return ov.Core().read_model(str(onnx_path))
 
     def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
         art = _save(self._read(src.onnx), workdir / "fp32")

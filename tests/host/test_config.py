@@ -126,7 +126,7 @@ def test_registry_entries_all_import():
         assert cls.name == backend.engine
         reason = cls.unavailable_reason()
         if reason is None:
-            assert compiler.library_version() == cls.library_version()
+            assert cls.library_version() in compiler.library_version()
         else:  # e.g. TensorRT on a host without it: the reason says what to install
             assert "install" in reason
             assert compiler.library_version()
