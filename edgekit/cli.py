@@ -139,6 +139,8 @@ def compile_cmd(
     calibration: Optional[str] = typer.Option(None, help="Calibration data source"),
     validation: Optional[str] = typer.Option(None, help="Labelled validation data source"),
     max_accuracy_drop: Optional[float] = typer.Option(None, help="Budget in top-1 points"),
+    no_accuracy_check: bool = typer.Option(False, "--no-accuracy-check",
+                                           help="Ship INT8 without an accuracy budget (no labelled data)"),
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Ship FP32 (no INT8)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle path (.ekb)"),
     key: Optional[Path] = typer.Option(None, help="Signing key [default: $EDGEKIT_SIGNING_KEY]"),
@@ -166,8 +168,12 @@ def compile_cmd(
         "output": output,
         "signing_key": key,
     }
+    if max_accuracy_drop is not None and no_accuracy_check:
+        raise EdgekitError("give --max-accuracy-drop or --no-accuracy-check, not both")
     if max_accuracy_drop is not None:
         overrides["accuracy.max_accuracy_drop"] = max_accuracy_drop
+    if no_accuracy_check:
+        overrides["accuracy"] = {"max_accuracy_drop": None}
     if no_quantize:
         overrides["quantize.enabled"] = False
     cfg = load_build(build_file, overrides)

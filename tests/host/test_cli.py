@@ -140,3 +140,19 @@ def test_bundle_sign_rotates_the_key(int8_bundles, keys, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o644
     v = json.loads(invoke("bundle", "verify", out, "--keyring", tmp_path / "new.pub", "--json").stdout)
     assert v["ok"]
+
+
+def test_compile_without_labels_needs_an_explicit_no_accuracy_check(tmp_path, digits_checkpoint, keys):
+    build = tmp_path / "b.yaml"
+    build.write_text(
+        "model: {source: 'edgekit.models.digits_cnn:build', kwargs: {width: 16}, name: d, input_shape: [1, 1, 8, 8]}\n"
+        "target: onnxruntime-cpu\ncalibration: {source: calibration/digits/calib.npz}\n")
+    base = ["compile", build, "--checkpoint", digits_checkpoint, "--key", keys["private"],
+            "--output", tmp_path / "nolabels.ekb"]
+    no_data = invoke(*base, ok=False)
+    assert no_data.exit_code == 2 and "accuracy budget needs a labelled 'validation' set" in no_data.output
+    report = json.loads(invoke(*base, "--no-accuracy-check", "--json").stdout)
+    assert report["result"] == "ok" and report["accuracy"]["budget_pts"] is None
+    assert "fp32" not in report["accuracy"] and report["precision"] == "int8"
+    both = invoke(*base, "--no-accuracy-check", "--max-accuracy-drop", "1", ok=False)
+    assert both.exit_code == 2 and "not both" in both.output
