@@ -321,10 +321,13 @@ def bench_cmd(
     samples = list_images(images) if images else None
     if images and not samples:
         raise EdgekitError(f"{images} holds no images")
-    models = {bundle.name: edgekit_runtime.load(bundle, keyring=ring, threads=threads)}
+    # Interleaved comparisons turn ONNX Runtime's spin-waiting off (recorded in the result):
+    # two spinning sessions in one process steal each other's cores.
+    spin = False if compare else None
+    models = {bundle.name: edgekit_runtime.load(bundle, keyring=ring, threads=threads, spin_wait=spin)}
     if compare:
         name = compare.name if compare.name != bundle.name else f"{compare.name} (2)"
-        models[name] = edgekit_runtime.load(compare, keyring=ring, threads=threads)
+        models[name] = edgekit_runtime.load(compare, keyring=ring, threads=threads, spin_wait=spin)
     try:
         with console.status("benchmarking", spinner="dots"):
             result = (bench_compare(models, samples, settings) if compare

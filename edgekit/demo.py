@@ -97,7 +97,7 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0, console=None
     settings = BenchSettings(min_queries=300, min_duration_s=seconds, offline_batch=32)
     bench: dict[str, Any] = {}
     for target in TARGETS:
-        models = {p: edgekit_runtime.load(workdir / f"digits-{target}-{p}.ekb", keyring=keyring)
+        models = {p: edgekit_runtime.load(workdir / f"digits-{target}-{p}.ekb", keyring=keyring, spin_wait=False)
                   for p in ("fp32", "int8")}
         try:
             name = models["fp32"].inputs[0].name

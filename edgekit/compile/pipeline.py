@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import edgekit_runtime
 from edgekit_runtime import bundle_spec
-from edgekit_runtime.bench import BenchSettings, run_benchmark, system_description
+from edgekit_runtime.bench import BenchSettings, compare, system_description
 
 from .. import __version__
 from ..backends import get_backend, load_compiler
@@ -107,11 +108,13 @@ def _labels(cfg: BuildConfig) -> list[str] | None:
     return None
 
 
-def _latency(engine, manifest: dict, samples: list[dict], queries: int = 100) -> dict[str, Any]:
+def _latency(engines: dict[str, Any], samples: list[dict], queries: int = 100) -> dict[str, Any]:
+    """Single-stream latency of each engine, interleaved (one run, so the ratios are fair)."""
     s = BenchSettings(warmup=10, min_queries=queries, min_duration_s=0.5, max_duration_s=20, offline_batch=None)
-    res = run_benchmark(_EngineModel(engine, manifest), samples, s)
-    inf = res["single_stream"]["inference"]
-    return {k: inf[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "count")}
+    stub = {"input_stats": {}}
+    res = compare({name: _EngineModel(eng, stub) for name, eng in engines.items()}, samples, s)
+    return {name: {k: r["single_stream"]["inference"][k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "count")}
+            for name, r in res["models"].items()}
 
 
 def _evaluation_engine(profile: TargetProfile, backend) -> str:
@@ -238,15 +241,16 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Step | None
     step("measure latency")
     samples_src = (val or calib).x if (val or calib) else probe
     samples = [{sig.input_name: samples_src[i : i + 1]} for i in range(min(32, len(samples_src)))]
-    stub_manifest = {"input_stats": {}}
     latency = {"measured_on": system_description(), "engine": eval_engine, "batch": 1,
-               "threads": profile.runtime.threads}
-    if q.enabled:
-        latency["fp32"] = _latency(make_engine(fp32, eval_engine, compiler.signature(fp32, sig),
-                                               compiler.reference_options(profile.runtime)), stub_manifest, samples)
+               "threads": profile.runtime.threads or f"engine default ({os.cpu_count()} cores)",
+               "interleaved": q.enabled}
     chosen_sig = compiler.signature(chosen, sig)
-    eng = make_engine(chosen, eval_engine, chosen_sig, deploy_opts)
-    latency[chosen.precision] = _latency(eng, stub_manifest, samples)
+    eng = make_engine(chosen, eval_engine, chosen_sig, {**deploy_opts, "spin_wait": False})
+    engines = {chosen.precision: eng}
+    if q.enabled:
+        engines["fp32"] = make_engine(fp32, eval_engine, compiler.signature(fp32, sig),
+                                      {**compiler.reference_options(profile.runtime), "spin_wait": False})
+    latency.update(_latency(engines, samples))
     report["latency_ms"] = latency
 
     sample_x = samples_src[:1]

@@ -57,10 +57,15 @@ class OpenVINOCompiler(BackendCompiler):
     def _read(self, onnx_path: Path):
         import openvino as ov
 
-        # Core.read_model (the ONNX frontend) rather than ov.convert_model: the same graph, without
-        # the converter's usage telemetry, which forks a sender process (unsafe once JAX — pulled in
-        # by litert-torch — has started threads in this process).
-        return ov.Core().read_model(str(onnx_path))
+        # Core.read_model + the MOC transformations give the graph ov.convert_model gives (same op
+        # count), without the converter's usage telemetry, which forks a sender process: unsafe
+        # once JAX (pulled in by litert-torch) has started threads in this process. Without the
+        # transformations, depthwise convolutions stay f32 after NNCF.
+        from openvino._offline_transformations import apply_moc_transformations
+
+        model = ov.Core().read_model(str(onnx_path))
+        apply_moc_transformations(model, cf=False)
+        return model
 
     def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
         art = _save(self._read(src.onnx), workdir / "fp32")

@@ -136,14 +136,16 @@ def load(
     threads: int | None = None,
     engine: str | None = None,
     inference_precision: str | None = None,
+    spin_wait: bool | None = None,
     workdir: str | os.PathLike | None = None,
 ) -> Model:
     """Verify the bundle at ``path`` and load it into its engine.
 
     ``keyring``: a :class:`Keyring`, a path to a ``.pub`` file or a directory of
     them; default ``$EDGEKIT_KEYRING`` or ``/etc/edgekit/keys``. ``engine``
-    forces one engine instead of the manifest's order. Nothing is extracted
-    before the bundle has been verified.
+    forces one engine instead of the manifest's order. ``spin_wait=False``
+    stops ONNX Runtime's idle threads from spinning (for several models in one
+    process). Nothing is extracted before the bundle has been verified.
     """
     if keyring is not None and not isinstance(keyring, Keyring):
         keyring = Keyring.from_paths(keyring)
@@ -151,7 +153,8 @@ def load(
     owns = workdir is None
     target = Path(tempfile.mkdtemp(prefix="edgekit-model-")) if owns else Path(workdir)
     bundle.extract(target)
-    options = EngineOptions.from_manifest(bundle.manifest, threads=threads, inference_precision=inference_precision)
+    options = EngineOptions.from_manifest(bundle.manifest, threads=threads, inference_precision=inference_precision,
+                                          spin_wait=spin_wait)
     try:
         eng = create_engine(target, bundle.manifest, options, order=[engine] if engine else None)
     except Exception:

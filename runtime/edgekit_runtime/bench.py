@@ -9,8 +9,11 @@
 * every result carries a system description (CPU, cores, engine, version,
   threads, precision) so a figure never travels without its conditions.
 
-``compare`` runs several models *interleaved* in one process (A, B, B, A, ...)
-so that drift in clock speed or machine load hits both alike.
+``compare`` runs several models *interleaved* in one process (A, B, B, A, ...),
+single-stream queries and offline batches alike, so that drift in clock speed or
+machine load hits both alike. Load ONNX Runtime models for it with
+``spin_wait=False``: otherwise each session's idle threads spin while the other
+runs and both latencies inflate.
 """
 
 from __future__ import annotations
@@ -157,26 +160,36 @@ def _batch_feeds(model: Model, samples: Sequence[Any], batch: int) -> dict[str, 
     return {name: np.concatenate([p[name] for p in picks]) for name in picks[0]}
 
 
-def _offline(model: Model, samples: Sequence[Any], s: BenchSettings) -> dict[str, Any] | None:
+def _offline(models: Sequence[Model], samples: Sequence[Any], s: BenchSettings) -> list[dict[str, Any] | None]:
+    """Offline throughput of each model; with several, batches alternate between them."""
     if not s.offline_batch:
-        return None
-    batch_dim = model.inputs[0].shape[0] if model.inputs[0].shape else 1
-    if isinstance(batch_dim, int) and batch_dim != s.offline_batch:
-        return {"skipped": f"the model's batch size is fixed at {batch_dim}"}
-    feeds = _batch_feeds(model, samples, s.offline_batch)
-    for _ in range(3):
-        model.engine.run(feeds)
-    times: list[int] = []
+        return [None] * len(models)
+    results: list[dict[str, Any] | None] = [None] * len(models)
+    active: list[tuple[int, Model, dict[str, np.ndarray]]] = []
+    for i, model in enumerate(models):
+        batch_dim = model.inputs[0].shape[0] if model.inputs[0].shape else 1
+        if isinstance(batch_dim, int) and batch_dim != s.offline_batch:
+            results[i] = {"skipped": f"the model's batch size is fixed at {batch_dim}"}
+            continue
+        feeds = _batch_feeds(model, samples, s.offline_batch)
+        for _ in range(3):
+            model.engine.run(feeds)
+        active.append((i, model, feeds))
+    times: dict[int, list[int]] = {i: [] for i, _, _ in active}
     start = time.perf_counter()
-    while len(times) < s.offline_min_batches or (time.perf_counter() - start) < s.min_duration_s:
-        t0 = time.perf_counter_ns()
-        model.engine.run(feeds)
-        times.append(time.perf_counter_ns() - t0)
+    n = 0
+    while active and (n < s.offline_min_batches or time.perf_counter() - start < s.min_duration_s):
+        for i, model, feeds in (active if n % 2 == 0 else list(reversed(active))):
+            t0 = time.perf_counter_ns()
+            model.engine.run(feeds)
+            times[i].append(time.perf_counter_ns() - t0)
+        n += 1
         if time.perf_counter() - start > s.max_duration_s:
             break
-    total_s = sum(times) / 1e9
-    return {"batch": s.offline_batch, "batches": len(times), "items_per_s": s.offline_batch * len(times) / total_s,
-            "batch_latency": percentiles(times)}
+    for i, t in times.items():
+        results[i] = {"batch": s.offline_batch, "batches": len(t),
+                      "items_per_s": s.offline_batch * len(t) / (sum(t) / 1e9), "batch_latency": percentiles(t)}
+    return results
 
 
 def _loop(runners: Sequence[_Runner], s: BenchSettings, on_progress: Callable[[int], None] | None) -> float:
@@ -225,7 +238,7 @@ def run_benchmark(
         "settings": asdict(s),
         "inputs": "images" if runner.images else "tensors",
         "single_stream": runner.single_stream(elapsed),
-        "offline": _offline(model, samples, s),
+        "offline": _offline([model], samples, s)[0],
         "system": system_description(model),
     }
 
@@ -242,7 +255,8 @@ def compare(
     samples = list(samples) if samples is not None else synthetic_inputs(first, 64, s.seed)
     runners = {name: _Runner(m, samples) for name, m in models.items()}
     elapsed = _loop(list(runners.values()), s, on_progress)
-    results = {name: {"single_stream": r.single_stream(elapsed), "offline": _offline(models[name], samples, s),
+    offline = dict(zip(models, _offline(list(models.values()), samples, s)))
+    results = {name: {"single_stream": r.single_stream(elapsed), "offline": offline[name],
                       "system": system_description(models[name])} for name, r in runners.items()}
     base_name = next(iter(models))
     base = results[base_name]["single_stream"]["inference"]["p50_ms"]

@@ -58,12 +58,17 @@ class EngineOptions:
     # OpenVINO: "f32" runs FP32 models in f32 even on CPUs whose default is bf16.
     inference_precision: str | None = None
     performance_hint: str = "LATENCY"
+    # ONNX Runtime: idle worker threads spin-wait for the next run by default. Two sessions
+    # alternating in one process then steal each other's cores (latency roughly doubles), so
+    # interleaved comparisons turn it off; None keeps the library default.
+    spin_wait: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_manifest(cls, manifest: dict, **overrides: Any) -> "EngineOptions":
         opts = dict(manifest["backend"].get("options") or {})
-        known = {k: opts.pop(k) for k in ("threads", "inference_precision", "performance_hint") if k in opts}
+        known = {k: opts.pop(k) for k in ("threads", "inference_precision", "performance_hint", "spin_wait")
+                 if k in opts}
         known.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**known, extra=opts)
 
@@ -101,5 +106,6 @@ class Engine(abc.ABC):
             "version": self.library_version(),
             "threads": self.options.threads,
             "inference_precision": self.options.inference_precision,
+            "spin_wait": self.options.spin_wait,
             "fallback_from": self.fallback_from,
         }

@@ -38,6 +38,8 @@ class OnnxRuntimeEngine(Engine):
         if options.threads:
             so.intra_op_num_threads = int(options.threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if options.spin_wait is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin_wait else "0")
         providers = self._providers(options.extra.get("providers") or ["CPUExecutionProvider"], ort)
         path = self.model_dir / manifest["backend"]["artifact"]
         try:
