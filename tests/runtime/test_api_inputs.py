@@ -121,3 +121,18 @@ def test_registry_lists_only_real_engines():
 
     for name in ENGINES:
         assert engine_class(name).name == name
+
+
+@pytest.mark.parametrize("spin, expected", [(False, "0"), (True, "1")])
+def test_spin_wait_reaches_onnxruntime(spin, expected):
+    with edgekit_runtime.load(BUNDLE, keyring=KEY, spin_wait=spin) as m:
+        so = m.engine.session.get_session_options()
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == expected
+        assert m.engine.describe()["spin_wait"] is spin
+
+
+def test_spin_wait_default_leaves_the_library_default():
+    with edgekit_runtime.load(BUNDLE, keyring=KEY) as m:
+        so = m.engine.session.get_session_options()
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            so.get_session_config_entry("session.intra_op.allow_spinning")
