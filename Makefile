@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgekit-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-deps bench clean
 
 $(STAMP): pyproject.toml runtime/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,21 @@ install: $(STAMP)
 demo: install
 	$(BIN)/edgekit demo
 
-test: install
+# The fleet tests start their own Mosquitto (Debian `mosquitto`; `mosquitto_passwd` comes with it)
+# and make TLS certificates with openssl. Installed here when missing and we are root (CI);
+# otherwise say what to install (those tests skip without the broker).
+test-deps:
+	@if { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mosquitto mosquitto-clients openssl; \
+	else \
+	  echo "make test: the fleet tests need Mosquitto and openssl: sudo apt-get install mosquitto mosquitto-clients openssl" >&2; \
+	fi
+
+test: install test-deps
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install test-deps
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install

@@ -377,6 +377,12 @@ def demo_cmd(workdir: Path = typer.Option(Path("build/demo"), help="Where everyt
         print_json(summary)
 
 
+# ----------------------------------------------------------------------------- fleet (edgekit/cli_fleet.py)
+from .cli_fleet import broker_cmd, fleet_app  # noqa: E402  (mounted after the commands above)
+app.add_typer(fleet_app, name="fleet")
+app.command("broker")(broker_cmd)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
