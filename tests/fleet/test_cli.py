@@ -88,23 +88,21 @@ def test_plot_writes_a_png(populated, tmp_path):
 
 
 def test_monitor_command_headless_with_bounds(fleet):
+    """`edgekit fleet monitor` as a user runs it: its own process, bounded by message count."""
     fleet.online("cam-5", seq=1)  # retained: the monitor's first message
-    out: dict = {}
-
-    def run() -> None:
-        out["result"] = runner.invoke(app, ["fleet", "monitor", "--broker", fleet.broker.url, "--fleet", "f1",
-                                            "--db", str(fleet.db), "--max-messages", "3", "--duration", "30",
-                                            "--json"])
-
-    t = threading.Thread(target=run)
-    t.start()
-    fleet.wait(lambda: fleet.db.exists() and fleet.device("cam-5"), timeout=15, what="the monitor running")
-    fleet.publish("telemetry", "cam-5", 2, {"window_s": 1, "inferences": 1})
-    fleet.publish("telemetry", "cam-5", 3, {"window_s": 1, "inferences": 1})
-    t.join(30)
-    result = out["result"]
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "fleet", "monitor", "--broker", fleet.broker.url,
+                             "--fleet", "f1", "--db", str(fleet.db), "--max-messages", "3", "--duration", "30",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        fleet.wait(lambda: fleet.db.exists() and fleet.device("cam-5"), timeout=30, what="the monitor running")
+        fleet.publish("telemetry", "cam-5", 2, {"window_s": 1, "inferences": 1})
+        fleet.publish("telemetry", "cam-5", 3, {"window_s": 1, "inferences": 1})
+        stdout, stderr = proc.communicate(timeout=45)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout)
     assert summary["stored"] == 3 and summary["devices"] == 1 and summary["online"] == 1
 
 
