@@ -29,6 +29,10 @@ case "$engine" in onnxruntime|openvino) ;; *) echo "--engine must be onnxruntime
 python3 -m venv "$prefix/venv"
 "$prefix/venv/bin/python" -m pip install --quiet --upgrade pip
 "$prefix/venv/bin/python" -m pip install --quiet "${source_dir}[${engine}]"
+# OpenVINO sends usage telemetry on import unless opted out; a device does not phone home.
+if [ -x "$prefix/venv/bin/opt_in_out" ]; then
+  "$prefix/venv/bin/opt_in_out" --opt_out >/dev/null || echo "warning: could not opt out of OpenVINO telemetry" >&2
+fi
 install -d "$bindir"
 ln -sf "$prefix/venv/bin/edgekit-runtime" "$bindir/edgekit-runtime"
 
