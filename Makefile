@@ -41,6 +41,7 @@ test-fast: install test-deps
 bench: install
 	$(BIN)/python -m benchmarks.int8_vs_fp32
 	$(BIN)/python -m benchmarks.runtime_overhead
+	$(BIN)/python benchmarks/telemetry_ingest.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -36,18 +36,11 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-class _Lazy:
-    def __init__(self, name: str):
-        self._name = name
+def _consoles():
+    """edgekit.cli's (stdout, stderr) rich consoles."""
+    from .cli import console, err_console
 
-    def __getattr__(self, attr: str) -> Any:
-        from . import cli
-
-        return getattr(getattr(cli, self._name), attr)
-
-
-console = _Lazy("console")
-err_console = _Lazy("err_console")
+    return console, err_console
 
 
 def print_json(data: Any) -> None:
@@ -124,9 +117,9 @@ def monitor_cmd(
                                                        "[default: host and pid]"),
     session_expiry: int = typer.Option(0, min=0, help="Seconds the broker keeps our subscription's messages "
                                                       "while we are away (needs a fixed --client-id)"),
-    p99_ms: Optional[float] = typer.Option(100.0, "--p99-ms", help="Alert when a window's p99 latency is above (ms)"),
-    error_rate: Optional[float] = typer.Option(0.05, help="Alert when failed calls / calls is above"),
-    drift_psi: Optional[float] = typer.Option(0.2, help="Alert when an input's drift PSI is above"),
+    p99_ms: Optional[float] = typer.Option(100.0, "--p99-ms", help="Alert when a window's p99 latency is above (ms; 0: off)"),
+    error_rate: Optional[float] = typer.Option(0.05, help="Alert when failed calls / calls is above (0: off)"),
+    drift_psi: Optional[float] = typer.Option(0.2, help="Alert when an input's drift PSI is above (0: off)"),
     silent_s: Optional[float] = typer.Option(None, help="Alert when an online device sends nothing this long (s)"),
     gap_grace: float = typer.Option(2.0, help="Seconds a seq gap must stay open before it is reported"),
     duration: Optional[float] = typer.Option(None, help="Stop after this many seconds"),
@@ -135,14 +128,19 @@ def monitor_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Subscribe to a fleet, store every message in SQLite, track devices and raise alerts."""
+    console, err_console = _consoles()
     from .fleet.monitor import Monitor, MonitorOptions
     from .fleet.tracker import Thresholds
 
     if session_expiry and not client_id:
         raise ConfigError("--session-expiry needs a fixed --client-id (the broker keeps messages per client id)")
     settings = _settings(broker, username, password, cafile, cert, key)
-    thresholds = Thresholds(p99_ms=p99_ms, error_rate=error_rate, drift_psi=drift_psi, silent_s=silent_s,
-                            gap_grace_s=gap_grace)
+    from .config import parse
+
+    # 0 turns an alert off
+    thresholds = parse(Thresholds, {"p99_ms": p99_ms or None, "error_rate": error_rate or None,
+                                    "drift_psi": drift_psi or None, "silent_s": silent_s or None,
+                                    "gap_grace_s": gap_grace}, "monitor thresholds")
     monitor = Monitor(settings, db, MonitorOptions(fleet=fleet, group=group, workers=workers, share=not no_share,
                                                    client_id=client_id, session_expiry=session_expiry,
                                                    thresholds=thresholds))
@@ -191,6 +189,7 @@ def _open_store(db: Path):
 @handle_errors
 def ls_cmd(db: Path = DbOpt, fleet: Optional[str] = FleetOpt, as_json: bool = JsonOpt) -> None:
     """Devices in the store: status, model, latest figures, open alerts."""
+    console, err_console = _consoles()
     with _open_store(db) as store:
         devices = store.devices(fleet)
     if as_json:
@@ -211,6 +210,7 @@ def ls_cmd(db: Path = DbOpt, fleet: Optional[str] = FleetOpt, as_json: bool = Js
 @handle_errors
 def show_cmd(device: str, db: Path = DbOpt, fleet: Optional[str] = FleetOpt, as_json: bool = JsonOpt) -> None:
     """One device: status, boot, model, latest figures, gaps and alerts."""
+    console, err_console = _consoles()
     with _open_store(db) as store:
         fleet_name, name = store.find_device(device, fleet)
         info = next((d for d in store.devices(fleet_name) if d["device"] == name), None)
@@ -254,6 +254,7 @@ def history_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """A device's stored messages, oldest first, by device time."""
+    console, err_console = _consoles()
     with _open_store(db) as store:
         fleet_name, name = store.find_device(device, fleet)
         rows = store.history(fleet_name, name, parse_since(since), parse_since(until), kind, limit)
@@ -283,6 +284,7 @@ def plot_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Plot a device's p50/p99 latency and drift PSI over time."""
+    console, err_console = _consoles()
     from .fleet.plot import plot_device
 
     with _open_store(db) as store:
@@ -318,6 +320,7 @@ def simulate_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Run simulated devices (the agent's own code on synthetic inferences) against a broker."""
+    console, err_console = _consoles()
     from .fleet.simulate import SimulatedFleet, SimulationPlan
 
     manifest = None
@@ -356,6 +359,7 @@ def broker_cmd(
     print_config: bool = typer.Option(False, "--print-config", help="Write and print the config; do not run"),
 ) -> None:
     """Run a local Mosquitto for a fleet (raised queue limits) in the foreground."""
+    console, err_console = _consoles()
     from .fleet.broker import BrokerConfig, run_foreground
 
     config = BrokerConfig(dir=dir, port=port, bind=bind, max_queued_messages=max_queued,

@@ -150,6 +150,12 @@ class BrokerSettings:
         if isinstance(exc, ssl.SSLCertVerificationError):
             return FleetConnectionError(f"TLS: the certificate of {self.url} is not trusted ({exc.verify_message}) "
                                         "— pass the CA that signed it with --cafile")
+        if isinstance(exc, ssl.SSLError) and ("CERTIFICATE_REQUIRED" in str(exc.reason or exc)
+                                              or self.certfile is None):
+            # (TLS 1.3 reports a missing client certificate after the handshake, often as a bare EOF)
+            return FleetConnectionError(f"TLS with {self.url} failed ({exc.reason or exc}) — if the broker requires "
+                                        "client certificates (require_certificate), pass --cert and --key "
+                                        "(firmware/mosquitto/make-certs.sh issues them)")
         if isinstance(exc, ssl.SSLError):
             return FleetConnectionError(f"TLS handshake with {self.url} failed ({exc.reason or exc}) — is it an "
                                         "mqtts:// listener, and does it accept this client certificate?")
@@ -158,7 +164,9 @@ class BrokerSettings:
                                         "fix --broker")
         if isinstance(exc, (TimeoutError, OSError)) and not isinstance(exc, wire.WireError):
             return FleetConnectionError(f"cannot reach the broker at {self.url} ({exc})")
-        return FleetConnectionError(f"broker {self.url}: {exc}")
+        hint = (" — if it requires client certificates, pass --cert and --key" if self.tls and self.certfile is None
+                else "")
+        return FleetConnectionError(f"broker {self.url}: {exc}{hint}")
 
     def paho_client(self, client_id: str, *, clean_start: bool = True, userdata: Any = None):
         """A configured paho-mqtt 2.x client (MQTT v5, credentials, TLS); not yet connected."""

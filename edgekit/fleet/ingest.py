@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import select
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -247,6 +249,63 @@ def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:
         time.sleep(min(0.1, end - time.monotonic()))
 
 
+class _Committer(threading.Thread):
+    """Stores each batch, then sends its PUBACKs, while the reader thread parses the next one.
+
+    (sqlite3 releases the GIL while SQLite works, so storing overlaps parsing.)
+    At most two batches wait; the reader blocks behind them (back-pressure).
+    """
+
+    def __init__(self, store: FleetStore, sock: socket.socket, send_lock: threading.Lock, stats: IngestStats,
+                 on_batch: Optional[Callable[[int, int], None]]):
+        super().__init__(name="edgekit-ingest-commit", daemon=True)
+        self.store = store
+        self.sock = sock
+        self.send_lock = send_lock
+        self.stats = stats
+        self.on_batch = on_batch
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        stats = self.stats
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain: the reader raises the error
+            rows, bad, pids = item
+            try:
+                if rows or bad:
+                    n_received = len(rows) + sum(v[0] for v in bad.values())
+                    new = self.store.insert_batch(rows, bad)
+                    stats.received += n_received
+                    stats.stored += new
+                    stats.refused += n_received - len(rows)
+                    stats.batches += 1
+                    if self.on_batch:
+                        self.on_batch(n_received, new)
+                if pids:  # acknowledged only now that the batch is committed
+                    acks = b"".join([wire.puback_packet(p) for p in pids])
+                    with self.send_lock:
+                        self.sock.sendall(acks)
+            except BaseException as exc:  # raised again in the reader's thread
+                self.error = exc
+
+    def put(self, rows: list, bad: dict, pids: list[int]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((rows, bad, pids))
+
+    def finish(self) -> None:
+        """Commit and acknowledge what is queued, then end; raises the first error."""
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _pump(conn: "wire.WireConnection", store: FleetStore, ingestor: Ingestor, should_stop: Callable[[], bool],
           batch_max: int, flush_s: float, stats: IngestStats, on_batch: Optional[Callable[[int, int], None]]) -> None:
     sock = conn.sock
@@ -258,60 +317,57 @@ def _pump(conn: "wire.WireConnection", store: FleetStore, ingestor: Ingestor, sh
     add = ingestor.add
     pending = reader.pending
     reader.pending = []
-    while not should_stop():
-        batch_start = None
-        # read until the batch is full, the socket is drained, or flush_s passed
-        while True:
-            packets = pending
-            pending = []
-            if not packets:
-                # TLS: bytes already decrypted wait inside the SSL object, invisible to select()
-                if not (tls and sock.pending()):
-                    # once a batch has begun, linger only briefly: the broker stops sending when its
-                    # in-flight window to us is full, and only our PUBACKs (after the commit) reopen it
-                    wait = 0.2 if batch_start is None else \
-                        max(0.0, min(LINGER_S, flush_s - (time.monotonic() - batch_start)))
-                    readable, _, _ = select.select([sock], [], [], wait)
-                    if not readable:
-                        break
-                try:
-                    data = sock.recv(1 << 20)
-                except (BlockingIOError, socket.timeout):
-                    continue
-                if not data:
-                    raise wire.WireError("the broker closed the connection")
-                packets = reader.feed(data)
-            now = time.time()
-            for ptype, flags, body in packets:
-                if ptype == wire.PUBLISH:
-                    topic, pid, payload, retained = wire.parse_publish(flags, body)
-                    add(topic, payload, retained, now)
-                    if pid:
-                        pids.append(pid)
-                elif ptype == wire.DISCONNECT:
-                    code = body[0] if body else 0
-                    raise wire.WireError(f"the broker disconnected us: {wire.reason_text(code)}", code)
-                # PINGRESP, SUBACK: nothing to do
-            if batch_start is None and (ingestor.rows or ingestor.malformed):
-                batch_start = time.monotonic()
-            if len(ingestor.rows) >= batch_max or (batch_start is not None
-                                                    and time.monotonic() - batch_start >= flush_s):
-                break
-        rows, bad = ingestor.take()
-        if rows or bad:
-            n_received = len(rows) + sum(v[0] for v in bad.values())
-            new = store.insert_batch(rows, bad)
-            stats.received += n_received
-            stats.stored += new
-            stats.refused += n_received - len(rows)
-            stats.batches += 1
-            if on_batch:
-                on_batch(n_received, new)
-        if pids:
-            # acknowledged only now that the batch is committed
-            sock.sendall(b"".join([wire.puback_packet(p) for p in pids]))
-            pids = []
-            last_sent = time.monotonic()
-        if time.monotonic() - last_sent > keepalive / 2:
-            sock.sendall(wire.PINGREQ_PACKET)
-            last_sent = time.monotonic()
+    send_lock = threading.Lock()
+    committer = _Committer(store, sock, send_lock, stats, on_batch)
+    committer.start()
+    try:
+        while not should_stop():
+            batch_start = None
+            # read until the batch is full, the socket is drained, or flush_s passed
+            while True:
+                packets = pending
+                pending = []
+                if not packets:
+                    # TLS: bytes already decrypted wait inside the SSL object, invisible to select()
+                    if not (tls and sock.pending()):
+                        # once a batch has begun, linger only briefly: the broker stops sending when its
+                        # in-flight window to us is full, and only our PUBACKs (after the commit) reopen it
+                        wait = 0.2 if batch_start is None else \
+                            max(0.0, min(LINGER_S, flush_s - (time.monotonic() - batch_start)))
+                        readable, _, _ = select.select([sock], [], [], wait)
+                        if not readable:
+                            break
+                    try:
+                        data = sock.recv(1 << 20)
+                    except (BlockingIOError, socket.timeout):
+                        continue
+                    if not data:
+                        raise wire.WireError("the broker closed the connection")
+                    packets = reader.feed(data)
+                now = time.time()
+                for ptype, flags, body in packets:
+                    if ptype == wire.PUBLISH:
+                        topic, pid, payload, retained = wire.parse_publish(flags, body)
+                        add(topic, payload, retained, now)
+                        if pid:
+                            pids.append(pid)
+                    elif ptype == wire.DISCONNECT:
+                        code = body[0] if body else 0
+                        raise wire.WireError(f"the broker disconnected us: {wire.reason_text(code)}", code)
+                    # PINGRESP, SUBACK: nothing to do
+                if batch_start is None and (ingestor.rows or ingestor.malformed):
+                    batch_start = time.monotonic()
+                if len(ingestor.rows) >= batch_max or (batch_start is not None
+                                                        and time.monotonic() - batch_start >= flush_s):
+                    break
+            rows, bad = ingestor.take()
+            if rows or bad or pids:
+                committer.put(rows, bad, pids)
+                pids = []
+                last_sent = time.monotonic()
+            if time.monotonic() - last_sent > keepalive / 2:
+                with send_lock:
+                    sock.sendall(wire.PINGREQ_PACKET)
+                last_sent = time.monotonic()
+    finally:
+        committer.finish()

@@ -51,15 +51,9 @@ class MonitorOptions:
 
 
 def _worker_main(settings: BrokerSettings, store_path: str, fleet: str, client_id: str, group: Optional[str],
-                 batch_max: int, flush_s: float, session_expiry: int, stop, ready, errors, counts) -> None:
+                 batch_max: int, flush_s: float, session_expiry: int, stop, ready, errors) -> None:
     """An ingest worker process (spawned): runs until ``stop`` is set."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s ingest %(process)d %(levelname)s %(message)s")
-
-    def on_batch(received: int, stored: int) -> None:
-        with counts.get_lock():
-            counts[0] += received
-            counts[1] += stored
-
     parent = os.getppid()
 
     def should_stop() -> bool:  # asked to, or the monitor died without asking (SIGKILL)
@@ -67,8 +61,7 @@ def _worker_main(settings: BrokerSettings, store_path: str, fleet: str, client_i
 
     try:
         run_ingest(settings, store_path, fleet, client_id=client_id, group=group, should_stop=should_stop,
-                   batch_max=batch_max, flush_s=flush_s, session_expiry=session_expiry, on_connected=ready.set,
-                   on_batch=on_batch)
+                   batch_max=batch_max, flush_s=flush_s, session_expiry=session_expiry, on_connected=ready.set)
     except EdgekitError as exc:
         errors.put(str(exc))
     except BaseException as exc:  # a bug: the parent reports it and stops
@@ -92,8 +85,7 @@ class Monitor:
         self.stored = 0
         self.rate = 0.0  # messages stored per second (last few seconds)
         self._rate_window: list[tuple[float, int]] = []
-        self.ingest_stats: list[IngestStats] = []
-        self._mp_counts = None
+        self.ingest_stats: list[IngestStats] = []  # of the in-process threads
         self.last_counts: dict[str, Any] = {}  # duplicates and malformed, from the store (for the dashboard)
         self._counts_at = 0.0
 
@@ -165,14 +157,13 @@ class Monitor:
         ctx = mp.get_context("spawn")
         self._mp_stop = ctx.Event()
         self._mp_errors = ctx.Queue()
-        self._mp_counts = ctx.Array("q", 2)
         readies = []
         for i in range(opts.workers):
             ready = ctx.Event()
             p = ctx.Process(target=_worker_main, name=f"edgekit-ingest-{i}", daemon=True,
                             args=(self.settings, self.store_path, opts.fleet, f"{self._client_prefix()}-w{i}", group,
                                   opts.batch_max, opts.flush_s, opts.session_expiry, self._mp_stop, ready,
-                                  self._mp_errors, self._mp_counts))
+                                  self._mp_errors))
             p.start()
             self._procs.append(p)
             readies.append(ready)
