@@ -56,7 +56,8 @@ class MosquittoBroker:
                  tls_port: bool = False, base: bool = True):
         import getpass
         import shutil
-        import socket
+
+        from edgekit.fleet.broker import free_port
 
         self.binary = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
@@ -68,11 +69,6 @@ class MosquittoBroker:
             if os.environ.get("CI", "").lower() == "true":
                 pytest.fail(why)  # CI must run the broker tests, never skip them
             pytest.skip(why)
-
-        def free_port() -> int:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                return s.getsockname()[1]
 
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -102,24 +98,21 @@ class MosquittoBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> "MosquittoBroker":
-        import socket
         import subprocess
         import time
+
+        from edgekit.fleet.broker import port_open
 
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.config_path)], stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         for port in [self.port] + ([self.tls_port] if self.tls_port else []):
-            while True:
-                try:
-                    socket.create_connection((self.host, port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        self.stop()
-                        raise RuntimeError(f"mosquitto did not start:\n{self.log()}")
-                    time.sleep(0.02)
+            while not port_open(self.host, port):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mosquitto did not start:\n{self.log()}")
+                time.sleep(0.02)
         return self
 
     def log(self) -> str:
