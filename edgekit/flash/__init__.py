@@ -1,0 +1,9 @@
+"""Putting bundles on devices: over SSH for one board, by signed MQTT commands for a fleet.
+
+* :mod:`.ssh` — ``edgekit flash BUNDLE --host user@device``: resumable SFTP copy,
+  then the device's ``edgekit-agent install`` (which health-checks before switching).
+* :mod:`.server` — ``edgekit serve``: a small HTTP(S) bundle server with Range requests,
+  so devices resume interrupted downloads.
+* :mod:`.commands` / :mod:`.rollout` — signed ``install``/``rollback``/``bench``
+  commands over MQTT, canary rollouts with an abort rule, and their on-disk record.
+"""
