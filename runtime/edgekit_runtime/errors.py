@@ -28,11 +28,15 @@ class ErrorCode(enum.IntEnum):
     BUNDLE_UNSAFE_MEMBER = 108
     BUNDLE_MISSING_MEMBER = 109
     BUNDLE_UNLISTED_MEMBER = 110
+    BUNDLE_DOWNGRADE = 111  # older release than the one installed (anti-rollback)
+    BUNDLE_DOWNLOAD_FAILED = 112  # could not be fetched (network, HTTP status, size limit)
+    BUNDLE_CHECKSUM_MISMATCH = 113  # the file's sha256 is not the one pinned in the command
     # 2xx engine
     ENGINE_UNAVAILABLE = 200
     ENGINE_LOAD_FAILED = 201
     ENGINE_INFERENCE_FAILED = 202
     ENGINE_UNKNOWN_BACKEND = 203
+    ENGINE_HEALTH_CHECK_FAILED = 204  # loaded, but the sample output or latency is out of bounds
     # 3xx input
     INPUT_BAD_SHAPE = 300
     INPUT_BAD_DTYPE = 301
@@ -42,6 +46,7 @@ class ErrorCode(enum.IntEnum):
     # 4xx runtime configuration
     CONFIG_NO_KEYRING = 400
     CONFIG_INVALID = 401
+    CONFIG_UNAUTHORIZED = 402  # a fleet command without a valid signature from a trusted key
 
 
 class RuntimeErrorBase(Exception):

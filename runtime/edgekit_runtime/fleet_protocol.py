@@ -46,7 +46,7 @@ REQUIRED_BODY: dict[str, tuple[str, ...]] = {
     "ack": ("request_id", "ok"),
 }
 STATUSES = ("online", "offline")
-COMMANDS = ("ping", "config", "bench")
+COMMANDS = ("ping", "config", "bench", "install", "rollback")
 
 
 class ProtocolError(ValueError):

@@ -2,7 +2,12 @@
 
     edgekit-agent run --config /etc/edgekit/agent.toml [--log-level info]
     edgekit-agent status --config /etc/edgekit/agent.toml [--json]
-    edgekit-agent install BUNDLE --config /etc/edgekit/agent.toml [--allow-downgrade] [--no-health-check]
+    edgekit-agent install BUNDLE --config /etc/edgekit/agent.toml [--sha256 HEX] [--allow-downgrade] [--json]
+    edgekit-agent rollback --config /etc/edgekit/agent.toml [--reason TEXT] [--json]
+
+``install`` and ``rollback`` hand the request to the running agent (through
+``state_dir/inbox``) so it switches models without a restart; with no agent
+running they do the transaction themselves.
 
 Exit codes: 0 ok, 2 usage, 3 a runtime error (its stable code is printed).
 ``run`` stops cleanly on SIGTERM/SIGINT (flushes the spool, publishes "offline").
@@ -15,6 +20,8 @@ import json
 import logging
 import signal
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +56,13 @@ def status_of(config: AgentConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"device_id": config.device_id, "fleet": config.fleet, "state_dir": str(sd.root),
                            "running": sd.is_locked(), "boot": sd.read_boot(), "active_slot": None, "model": None}
     if sd.root.is_dir():
-        out["active_slot"] = sd.active_slot()
+        pointer = sd.read_pointer()
+        out["active_slot"] = pointer["slot"] if pointer else None
+        out["previous_slot"] = pointer.get("previous") if pointer else None
+        out["slots"] = {slot: {k: v for k, v in sd.read_slot(slot).items() if k in ("state", "sha256", "model",
+                                                                                     "installed_at", "failed_step")}
+                        for slot in ("a", "b")}
+        out["install_pending"] = sd.read_marker()
         bundle = sd.active_bundle()
         if bundle is not None:
             m = read_manifest_unverified(bundle)  # it was verified when installed, and again at every load
@@ -86,39 +99,103 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_install(args: argparse.Namespace) -> int:
-    from ..api import load
-    from ..bundle import open_bundle, read_manifest_unverified
-    from ..keyring import Keyring
+def _emit(args: argparse.Namespace, reply: dict[str, Any], text: str) -> int:
+    """Print a result (JSON with --json); exit 0 when it went well, 3 when the device refused."""
+    if args.json:
+        print(json.dumps(reply, indent=2, default=str))
+    elif reply["ok"]:
+        print(text)
+    else:
+        err = reply["error"]
+        code = f"E{err['code']} " if err.get("code") else ""
+        print(f"error: {command_word(reply)} refused at {err.get('step') or 'start'}: [{code}{err.get('reason')}] "
+              f"{err.get('message')}" + (f" — {err['hint']}" if err.get("hint") else "")
+              + f"; slot {err.get('active_slot')} still serves", file=sys.stderr)
+    return 0 if reply["ok"] else 3
 
-    config = AgentConfig.load(args.config)
-    keyring = Keyring.from_paths(config.keyring) if config.keyring else Keyring.default()
-    verified = open_bundle(args.bundle, keyring)  # nothing is written before this passes
-    new = verified.manifest["model"]
+
+def command_word(reply: dict[str, Any]) -> str:
+    return reply.get("command") or "install"
+
+
+def _change(config: AgentConfig, command: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run an install/rollback: handed to the running agent, or done here when none runs."""
+    from .daemon import make_installer
+    from .install import InstallError, InstallRequest
+
     sd = StateDir(config.state_dir).ensure()
-    current = sd.active_bundle()
-    if current is not None:
-        old = read_manifest_unverified(current)["model"]
-        if new["release"] < old.get("release", 0) and not args.allow_downgrade:
-            raise RuntimeErrorBase(
-                f"{args.bundle} is release {new['release']} of {new['name']}, older than the installed release "
-                f"{old.get('release')} ({old['name']} {old['version']})",
-                code=ErrorCode.BUNDLE_BAD_MANIFEST, hint="pass --allow-downgrade to install it anyway")
-    health = None
-    if not args.no_health_check:
-        with load(args.bundle, keyring=keyring, threads=config.threads) as model:
-            health = model.health_check()
-        if not health["ok"]:
-            raise RuntimeErrorBase(f"{args.bundle} fails its health check on this device: {health}",
-                                   code=ErrorCode.ENGINE_INFERENCE_FAILED)
-    # A/B installs (idle slot, marker, switch, roll back) come later; for now slot a is the active slot.
-    dest = sd.place_bundle(args.bundle, "a")
-    running = sd.is_locked()
-    print(json.dumps({"ok": True, "installed": str(dest), "slot": "a", "model": new, "key_id": verified.key_id,
-                      "health_check": health, "agent_running": running}, indent=2) if args.json else
-          f"installed {new['name']} {new['version']} (release {new['release']}) in slot a"
-          + ("; restart the agent to serve it" if running else ""))
-    return 0
+    request_id = f"local-{uuid.uuid4().hex[:12]}"
+    if sd.is_locked():
+        return _via_agent(sd, {"request_id": request_id, "command": command, "args": args}, timeout)
+    sd.lock()  # raises if an agent started meanwhile
+    try:
+        installer = make_installer(sd, config)
+        if isinstance(installer, str):
+            raise RuntimeErrorBase(installer, code=ErrorCode.CONFIG_NO_KEYRING)
+        installer.recover()
+        try:
+            if command == "install":
+                result, model = installer.install(InstallRequest(args["path"], args.get("sha256"), None,
+                                                                 bool(args.get("allow_downgrade")), request_id))
+            else:
+                result, model = installer.rollback(args.get("reason"), request_id)
+        except InstallError as exc:
+            return {"ok": False, "command": command, "request_id": request_id, "agent_running": False,
+                    "error": exc.to_error(sd.active_slot())}
+        if model is not None:
+            model.close()
+        return {"ok": True, "command": command, "request_id": request_id, "agent_running": False, **result}
+    finally:
+        sd.unlock()
+
+
+def _via_agent(sd: StateDir, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Drop the request in the running agent's inbox and wait for its answer in the outbox."""
+    from .state import atomic_write
+
+    reply_path = sd.outbox / f"{request['request_id']}.json"
+    inbox_file = sd.inbox / f"{request['request_id']}.json"
+    atomic_write(inbox_file, json.dumps(request).encode(), durable=False)
+    inbox_file.chmod(0o644)  # the agent runs as another user (edgekit); an admin's umask may be 077
+    deadline = time.monotonic() + timeout
+    while not reply_path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeErrorBase(f"the running agent did not answer within {timeout:.0f} s",
+                                   code=ErrorCode.CONFIG_INVALID, hint="see `edgekit-agent status` and its log")
+        if not sd.is_locked():
+            raise RuntimeErrorBase("the agent stopped before it answered", code=ErrorCode.CONFIG_INVALID,
+                                   hint="run the command again (an install cut short is undone at the next start)")
+        time.sleep(0.1)
+    reply = json.loads(reply_path.read_text())
+    reply_path.unlink(missing_ok=True)
+    out = {"ok": reply["ok"], "command": reply["command"], "request_id": reply["request_id"], "agent_running": True}
+    return {**out, **reply["result"]} if reply["ok"] else {**out, "error": reply["error"]}
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    config = AgentConfig.load(args.config)
+    if not args.bundle.is_file():
+        raise RuntimeErrorBase(f"{args.bundle} does not exist", code=ErrorCode.BUNDLE_UNREADABLE)
+    reply = _change(config, "install", {"path": str(args.bundle.resolve()), "sha256": args.sha256,
+                                        "allow_downgrade": args.allow_downgrade}, args.timeout)
+    if reply["ok"]:
+        m = reply["model"]
+        text = (f"{m['name']} {m['version']} (release {m['release']}) is already active in slot {reply['slot']}"
+                if reply.get("already_active") else
+                f"installed {m['name']} {m['version']} (release {m['release']}) in slot {reply['slot']}; "
+                f"health check passed; it serves now" + ("" if reply["agent_running"] else
+                                                          " (the agent loads it when it starts)"))
+    else:
+        text = ""
+    return _emit(args, reply, text)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    config = AgentConfig.load(args.config)
+    reply = _change(config, "rollback", {"reason": args.reason}, args.timeout)
+    text = (f"rolled back to slot {reply['slot']}: {reply['model']['name']} {reply['model']['version']}"
+            if reply["ok"] else "")
+    return _emit(args, reply, text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,13 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--config", required=True, type=Path)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
-    ins = sub.add_parser("install", help="verify a bundle with the keyring and make it the active model")
+    ins = sub.add_parser("install", help="install a bundle into the idle slot; health-check; switch to it")
     ins.add_argument("bundle", type=Path)
     ins.add_argument("--config", required=True, type=Path)
+    ins.add_argument("--sha256", help="refuse the file unless it has this sha256 (pinned by the sender)")
     ins.add_argument("--allow-downgrade", action="store_true", help="install an older release than the active one")
-    ins.add_argument("--no-health-check", action="store_true", help="skip the health-check inference")
+    ins.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for a running agent's answer")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_install)
+    rb = sub.add_parser("rollback", help="switch back to the previous slot (after its health check)")
+    rb.add_argument("--config", required=True, type=Path)
+    rb.add_argument("--reason", default=None, help="recorded with the rollback")
+    rb.add_argument("--timeout", type=float, default=300.0)
+    rb.add_argument("--json", action="store_true")
+    rb.set_defaults(func=cmd_rollback)
     return p
 
 
@@ -151,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RuntimeErrorBase as exc:
+        if getattr(args, "json", False):  # callers parsing stdout (edgekit flash --host) get JSON either way
+            print(json.dumps({"ok": False, "error": {"reason": "error", "step": None, **exc.to_event()}}))
         print(f"error: {exc}", file=sys.stderr)
         return 3
 

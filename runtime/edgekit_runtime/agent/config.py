@@ -97,6 +97,13 @@ class AgentConfig:
     drift_ks_threshold: float | None = None  # alarm on KS too when set
     drift_min_values: int = 2000  # tensor values a drift window needs before it is judged
     drift_max_values_per_inference: int = 4096  # larger inputs are subsampled (strided) for drift
+    # installs (A/B slots): see install.py
+    require_signed_commands: bool = True  # install/rollback must be signed by a keyring key
+    health_latency_runs: int = 20  # timed runs of the health-check input after an install
+    health_latency_budget_ms: float | None = None  # p90 limit; default: the bundle's target latency budget
+    download_timeout_s: float = 30.0
+    download_retries: int = 5
+    download_ca_file: Path | None = None  # CA for https:// bundle URLs (default: the system's)
     workload: WorkloadConfig | None = None
     source: Path | None = field(default=None, compare=False)  # the file this was read from
 
@@ -214,6 +221,12 @@ class AgentConfig:
             problems.append("drift_min_values and drift_max_values_per_inference must be >= 1")
         if self.drift_ks_threshold is not None and not 0 < self.drift_ks_threshold <= 1:
             problems.append("drift_ks_threshold must be in (0, 1]")
+        if self.health_latency_runs < 0 or self.download_retries < 0:
+            problems.append("health_latency_runs and download_retries must be >= 0")
+        if self.download_timeout_s <= 0:
+            problems.append("download_timeout_s must be > 0")
+        if self.health_latency_budget_ms is not None and self.health_latency_budget_ms <= 0:
+            problems.append("health_latency_budget_ms must be > 0")
         if self.threads is not None and self.threads < 1:
             problems.append("threads must be >= 1")
         if (self.cert_file is None) != (self.key_file is None):
@@ -222,7 +235,7 @@ class AgentConfig:
             problems.append("ca_file/cert_file are set but broker_url is not mqtts://; use mqtts://host:8883")
         if self.password_file is not None and self.username is None:
             problems.append("password_file is set but username is not")
-        for name in ("password_file", "ca_file", "cert_file", "key_file"):
+        for name in ("password_file", "ca_file", "cert_file", "key_file", "download_ca_file"):
             p = getattr(self, name)
             if p is not None and not p.is_file():
                 problems.append(f"{name} {p} does not exist")
@@ -267,6 +280,9 @@ _FIELDS: dict[str, tuple[tuple[type, ...] | str, bool]] = {
     "shutdown_flush_s": ((float,), False), "drift_psi_threshold": ((float,), False),
     "drift_ks_threshold": ((float,), True), "drift_min_values": ((int,), False),
     "drift_max_values_per_inference": ((int,), False), "workload": ((dict,), False),
+    "require_signed_commands": ((bool,), False), "health_latency_runs": ((int,), False),
+    "health_latency_budget_ms": ((float,), True), "download_timeout_s": ((float,), False),
+    "download_retries": ((int,), False), "download_ca_file": (_PATH, True),
 }
 _WORKLOAD_FIELDS: dict[str, tuple[tuple[type, ...] | str, bool]] = {
     "rate_hz": ((float,), False), "images": (_PATH, True), "synthetic": ((bool,), False),

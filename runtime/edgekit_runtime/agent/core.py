@@ -103,13 +103,14 @@ class AgentCore:
         self.on_message: Callable[[], None] | None = None  # called after a message is spooled (wakes the sender)
         self.model = None
         self.manifest: dict[str, Any] | None = None
+        self.bundle_info: dict[str, Any] | None = None  # {"sha256", "slot"} of what serves
         self.model_error = model_error
         self.drift = DriftMonitor(None, unavailable_reason="no model is loaded")
         self.set_model(model, error=model_error, manifest=model_manifest)
 
     # -- model ---------------------------------------------------------------------
     def set_model(self, model: Any | None, *, error: dict[str, Any] | None = None,
-                  manifest: dict[str, Any] | None = None) -> None:
+                  manifest: dict[str, Any] | None = None, bundle_info: dict[str, Any] | None = None) -> None:
         """Serve ``model`` (None: none); drift references come from its manifest.
 
         ``manifest`` without a model: a simulated device that reports this
@@ -117,6 +118,7 @@ class AgentCore:
         """
         self.model = model
         self.manifest = model.manifest if model is not None else manifest
+        self.bundle_info = bundle_info if self.manifest is not None else None
         self.model_error = error
         cfg = self.config
         if self.manifest is None:
@@ -135,6 +137,8 @@ class AgentCore:
         info = {"name": m["model"]["name"], "version": m["model"]["version"], "release": m["model"].get("release"),
                 "target": m["target"]["name"], "backend": m["backend"]["name"],
                 "precision": m["backend"].get("precision")}
+        if self.bundle_info:
+            info.update({k: v for k, v in self.bundle_info.items() if k in ("sha256", "slot")})
         engine = getattr(self.model, "engine", None)
         if engine is not None and hasattr(engine, "describe"):
             info["engine"] = engine.describe().get("engine")
@@ -179,6 +183,7 @@ class AgentCore:
                 "agent_state": self.serving_state().value,
                 "model": model,
                 "backend": model["backend"] if model else None,
+                "active_slot": (self.bundle_info or {}).get("slot"),
                 "runtime_version": __version__,
                 "started_at": self.started_at,
                 "telemetry_interval_s": self.config.telemetry_interval_s,
@@ -378,6 +383,28 @@ class AgentCore:
     def _cmd_ping(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"pong": time.time(), "boot": self.boot, "state": self.state.value, "model": self.model_info(),
                 "runtime_version": __version__, "uptime_s": round(time.time() - self.started_at, 3)}
+
+    def _cmd_install(self, args: dict[str, Any]) -> dict[str, Any]:
+        # the daemon runs installs and rollbacks itself (on a worker thread, with its Installer)
+        raise CommandError("unsupported", "this agent does not install models (a simulated device)")
+
+    _cmd_rollback = _cmd_install
+
+    def finish(self, cmd: Command, ok: bool, *, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Spool the ack of a command that ran elsewhere (install/rollback on a worker thread)."""
+        fields: dict[str, Any] = {"command": cmd.command}
+        if ok:
+            fields["result"] = _finite(result)
+        else:
+            fields["error"] = error
+        return self._ack(cmd.request_id, ok, **fields)
+
+    def replay_ack(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer a command again from a kept outcome (a QoS 1 redelivery after a restart)."""
+        return self._ack(request_id, bool(body.get("ok")), command=body.get("command"),
+                         **({"result": body["result"]} if "result" in body else {"error": body.get("error")}),
+                         duplicate=True)
 
     def _cmd_config(self, args: dict[str, Any]) -> dict[str, Any]:
         changes = args.get("set") or {}

@@ -12,10 +12,13 @@ load_model=False, system_stats=False)``, :meth:`Agent.start`, then
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,13 +26,17 @@ from ..errors import ErrorCode, RuntimeErrorBase
 from .config import AgentConfig, WorkloadConfig
 from .core import AgentCore, Command
 from .drift import DriftUnavailable, Reference
+from .install import Installer, InstallError, InstallRequest
 from .mqtt import MqttLink
-from .state import AgentState, StateDir
+from .state import AgentState, StateDir, atomic_write
+
+INBOX_POLL_S = 0.25
 
 log = logging.getLogger("edgekit_runtime.agent")
 
 
-def load_active_model(state_dir: StateDir, config: AgentConfig) -> tuple[Any | None, dict[str, Any]]:
+def load_active_model(state_dir: StateDir, config: AgentConfig,
+                      installer: Installer | None = None) -> tuple[Any | None, dict[str, Any]]:
     """``(model, health_check_result)`` for the active slot's bundle, or ``(None, error)`` saying why not.
 
     The bundle is verified again with the device keyring and must pass its
@@ -44,13 +51,18 @@ def load_active_model(state_dir: StateDir, config: AgentConfig) -> tuple[Any | N
                       "hint": "edgekit-agent install BUNDLE --config FILE"}
     model = None
     try:
-        keyring = Keyring.from_paths(config.keyring) if config.keyring else Keyring.default()
-        model = load(bundle, keyring=keyring, threads=config.threads)
-        health = model.health_check()
+        if installer is not None:
+            model = installer._load(bundle, bundle.parent / "model")
+            health = installer.health_check(model)
+        else:
+            keyring = Keyring.from_paths(config.keyring) if config.keyring else Keyring.default()
+            model = load(bundle, keyring=keyring, threads=config.threads)
+            health = model.health_check()
         if not health["ok"]:
             model.close()
-            return None, {"code": int(ErrorCode.ENGINE_INFERENCE_FAILED), "name": "HEALTH_CHECK_FAILED",
-                          "message": f"the bundle's health check failed: {health}", "hint": None}
+            return None, {"code": int(ErrorCode.ENGINE_HEALTH_CHECK_FAILED), "name": "HEALTH_CHECK_FAILED",
+                          "message": f"the bundle's health check failed: {health.get('problem', health)}",
+                          "hint": None}
         return model, health
     except RuntimeErrorBase as exc:
         if model is not None:
@@ -62,6 +74,20 @@ def load_active_model(state_dir: StateDir, config: AgentConfig) -> tuple[Any | N
             model.close()
         return None, {"code": int(ErrorCode.ENGINE_LOAD_FAILED), "name": ErrorCode.ENGINE_LOAD_FAILED.name,
                       "message": f"{type(exc).__name__}: {exc}", "hint": None}
+
+
+def active_bundle_info(state_dir: StateDir) -> dict[str, Any] | None:
+    """``{"slot", "sha256"}`` of the active slot (the sha256 is computed for slots of older agents)."""
+    slot = state_dir.active_slot()
+    if slot is None:
+        return None
+    rec = state_dir.read_slot(slot)
+    sha = rec.get("sha256")
+    if sha is None and state_dir.active_bundle() is not None:
+        from .fetch import sha256_file
+
+        sha = sha256_file(state_dir.active_bundle())
+    return {"slot": slot, "sha256": sha}
 
 
 class Workload:
@@ -143,6 +169,20 @@ class SyntheticFeeds:
         return feeds
 
 
+def make_installer(state_dir: StateDir, config: AgentConfig, on_progress=None, should_stop=None) -> Installer | str:
+    """An :class:`Installer` with the device keyring, or the reason there cannot be one."""
+    from ..keyring import Keyring
+
+    try:
+        keyring = Keyring.from_paths(config.keyring) if config.keyring else Keyring.default()
+    except RuntimeErrorBase as exc:
+        return f"no keyring: {exc}"
+    return Installer(state_dir, keyring, threads=config.threads, latency_budget_ms=config.health_latency_budget_ms,
+                     latency_runs=config.health_latency_runs, download_timeout_s=config.download_timeout_s,
+                     download_retries=config.download_retries, ca_file=config.download_ca_file,
+                     on_progress=on_progress, should_stop=should_stop)
+
+
 class Agent:
     """The daemon: :class:`AgentCore` + :class:`MqttLink` + an optional workload.
 
@@ -158,15 +198,34 @@ class Agent:
         self.core = AgentCore(config, None, system_stats=system_stats)
         self._owns_model = model is None
         self.health: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self.installer: Installer | None = None
+        self.installer_error: str | None = None
+        self.recovered: dict[str, Any] | None = None
+        self.fell_back: dict[str, Any] | None = None
         try:
+            if load_model:
+                self.installer = make_installer(self.core.state_dir, config, self._on_progress, self._stop.is_set)
+                if isinstance(self.installer, str):
+                    self.installer_error, self.installer = self.installer, None
+                else:
+                    self.recovered = self.installer.recover()
             error = None
+            bundle_info = None
             if model is None and load_model:
-                model, info = load_active_model(self.core.state_dir, config)
+                model, info = load_active_model(self.core.state_dir, config, self.installer)
+                if model is None and self.installer is not None and info.get("name") != "NO_BUNDLE":
+                    fallback = self.installer.fall_back(info)  # the active slot is broken: the previous one
+                    if fallback is not None:
+                        result, model = fallback
+                        self.fell_back = {**result, "error": info}
+                        info = result["health"]
                 if model is None:
                     error = info
                 else:
                     self.health = info
-            self.core.set_model(model, error=error, manifest=model_manifest)
+                    bundle_info = active_bundle_info(self.core.state_dir)
+            self.core.set_model(model, error=error, manifest=model_manifest, bundle_info=bundle_info)
             self.link = MqttLink(self.core)
         except BaseException:
             self.core.close()
@@ -174,8 +233,10 @@ class Agent:
         self.core.on_message = self.link.wake
         self._workload_enabled = workload and config.workload is not None
         self.workload: Workload | None = None
-        self._stop = threading.Event()
         self._next_tick = 0.0
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # run on the loop thread
+        self._change: dict[str, Any] | None = None  # the install/rollback running on a worker
+        self._next_inbox = 0.0
         self._reported_state: AgentState | None = None
         self._workers: list[threading.Thread] = []
         self._closed = False
@@ -186,6 +247,11 @@ class Agent:
         core = self.core
         core.set_state(AgentState.CONNECTING)
         core.live_epoch = 1  # provisional: live if the first connection attempt succeeds
+        if self.recovered is not None:
+            core.emit_event("install_recovered", **self.recovered)
+        if self.fell_back is not None:
+            core.emit_event("rolled_back", reason="the active model failed at start", slot=self.fell_back["slot"],
+                            previous_slot=self.fell_back["previous_slot"], error=self.fell_back["error"])
         if core.model is not None:
             core.emit_event("model_loaded", model=core.model_info(), health=self.health)
         elif core.model_error and core.model_error.get("name") != "NO_BUNDLE":
@@ -230,7 +296,16 @@ class Agent:
         link, core = self.link, self.core
         for topic, payload, mid, qos in link.process(link.wait(timeout)):
             self._dispatch(topic, payload, mid, qos)
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            call()
         now = time.monotonic()
+        if now >= self._next_inbox and self.installer is not None:
+            self._next_inbox = now + INBOX_POLL_S
+            self._poll_inbox()
         if now >= self._next_tick:
             core.tick()
             interval = core.config.telemetry_interval_s
@@ -248,6 +323,8 @@ class Agent:
         cmd = self.core.parse_command(topic, payload)
         if cmd is None:
             self.link.ack_command(mid, qos)
+        elif cmd.command in ("install", "rollback"):
+            self._start_change(cmd, mid, qos)
         elif cmd.command == "bench":  # seconds of work: off the loop, so telemetry keeps its pace
             worker = threading.Thread(target=self._run_async, args=(cmd, mid, qos), daemon=True,
                                       name=f"edgekit-agent-{cmd.command}")
@@ -261,6 +338,146 @@ class Agent:
         self.core.execute(cmd)
         self.link.ack_command(mid, qos)
         self.link.wake()
+
+    # -- installs and rollbacks --------------------------------------------------------------
+    def _on_progress(self, step: str, info: dict[str, Any]) -> None:
+        change = self._change or {}
+        self.core.emit_event("install_progress", request_id=change.get("request_id"), step=step, **info)
+
+    def _start_change(self, cmd: Command | None, mid: int | None, qos: int, *,
+                      local: dict[str, Any] | None = None) -> None:
+        """Check an install/rollback and run it on a worker; its ack is sent when it is done."""
+        core = self.core
+        request_id = cmd.request_id if cmd is not None else local["request_id"]
+        command = cmd.command if cmd is not None else local["command"]
+
+        def refuse(reason: str, message: str) -> None:
+            error = {"reason": reason, "step": None, "code": None, "name": None, "message": message,
+                     "active_slot": core.state_dir.active_slot()}
+            self._answer(cmd, mid, qos, local, False, None, error)
+
+        if cmd is not None and request_id in core._acks:  # a QoS 1 duplicate: answer the same again
+            core.execute(cmd)
+            self.link.ack_command(mid, qos)
+            return
+        if self._change is not None and self._change["request_id"] == request_id:
+            if mid is not None:
+                self.link.ack_command(mid, qos)  # redelivered while it runs: the ack comes when it is done
+            return
+        kept = core.state_dir.find_install(request_id) if request_id else None
+        if kept is not None and ("result" in kept or "error" in kept) and cmd is not None:
+            core.replay_ack(request_id, kept)  # finished before a restart; the broker delivered it again
+            self.link.ack_command(mid, qos)
+            return
+        if self.installer is None:
+            return refuse("unsupported", self.installer_error or "this agent does not install models")
+        if cmd is not None and self.config.require_signed_commands:
+            from ..command_auth import CommandAuthError, verify_command
+
+            try:
+                verify_command(self.config.fleet, self.config.device_id, cmd.envelope["body"], self.installer.keyring)
+            except CommandAuthError as exc:
+                core.bad_commands += 1
+                return refuse("unauthorized", str(exc))
+        args = (cmd.args if cmd is not None else local.get("args")) or {}
+        req = None
+        if command == "install":
+            try:
+                req = (InstallRequest.from_args(args, request_id) if cmd is not None else
+                       InstallRequest(args["path"], args.get("sha256"), None, bool(args.get("allow_downgrade")),
+                                      request_id))
+            except (ValueError, KeyError) as exc:
+                return refuse("bad_request", str(exc))
+        elif set(args) - {"reason"}:
+            return refuse("bad_request", "rollback takes only args.reason")
+        if self._change is not None:
+            return refuse("busy", f"{self._change['command']} {self._change['request_id']} is running; "
+                                  "send again when it has finished")
+        self._change = {"request_id": request_id, "command": command, "started": time.monotonic()}
+        worker = threading.Thread(target=self._run_change, args=(cmd, mid, qos, local, command, req, args),
+                                  daemon=True, name=f"edgekit-agent-{command}")
+        self._workers = [w for w in self._workers if w.is_alive()] + [worker]
+        worker.start()
+
+    def _run_change(self, cmd, mid, qos, local, command: str, req: InstallRequest | None,
+                    args: dict[str, Any]) -> None:
+        assert self.installer is not None
+        request_id = self._change["request_id"] if self._change else None
+        result = error = model = None
+        try:
+            if command == "install":
+                result, model = self.installer.install(req)
+            else:
+                result, model = self.installer.rollback(args.get("reason"), request_id)
+            ok = True
+        except InstallError as exc:
+            ok, error = False, exc.to_error(self.core.state_dir.active_slot())
+        except Exception as exc:  # a bug of ours: the old model still serves; the host gets an answer
+            log.exception("%s failed", command)
+            ok, error = False, {"reason": "internal", "step": None, "code": None, "name": "AGENT_INTERNAL",
+                                "message": f"{type(exc).__name__}: {exc}",
+                                "active_slot": self.core.state_dir.active_slot()}
+        self._calls.put(lambda: self._finish_change(cmd, mid, qos, local, command, ok, result, error, model))
+        self.link.wake()
+
+    def _finish_change(self, cmd, mid, qos, local, command: str, ok: bool, result, error, model) -> None:
+        """On the loop thread: serve the new model, close the old one, report, answer."""
+        core = self.core
+        if ok and model is not None:
+            old = core.model
+            if self.workload is not None:
+                self.workload = None
+            core.set_model(model, bundle_info={"slot": result["slot"], "sha256": result.get("sha256")})
+            self.health = result.get("health")
+            if old is not None and self._owns_model:
+                old.close()
+            self._owns_model = True
+            if core.state in (AgentState.ONLINE, AgentState.DEGRADED):
+                core.set_state(core.serving_state())
+            if self._workload_enabled:
+                try:
+                    self.workload = Workload(self.config.workload, core)
+                except RuntimeErrorBase as exc:
+                    log.error("workload disabled: %s", exc)
+            kind = "model_installed" if command == "install" else "rolled_back"
+            core.emit_event(kind, request_id=(cmd.request_id if cmd else local["request_id"]), slot=result["slot"],
+                            previous_slot=result.get("previous_slot"), model=core.model_info(),
+                            **({"reason": result.get("reason")} if command == "rollback" else {}))
+            self.link.publish_state()
+        elif not ok:
+            core.emit_event("install_failed" if command == "install" else "rollback_failed",
+                            request_id=(cmd.request_id if cmd else local["request_id"]), **error)
+        self._change = None
+        self._answer(cmd, mid, qos, local, ok, result, error)
+        self._write_status()
+
+    def _answer(self, cmd, mid, qos, local, ok: bool, result, error) -> None:
+        if cmd is not None:
+            self.core.finish(cmd, ok, result=result, error=error)
+            self.link.ack_command(mid, qos)
+        else:
+            reply = {"request_id": local["request_id"], "ok": ok, "command": local["command"],
+                     **({"result": result} if ok else {"error": error})}
+            atomic_write(self.core.state_dir.outbox / f"{local['request_id']}.json",
+                         json.dumps(reply, default=str).encode(), durable=False)
+
+    def _poll_inbox(self) -> None:
+        """Requests dropped by ``edgekit-agent install``/``rollback`` while this agent runs."""
+        for path in sorted(self.core.state_dir.inbox.glob("*.json")):
+            taken = path.with_suffix(".taken")
+            try:
+                path.rename(taken)
+                request = json.loads(taken.read_text())
+                local = {"request_id": str(request["request_id"]), "command": request["command"],
+                         "args": request.get("args") or {}}
+                if local["command"] not in ("install", "rollback"):
+                    raise ValueError(f"unknown command {local['command']!r}")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignored inbox request %s: %s", path.name, exc)
+                continue
+            finally:
+                taken.unlink(missing_ok=True)
+            self._start_change(None, None, 0, local=local)
 
     def _write_status(self) -> None:
         status = self.core.status()

@@ -208,6 +208,12 @@ class MqttLink:
             core.spool.ack(acked, rejected=rejected)
         return commands
 
+    def publish_state(self) -> None:
+        """Re-publish the retained "online" state (after a model switch); on the next connect if offline."""
+        if self.connected:
+            online = self.core.state_envelope("online")
+            self.client.publish(self.core.topic("state"), fleet_protocol.encode(online), qos=1, retain=True)
+
     def ack_command(self, mid: int, qos: int) -> None:
         """Tell the broker a command was handled (its ack is spooled)."""
         if qos > 0:

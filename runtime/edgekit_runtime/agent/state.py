@@ -1,13 +1,18 @@
 """The agent's states, and its state directory on disk.
 
-Layout of ``state_dir`` (A/B slots are laid out now; installs use slot ``a``
-until the transactional A/B install lands)::
+Layout of ``state_dir``::
 
     state_dir/
       boot            persisted boot counter ("7\\n"), replaced atomically (fsync + rename)
-      active          names the slot that serves ("a" or "b"); absent: nothing installed
-      slots/a/bundle.ekb
-      slots/b/
+      active          the slot pointer: {"slot": "b", "previous": "a", ...}, replaced atomically;
+                      absent: nothing installed (agents before A/B installs wrote plain "a")
+      install.json    the install transaction marker: present only while an install runs (or was
+                      cut short: the next start finishes or undoes it, see install.py)
+      slots/a/        bundle.ekb, slot.json {"state": "good"|"installing"|"bad"|"aborted", ...},
+      slots/b/        model/ (the extracted bundle and engine caches)
+      downloads/      <sha256>.part (resumed with HTTP Range) and <sha256>.ekb
+      inbox/ outbox/  install/rollback requests from `edgekit-agent install` to the running agent
+      installs.jsonl  one line per finished install/rollback (outcome by request id)
       spool.db        on-disk telemetry/event spool (SQLite, WAL), see spool.py
       agent.json      what the running agent last reported about itself (for `edgekit-agent status`)
       agent.lock      held (flock) by the running agent, so two agents never share a directory
@@ -94,12 +99,19 @@ class StateDir:
         self.spool_path = self.root / "spool.db"
         self.status_file = self.root / "agent.json"
         self.lock_file = self.root / "agent.lock"
+        self.marker_file = self.root / "install.json"
+        self.downloads = self.root / "downloads"
+        self.inbox = self.root / "inbox"
+        self.outbox = self.root / "outbox"
+        self.install_log = self.root / "installs.jsonl"
         self._lock_fd: int | None = None
 
     def ensure(self) -> "StateDir":
         try:
             for slot in SLOTS:
                 (self.root / "slots" / slot).mkdir(parents=True, exist_ok=True)
+            for d in (self.downloads, self.inbox, self.outbox):
+                d.mkdir(exist_ok=True)
         except OSError as exc:
             raise AgentStateError(f"cannot create the state directory {self.root} ({exc.strerror})",
                                   hint="set state_dir to a writable folder, e.g. /var/lib/edgekit-agent") from None
@@ -163,15 +175,35 @@ class StateDir:
             raise AgentStateError(f"slot {slot!r} is not one of {SLOTS}")
         return self.root / "slots" / slot
 
-    def active_slot(self) -> str | None:
+    def read_pointer(self) -> dict[str, Any] | None:
+        """The slot pointer ``{"slot", "previous", ...}``; None when nothing is installed."""
         try:
-            slot = self.active_file.read_text().strip()
+            text = self.active_file.read_text().strip()
         except FileNotFoundError:
             return None
-        if slot not in SLOTS:
-            raise AgentStateError(f"{self.active_file} names slot {slot!r}, not one of {SLOTS}",
+        if text.startswith("{"):
+            try:
+                pointer = json.loads(text)
+            except ValueError:
+                pointer = {}
+        else:  # written by an agent before A/B installs
+            pointer = {"slot": text, "previous": None}
+        if not isinstance(pointer, dict) or pointer.get("slot") not in SLOTS \
+                or pointer.get("previous") not in (*SLOTS, None):
+            raise AgentStateError(f"{self.active_file} does not name a slot ({text[:80]!r})",
                                   hint="reinstall the bundle with `edgekit-agent install`")
-        return slot
+        return pointer
+
+    def write_pointer(self, slot: str, previous: str | None, **extra: Any) -> None:
+        """Make ``slot`` the active one: one atomic, durable replace of the pointer file."""
+        if slot not in SLOTS or previous not in (*SLOTS, None):
+            raise AgentStateError(f"cannot point at slot {slot!r} (previous {previous!r})")
+        atomic_write(self.active_file, json.dumps({"slot": slot, "previous": previous, "switched_at": time.time(),
+                                                   **extra}).encode())
+
+    def active_slot(self) -> str | None:
+        pointer = self.read_pointer()
+        return pointer["slot"] if pointer else None
 
     def active_bundle(self) -> Path | None:
         slot = self.active_slot()
@@ -180,8 +212,66 @@ class StateDir:
         path = self.slot_dir(slot) / "bundle.ekb"
         return path if path.is_file() else None
 
+    def idle_slot(self) -> str:
+        active = self.active_slot()
+        return "b" if active == "a" else "a"
+
+    # -- per-slot record -----------------------------------------------------------------
+    def read_slot(self, slot: str) -> dict[str, Any]:
+        """``slot.json`` of a slot; a slot with a bundle but no record (older agents) counts as good."""
+        try:
+            return json.loads((self.slot_dir(slot) / "slot.json").read_text())
+        except FileNotFoundError:
+            return {"state": "good" if (self.slot_dir(slot) / "bundle.ekb").is_file() else "empty"}
+        except ValueError:
+            return {"state": "bad", "note": "slot.json is unreadable"}
+
+    def write_slot(self, slot: str, record: dict[str, Any]) -> None:
+        atomic_write(self.slot_dir(slot) / "slot.json", json.dumps({**record, "updated_at": time.time()}).encode())
+
+    # -- install transaction marker ------------------------------------------------------
+    def read_marker(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.marker_file.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # cannot happen with atomic writes; treat it as an install to undo
+            return {"step": "unknown"}
+
+    def write_marker(self, marker: dict[str, Any]) -> None:
+        atomic_write(self.marker_file, json.dumps(marker).encode())
+
+    def clear_marker(self) -> None:
+        try:
+            self.marker_file.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.root)
+
+    def log_install(self, entry: dict[str, Any]) -> None:
+        """Append one finished install/rollback to ``installs.jsonl`` (durably)."""
+        with open(self.install_log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({**entry, "ts": time.time()}, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def find_install(self, request_id: str) -> dict[str, Any] | None:
+        """The logged outcome of ``request_id`` (a command redelivered after a restart)."""
+        try:
+            lines = self.install_log.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return None
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut by a crash
+                continue
+            if entry.get("request_id") == request_id:
+                return entry
+        return None
+
     def place_bundle(self, source: str | os.PathLike, slot: str = "a") -> Path:
-        """Copy an already verified bundle into ``slot`` durably and make it the active one."""
+        """Copy a bundle into ``slot`` durably (``slot/bundle.ekb``); the pointer is not touched."""
         dest = self.slot_dir(slot) / "bundle.ekb"
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(".bundle.ekb.tmp")
@@ -190,7 +280,6 @@ class StateDir:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
-        atomic_write(self.active_file, f"{slot}\n".encode())
         return dest
 
     # -- status snapshot -----------------------------------------------------------

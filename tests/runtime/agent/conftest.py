@@ -270,6 +270,24 @@ class AgentEnv:
         manifest["input_stats"] = {"x": input_statistics(calib)}
         return self.kit.write(name, manifest=manifest, members=members)
 
+    def model_bundle(self, name: str, *, release: int = 2, scale: float = 2.0, version: str | None = None,
+                     break_health: bool = False, budget_ms: float | None = None) -> Path:
+        """A signed MatMul bundle with weights ``scale * W`` (so its outputs differ from release 1).
+
+        ``break_health``: the stored expected output is wrong, so the bundle verifies but fails
+        its health check on the device (as a model compiled for other hardware would).
+        """
+        kit = self.kit
+        manifest, members = kit.parts()
+        weights = (kit.WEIGHTS * scale).astype(np.float32)
+        members["model.onnx"] = kit.matmul_onnx(weights)
+        expected = kit.SAMPLE @ weights + (1.0 if break_health else 0.0)
+        members["health/expected_output.npy"] = kit.npy(expected.astype(np.float32))
+        manifest["model"].update(release=release, version=version or f"{release}.0.0")
+        if budget_ms is not None:
+            manifest["target"]["latency_budget_ms"] = budget_ms
+        return kit.write(name, manifest=manifest, members=members)
+
     # -- in-process agent ----------------------------------------------------------------
     def start_agent(self, config, **kw):
         """An :class:`Agent` running its loop on a thread; stopped at teardown."""
@@ -288,8 +306,8 @@ class AgentEnv:
         assert not agent._test_thread.is_alive(), "the agent did not stop"
 
     # -- subprocess agent ------------------------------------------------------------------
-    def spawn(self, config_path: Path) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def spawn(self, config_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         log = open(self.tmp / f"agent-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "edgekit_runtime.agent.cli", "run", "--config",
                                  str(config_path), "--log-level", "info"], stdout=log, stderr=subprocess.STDOUT,

@@ -96,14 +96,14 @@ def test_install_verifies_and_refuses(agent_env, kit, key2, capsys):
     newer = kit.write("r5.ekb", manifest=manifest, members=members)
     assert agent_cli(["install", str(newer), "--config", str(path), "--json"]) == 0
     done = json.loads(capsys.readouterr().out)
-    assert done["slot"] == "a" and done["health_check"]["ok"] and done["model"]["release"] == 5
+    assert done["slot"] == "a" and done["health"]["ok"] and done["model"]["release"] == 5
     assert agent_cli(["install", str(kit.write("r1.ekb")), "--config", str(path)]) == 3
     assert "--allow-downgrade" in capsys.readouterr().err
     assert agent_cli(["install", str(kit.write("r1.ekb")), "--config", str(path), "--allow-downgrade"]) == 0
     capsys.readouterr()
     assert agent_cli(["status", "--config", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "matmul 1.0.0 (slot a)" in text and "running    no" in text
+    assert "matmul 1.0.0 (slot b)" in text and "running    no" in text  # the downgrade went to the idle slot
 
 
 def test_the_agent_imports_no_host_package(agent_env):

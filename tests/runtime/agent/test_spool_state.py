@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,7 +120,12 @@ def test_layout_lock_and_active_pointer(tmp_path):
     src.write_bytes(b"bundle bytes")
     dest = sd.place_bundle(src, "a")
     assert dest == sd.root / "slots" / "a" / "bundle.ekb" and dest.read_bytes() == b"bundle bytes"
-    assert sd.active_file.read_text() == "a\n" and sd.active_bundle() == dest
+    assert sd.active_slot() is None  # placing a bundle does not switch to it
+    sd.write_pointer("a", None)
+    assert json.loads(sd.active_file.read_text())["slot"] == "a" and sd.active_bundle() == dest
+    assert sd.idle_slot() == "b" and sd.read_slot("a")["state"] == "good"  # a bundle without a record
+    sd.active_file.write_text("a\n")  # the plain pointer older agents wrote still reads
+    assert sd.read_pointer() == {"slot": "a", "previous": None}
     sd.lock()
     other = StateDir(sd.root)
     assert other.is_locked()
@@ -128,7 +134,7 @@ def test_layout_lock_and_active_pointer(tmp_path):
     sd.unlock()
     assert not other.is_locked()
     sd.active_file.write_text("c\n")
-    with pytest.raises(AgentStateError, match="not one of"):
+    with pytest.raises(AgentStateError, match="does not name a slot"):
         sd.active_slot()
     assert os.access(sd.lock_file, os.R_OK)
 

@@ -1,0 +1,494 @@
+"""Installs as transactions over two model slots (A/B), as Mender and RAUC do them.
+
+An install walks these steps; each one is written to the marker file
+``state_dir/install.json`` (atomically, fsync'd) before it starts::
+
+    download      fetch the bundle (HTTP Range resume; sha256 pinned) or take a local file
+    verify        signature, every member's sha256, format version, anti-rollback (release)
+    unpack        copy the bundle into the idle slot (marked "installing" first)
+    prepare       verify the slot's copy again and load it into its engine (OpenVINO compile,
+                  TensorRT engine build, ... — caches live in the slot)
+    health_check  run the bundle's sample input: finite, equal to the expected output within
+                  the manifest's tolerance, and latency under the profile's budget
+    switch        mark the slot "good", then replace the slot pointer (write-new + fsync + rename)
+
+The active slot is never written during an install, so a failure at any step
+(or a ``kill -9``) leaves the old model serving. :meth:`Installer.recover`, run
+at every start before the model is loaded, reads a leftover marker: if the
+pointer already names the new slot the install is finished (the marker is
+cleared), otherwise it is undone (the half-written slot is emptied and marked
+"aborted"). ``rollback`` points back at the previous slot if it is still "good"
+and passes its health check.
+
+Faults for tests: ``EDGEKIT_AGENT_FAULT="pause:<step>"`` stops the process at a
+step (after writing the step name to ``$EDGEKIT_AGENT_FAULT_FILE``) until it is
+killed; ``"fail:<step>"`` makes that step fail as if the device had failed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ErrorCode, RuntimeErrorBase
+from .state import SLOTS, StateDir
+
+log = logging.getLogger("edgekit_runtime.agent.install")
+
+STEPS = ("download", "verify", "unpack", "prepare", "health_check", "switch")
+FAULT_ENV = "EDGEKIT_AGENT_FAULT"
+FAULT_FILE_ENV = "EDGEKIT_AGENT_FAULT_FILE"
+HEALTH_WARMUP = 2
+
+
+class InstallError(RuntimeErrorBase):
+    """An install or rollback that did not happen; the active slot is unchanged.
+
+    ``reason`` is a short word for dashboards (``download_failed``, ``health_check_failed``, ...),
+    ``step`` the step that failed.
+    """
+
+    def __init__(self, reason: str, message: str, *, step: str | None = None, code: ErrorCode | None = None,
+                 hint: str | None = None):
+        super().__init__(message, code=code or ErrorCode.CONFIG_INVALID, hint=hint)
+        self.reason = reason
+        self.step = step
+
+    def to_error(self, active_slot: str | None) -> dict[str, Any]:
+        return {"reason": self.reason, "step": self.step, **self.to_event(), "active_slot": active_slot}
+
+
+def _reason_for(code: ErrorCode) -> str:
+    return {ErrorCode.BUNDLE_DOWNLOAD_FAILED: "download_failed",
+            ErrorCode.BUNDLE_CHECKSUM_MISMATCH: "checksum_mismatch",
+            ErrorCode.BUNDLE_DOWNGRADE: "downgrade",
+            ErrorCode.ENGINE_HEALTH_CHECK_FAILED: "health_check_failed"}.get(code, "verify_failed"
+                                                                              if int(code) < 200 else "prepare_failed")
+
+
+@dataclass
+class InstallRequest:
+    """What to install: ``source`` is an http(s)/file URL or a local path; ``sha256`` pins its content."""
+
+    source: str
+    sha256: str | None = None
+    size: int | None = None
+    allow_downgrade: bool = False
+    request_id: str | None = None
+    rollout: str | None = None
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], request_id: str | None) -> "InstallRequest":
+        """The ``install`` command's args (see docs/flash.md); raises ValueError with the problem."""
+        unknown = set(args) - {"url", "sha256", "size", "allow_downgrade", "rollout"}
+        if unknown:
+            raise ValueError(f"install does not take {sorted(unknown)}")
+        url, sha, size = args.get("url"), args.get("sha256"), args.get("size")
+        if not isinstance(url, str) or not url:
+            raise ValueError("install needs args.url (http(s):// or file:// of the bundle)")
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ValueError("install needs args.sha256: the bundle's sha256 (64 lowercase hex digits)")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise ValueError("args.size must be a positive integer (bytes)")
+        allow = args.get("allow_downgrade", False)
+        if not isinstance(allow, bool):
+            raise ValueError("args.allow_downgrade must be true or false")
+        rollout = args.get("rollout")
+        if rollout is not None and not isinstance(rollout, str):
+            raise ValueError("args.rollout must be a string")
+        return cls(url, sha, size, allow, request_id, rollout)
+
+
+class Installer:
+    """Installs into the idle slot, switches, rolls back, and recovers after a crash.
+
+    One install at a time (``busy`` otherwise). The caller holds the state
+    directory's lock. ``on_progress(step, info)`` is called as steps start.
+    ``load_model(bundle_path, workdir)`` loads a verified bundle (the daemon
+    passes :func:`edgekit_runtime.load` with its keyring and threads).
+    """
+
+    def __init__(self, state_dir: StateDir, keyring: Any, *, threads: int | None = None,
+                 latency_budget_ms: float | None = None, latency_runs: int = 20,
+                 download_timeout_s: float = 30.0, download_retries: int = 5, ca_file: Path | None = None,
+                 on_progress: Callable[[str, dict[str, Any]], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None):
+        self.sd = state_dir
+        self.keyring = keyring
+        self.threads = threads
+        self.latency_budget_ms = latency_budget_ms
+        self.latency_runs = latency_runs
+        self.download_timeout_s = download_timeout_s
+        self.download_retries = download_retries
+        self.ca_file = ca_file
+        self.on_progress = on_progress
+        self.should_stop = should_stop
+        self._busy = threading.Lock()
+        self.current: dict[str, Any] | None = None  # the install in progress (request id, step)
+        fault = os.environ.get(FAULT_ENV, "")
+        self.fault = tuple(fault.split(":", 1)) if ":" in fault else None
+
+    # -- faults for tests ----------------------------------------------------------------
+    def _fault(self, step: str) -> None:
+        if self.fault is None or self.fault[1] != step:
+            return
+        action = self.fault[0]
+        if action == "pause":
+            log.warning("fault injection: pausing at %s until killed", step)
+            path = os.environ.get(FAULT_FILE_ENV)
+            if path:
+                Path(path).write_text(step)
+            while True:
+                time.sleep(3600)
+        if action == "fail":
+            raise InstallError(f"{step}_failed" if step != "health_check" else "health_check_failed",
+                               f"fault injected at {step} ({FAULT_ENV})", step=step,
+                               code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED if step == "health_check"
+                               else ErrorCode.ENGINE_LOAD_FAILED)
+
+    def _step(self, marker: dict[str, Any], step: str, **info: Any) -> None:
+        marker["step"] = step
+        marker.setdefault("steps", {})[step] = time.time()
+        self.sd.write_marker(marker)
+        if self.current is not None:
+            self.current["step"] = step
+        if self.on_progress is not None:
+            try:
+                self.on_progress(step, {"slot": marker.get("slot"), **info})
+            except Exception:  # reporting must never break an install
+                log.exception("progress report failed")
+        self._fault(step)
+
+    # -- install ---------------------------------------------------------------------------
+    def install(self, req: InstallRequest) -> tuple[dict[str, Any], Any]:
+        """Run the transaction; ``(result, loaded_model)`` on success, :class:`InstallError` otherwise.
+
+        The returned model is loaded from the new slot and health-checked; the
+        caller serves it and closes the old one. ``already_active`` results
+        return ``model=None`` (nothing changed).
+        """
+        if not self._busy.acquire(blocking=False):
+            busy_with = (self.current or {}).get("request_id")
+            raise InstallError("busy", f"an install is already running (request {busy_with})", step=None,
+                               code=ErrorCode.CONFIG_INVALID, hint="wait for it to finish")
+        self.current = {"request_id": req.request_id, "step": None, "started": time.time()}
+        try:
+            return self._install(req)
+        finally:
+            self.current = None
+            self._busy.release()
+
+    def _install(self, req: InstallRequest) -> tuple[dict[str, Any], Any]:
+        from ..bundle import open_bundle, read_manifest_unverified
+        from .fetch import fetch_bundle, sha256_file
+
+        sd = self.sd
+        pointer = sd.read_pointer()
+        active = pointer["slot"] if pointer else None
+        target = sd.idle_slot()
+        marker = {"txn": uuid.uuid4().hex, "request_id": req.request_id, "rollout": req.rollout,
+                  "slot": target, "from_slot": active, "source": req.source, "sha256": req.sha256,
+                  "started_at": time.time()}
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def done(step: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timings[step] = round(now - t, 4)
+            t = now
+
+        model = None
+        try:
+            # download: nothing in the slots is touched
+            self._step(marker, "download", source=req.source)
+            try:
+                if "://" in req.source:
+                    path = fetch_bundle(req.source, sd.downloads, req.sha256, req.size,
+                                        timeout=self.download_timeout_s, retries=self.download_retries,
+                                        ca_file=self.ca_file, should_stop=self.should_stop)
+                else:
+                    path = Path(req.source)
+                    if not path.is_file():
+                        raise InstallError("download_failed", f"{path} does not exist", step="download",
+                                           code=ErrorCode.BUNDLE_DOWNLOAD_FAILED)
+                    if req.sha256 is not None:
+                        got = sha256_file(path)
+                        if got != req.sha256:
+                            raise InstallError("checksum_mismatch", f"{path} has sha256 {got}, expected "
+                                               f"{req.sha256}", step="download",
+                                               code=ErrorCode.BUNDLE_CHECKSUM_MISMATCH,
+                                               hint="copy the bundle again; it changed on the way")
+            except InstallError:
+                raise
+            except RuntimeErrorBase as exc:
+                raise InstallError(_reason_for(exc.code), exc.message, step="download", code=exc.code,
+                                   hint=exc.hint) from None
+            sha = req.sha256 or sha256_file(path)
+            done("download")
+
+            # verify: signature, members, format, anti-rollback; still nothing written to a slot
+            self._step(marker, "verify")
+            try:
+                verified = open_bundle(path, self.keyring)
+            except RuntimeErrorBase as exc:
+                raise InstallError("verify_failed", exc.message, step="verify", code=exc.code,
+                                   hint=exc.hint) from None
+            new = verified.manifest["model"]
+            if active is not None:
+                rec = sd.read_slot(active)
+                if rec.get("sha256") == sha and sd.active_bundle() is not None:
+                    sd.clear_marker()
+                    result = {"slot": active, "previous_slot": pointer.get("previous"), "model": _model(verified),
+                              "sha256": sha, "already_active": True, "health": rec.get("health"),
+                              "timings_s": timings}
+                    return result, None
+                old = rec.get("model") or _model_of_file(sd.active_bundle(), read_manifest_unverified)
+                if old and new.get("release", 0) < (old.get("release") or 0) and not req.allow_downgrade:
+                    raise InstallError(
+                        "downgrade", f"release {new.get('release')} of {new['name']} is older than the installed "
+                        f"release {old.get('release')} ({old.get('name')} {old.get('version')})", step="verify",
+                        code=ErrorCode.BUNDLE_DOWNGRADE, hint="send it with allow_downgrade (--allow-downgrade) "
+                        "to install it anyway")
+            done("verify")
+
+            # unpack: the idle slot is marked "installing" before it is emptied
+            self._step(marker, "unpack")
+            sd.write_slot(target, {"state": "installing", "sha256": sha, "txn": marker["txn"]})
+            _empty_slot(sd.slot_dir(target))
+            bundle_path = sd.place_bundle(path, target)
+            done("unpack")
+
+            # prepare: the slot's own copy is verified again while it is loaded into its engine
+            self._step(marker, "prepare")
+            try:
+                model = self._load(bundle_path, sd.slot_dir(target) / "model")
+            except RuntimeErrorBase as exc:
+                raise InstallError(_reason_for(exc.code) if int(exc.code) < 200 else "prepare_failed",
+                                   exc.message, step="prepare", code=exc.code, hint=exc.hint) from None
+            except Exception as exc:  # an engine library's own error
+                raise InstallError("prepare_failed", f"{type(exc).__name__}: {exc}", step="prepare",
+                                   code=ErrorCode.ENGINE_LOAD_FAILED) from None
+            done("prepare")
+
+            self._step(marker, "health_check")
+            health = self.health_check(model)
+            if not health["ok"]:
+                raise InstallError("health_check_failed", f"the new model fails its health check: "
+                                   f"{health['problem']}", step="health_check",
+                                   code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED)
+            done("health_check")
+
+            # switch: mark good, then one atomic pointer replace; the marker goes last
+            self._step(marker, "switch")
+            info = _model(verified)
+            sd.write_slot(target, {"state": "good", "sha256": sha, "model": info, "key_id": verified.key_id,
+                                   "health": health, "installed_at": time.time(), "request_id": req.request_id,
+                                   "rollout": req.rollout})
+            sd.write_pointer(target, active, txn=marker["txn"], request_id=req.request_id)
+            self._fault("switched")  # tests: a crash between the pointer switch and the marker removal
+            sd.clear_marker()
+            done("switch")
+            result = {"slot": target, "previous_slot": active, "model": info, "sha256": sha,
+                      "already_active": False, "health": health, "timings_s": timings}
+            sd.log_install({"request_id": req.request_id, "command": "install", "ok": True, "result": result})
+            self._discard_download(path, sha)
+            return result, model
+        except InstallError as exc:
+            if model is not None:
+                model.close()
+            self._undo(marker, target, active)
+            exc.step = exc.step or marker.get("step")
+            sd.log_install({"request_id": req.request_id, "command": "install", "ok": False,
+                            "error": exc.to_error(active)})
+            raise
+        except BaseException:
+            if model is not None:
+                model.close()
+            self._undo(marker, target, active)
+            raise
+
+    def _undo(self, marker: dict[str, Any], target: str, active: str | None) -> None:
+        """Leave things as before the install: the active slot serves, the idle one is emptied."""
+        sd = self.sd
+        if sd.read_marker() is None:
+            return
+        if marker.get("step") not in ("download", "verify"):  # the idle slot was touched
+            _empty_slot(sd.slot_dir(target))
+            sd.write_slot(target, {"state": "aborted", "txn": marker["txn"], "failed_step": marker.get("step")})
+        sd.clear_marker()
+
+    def _discard_download(self, path: Path, sha: str) -> None:
+        """The downloaded copy is in the slot now; drop the one in downloads/."""
+        if path.parent == self.sd.downloads:
+            for p in (path, self.sd.downloads / f"{sha}.part"):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+
+    def _load(self, bundle: Path, workdir: Path) -> Any:
+        from ..api import load
+
+        shutil.rmtree(workdir, ignore_errors=True)
+        return load(bundle, keyring=self.keyring, threads=self.threads, workdir=workdir)
+
+    def health_check(self, model: Any) -> dict[str, Any]:
+        """The bundle's self-test plus latency: ``{"ok", "problem", ..., "latency": {...}}``."""
+        try:
+            hc = model.health_check()
+        except Exception as exc:  # running the sample failed outright
+            return {"ok": False, "problem": f"the sample input did not run: {exc}"}
+        out: dict[str, Any] = dict(hc)
+        if not hc["ok"]:
+            out["problem"] = ("the output is not finite" if not hc.get("finite", True) else
+                              f"the output differs from the expected one by {hc.get('max_abs_diff'):.4g} "
+                              f"(atol {hc.get('atol')}, rtol {hc.get('rtol')})")
+            return out
+        budget = self.latency_budget_ms
+        if budget is None:
+            budget = (model.manifest.get("target") or {}).get("latency_budget_ms")
+        hc_spec = model.manifest.get("health_check")
+        if hc_spec and self.latency_runs > 0:
+            from ..api import _load_npy
+
+            x = _load_npy(model.bundle.members[hc_spec["input"]])
+            for _ in range(HEALTH_WARMUP):
+                model.run(x)
+            times = []
+            for _ in range(self.latency_runs):
+                t0 = time.perf_counter()
+                model.run(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+            lat = {"runs": self.latency_runs, "p50_ms": round(float(np.percentile(times, 50)), 4),
+                   "p90_ms": round(float(np.percentile(times, 90)), 4), "budget_ms": budget}
+            out["latency"] = lat
+            if budget is not None and lat["p90_ms"] > budget:
+                out["ok"] = False
+                out["problem"] = (f"p90 latency {lat['p90_ms']:.2f} ms over {self.latency_runs} runs exceeds the "
+                                  f"budget of {budget} ms")
+        return out
+
+    # -- rollback ----------------------------------------------------------------------------
+    def rollback(self, reason: str | None = None, request_id: str | None = None) -> tuple[dict[str, Any], Any]:
+        """Point back at the previous slot (it must be "good" and pass its health check)."""
+        if not self._busy.acquire(blocking=False):
+            raise InstallError("busy", "an install is running; roll back after it finishes", code=ErrorCode.CONFIG_INVALID)
+        try:
+            sd = self.sd
+            pointer = sd.read_pointer()
+            if pointer is None or pointer.get("previous") is None:
+                raise InstallError("no_previous", "there is no previous model to roll back to", step="rollback",
+                                   code=ErrorCode.CONFIG_INVALID)
+            prev, cur = pointer["previous"], pointer["slot"]
+            rec = sd.read_slot(prev)
+            bundle = sd.slot_dir(prev) / "bundle.ekb"
+            if rec.get("state") != "good" or not bundle.is_file():
+                raise InstallError("no_previous", f"slot {prev} holds no good model (state {rec.get('state')}); "
+                                   "it was overwritten by a later install", step="rollback",
+                                   code=ErrorCode.CONFIG_INVALID)
+            try:
+                model = self._load(bundle, sd.slot_dir(prev) / "model")
+            except RuntimeErrorBase as exc:
+                sd.write_slot(prev, {**rec, "state": "bad", "error": exc.to_event()})
+                raise InstallError("verify_failed" if int(exc.code) < 200 else "prepare_failed",
+                                   f"the previous model in slot {prev} no longer loads: {exc.message}",
+                                   step="rollback", code=exc.code) from None
+            health = self.health_check(model)
+            if not health["ok"]:
+                model.close()
+                raise InstallError("health_check_failed", f"the previous model in slot {prev} fails its health "
+                                   f"check: {health['problem']}", step="rollback",
+                                   code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED)
+            sd.write_pointer(prev, cur, rollback_of=request_id, reason=reason)
+            result = {"slot": prev, "previous_slot": cur, "model": rec.get("model") or _model_of_verified(model),
+                      "sha256": rec.get("sha256"), "health": health, "reason": reason}
+            sd.log_install({"request_id": request_id, "command": "rollback", "ok": True, "result": result})
+            return result, model
+        finally:
+            self._busy.release()
+
+    # -- crash recovery ------------------------------------------------------------------------
+    def recover(self) -> dict[str, Any] | None:
+        """Finish or undo an install cut short by a crash; what was done, or None if nothing was pending."""
+        sd = self.sd
+        marker = sd.read_marker()
+        # temporary files of a copy cut short
+        for slot in SLOTS:
+            tmp = sd.slot_dir(slot) / ".bundle.ekb.tmp"
+            if tmp.exists():
+                tmp.unlink()
+        if marker is None:
+            return None
+        pointer = sd.read_pointer()
+        slot = marker.get("slot")
+        step = marker.get("step")
+        if pointer is not None and slot in SLOTS and pointer["slot"] == slot and pointer.get("txn") == marker.get("txn"):
+            sd.clear_marker()  # the switch happened; only the marker removal was lost
+            outcome = "completed"
+        else:
+            if slot in SLOTS and (pointer is None or pointer["slot"] != slot):
+                if step not in ("download", "verify"):
+                    _empty_slot(sd.slot_dir(slot))
+                    sd.write_slot(slot, {"state": "aborted", "txn": marker.get("txn"), "failed_step": step,
+                                         "note": "the agent stopped during the install"})
+            sd.clear_marker()
+            outcome = "undone"
+        info = {"outcome": outcome, "step": step, "slot": slot, "request_id": marker.get("request_id"),
+                "txn": marker.get("txn"), "active_slot": sd.active_slot()}
+        log.warning("install %s interrupted at %s: %s", marker.get("request_id"), step, outcome)
+        sd.log_install({"request_id": marker.get("request_id"), "command": "install", "ok": outcome == "completed",
+                        "recovered": info})
+        return info
+
+    def fall_back(self, error: dict[str, Any]) -> tuple[dict[str, Any], Any] | None:
+        """At start: the active slot failed to load; switch to a good previous slot if it loads and passes."""
+        pointer = self.sd.read_pointer()
+        if pointer is None or pointer.get("previous") is None:
+            return None
+        try:
+            return self.rollback(reason=f"the active model failed at start: {error.get('message')}")
+        except InstallError as exc:
+            log.error("no fallback: %s", exc)
+            return None
+
+
+def _empty_slot(path: Path) -> None:
+    """Remove everything in a slot folder but the folder itself (and its record, rewritten after)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for child in path.iterdir():
+        if child.name == "slot.json":
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _model(verified: Any) -> dict[str, Any]:
+    m = verified.manifest
+    return {"name": m["model"]["name"], "version": m["model"]["version"], "release": m["model"].get("release"),
+            "target": m["target"]["name"], "backend": m["backend"]["name"],
+            "precision": m["backend"].get("precision"), "key_id": verified.key_id}
+
+
+def _model_of_verified(model: Any) -> dict[str, Any]:
+    return _model(model.bundle)
+
+
+def _model_of_file(path: Path | None, reader: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return reader(path)["model"]
+    except Exception:  # an unreadable old bundle does not block installing a good one
+        return None

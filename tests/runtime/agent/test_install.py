@@ -1,0 +1,199 @@
+"""A/B installs as transactions: refusals keep the old model, kill -9 at any step loses nothing.
+
+Installs here go through ``edgekit-agent install`` with no agent running (the CLI runs
+the transaction itself); the MQTT-commanded path is in test_ota_mqtt.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit_runtime.agent.cli import main as agent_cli
+from edgekit_runtime.agent.install import STEPS
+from edgekit_runtime.agent.state import StateDir
+
+
+def _install(path: Path, bundle: Path, *extra: str, capsys=None) -> tuple[int, dict]:
+    rc = agent_cli(["install", str(bundle), "--config", str(path), "--json", *extra])
+    out = capsys.readouterr().out if capsys else "{}"
+    return rc, json.loads(out)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _served(agent_env, device: str = "dev1"):
+    """What an agent starting now would serve: (model name/version/release, slot), after recovery."""
+    from edgekit_runtime.agent import Agent
+
+    agent = Agent(agent_env.config(device), system_stats=False)
+    try:
+        info = agent.core.model_info()
+        out = ({"version": info["version"], "release": info["release"], "slot": info.get("slot"),
+                "sha256": info.get("sha256")} if info else None, agent.recovered)
+        if agent.core.model is not None:  # the model really runs (not just a pointer)
+            y = agent.core.model.run(np.ones((1, 4), np.float32))["y"]
+            assert np.isfinite(y).all()
+    finally:
+        agent.core.close()
+    return out
+
+
+def _consistent(sd: StateDir) -> None:
+    """The invariants every test checks after a refusal or a crash."""
+    assert sd.read_marker() is None, "an install marker was left behind"
+    pointer = sd.read_pointer()
+    assert pointer is not None
+    active = sd.read_slot(pointer["slot"])
+    assert active["state"] == "good" and _sha(sd.slot_dir(pointer["slot"]) / "bundle.ekb") == active["sha256"]
+    for slot in ("a", "b"):
+        assert not (sd.slot_dir(slot) / ".bundle.ekb.tmp").exists()
+        rec = sd.read_slot(slot)
+        if rec["state"] in ("aborted", "empty"):
+            assert not (sd.slot_dir(slot) / "bundle.ekb").exists()
+
+
+def test_install_switch_and_rollback(agent_env, capsys):
+    path = agent_env.config_file()
+    v1, v2 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0), agent_env.model_bundle("v2.ekb", release=2)
+    rc, r1 = _install(path, v1, capsys=capsys)
+    assert rc == 0 and r1["ok"] and r1["slot"] == "a" and r1["previous_slot"] is None
+    assert r1["health"]["ok"] and r1["health"]["latency"]["runs"] == 20 and r1["sha256"] == _sha(v1)
+    rc, r2 = _install(path, v2, "--sha256", _sha(v2), capsys=capsys)
+    assert rc == 0 and (r2["slot"], r2["previous_slot"]) == ("b", "a") and r2["model"]["release"] == 2
+    assert set(r2["timings_s"]) == set(STEPS)
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    assert sd.read_pointer()["slot"] == "b" and sd.read_slot("a")["state"] == "good"
+    _consistent(sd)
+    # the same bundle again: nothing to do
+    rc, again = _install(path, v2, capsys=capsys)
+    assert rc == 0 and again["already_active"] and again["slot"] == "b"
+    # rollback: back to slot a (release 1), and forward again with a second rollback
+    assert agent_cli(["rollback", "--config", str(path), "--json", "--reason", "test"]) == 0
+    rb = json.loads(capsys.readouterr().out)
+    assert rb["ok"] and (rb["slot"], rb["previous_slot"]) == ("a", "b") and rb["model"]["release"] == 1
+    served, _ = _served(agent_env)
+    assert served["release"] == 1 and served["slot"] == "a"
+    log = [json.loads(line) for line in sd.install_log.read_text().splitlines()]
+    assert [e["command"] for e in log] == ["install", "install", "rollback"] and all(e["ok"] for e in log)
+
+
+def _refused(agent_env, capsys, bundle: Path, *extra: str) -> dict:
+    path = agent_env.config_file()
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    if sd.read_pointer() is None:
+        assert _install(path, agent_env.model_bundle("base.ekb", release=5, scale=1.0), capsys=capsys)[0] == 0
+    before = sd.active_file.read_bytes()
+    rc, reply = _install(path, bundle, *extra, capsys=capsys)
+    assert rc == 3 and reply["ok"] is False
+    assert sd.active_file.read_bytes() == before  # the pointer was not touched
+    _consistent(sd)
+    served, _ = _served(agent_env)
+    assert served["release"] == 5  # the old model still serves
+    return reply["error"]
+
+
+def test_tampered_bundle_is_refused_and_the_old_model_serves(agent_env, capsys):
+    good = agent_env.model_bundle("good.ekb", release=6)
+    tampered = agent_env.tmp / "tampered.ekb"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(tampered, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename == "model.onnx":
+                data = data[:-1] + bytes([data[-1] ^ 0x01])
+            zout.writestr(info, data)
+    err = _refused(agent_env, capsys, tampered)
+    assert (err["reason"], err["step"], err["code"]) == ("verify_failed", "verify", 105)
+
+
+def test_wrong_sha256_is_refused(agent_env, capsys):
+    err = _refused(agent_env, capsys, agent_env.model_bundle("v6.ekb", release=6), "--sha256", "0" * 64)
+    assert (err["reason"], err["step"], err["code"]) == ("checksum_mismatch", "download", 113)
+
+
+def test_truncated_bundle_is_refused(agent_env, capsys):
+    good = agent_env.model_bundle("v6.ekb", release=6)
+    cut = agent_env.tmp / "cut.ekb"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    err = _refused(agent_env, capsys, cut)
+    assert err["step"] == "verify" and err["code"] in (100, 101)
+
+
+def test_downgrade_needs_allow_downgrade(agent_env, capsys):
+    old = agent_env.model_bundle("v3.ekb", release=3)
+    err = _refused(agent_env, capsys, old)
+    assert (err["reason"], err["code"]) == ("downgrade", 111)
+    rc, ok = _install(agent_env.config_file(), old, "--allow-downgrade", capsys=capsys)
+    assert rc == 0 and ok["model"]["release"] == 3
+
+
+def test_failing_health_check_keeps_the_old_model(agent_env, capsys):
+    err = _refused(agent_env, capsys, agent_env.model_bundle("bad.ekb", release=6, break_health=True))
+    assert (err["reason"], err["step"], err["code"]) == ("health_check_failed", "health_check", 204)
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    assert sd.read_slot("b")["state"] == "aborted" and sd.read_slot("b")["failed_step"] == "health_check"
+
+
+def test_latency_budget_is_part_of_the_health_check(agent_env, capsys):
+    err = _refused(agent_env, capsys, agent_env.model_bundle("slow.ekb", release=6, budget_ms=1e-6))
+    assert err["reason"] == "health_check_failed" and "latency" in err["message"]
+
+
+@pytest.mark.parametrize("step", [*STEPS, "switched"])
+def test_kill_9_at_every_install_step(agent_env, capsys, step):
+    """The install process is SIGKILLed while paused at ``step``; a restart serves a verified model."""
+    path = agent_env.config_file()
+    v1, v2 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0), agent_env.model_bundle("v2.ekb", release=2)
+    assert _install(path, v1, capsys=capsys)[0] == 0
+    flag = agent_env.tmp / "paused"
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit_runtime.agent.cli", "install", str(v2), "--config",
+                             str(path), "--json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, EDGEKIT_AGENT_FAULT=f"pause:{step}", EDGEKIT_AGENT_FAULT_FILE=str(flag)))
+    try:
+        agent_env.wait_until(lambda: flag.exists() or proc.poll() is not None, 60, what=f"pause at {step}")
+        assert flag.read_text() == step, proc.stdout.read().decode()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    assert sd.read_marker() is not None  # the crash left the transaction open
+    served, recovered = _served(agent_env)
+    _consistent(sd)
+    if step == "switched":  # the pointer had been switched: the install is finished, not undone
+        assert recovered["outcome"] == "completed" and served["release"] == 2 and served["slot"] == "b"
+    else:
+        assert recovered["outcome"] == "undone" and recovered["step"] == step
+        assert served["release"] == 1 and served["slot"] == "a" and served["sha256"] == _sha(v1)
+    # and the device can install again afterwards
+    rc, reply = _install(path, agent_env.model_bundle("v3.ekb", release=3), capsys=capsys)
+    assert rc == 0 and reply["model"]["release"] == 3
+    _consistent(sd)
+
+
+def test_a_workload_follows_the_active_slot(agent_env, capsys):
+    """edgekit_runtime.active.ActiveModel (the workload unit's side) reloads after a switch."""
+    from edgekit_runtime.active import ActiveModel
+
+    path = agent_env.config_file()
+    assert _install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0), capsys=capsys)[0] == 0
+    active = ActiveModel(agent_env.tmp / "state-dev1", check_every_s=0.0, keyring=agent_env.keys)
+    x = np.ones((1, 4), np.float32)
+    y1 = active.get().run(x)["y"]
+    assert active.slot == "a" and not active.refresh()  # nothing changed: no reload
+    assert _install(path, agent_env.model_bundle("v2.ekb", release=2), capsys=capsys)[0] == 0
+    y2 = active.get().run(x)["y"]
+    assert active.slot == "b" and np.allclose(y2, 2 * y1)
+    assert agent_cli(["rollback", "--config", str(path)]) == 0
+    assert active.get().manifest["model"]["release"] == 1 and active.slot == "a"
+    active.close()

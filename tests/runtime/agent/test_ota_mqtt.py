@@ -1,0 +1,162 @@
+"""OTA over MQTT: signed install/rollback commands, downloads from `edgekit serve`, live switch.
+
+Real Mosquitto, real HTTP bundle server (edgekit.flash.server), real agents (in-process
+threads or `edgekit-agent run` subprocesses that are SIGKILLed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgekit.flash.server import BundleServer
+from edgekit_runtime import fleet_protocol
+from edgekit_runtime.agent.state import StateDir
+from edgekit_runtime.command_auth import sign_command
+
+
+def _send(sub, device: str, command: str, args: dict, key=None, *, request_id: str | None = None,
+          sign_for: str | None = None) -> str:
+    request_id = request_id or uuid.uuid4().hex
+    body = {"request_id": request_id, "command": command, "args": args, "expires_ts": None}
+    if key is not None:
+        body = sign_command("f1", sign_for or device, body, key)
+    env = fleet_protocol.envelope("cmd", "f1", device, 0, 0, body)
+    sub.publish_raw(fleet_protocol.topic("f1", device, "cmd"), fleet_protocol.encode(env))
+    return request_id
+
+
+def _ack(sub, request_id: str, timeout: float = 30.0) -> dict:
+    return sub.wait(lambda s: s.ack(request_id), timeout=timeout, what=f"ack of {request_id}")["body"]
+
+
+@pytest.fixture
+def served(tmp_path):
+    servers = []
+
+    def make(**kw) -> BundleServer:
+        s = BundleServer(tmp_path / "served", **kw).start()
+        servers.append(s)
+        return s
+
+    (tmp_path / "served").mkdir()
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def test_signed_install_switches_live_then_rolls_back(agent_env, broker, subscriber, kit, served):
+    sub = subscriber()
+    path = agent_env.config_file()
+    agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
+    agent = agent_env.start_agent(agent_env.config())
+    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=20, what="online")
+    server = served()
+    v2 = server.add(agent_env.model_bundle("v2.ekb", release=2))
+    args = {"url": v2["url"], "sha256": v2["sha256"], "size": v2["size"]}
+
+    # not signed / signed for another device / signed by a key the device does not trust: refused
+    for key, sign_for in ((None, None), (kit.key, "dev2"), (Ed25519PrivateKey.generate(), None)):
+        body = _ack(sub, _send(sub, "dev1", "install", args, key, sign_for=sign_for))
+        assert body["ok"] is False and body["error"]["reason"] == "unauthorized"
+    # a wrong pinned sha256: refused at download, before anything is written
+    bad = _ack(sub, _send(sub, "dev1", "install", {**args, "sha256": "f" * 64}, kit.key))
+    assert bad["error"]["reason"] == "checksum_mismatch" and bad["error"]["code"] == 113
+    assert agent.core.model_info()["release"] == 1
+
+    rid = _send(sub, "dev1", "install", args, kit.key)
+    body = _ack(sub, rid)
+    assert body["ok"], body
+    assert (body["result"]["slot"], body["result"]["previous_slot"]) == ("b", "a")
+    steps = [e["body"]["step"] for e in sub.events("install_progress") if e["body"]["request_id"] == rid]
+    assert steps == ["download", "verify", "unpack", "prepare", "health_check", "switch"]
+    # the running agent serves the new weights, and says so in its retained state
+    y = agent.core.model.run(kit.SAMPLE)["y"]
+    np.testing.assert_allclose(y, kit.SAMPLE @ (kit.WEIGHTS * 2), rtol=1e-6)
+    state = agent_env.wait_until(lambda: (lambda st: st if st["body"]["model"]["sha256"] == v2["sha256"] else None)(
+        agent_env.fresh_state(broker, "edgekit/v1/f1/dev1/state")), 10, what="retained state with v2")
+    assert state["body"]["active_slot"] == "b" and state["body"]["model"]["release"] == 2
+    assert [e for e in sub.events("model_installed") if e["body"]["request_id"] == rid]
+
+    # QoS 1 may deliver a command twice: the same answer, no second install
+    _send(sub, "dev1", "install", args, kit.key, request_id=rid)
+    dup = sub.wait(lambda s: [a for a in s.of("ack") if a["body"]["request_id"] == rid and a["body"].get("duplicate")],
+                   what="duplicate ack")[0]["body"]
+    assert dup["ok"] and dup["result"]["slot"] == "b"
+
+    rb = _ack(sub, _send(sub, "dev1", "rollback", {"reason": "canary failed"}, kit.key))
+    assert rb["ok"] and (rb["result"]["slot"], rb["result"]["previous_slot"]) == ("a", "b")
+    np.testing.assert_allclose(agent.core.model.run(kit.SAMPLE)["y"], kit.SAMPLE @ kit.WEIGHTS, rtol=1e-6)
+    assert sub.events("rolled_back")[-1]["body"]["reason"] == "canary failed"
+    agent_env.stop_agent(agent)
+
+
+def test_local_install_is_handed_to_the_running_agent(agent_env, broker, subscriber, capsys):
+    from edgekit_runtime.agent.cli import main as agent_cli
+
+    sub = subscriber()
+    path = agent_env.config_file()
+    agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
+    agent = agent_env.start_agent(agent_env.config())
+    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=20, what="online")
+    capsys.readouterr()
+    assert agent_cli(["install", str(agent_env.model_bundle("v2.ekb", release=2)), "--config", str(path),
+                      "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["ok"] and reply["agent_running"] is True and reply["slot"] == "b"
+    assert agent.core.model_info()["release"] == 2  # switched in the running agent, no restart
+    assert agent_cli(["install", str(agent_env.model_bundle("bad.ekb", release=3, break_health=True)), "--config",
+                      str(path), "--json"]) == 3
+    refused = json.loads(capsys.readouterr().out)
+    assert refused["error"]["reason"] == "health_check_failed" and refused["error"]["active_slot"] == "b"
+    assert agent.core.model_info()["release"] == 2
+    assert sub.wait(lambda s: s.events("install_failed"), what="install_failed event")
+    agent_env.stop_agent(agent)
+
+
+def test_kill_9_during_a_download_resumes_after_the_restart(agent_env, broker, subscriber, kit, served):
+    """The agent dies mid-download; the broker delivers the command again; the download resumes (Range)."""
+    sub = subscriber()
+    path = agent_env.config_file()
+    agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
+    big = agent_env.model_bundle("v2.ekb", release=2)
+    # pad the bundle's served size: a signed bundle with a large label file, so the download takes a while
+    manifest, members = kit.parts()
+    members["model.onnx"] = kit.matmul_onnx((kit.WEIGHTS * 2).astype(np.float32))
+    members["health/expected_output.npy"] = kit.npy((kit.SAMPLE @ (kit.WEIGHTS * 2)).astype(np.float32))
+    members["padding.bin"] = np.random.default_rng(0).bytes(600_000)
+    manifest["model"].update(release=2, version="2.0.0")
+    big = kit.write("v2-big.ekb", manifest=manifest, members=members)
+    server = served(rate_limit_bps=400_000)
+    v2 = server.add(big)
+
+    proc = agent_env.spawn(path)
+    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=30, what="online")
+    rid = _send(sub, "dev1", "install", {"url": v2["url"], "sha256": v2["sha256"], "size": v2["size"]}, kit.key)
+    part = agent_env.tmp / "state-dev1" / "downloads" / f"{v2['sha256']}.part"
+    agent_env.wait_until(lambda: part.exists() and part.stat().st_size > 100_000, 30, what="a partial download")
+    proc.kill()
+    proc.wait()
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    assert sd.read_pointer()["slot"] == "a" and sd.read_marker()["step"] == "download"
+    had = part.stat().st_size
+
+    proc2 = agent_env.spawn(path)
+    body = _ack(sub, rid, timeout=60)
+    assert body["ok"], (body, agent_env.log_of(proc2))
+    assert body["result"]["slot"] == "b" and body["result"]["sha256"] == v2["sha256"]
+    ranged = [r for r in server.requests if r.range]
+    assert ranged and ranged[-1].status == 206 and ranged[-1].range == f"bytes={had}-"
+    # every byte was sent about once: the restart did not download from zero
+    assert server.bytes_sent < v2["size"] + 200_000
+    assert sub.events("install_recovered")[0]["body"]["outcome"] == "undone"
+    assert hashlib.sha256((sd.slot_dir("b") / "bundle.ekb").read_bytes()).hexdigest() == v2["sha256"]
+    assert not part.exists()
+    proc2.terminate()
+    assert proc2.wait(timeout=20) == 0
