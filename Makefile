@@ -22,14 +22,18 @@ demo: install
 	$(BIN)/edgekit demo
 
 # The fleet tests start their own Mosquitto (Debian `mosquitto`; `mosquitto_passwd` comes with it)
-# and make TLS certificates with openssl. Installed here when missing and we are root (CI);
-# otherwise say what to install (those tests skip without the broker).
+# and make TLS certificates with openssl; the `edgekit flash --host` tests start their own sshd
+# (Debian `openssh-server`). Installed here when missing and we are root (CI); otherwise say what
+# to install (those tests skip without them, except under CI=true where they fail).
 test-deps:
-	@if { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then :; \
+	@if { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 \
+	    && test -x /usr/sbin/sshd && command -v ssh-keygen >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mosquitto mosquitto-clients openssl; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	    mosquitto mosquitto-clients openssl openssh-server openssh-client; \
 	else \
-	  echo "make test: the fleet tests need Mosquitto and openssl: sudo apt-get install mosquitto mosquitto-clients openssl" >&2; \
+	  echo "make test: the fleet and flash tests need Mosquitto, openssl and sshd:" \
+	    "sudo apt-get install mosquitto mosquitto-clients openssl openssh-server" >&2; \
 	fi
 
 test: install test-deps

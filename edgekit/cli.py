@@ -309,12 +309,41 @@ def bench_cmd(
     seed: int = typer.Option(0, help="Sample order seed"),
     keyring: Optional[Path] = KeyringOpt,
     json_out: Optional[Path] = typer.Option(None, help="Write the JSON result here"),
+    device: Optional[str] = typer.Option(None, "--device", help="Run on this device (it must run BUNDLE), over MQTT"),
+    fleet: Optional[str] = typer.Option(None, "--fleet", "-f", help="The device's fleet (with --device)"),
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", "-b", envvar="EDGEKIT_BROKER",
+                               help="MQTT broker (with --device)"),
+    username: Optional[str] = typer.Option(None, "--username", "-u", envvar="EDGEKIT_MQTT_USERNAME"),
+    password: Optional[str] = typer.Option(None, "--password", envvar="EDGEKIT_MQTT_PASSWORD"),
+    cafile: Optional[Path] = typer.Option(None, "--cafile", help="Broker CA (mqtts://)"),
+    remote_timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for the device's result"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """MLPerf-style benchmark: single-stream p50/p90/p99 and offline throughput."""
+    """MLPerf-style benchmark: single-stream p50/p90/p99 and offline throughput (here, or on a --device)."""
     import edgekit_runtime
     from edgekit_runtime.bench import BenchSettings, compare as bench_compare, run_benchmark
     from edgekit_runtime.processing import list_images
+
+    if device is not None:
+        from .cli_fleet import _settings
+        from .cli_flash import remote_bench
+
+        if compare or images:
+            raise EdgekitError("--compare and --images run on this machine; a --device benchmark uses the "
+                               "device's own active model and synthetic inputs")
+        settings = _settings(broker, username, password, cafile, None, None).with_password_from_env()
+        with console.status(f"benchmarking on {device}", spinner="dots"):
+            result = remote_bench(bundle, device, fleet, settings, queries=queries, seconds=seconds, batch=batch,
+                                  timeout=remote_timeout)
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2))
+        if as_json:
+            print_json(result)
+        else:
+            print_bench(result)
+            console.print(f"measured on {fleet}/{device}", highlight=False)
+        return
 
     ring = _keyring(keyring)
     settings = BenchSettings(min_queries=queries, min_duration_s=seconds, offline_batch=batch or None, seed=seed)
@@ -379,8 +408,12 @@ def demo_cmd(workdir: Path = typer.Option(Path("build/demo"), help="Where everyt
 
 # ----------------------------------------------------------------------------- fleet (edgekit/cli_fleet.py)
 from .cli_fleet import broker_cmd, fleet_app  # noqa: E402  (mounted after the commands above)
+from .cli_flash import flash_cmd, rollback_cmd, serve_cmd  # noqa: E402
 app.add_typer(fleet_app, name="fleet")
 app.command("broker")(broker_cmd)
+app.command("flash")(handle_errors(flash_cmd))
+app.command("serve")(handle_errors(serve_cmd))
+app.command("rollback")(handle_errors(rollback_cmd))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,754 @@
+"""Canary rollouts of a bundle to a fleet, with an abort rule and an on-disk record.
+
+Like AWS IoT Jobs / Greengrass deployments: a plan (:class:`RolloutPlan`) names
+the devices, a canary share or count, a wave size and an abort rule; a
+:class:`Rollout` sends the signed ``install`` command to the canaries, checks the
+rule, then goes wave by wave, and records every device's outcome in
+``<dir>/rollouts/<id>.json`` (rewritten atomically after every change) so an
+interrupted rollout can be resumed (:meth:`Rollout.resume`) or rolled back
+(:func:`rollback_from_record`).
+
+Rules (what the code below does):
+
+* **Canaries** are ``ceil(share * n)`` devices (at least 1) for a share such as
+  ``"10%"``, or exactly the count for ``"2"``. They are taken from the devices
+  that are *online* when the rollout starts, in plan order, and filled up with
+  offline ones only if too few are online. A rollout with no online device is
+  refused: a canary phase needs answers.
+* **Waves**: the other devices in plan order, ``wave_size`` per wave (0: all of
+  them in one wave).
+* **Device outcomes**: ``pending`` (nothing sent) → ``sent`` (the device is
+  online and has the command; its clock runs) → ``succeeded`` / ``failed``
+  (the agent's error ack: reason, step, code, message) / ``timed_out``. A device
+  that is *offline* when the command goes out becomes ``pending_offline``: the
+  command waits in the broker (agents keep a persistent session) and the device
+  is neither a success nor a failure. When its ``state`` turns online it becomes
+  ``sent`` and its clock starts then. ``timed_out`` therefore only means: online
+  with the command, and no answer within ``device_timeout_s``. A late answer still
+  updates the outcome (the record says what the device runs).
+* **Abort rule**, checked after the canary phase and after every wave:
+  failures (``failed`` + ``timed_out``, over the whole rollout) ``> max_failures``
+  → halt. The canary phase must also produce at least one success, else it halts
+  (canaries that all stay offline prove nothing). A halted rollout sends nothing
+  more; with ``rollback_canaries_on_halt`` it sends a signed ``rollback`` to
+  every device that this rollout switched (``succeeded`` and not
+  ``already_active`` before it) and records ``rolled_back`` or
+  ``rollback_failed``. Install commands already queued for offline devices
+  cannot be withdrawn from the broker; ``command_expiry_s`` bounds how long they
+  stay valid (the agent refuses an expired command).
+* **Resume**: ``pending`` devices of the current and later phases get the
+  command; ``sent``/``pending_offline`` ones get the *same* command again (same
+  ``request_id`` and expiry, the same deterministic signature) so the agent
+  answers a duplicate from its ack cache, unless it has expired, in which case a
+  new request is sent. Before any command is published the record already says
+  ``sent`` with its request id, so a crash between the two loses nothing.
+* **Timing**: ``fleet_switch_s`` is the time from the first install command to the
+  last successful answer.
+
+:func:`render` draws the record as a rich table (the CLI wraps it in ``rich.live.Live``
+through ``on_change``); the logic never prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import re
+import time
+import uuid
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgekit_runtime import fleet_protocol
+
+from ..config import format_validation_error
+from ..errors import ConfigError, SigningError
+from .commands import Received
+
+RECORD_FORMAT = "edgekit-rollout"
+RECORD_VERSION = 1
+OUTCOMES = ("pending", "sent", "pending_offline", "succeeded", "failed", "timed_out", "rolling_back",
+            "rolled_back", "rollback_failed")
+FAILURES = ("failed", "timed_out")
+_LOG_MAX = 500
+_SHARE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+_COUNT = re.compile(r"^\s*(\d+)\s*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# ----------------------------------------------------------------------------- plan
+def parse_share(text: str) -> Fraction:
+    """``"10%"`` → ``Fraction(1, 10)``; a share must be above 0 % and at most 100 %."""
+    m = _SHARE.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ConfigError(f"share {text!r} must be a percentage such as '10%' or '12.5%'")
+    share = Fraction(m.group(1)) / 100
+    if not 0 < share <= 1:
+        raise ConfigError(f"share {text!r} must be above 0% and at most 100%")
+    return share
+
+
+def parse_canary(value: Union[str, int]) -> Union[Fraction, int]:
+    """A canary share (``"10%"`` → Fraction) or count (``"2"``/``2`` → int, at least 1)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"canary {value!r} must be a share ('10%') or a count ('2')")
+    if isinstance(value, int):
+        count = value
+    elif isinstance(value, str) and _COUNT.match(value):
+        count = int(value)
+    elif isinstance(value, str) and "%" in value:
+        return parse_share(value)
+    else:
+        raise ConfigError(f"canary {value!r} must be a share ('10%') or a count ('2')")
+    if count < 1:
+        raise ConfigError(f"canary {value!r}: at least one canary device is needed (a count >= 1 or a share > 0%)")
+    return count
+
+
+def canary_count(canary: Union[str, int], n_devices: int) -> int:
+    """How many canaries ``canary`` means among ``n_devices``: ceil(share * n), at least 1; or the count."""
+    value = parse_canary(canary)
+    if isinstance(value, Fraction):
+        return max(1, math.ceil(value * n_devices))
+    if value > n_devices:
+        raise ConfigError(f"canary {canary!r} asks for {value} canary devices, but only {n_devices} are selected")
+    return value
+
+
+class RolloutPlan(BaseModel):
+    """What to install where, and how carefully. Strict: unknown keys and wrong types are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    fleet: str = Field(description="Fleet name (the MQTT topic tree edgekit/v1/<fleet>/...)")
+    devices: list[str] = Field(min_length=1, description="Devices in rollout order")
+    url: str = Field(description="Where devices download the bundle (http(s)://host:port/bundles/<sha256>.ekb)")
+    sha256: str = Field(description="sha256 of the bundle file (64 lowercase hex)")
+    size: int = Field(gt=0, description="Bundle size in bytes")
+    bundle_name: str = Field(description="Bundle file name, for people")
+    model: str = Field(description="Model name in the bundle")
+    model_version: Optional[str] = Field(None, description="Model version in the bundle")
+    release: Optional[int] = Field(None, ge=0, description="The bundle's release counter (anti-rollback)")
+    allow_downgrade: bool = Field(False, description="Let devices install an older release than they run")
+    canary: Union[str, int] = Field("10%", description="Canary share ('10%') or count ('2')")
+    max_failures: int = Field(0, ge=0, description="Halt when failed + timed-out devices exceed this")
+    wave_size: int = Field(0, ge=0, description="Devices per wave after the canaries (0: all the rest at once)")
+    device_timeout_s: float = Field(600.0, gt=0, description="Seconds an online device has to answer")
+    command_expiry_s: Optional[float] = Field(86400.0, gt=0, description="Commands expire this long after sending "
+                                                                         "(None: never); bounds queued installs")
+    rollback_canaries_on_halt: bool = Field(True, description="On halt, roll back the devices this rollout switched")
+
+    @field_validator("fleet")
+    @classmethod
+    def _fleet(cls, v: str) -> str:
+        try:
+            return fleet_protocol.check_name(v, "fleet")
+        except fleet_protocol.ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str]) -> list[str]:
+        seen = set()
+        for name in v:
+            try:
+                fleet_protocol.check_name(name, "device")
+            except fleet_protocol.ProtocolError as exc:
+                raise ValueError(str(exc)) from None
+            if name in seen:
+                raise ValueError(f"device {name!r} is listed twice")
+            seen.add(name)
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        if not _SHA256.match(v):
+            raise ValueError("must be 64 lowercase hex characters")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+/\S*$", v):
+            raise ValueError("must be an http:// or https:// URL the devices can reach")
+        return v
+
+    @field_validator("canary")
+    @classmethod
+    def _canary(cls, v: Union[str, int]) -> str:
+        try:
+            parse_canary(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return str(v).strip()
+
+    @model_validator(mode="after")
+    def _canary_fits(self) -> "RolloutPlan":
+        try:
+            canary_count(self.canary, len(self.devices))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @classmethod
+    def parse(cls, data: Any, source: str = "rollout plan") -> "RolloutPlan":
+        """Validate ``data``; a :class:`ConfigError` says which field is wrong (and suggests a key)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, cls, source)) from None
+
+    def canary_count(self) -> int:
+        return canary_count(self.canary, len(self.devices))
+
+    def phases(self, online: Iterable[str] = ()) -> list[list[str]]:
+        """``[canaries, wave 1, wave 2, ...]``: canaries online first (in plan order), then the rest in waves."""
+        online = set(online)
+        k = self.canary_count()
+        first = [d for d in self.devices if d in online] + [d for d in self.devices if d not in online]
+        canaries = set(first[:k])
+        rest = [d for d in self.devices if d not in canaries]
+        size = self.wave_size or len(rest) or 1
+        return [[d for d in self.devices if d in canaries]] + [rest[i:i + size] for i in range(0, len(rest), size)]
+
+    def install_args(self, rollout_id: Optional[str]) -> dict[str, Any]:
+        return {"url": self.url, "sha256": self.sha256, "size": self.size, "allow_downgrade": self.allow_downgrade,
+                "rollout": rollout_id}
+
+
+# ----------------------------------------------------------------------------- record
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` atomically: a temporary file, fsync, rename, fsync of the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=1, allow_nan=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a directory
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    """Read and check a rollout record; raises :class:`ConfigError` with what is wrong."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"rollout record {path} does not exist (records are under <dir>/rollouts/)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"rollout record {path} cannot be read ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise ConfigError(f"{path} is not an edgekit rollout record")
+    if not isinstance(record.get("version"), int) or record["version"] > RECORD_VERSION:
+        raise ConfigError(f"{path} is a rollout record of version {record.get('version')}; this edgekit reads up "
+                          f"to {RECORD_VERSION}: upgrade edgekit")
+    plan = RolloutPlan.parse(record.get("plan"), f"{path} (plan)")
+    devices = record.get("devices")
+    if not isinstance(devices, dict) or set(devices) != set(plan.devices):
+        raise ConfigError(f"{path}: the devices do not match the plan; the record was edited or is damaged")
+    return record
+
+
+def device_status(entry: dict[str, Any]) -> str:
+    """One device's outcome (one of :data:`OUTCOMES`) from its install and rollback attempts."""
+    rb = entry.get("rollback")
+    if rb:
+        return {"ok": "rolled_back", "failed": "rollback_failed", "timed_out": "rollback_failed"}.get(
+            rb["status"], "rolling_back")
+    ins = entry.get("install")
+    if not ins:
+        return "pending"
+    return "succeeded" if ins["status"] == "ok" else ins["status"]
+
+
+def counts(record: dict[str, Any]) -> dict[str, int]:
+    out = {k: 0 for k in OUTCOMES}
+    for entry in record["devices"].values():
+        out[device_status(entry)] += 1
+    return out
+
+
+def failures(record: dict[str, Any]) -> list[str]:
+    """Devices whose install failed or timed out while online (what the abort rule counts)."""
+    return [d for d, e in record["devices"].items() if (e.get("install") or {}).get("status") in FAILURES]
+
+
+def outstanding(record: dict[str, Any], now: Optional[float] = None) -> dict[str, list[str]]:
+    """What a resume does: ``resend`` (same request id), ``renew`` (expired: a new request), ``pending`` (first send).
+
+    ``pending`` lists only devices of the current and later phases; nothing is
+    pending after a halt.
+    """
+    now = time.time() if now is None else now
+    out: dict[str, list[str]] = {"resend": [], "renew": [], "pending": []}
+    rolling_back = bool(record.get("rollback")) and not record["rollback"].get("done")
+    for device, entry in record["devices"].items():
+        attempt = entry.get("rollback") if rolling_back and entry.get("rollback") else entry.get("install")
+        if attempt and attempt["status"] in ("sent", "pending_offline"):
+            expired = attempt.get("expires_ts") is not None and attempt["expires_ts"] <= now + 1.0
+            out["renew" if expired else "resend"].append(device)
+    if not record.get("halted") and record.get("phases"):
+        for phase in record["phases"][record.get("phase_index", 0):]:
+            out["pending"].extend(d for d in phase if not record["devices"][d].get("install"))
+    return out
+
+
+def new_rollout_id() -> str:
+    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def phase_label(index: int) -> str:
+    return "canary" if index == 0 else f"wave {index}"
+
+
+# ----------------------------------------------------------------------------- rollout
+class Transport(Protocol):
+    """What a rollout needs from the fleet (:class:`~edgekit.flash.commands.FleetClient` has it)."""
+
+    fleet: str
+
+    def devices(self) -> dict[str, dict[str, Any]]: ...
+
+    def send(self, device: str, command: str, args: Optional[dict[str, Any]] = None, *, sign_key: Any = None,
+             expires_s: Optional[float] = None, expires_ts: Optional[float] = None,
+             request_id: Optional[str] = None) -> str: ...
+
+    def poll(self, timeout: float = 0.0) -> list[Received]: ...
+
+
+def _model_text(model: Any) -> Optional[str]:
+    if not isinstance(model, dict) or not model.get("name"):
+        return None
+    return " ".join(str(x) for x in (model.get("name"), model.get("version")) if x)
+
+
+class Rollout:
+    """Runs a :class:`RolloutPlan` over a transport; see the module docstring for the rules.
+
+    ``on_change(record)`` is called after every write of the record (a live view
+    re-renders it); ``clock`` is the UNIX-time source (tests pass a fake one that
+    their transport advances).
+    """
+
+    def __init__(self, plan: RolloutPlan, transport: Transport, *, record_dir: Optional[Path] = None,
+                 sign_key: Any = None, rollout_id: Optional[str] = None, clock: Callable[[], float] = time.time,
+                 on_change: Optional[Callable[[dict[str, Any]], None]] = None, poll_s: float = 0.5,
+                 _record: Optional[dict[str, Any]] = None, _record_path: Optional[Path] = None):
+        if transport.fleet != plan.fleet:
+            raise ConfigError(f"the plan is for fleet {plan.fleet!r}, the connection is to fleet {transport.fleet!r}")
+        self.plan = plan
+        self.transport = transport
+        self.sign_key = sign_key
+        self.clock = clock
+        self.on_change = on_change
+        self.poll_s = poll_s
+        if _record is not None:
+            self.record = _record
+            self.record_path = Path(_record_path)
+        else:
+            rid = rollout_id or new_rollout_id()
+            fleet_protocol.check_name(rid, "rollout id")
+            self.record_path = Path(record_dir if record_dir is not None else ".") / "rollouts" / f"{rid}.json"
+            if self.record_path.exists():
+                raise ConfigError(f"rollout record {self.record_path} exists; resume it or pick another id")
+            now = clock()
+            self.record = {
+                "format": RECORD_FORMAT, "version": RECORD_VERSION, "id": rid, "fleet": plan.fleet,
+                "created_ts": now, "updated_ts": now, "phase": "planned", "phase_index": 0, "phases": None,
+                "halted": False, "halt_reason": None, "first_sent_ts": None, "last_switch_ts": None,
+                "rollback": None, "plan": plan.model_dump(mode="json"),
+                "devices": {d: {"phase": None, "status": "pending", "model_before": None, "model": None,
+                                "install": None, "rollback": None} for d in plan.devices},
+                "log": [],
+            }
+        self._by_request: dict[str, tuple[str, str]] = {}
+        for device, entry in self.record["devices"].items():
+            for which in ("install", "rollback"):
+                if entry.get(which):
+                    self._by_request[entry[which]["request_id"]] = (device, which)
+
+    # -- construction from a record ---------------------------------------------------------
+    @classmethod
+    def resume(cls, record_path: Path, transport: Transport, *, sign_key: Any = None,
+               clock: Callable[[], float] = time.time, on_change: Optional[Callable[[dict[str, Any]], None]] = None,
+               poll_s: float = 0.5) -> "Rollout":
+        """The rollout recorded at ``record_path``; call :meth:`run` to continue it (or :meth:`rollback`)."""
+        record = load_record(record_path)
+        plan = RolloutPlan.parse(record["plan"])
+        return cls(plan, transport, sign_key=sign_key, clock=clock, on_change=on_change, poll_s=poll_s,
+                   _record=record, _record_path=Path(record_path))
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _write(self) -> None:
+        rec = self.record
+        rec["updated_ts"] = self.clock()
+        for entry in rec["devices"].values():
+            entry["status"] = device_status(entry)
+        write_record(self.record_path, rec)
+        if self.on_change is not None:
+            self.on_change(rec)
+
+    def _log(self, message: str) -> None:
+        log = self.record["log"]
+        log.append({"ts": self.clock(), "message": message})
+        del log[:-_LOG_MAX]
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One process at a time per record (a second `resume` of a running rollout is refused)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.record_path.with_name(self.record_path.name + ".lock"), "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"rollout {self.id} is being run by another process "
+                                  f"({self.record_path}.lock is held)") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _require_key(self, command: str) -> None:
+        if self.sign_key is None:
+            raise SigningError(f"{command} commands must be signed: pass --key (or set $EDGEKIT_SIGNING_KEY) with a "
+                               "key whose .pub is in the devices' keyring")
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run (or continue) the rollout until it is done or halted; returns :meth:`summary`."""
+        rec = self.record
+        with self._locked():
+            if rec.get("rollback") and not rec["rollback"].get("done"):
+                return self._rollback_locked(rec["rollback"].get("reason"))
+            if rec["halted"]:
+                raise ConfigError(f"rollout {self.id} halted ({rec['halt_reason']}); roll back what it installed "
+                                  f"with rollback_from_record/`--rollback`, or start a new rollout")
+            self._require_key("install")
+            if rec["phases"] is None:
+                self._plan_phases()
+            self._send_install(self._to_resend("install"))
+            while rec["phase_index"] < len(rec["phases"]):
+                index = rec["phase_index"]
+                if rec["phase"] != phase_label(index):
+                    rec["phase"] = phase_label(index)
+                    self._log(f"{phase_label(index)}: {len(rec['phases'][index])} device(s)")
+                    self._write()
+                self._send_install([d for d in rec["phases"][index] if not rec["devices"][d]["install"]])
+                self._wait()
+                reason = self._abort_reason(index)
+                if reason:
+                    rec["halted"], rec["halt_reason"], rec["phase"] = True, reason, "halted"
+                    self._log(f"halted: {reason}")
+                    self._write()
+                    if self.plan.rollback_canaries_on_halt:
+                        return self._rollback_locked(f"rollout {self.id} halted: {reason}")
+                    return self.summary()
+                rec["phase_index"] = index + 1
+                self._write()
+            self._wait()  # answers still owed (resumed `sent` devices of earlier phases)
+            if rec["phase"] != "done":
+                rec["phase"] = "done"
+                self._log("done")
+                self._write()
+        return self.summary()
+
+    def _plan_phases(self) -> None:
+        rec = self.record
+        known = self.transport.devices()
+        online = [d for d in self.plan.devices if (known.get(d) or {}).get("status") == "online"]
+        if not online:
+            raise ConfigError(f"none of the {len(self.plan.devices)} selected devices is online; the canary phase "
+                              "needs devices that answer (start their agents, or check --fleet and the broker)")
+        rec["phases"] = self.plan.phases(online)
+        for index, phase in enumerate(rec["phases"]):
+            for d in phase:
+                entry = rec["devices"][d]
+                entry["phase"] = phase_label(index)
+                entry["model_before"] = _model_text((known.get(d) or {}).get("model"))
+        self._log(f"planned: {len(rec['phases'][0])} canary device(s), {len(rec['phases']) - 1} wave(s)")
+        self._write()
+
+    def _to_resend(self, which: str) -> list[str]:
+        return [d for d, e in self.record["devices"].items()
+                if e.get(which) and e[which]["status"] in ("sent", "pending_offline")]
+
+    def _abort_reason(self, index: int) -> Optional[str]:
+        rec = self.record
+        failed = failures(rec)
+        if len(failed) > self.plan.max_failures:
+            shown = ", ".join(f"{d} ({(rec['devices'][d]['install'].get('error') or {}).get('reason', '?')})"
+                              for d in failed[:10]) + (", …" if len(failed) > 10 else "")
+            return (f"{len(failed)} device(s) failed after the {phase_label(index)} phase, more than max_failures "
+                    f"{self.plan.max_failures}: {shown}")
+        if index == 0:
+            canaries = rec["phases"][0]
+            if not any((rec["devices"][d]["install"] or {}).get("status") == "ok" for d in canaries):
+                states = ", ".join(f"{d} {rec['devices'][d]['status']}" for d in canaries)
+                return f"no canary device succeeded ({states})"
+        return None
+
+    # -- sending ----------------------------------------------------------------------------
+    def _send_install(self, devices: list[str]) -> None:
+        if devices:
+            self._send(devices, "install", "install", self.plan.install_args(self.id))
+
+    def _send(self, devices: list[str], which: str, command: str, args: dict[str, Any]) -> None:
+        """Record the attempts (written before publishing), then publish each command."""
+        rec = self.record
+        now = self.clock()
+        known = self.transport.devices()
+        expiry = self.plan.command_expiry_s
+        for d in devices:
+            entry = rec["devices"][d]
+            attempt = entry.get(which)
+            if attempt and attempt["status"] in ("sent", "pending_offline"):
+                if attempt.get("expires_ts") is not None and attempt["expires_ts"] <= now + 1.0:
+                    self._log(f"{d}: {command} request {attempt['request_id']} expired; sending a new one")
+                    attempt.update(request_id=uuid.uuid4().hex, attempt=attempt["attempt"] + 1,
+                                   expires_ts=None if expiry is None else now + expiry)
+                else:
+                    attempt["resent"] = attempt.get("resent", 0) + 1
+            else:
+                attempt = {"request_id": uuid.uuid4().hex, "command": command, "attempt": 1, "resent": 0,
+                           "expires_ts": None if expiry is None else now + expiry, "first_sent_ts": now}
+                entry[which] = attempt
+            online = (known.get(d) or {}).get("status") == "online"
+            attempt.update(status="sent" if online else "pending_offline", queued_ts=now, last_send_ts=now,
+                           online_at_send=online,
+                           wait_from_ts=now if online else None, step=None, finished_ts=None, error=None)
+            self._by_request[attempt["request_id"]] = (d, which)
+        if which == "install" and rec["first_sent_ts"] is None:
+            rec["first_sent_ts"] = now
+        self._write()  # a crash from here on: the record says "sent", and a resume re-sends the same request
+        for d in devices:
+            attempt = rec["devices"][d][which]
+            self.transport.send(d, command, args, sign_key=self.sign_key, expires_ts=attempt["expires_ts"],
+                                request_id=attempt["request_id"])
+            sent_at = self.clock()
+            attempt["last_send_ts"] = sent_at
+            if attempt["wait_from_ts"] is not None:
+                attempt["wait_from_ts"] = sent_at
+        self._write()
+
+    # -- waiting ----------------------------------------------------------------------------
+    def _attempts(self, status: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for d, entry in self.record["devices"].items():
+            for which in ("install", "rollback"):
+                attempt = entry.get(which)
+                if attempt and attempt["status"] == status:
+                    yield d, attempt
+
+    def _wait(self) -> None:
+        """Until no device that has its command (online) still owes an answer."""
+        timeout = self.plan.device_timeout_s
+        while True:
+            now = self.clock()
+            changed = False
+            for d, attempt in list(self._attempts("sent")):
+                if now >= attempt["wait_from_ts"] + timeout:
+                    attempt.update(status="timed_out", finished_ts=now, seconds=round(timeout, 3), error={
+                        "reason": "timeout", "step": attempt.get("step"), "code": None, "name": None,
+                        "message": f"no answer within {timeout:g} s while online"})
+                    self._log(f"{d}: {attempt['command']} timed out")
+                    changed = True
+            if changed:
+                self._write()
+            waiting = [a["wait_from_ts"] + timeout for _, a in self._attempts("sent")]
+            if not waiting:
+                return
+            events = self.transport.poll(max(0.0, min(self.poll_s, min(waiting) - now)))
+            if events and self.apply(events):
+                self._write()
+
+    def apply(self, events: Iterable[Received]) -> bool:
+        """Fold received acks, progress events and state changes into the record; True if it changed."""
+        changed = False
+        for ev in events:
+            if ev.kind == "ack":
+                changed |= self._apply_ack(ev)
+            elif ev.kind == "event" and ev.event_type == "install_progress":
+                hit = self._by_request.get(ev.request_id or "")
+                if hit and hit[0] == ev.device:
+                    attempt = self.record["devices"][hit[0]][hit[1]]
+                    if attempt["status"] in ("sent", "pending_offline"):
+                        attempt["step"] = ev.body.get("step")
+                        attempt["slot"] = ev.body.get("slot")
+                        changed = True
+            elif ev.kind == "state" and ev.body.get("status") == "online":
+                entry = self.record["devices"].get(ev.device)
+                for which in ("install", "rollback"):
+                    attempt = (entry or {}).get(which)
+                    # a state received before the command went out says nothing about its delivery
+                    if attempt and attempt["status"] == "pending_offline" and ev.received_ts >= attempt["queued_ts"]:
+                        attempt.update(status="sent", wait_from_ts=ev.received_ts)
+                        self._log(f"{ev.device}: came online; {attempt['command']} delivered from the broker queue")
+                        changed = True
+        return changed
+
+    def _apply_ack(self, ev: Received) -> bool:
+        hit = self._by_request.get(ev.request_id or "")
+        if hit is None or hit[0] != ev.device:
+            return False
+        device, which = hit
+        entry = self.record["devices"][device]
+        attempt = entry[which]
+        if attempt["request_id"] != ev.request_id or attempt["status"] in ("ok", "failed"):
+            return False  # an older request of this device, or a QoS 1 duplicate
+        now = ev.received_ts
+        late = attempt["status"] == "timed_out"
+        start = attempt.get("wait_from_ts") or attempt["last_send_ts"]
+        attempt.update(finished_ts=now, seconds=round(max(0.0, now - start), 3), late=late)
+        body = ev.body
+        if body.get("ok"):
+            result = body.get("result") if isinstance(body.get("result"), dict) else {}
+            attempt.update(status="ok", error=None, step=None, slot=result.get("slot"),
+                           previous_slot=result.get("previous_slot"), timings_s=result.get("timings_s"),
+                           already_active=bool(result.get("already_active")))
+            if which == "install":
+                # a device that ran this bundle before the rollout (first answer says so) was not switched by it
+                attempt["changed"] = not (attempt["already_active"] and attempt["attempt"] == 1)
+                self.record["last_switch_ts"] = max(now, self.record["last_switch_ts"] or now)
+            entry["model"] = _model_text(result.get("model")) or entry.get("model")
+            self._log(f"{device}: {attempt['command']} ok" + (" (late)" if late else ""))
+        else:
+            error = body.get("error") if isinstance(body.get("error"), dict) else {}
+            attempt.update(status="failed", step=error.get("step") or attempt.get("step"), error={
+                "reason": error.get("reason") or "unknown", "step": error.get("step"), "code": error.get("code"),
+                "name": error.get("name"), "message": error.get("message") or "",
+                "active_slot": error.get("active_slot")})
+            self._log(f"{device}: {attempt['command']} failed: {error.get('reason')}: {error.get('message')}")
+        return True
+
+    # -- rolling back -----------------------------------------------------------------------
+    def rollback(self, reason: Optional[str] = None) -> dict[str, Any]:
+        """Send a signed ``rollback`` to every device this rollout switched; returns :meth:`summary`."""
+        with self._locked():
+            return self._rollback_locked(reason or f"rollback of rollout {self.id}")
+
+    def _rollback_locked(self, reason: str) -> dict[str, Any]:
+        rec = self.record
+        self._require_key("rollback")
+        if not rec.get("rollback") or rec["rollback"].get("done"):
+            rec["rollback"] = {"reason": reason, "requested_ts": self.clock(), "done": False}
+            self._log(f"rolling back: {reason}")
+        tried: set[str] = set()
+        while True:
+            # devices switched by this rollout (an install may still succeed late while we wait: loop)
+            targets = [d for d, e in rec["devices"].items()
+                       if (e.get("install") or {}).get("status") == "ok" and e["install"].get("changed", True)
+                       and d not in tried and (e.get("rollback") or {}).get("status") != "ok"]
+            if not targets:
+                break
+            for d in targets:
+                rb = rec["devices"][d].get("rollback")
+                if rb and rb["status"] in ("failed", "timed_out"):
+                    rec["devices"][d]["rollback"] = None  # a new attempt after a failed one
+            tried.update(targets)
+            self._send(targets, "rollback", "rollback", {"reason": rec["rollback"]["reason"]})
+            self._wait()
+        rec["rollback"]["done"] = True
+        rec["rollback"]["finished_ts"] = self.clock()
+        self._write()
+        return self.summary()
+
+    # -- results ----------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.record, self.record_path)
+
+
+def summarize(record: dict[str, Any], record_path: Optional[Path] = None) -> dict[str, Any]:
+    """Counts per outcome, halted, halt_reason, fleet_switch_s, the record path, and who still waits."""
+    first, last = record.get("first_sent_ts"), record.get("last_switch_ts")
+    devices = record["devices"]
+    return {
+        "id": record["id"], "fleet": record["fleet"], "phase": record["phase"], "counts": counts(record),
+        "failures": len(failures(record)), "halted": bool(record["halted"]), "halt_reason": record["halt_reason"],
+        "fleet_switch_s": None if first is None or last is None else round(last - first, 3),
+        "record": str(record_path) if record_path is not None else None,
+        "pending_offline": [d for d, e in devices.items() if device_status(e) == "pending_offline"],
+        "rolled_back": [d for d, e in devices.items() if device_status(e) == "rolled_back"],
+        "rollback_failed": [d for d, e in devices.items() if device_status(e) == "rollback_failed"],
+        "rollback": record.get("rollback"),
+    }
+
+
+def rollback_from_record(record_path: Path, transport: Transport, *, sign_key: Any = None,
+                         reason: Optional[str] = None, clock: Callable[[], float] = time.time,
+                         on_change: Optional[Callable[[dict[str, Any]], None]] = None,
+                         poll_s: float = 0.5) -> dict[str, Any]:
+    """Roll back the devices a recorded rollout switched (``succeeded``); returns the summary."""
+    rollout = Rollout.resume(record_path, transport, sign_key=sign_key, clock=clock, on_change=on_change,
+                             poll_s=poll_s)
+    return rollout.rollback(reason)
+
+
+# ----------------------------------------------------------------------------- display
+_STYLE = {"pending": "dim", "sent": "cyan", "pending_offline": "yellow", "succeeded": "green", "failed": "bold red",
+          "timed_out": "red", "rolling_back": "magenta", "rolled_back": "magenta", "rollback_failed": "bold red"}
+
+
+def render(state: dict[str, Any], now: Optional[float] = None):
+    """The record as a rich table: device, phase, status, step, model, seconds, error."""
+    from rich.table import Table
+
+    now = time.time() if now is None else now
+    plan = state["plan"]
+    c = counts(state)
+    shown = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in c.items() if n)
+    target = " ".join(str(x) for x in (plan.get("model"), plan.get("model_version")) if x)
+    title = (f"rollout {state['id']}: {target} → {len(state['devices'])} device(s) of {state['fleet']}"
+             f" · {state['phase']}")
+    caption = shown + (f" · halted: {state['halt_reason']}" if state.get("halted") else "")
+    if state.get("first_sent_ts") and state.get("last_switch_ts"):
+        caption += f" · fleet switch {state['last_switch_ts'] - state['first_sent_ts']:.1f} s"
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    for name, justify in (("device", "left"), ("phase", "left"), ("status", "left"), ("step", "left"),
+                          ("model", "left"), ("seconds", "right"), ("error", "left")):
+        table.add_column(name, justify=justify, overflow="fold" if name == "error" else "ellipsis")
+    order = [d for phase in (state.get("phases") or [list(state["devices"])]) for d in phase]
+    for d in order:
+        e = state["devices"][d]
+        status = device_status(e)
+        attempt = e.get("rollback") or e.get("install") or {}
+        if attempt.get("finished_ts") is not None:
+            seconds = f"{attempt.get('seconds') or 0.0:.1f}"
+        elif attempt.get("status") == "sent" and attempt.get("wait_from_ts") is not None:
+            seconds = f"{max(0.0, now - attempt['wait_from_ts']):.1f}"
+        else:
+            seconds = ""
+        error = attempt.get("error") or {}
+        err = ""
+        if error:
+            err = f"{error.get('reason')}" + (f" at {error['step']}" if error.get("step") else "") + \
+                  (f" ({error['name']} {error['code']})" if error.get("code") is not None else "") + \
+                  (f": {error['message']}" if error.get("message") else "")
+        model = e.get("model") or e.get("model_before") or ""
+        if e.get("model") and e.get("model_before") and e["model"] != e["model_before"]:
+            model = f"{e['model_before']} → {e['model']}"
+        table.add_row(d, e.get("phase") or "", f"[{_STYLE[status]}]{status.replace('_', ' ')}[/]",
+                      attempt.get("step") or "", model, seconds, err)
+    return table
