@@ -10,7 +10,6 @@ Mounted by :mod:`edgekit.cli`. Two ways onto devices:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -29,11 +28,9 @@ RecordDirOpt = typer.Option(Path("."), "--record-dir", help="Where rollouts/<id>
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from edgekit_runtime.agent.fetch import sha256_file  # the digest devices check the download against
+
+    return sha256_file(path)
 
 
 def _check_bundle(bundle: Path) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -70,11 +69,9 @@ class ServedRequest:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from edgekit_runtime.agent.fetch import sha256_file  # the same digest devices check downloads against
+
+    return sha256_file(path)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:

@@ -308,8 +308,10 @@ class Installer:
                 model.close()
             self._undo(marker, target, active)
             exc.step = exc.step or marker.get("step")
-            sd.log_install({"request_id": req.request_id, "command": "install", "ok": False,
-                            "error": exc.to_error(active)})
+            if not (self.should_stop is not None and self.should_stop()):
+                # (cut short by the agent stopping: not an outcome; a redelivered command tries again)
+                sd.log_install({"request_id": req.request_id, "command": "install", "ok": False,
+                                "error": exc.to_error(active)})
             raise
         except BaseException:
             if model is not None:
