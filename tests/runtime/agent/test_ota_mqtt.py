@@ -160,3 +160,33 @@ def test_kill_9_during_a_download_resumes_after_the_restart(agent_env, broker, s
     assert not part.exists()
     proc2.terminate()
     assert proc2.wait(timeout=20) == 0
+
+
+def test_an_install_cut_short_by_a_stop_is_retried_after_the_restart(agent_env, broker, subscriber, kit, served):
+    """SIGTERM-style stop mid-download: no failure is recorded or acked; the next start finishes the install."""
+    sub = subscriber()
+    path = agent_env.config_file()
+    agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
+    manifest, members = kit.parts()
+    members["model.onnx"] = kit.matmul_onnx((kit.WEIGHTS * 2).astype(np.float32))
+    members["health/expected_output.npy"] = kit.npy((kit.SAMPLE @ (kit.WEIGHTS * 2)).astype(np.float32))
+    members["padding.bin"] = np.random.default_rng(1).bytes(500_000)
+    manifest["model"].update(release=2, version="2.0.0")
+    server = served(rate_limit_bps=300_000)
+    v2 = server.add(kit.write("v2-big.ekb", manifest=manifest, members=members))
+
+    agent = agent_env.start_agent(agent_env.config())
+    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=20, what="online")
+    rid = _send(sub, "dev1", "install", {"url": v2["url"], "sha256": v2["sha256"], "size": v2["size"]}, kit.key)
+    part = agent_env.tmp / "state-dev1" / "downloads" / f"{v2['sha256']}.part"
+    agent_env.wait_until(lambda: part.exists() and part.stat().st_size > 50_000, 20, what="a partial download")
+    agent_env.stop_agent(agent)
+    assert sub.ack(rid) is None  # no answer: the command was not handled
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    assert sd.read_pointer()["slot"] == "a" and sd.find_install(rid) is None
+
+    agent2 = agent_env.start_agent(agent_env.config())
+    body = _ack(sub, rid, timeout=30)
+    assert body["ok"] and body["result"]["slot"] == "b", body
+    assert agent2.core.model_info()["release"] == 2
+    agent_env.stop_agent(agent2)
