@@ -190,3 +190,42 @@ def test_an_install_cut_short_by_a_stop_is_retried_after_the_restart(agent_env, 
     assert body["ok"] and body["result"]["slot"] == "b", body
     assert agent2.core.model_info()["release"] == 2
     agent_env.stop_agent(agent2)
+
+
+@pytest.mark.parametrize("step", ["download", "verify", "unpack", "prepare", "health_check", "switch", "switched"])
+def test_kill_9_of_the_agent_at_each_step_of_an_mqtt_install(agent_env, broker, subscriber, kit, served, step):
+    """The running agent is SIGKILLed at ``step`` of a commanded install. Restarted, it serves a verified
+    model at once, and the command (never acknowledged to the broker) is delivered again and completes."""
+    sub = subscriber()
+    path = agent_env.config_file()
+    v1 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0)
+    agent_env.install(path, v1)
+    v2 = served().add(agent_env.model_bundle("v2.ekb", release=2))
+    flag = agent_env.tmp / "paused"
+    proc = agent_env.spawn(path, env={"EDGEKIT_AGENT_FAULT": f"pause:{step}", "EDGEKIT_AGENT_FAULT_FILE": str(flag)})
+    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=30, what="online")
+    rid = _send(sub, "dev1", "install", {"url": v2["url"], "sha256": v2["sha256"], "size": v2["size"]}, kit.key)
+    agent_env.wait_until(lambda: flag.exists(), 30, what=f"the agent paused at {step}")
+    proc.kill()
+    proc.wait()
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    marked = "switch" if step == "switched" else step  # "switched": after the pointer rename, same marker step
+    assert sd.read_marker()["step"] == marked
+
+    proc2 = agent_env.spawn(path)
+    online = sub.wait(lambda s: [m for m in s.of("state") if m["boot"] == 2 and m["body"]["status"] == "online"],
+                      timeout=30, what="boot 2 online")[0]
+    # what it serves right after the restart: the old model, or the new one if the pointer had switched
+    expected = 2 if step == "switched" else 1
+    assert online["body"]["model"]["release"] == expected
+    recovered = sub.wait(lambda s: s.events("install_recovered"), what="install_recovered")[0]["body"]
+    assert recovered["outcome"] == ("completed" if step == "switched" else "undone") and recovered["step"] == marked
+    body = _ack(sub, rid, timeout=60)  # the broker delivers the command again; the install completes
+    assert body["ok"], (body, agent_env.log_of(proc2))
+    assert body["result"]["slot"] == "b" and body["result"]["sha256"] == v2["sha256"]
+    assert body["result"]["already_active"] is (step == "switched")
+    assert sd.read_marker() is None and sd.read_pointer()["slot"] == "b" and sd.read_slot("b")["state"] == "good"
+    assert hashlib.sha256((sd.slot_dir("a") / "bundle.ekb").read_bytes()).hexdigest() == \
+        hashlib.sha256(v1.read_bytes()).hexdigest()  # the previous model is intact for a rollback
+    proc2.terminate()
+    assert proc2.wait(timeout=20) == 0
