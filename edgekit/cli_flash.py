@@ -182,6 +182,8 @@ def _flash_fleet(bundle, fleet, devices, canary, max_failures, wave_size, rollba
 
                 with Live(get_renderable=lambda: render(rollout.record), console=console, refresh_per_second=4):
                     summary = rollout.run()
+                if not console.is_terminal:
+                    console.line()  # (piped output: the last frame does not end its line)
     finally:
         if server is not None:
             server.stop()
