@@ -43,7 +43,7 @@ Rules (what the code below does):
   new request is sent. Before any command is published the record already says
   ``sent`` with its request id, so a crash between the two loses nothing.
 * **Timing**: ``fleet_switch_s`` is the time from the first install command to the
-  last successful answer.
+  last successful answer (None for a halted rollout).
 
 :func:`render` draws the record as a rich table (the CLI wraps it in ``rich.live.Live``
 through ``on_change``); the logic never prints.
@@ -687,7 +687,8 @@ def summarize(record: dict[str, Any], record_path: Optional[Path] = None) -> dic
     return {
         "id": record["id"], "fleet": record["fleet"], "phase": record["phase"], "counts": counts(record),
         "failures": len(failures(record)), "halted": bool(record["halted"]), "halt_reason": record["halt_reason"],
-        "fleet_switch_s": None if first is None or last is None else round(last - first, 3),
+        # a halted rollout did not switch the fleet (its canaries may even be rolled back)
+        "fleet_switch_s": None if first is None or last is None or record["halted"] else round(last - first, 3),
         "record": str(record_path) if record_path is not None else None,
         "pending_offline": [d for d, e in devices.items() if device_status(e) == "pending_offline"],
         "rolled_back": [d for d, e in devices.items() if device_status(e) == "rolled_back"],
@@ -723,7 +724,7 @@ def render(state: dict[str, Any], now: Optional[float] = None):
     title = (f"rollout {state['id']}: {target} → {len(state['devices'])} device(s) of {state['fleet']}"
              f" · {state['phase']}")
     caption = shown + (f" · halted: {state['halt_reason']}" if state.get("halted") else "")
-    if state.get("first_sent_ts") and state.get("last_switch_ts"):
+    if state.get("first_sent_ts") and state.get("last_switch_ts") and not state.get("halted"):
         caption += f" · fleet switch {state['last_switch_ts'] - state['first_sent_ts']:.1f} s"
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for name, justify in (("device", "left"), ("phase", "left"), ("status", "left"), ("step", "left"),

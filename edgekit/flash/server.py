@@ -105,6 +105,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # a wave of devices connects at once; socketserver's default backlog (5) makes the rest
+    # wait out a TCP SYN retry (~1 s each)
+    request_queue_size = 1024
     allow_reuse_address = True  # SO_REUSEADDR: a restart need not wait out TIME_WAIT; a live listener still blocks
 
     def __init__(self, address, handler, bundle_server: "BundleServer", ssl_context: ssl.SSLContext | None):

@@ -53,7 +53,7 @@ def load_active_model(state_dir: StateDir, config: AgentConfig,
     try:
         if installer is not None:
             model = installer._load(bundle, bundle.parent / "model")
-            health = installer.health_check(model)
+            health = installer.health_check(model, latency_gate=False)  # a busy device keeps its model
         else:
             keyring = Keyring.from_paths(config.keyring) if config.keyring else Keyring.default()
             model = load(bundle, keyring=keyring, threads=config.threads)
@@ -252,9 +252,17 @@ class Agent:
         if self.fell_back is not None:
             core.emit_event("rolled_back", reason="the active model failed at start", slot=self.fell_back["slot"],
                             previous_slot=self.fell_back["previous_slot"], error=self.fell_back["error"])
+        if self.fell_back is not None:
+            log.error("the active model failed at start (%s); serving slot %s instead",
+                      self.fell_back["error"].get("message"), self.fell_back["slot"])
         if core.model is not None:
             core.emit_event("model_loaded", model=core.model_info(), health=self.health)
+            warning = (self.health or {}).get("warning")
+            if warning:
+                log.warning("the model serves, but %s", warning)
+                core.emit_event("latency_over_budget", message=warning, latency=self.health.get("latency"))
         elif core.model_error and core.model_error.get("name") != "NO_BUNDLE":
+            log.error("no model serves: %s", core.model_error.get("message"))
             core.emit_event("model_load_failed", **core.model_error)
         if self._workload_enabled:
             try:

@@ -344,8 +344,15 @@ class Installer:
         shutil.rmtree(workdir, ignore_errors=True)
         return load(bundle, keyring=self.keyring, threads=self.threads, workdir=workdir)
 
-    def health_check(self, model: Any) -> dict[str, Any]:
-        """The bundle's self-test plus latency: ``{"ok", "problem", ..., "latency": {...}}``."""
+    def health_check(self, model: Any, *, latency_gate: bool = True) -> dict[str, Any]:
+        """The bundle's self-test plus latency: ``{"ok", "problem", ..., "latency": {...}}``.
+
+        ``latency_gate``: a p90 over the budget fails the check (installs and rollbacks:
+        deciding whether to switch). At start-up it only warns (``latency.over_budget``):
+        a verified model whose outputs are right is not dropped because the device is busy.
+        A measurement over the budget is repeated once before it counts, so one burst of
+        load from another process does not fail an install.
+        """
         try:
             hc = model.health_check()
         except Exception as exc:  # running the sample failed outright
@@ -359,26 +366,37 @@ class Installer:
         budget = self.latency_budget_ms
         if budget is None:
             budget = (model.manifest.get("target") or {}).get("latency_budget_ms")
-        hc_spec = model.manifest.get("health_check")
-        if hc_spec and self.latency_runs > 0:
-            from ..api import _load_npy
-
-            x = _load_npy(model.bundle.members[hc_spec["input"]])
-            for _ in range(HEALTH_WARMUP):
-                model.run(x)
-            times = []
-            for _ in range(self.latency_runs):
-                t0 = time.perf_counter()
-                model.run(x)
-                times.append((time.perf_counter() - t0) * 1e3)
-            lat = {"runs": self.latency_runs, "p50_ms": round(float(np.percentile(times, 50)), 4),
-                   "p90_ms": round(float(np.percentile(times, 90)), 4), "budget_ms": budget}
-            out["latency"] = lat
-            if budget is not None and lat["p90_ms"] > budget:
+        if not model.manifest.get("health_check") or self.latency_runs <= 0:
+            return out
+        lat = self._time_sample(model, budget)
+        if budget is not None and lat["p90_ms"] > budget:
+            time.sleep(0.2)
+            lat = {**self._time_sample(model, budget), "first_p90_ms": lat["p90_ms"]}
+        lat["over_budget"] = budget is not None and lat["p90_ms"] > budget
+        out["latency"] = lat
+        if lat["over_budget"]:
+            problem = (f"p90 latency {lat['p90_ms']:.2f} ms over {self.latency_runs} runs exceeds the budget of "
+                       f"{budget} ms (twice)")
+            if latency_gate:
                 out["ok"] = False
-                out["problem"] = (f"p90 latency {lat['p90_ms']:.2f} ms over {self.latency_runs} runs exceeds the "
-                                  f"budget of {budget} ms")
+                out["problem"] = problem
+            else:
+                out["warning"] = problem
         return out
+
+    def _time_sample(self, model: Any, budget: float | None) -> dict[str, Any]:
+        from ..api import _load_npy
+
+        x = _load_npy(model.bundle.members[model.manifest["health_check"]["input"]])
+        for _ in range(HEALTH_WARMUP):
+            model.run(x)
+        times = []
+        for _ in range(self.latency_runs):
+            t0 = time.perf_counter()
+            model.run(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return {"runs": self.latency_runs, "p50_ms": round(float(np.percentile(times, 50)), 4),
+                "p90_ms": round(float(np.percentile(times, 90)), 4), "budget_ms": budget}
 
     # -- rollback ----------------------------------------------------------------------------
     def rollback(self, reason: str | None = None, request_id: str | None = None) -> tuple[dict[str, Any], Any]:

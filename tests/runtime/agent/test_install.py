@@ -197,3 +197,21 @@ def test_a_workload_follows_the_active_slot(agent_env, capsys):
     assert agent_cli(["rollback", "--config", str(path)]) == 0
     assert active.get().manifest["model"]["release"] == 1 and active.slot == "a"
     active.close()
+
+
+def test_a_busy_device_keeps_its_model_at_start(agent_env, capsys):
+    """At start the latency budget only warns: a verified model with right outputs is not dropped
+    (nor silently rolled back) because the device happens to be slow; installs are gated by it."""
+    path = agent_env.config_file()
+    assert _install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0), capsys=capsys)[0] == 0
+    assert _install(path, agent_env.model_bundle("v2.ekb", release=2), capsys=capsys)[0] == 0
+    slow = agent_env.config_file(health_latency_budget_ms=1e-6)  # every measurement is "over budget"
+    from edgekit_runtime.agent import Agent, AgentConfig
+
+    agent = Agent(AgentConfig.load(slow), system_stats=False)
+    try:
+        assert agent.core.model is not None and agent.core.model_info()["release"] == 2 and agent.fell_back is None
+        assert agent.health["ok"] and agent.health["latency"]["over_budget"] and "budget" in agent.health["warning"]
+        assert agent.health["latency"]["first_p90_ms"] > 1e-6  # measured twice before it counted
+    finally:
+        agent.core.close()
