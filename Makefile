@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python -m benchmarks.int8_vs_fp32
 	$(BIN)/python -m benchmarks.runtime_overhead
 	$(BIN)/python benchmarks/telemetry_ingest.py
+	$(BIN)/python benchmarks/fleet_rollout.py
 
 clean:
 	rm -rf build .pytest_cache
