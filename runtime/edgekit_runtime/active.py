@@ -31,7 +31,7 @@ log = logging.getLogger("edgekit_runtime.active")
 class ActiveModel:
     """Loads ``slots/<active>/bundle.ekb`` of an agent's state directory and follows switches.
 
-    ``check_every_s``: how often :meth:`get` looks at the pointer (a ``stat``).
+    ``check_every_s``: how often :meth:`get` reads the pointer (a few dozen bytes).
     Other keyword arguments go to :func:`edgekit_runtime.load` (keyring, threads, engine, ...).
     """
 
@@ -43,18 +43,22 @@ class ActiveModel:
         self.model: Any | None = None
         self.slot: str | None = None
         self.last_error: RuntimeErrorBase | None = None
-        self._seen: tuple[int, int] | None = None  # (mtime_ns, inode) of the pointer when last read
+        self._loaded_pointer: str | None = None  # the pointer's text when the model in use was loaded
         self._next_check = 0.0
 
-    def _read_slot(self) -> str | None:
+    def _read_pointer(self) -> tuple[str | None, str]:
+        """``(slot, pointer text)``; the text changes with every switch (it holds the switch's time)."""
         import json
 
         try:
             text = self.pointer.read_text().strip()
         except FileNotFoundError:
-            return None
-        slot = json.loads(text).get("slot") if text.startswith("{") else text
-        return slot if slot in ("a", "b") else None
+            return None, ""
+        try:
+            slot = json.loads(text).get("slot") if text.startswith("{") else text
+        except ValueError:
+            return None, text
+        return (slot if slot in ("a", "b") else None), text
 
     def get(self) -> Any:
         """The current model; raises ``ENGINE_UNAVAILABLE`` while none could be loaded yet."""
@@ -70,19 +74,15 @@ class ActiveModel:
         return self.model
 
     def refresh(self) -> bool:
-        """Reload if the pointer changed; True when a new model was loaded."""
+        """Reload if the pointer changed since the model in use was loaded; True when a new model was loaded.
+
+        Keyed on the pointer's content, not the slot name: installs a → b → a between two
+        checks still reload. A slot that fails to load is tried again at the next check.
+        """
         from .api import load
 
-        try:
-            st = self.pointer.stat()
-        except FileNotFoundError:
-            return False
-        seen = (st.st_mtime_ns, st.st_ino)  # the agent replaces the file (rename): a new inode
-        if seen == self._seen and self.model is not None:
-            return False
-        self._seen = seen
-        slot = self._read_slot()
-        if slot is None or (slot == self.slot and self.model is not None):
+        slot, text = self._read_pointer()
+        if slot is None or (text == self._loaded_pointer and self.model is not None):
             return False
         try:
             # the slot's extracted folder belongs to the agent: load into a private temporary one
@@ -92,6 +92,7 @@ class ActiveModel:
             log.error("slot %s does not load (%s); the previous model keeps serving", slot, exc)
             return False
         old, self.model, self.slot, self.last_error = self.model, model, slot, None
+        self._loaded_pointer = text
         if old is not None:
             old.close()
         log.info("serving slot %s: %s %s", slot, model.manifest["model"]["name"], model.manifest["model"]["version"])

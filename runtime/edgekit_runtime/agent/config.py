@@ -103,6 +103,7 @@ class AgentConfig:
     health_latency_budget_ms: float | None = None  # p90 limit; default: the bundle's target latency budget
     download_timeout_s: float = 30.0
     download_retries: int = 5
+    download_max_s: float = 3600.0  # an install whose download takes longer fails (a trickling link)
     download_ca_file: Path | None = None  # CA for https:// bundle URLs (default: the system's)
     workload: WorkloadConfig | None = None
     source: Path | None = field(default=None, compare=False)  # the file this was read from
@@ -223,8 +224,8 @@ class AgentConfig:
             problems.append("drift_ks_threshold must be in (0, 1]")
         if self.health_latency_runs < 0 or self.download_retries < 0:
             problems.append("health_latency_runs and download_retries must be >= 0")
-        if self.download_timeout_s <= 0:
-            problems.append("download_timeout_s must be > 0")
+        if self.download_timeout_s <= 0 or self.download_max_s <= 0:
+            problems.append("download_timeout_s and download_max_s must be > 0")
         if self.health_latency_budget_ms is not None and self.health_latency_budget_ms <= 0:
             problems.append("health_latency_budget_ms must be > 0")
         if self.threads is not None and self.threads < 1:
@@ -282,7 +283,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...] | str, bool]] = {
     "drift_max_values_per_inference": ((int,), False), "workload": ((dict,), False),
     "require_signed_commands": ((bool,), False), "health_latency_runs": ((int,), False),
     "health_latency_budget_ms": ((float,), True), "download_timeout_s": ((float,), False),
-    "download_retries": ((int,), False), "download_ca_file": (_PATH, True),
+    "download_retries": ((int,), False), "download_max_s": ((float,), False), "download_ca_file": (_PATH, True),
 }
 _WORKLOAD_FIELDS: dict[str, tuple[tuple[type, ...] | str, bool]] = {
     "rate_hz": ((float,), False), "images": (_PATH, True), "synthetic": ((bool,), False),

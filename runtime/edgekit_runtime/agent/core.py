@@ -326,7 +326,10 @@ class AgentCore:
             if not isinstance(args, dict):
                 raise CommandError("bad_request", "args must be an object")
             expires = body.get("expires_ts")
-            if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires < time.time():
+            # (install/rollback: the daemon checks expiry after its command log, so a redelivered command
+            # that had already run is answered with its outcome, not refused as expired)
+            if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires < time.time() \
+                    and body.get("command") not in ("install", "rollback"):
                 raise CommandError("expired", f"the command expired at {expires}")
             if command not in fleet_protocol.COMMANDS:
                 raise CommandError("unknown_command", f"unknown command {command!r}; this agent knows "

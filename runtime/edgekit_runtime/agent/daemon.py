@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import stat
 import threading
 import time
 from pathlib import Path
@@ -28,9 +30,10 @@ from .core import AgentCore, Command
 from .drift import DriftUnavailable, Reference
 from .install import Installer, InstallError, InstallRequest
 from .mqtt import MqttLink
-from .state import AgentState, StateDir, atomic_write
+from .state import AgentState, CommandLog, StateDir, atomic_write
 
 INBOX_POLL_S = 0.25
+MAX_COMMAND_LIFETIME_S = 30 * 86400  # signed commands expire within this (the command log is pruned by expiry)
 
 log = logging.getLogger("edgekit_runtime.agent")
 
@@ -180,6 +183,7 @@ def make_installer(state_dir: StateDir, config: AgentConfig, on_progress=None, s
     return Installer(state_dir, keyring, threads=config.threads, latency_budget_ms=config.health_latency_budget_ms,
                      latency_runs=config.health_latency_runs, download_timeout_s=config.download_timeout_s,
                      download_retries=config.download_retries, ca_file=config.download_ca_file,
+                     download_max_s=config.download_max_s,
                      on_progress=on_progress, should_stop=should_stop)
 
 
@@ -236,6 +240,8 @@ class Agent:
         self._next_tick = 0.0
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # run on the loop thread
         self._change: dict[str, Any] | None = None  # the install/rollback running on a worker
+        self._retired: list[Any] = []  # replaced models a benchmark may still be running on
+        self.command_log = CommandLog(self.core.state_dir.command_log)
         self._next_inbox = 0.0
         self._reported_state: AgentState | None = None
         self._workers: list[threading.Thread] = []
@@ -310,6 +316,7 @@ class Agent:
             except queue.Empty:
                 break
             call()
+        self._close_retired()
         now = time.monotonic()
         if now >= self._next_inbox and self.installer is not None:
             self._next_inbox = now + INBOX_POLL_S
@@ -354,7 +361,13 @@ class Agent:
 
     def _start_change(self, cmd: Command | None, mid: int | None, qos: int, *,
                       local: dict[str, Any] | None = None) -> None:
-        """Check an install/rollback and run it on a worker; its ack is sent when it is done."""
+        """Check an install/rollback and run it on a worker; its ack is sent when it is done.
+
+        Order matters: the signature first (nothing unauthenticated reaches the command
+        log or the caches), then the command log (a finished request id is answered again
+        and never executed twice, even after its expiry; a started one, cut short by a
+        crash, runs again), then expiry, then "busy".
+        """
         core = self.core
         request_id = cmd.request_id if cmd is not None else local["request_id"]
         command = cmd.command if cmd is not None else local["command"]
@@ -362,31 +375,44 @@ class Agent:
         def refuse(reason: str, message: str) -> None:
             error = {"reason": reason, "step": None, "code": None, "name": None, "message": message,
                      "active_slot": core.state_dir.active_slot()}
-            self._answer(cmd, mid, qos, local, False, None, error)
+            self._answer(cmd, [(mid, qos)], local, False, None, error, record=False)
 
-        if cmd is not None and request_id in core._acks:  # a QoS 1 duplicate: answer the same again
-            core.execute(cmd)
-            self.link.ack_command(mid, qos)
-            return
-        if self._change is not None and self._change["request_id"] == request_id:
-            if mid is not None:
-                self.link.ack_command(mid, qos)  # redelivered while it runs: the ack comes when it is done
-            return
-        kept = core.state_dir.find_install(request_id) if request_id else None
-        if kept is not None and ("result" in kept or "error" in kept) and cmd is not None:
-            core.replay_ack(request_id, kept)  # finished before a restart; the broker delivered it again
-            self.link.ack_command(mid, qos)
-            return
         if self.installer is None:
             return refuse("unsupported", self.installer_error or "this agent does not install models")
-        if cmd is not None and self.config.require_signed_commands:
-            from ..command_auth import CommandAuthError, verify_command
+        expires = None
+        if cmd is not None:
+            body = cmd.envelope["body"]
+            if self.config.require_signed_commands:
+                from ..command_auth import CommandAuthError, verify_command
 
-            try:
-                verify_command(self.config.fleet, self.config.device_id, cmd.envelope["body"], self.installer.keyring)
-            except CommandAuthError as exc:
-                core.bad_commands += 1
-                return refuse("unauthorized", str(exc))
+                try:
+                    verify_command(self.config.fleet, self.config.device_id, body, self.installer.keyring)
+                except CommandAuthError as exc:
+                    core.bad_commands += 1
+                    return refuse("unauthorized", str(exc))
+            expires = body.get("expires_ts")
+            if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+                if self.config.require_signed_commands:
+                    return refuse("bad_request", "a signed install/rollback must carry expires_ts (UNIX time), so "
+                                                 "the device can stop remembering it")
+                expires = time.time() + 86400
+            if expires > time.time() + MAX_COMMAND_LIFETIME_S:
+                return refuse("bad_request", f"expires_ts is more than {MAX_COMMAND_LIFETIME_S // 86400} days "
+                                             "ahead; send commands that expire sooner")
+            if self._change is not None and self._change["request_id"] == request_id:
+                self._change["deliveries"].append((mid, qos))  # redelivered while it runs: acked when done
+                return
+            seen = self.command_log.get(request_id)
+            if seen is not None and "ack" in seen:
+                core.replay_ack(request_id, seen["ack"])  # done before (a redelivery, a resumed rollout, a replay)
+                self.link.ack_command(mid, qos)
+                return
+            if expires < time.time():
+                pointer = core.state_dir.read_pointer() or {}
+                if request_id not in (pointer.get("request_id"), pointer.get("rollback_of")):
+                    return refuse("expired", f"the command expired at {expires}")
+                # it expired, but it had switched the device before a crash cut off its answer: run it
+                # again, which changes nothing and answers what happened (already active / rolled back)
         args = (cmd.args if cmd is not None else local.get("args")) or {}
         req = None
         if command == "install":
@@ -396,19 +422,24 @@ class Agent:
                                       request_id))
             except (ValueError, KeyError) as exc:
                 return refuse("bad_request", str(exc))
-        elif set(args) - {"reason"}:
-            return refuse("bad_request", "rollback takes only args.reason")
+        else:
+            unknown = set(args) - {"reason", "from_sha256"}
+            frm = args.get("from_sha256")
+            if unknown or (frm is not None and (not isinstance(frm, str) or len(frm) != 64)):
+                return refuse("bad_request", "rollback takes args.reason and args.from_sha256 (64 hex digits)")
         if self._change is not None:
             return refuse("busy", f"{self._change['command']} {self._change['request_id']} is running; "
                                   "send again when it has finished")
-        self._change = {"request_id": request_id, "command": command, "started": time.monotonic()}
-        worker = threading.Thread(target=self._run_change, args=(cmd, mid, qos, local, command, req, args),
+        if cmd is not None:
+            self.command_log.started(request_id, command, float(expires))
+        self._change = {"request_id": request_id, "command": command, "started": time.monotonic(),
+                        "deliveries": [(mid, qos)]}
+        worker = threading.Thread(target=self._run_change, args=(cmd, local, command, req, args),
                                   daemon=True, name=f"edgekit-agent-{command}")
         self._workers = [w for w in self._workers if w.is_alive()] + [worker]
         worker.start()
 
-    def _run_change(self, cmd, mid, qos, local, command: str, req: InstallRequest | None,
-                    args: dict[str, Any]) -> None:
+    def _run_change(self, cmd, local, command: str, req: InstallRequest | None, args: dict[str, Any]) -> None:
         assert self.installer is not None
         request_id = self._change["request_id"] if self._change else None
         result = error = model = None
@@ -416,7 +447,7 @@ class Agent:
             if command == "install":
                 result, model = self.installer.install(req)
             else:
-                result, model = self.installer.rollback(args.get("reason"), request_id)
+                result, model = self.installer.rollback(args.get("reason"), request_id, args.get("from_sha256"))
             ok = True
         except InstallError as exc:
             ok, error = False, exc.to_error(self.core.state_dir.active_slot())
@@ -425,28 +456,25 @@ class Agent:
             ok, error = False, {"reason": "internal", "step": None, "code": None, "name": "AGENT_INTERNAL",
                                 "message": f"{type(exc).__name__}: {exc}",
                                 "active_slot": self.core.state_dir.active_slot()}
-        self._calls.put(lambda: self._finish_change(cmd, mid, qos, local, command, ok, result, error, model))
+        if self._stop.is_set() and not ok:
+            return  # cut short by the stop: no answer; the broker delivers the command again after the restart
+        self._calls.put(lambda: self._finish_change(cmd, local, command, ok, result, error, model))
         self.link.wake()
 
-    def _finish_change(self, cmd, mid, qos, local, command: str, ok: bool, result, error, model) -> None:
-        """On the loop thread: serve the new model, close the old one, report, answer."""
+    def _finish_change(self, cmd, local, command: str, ok: bool, result, error, model) -> None:
+        """On the loop thread: serve the new model, retire the old one, report, answer."""
         core = self.core
+        if ok and model is None:
+            # nothing changed on disk (already active, or nothing to roll back); still, make sure the agent
+            # serves what the pointer names (it may have started degraded, or the pointer moved under it)
+            active = active_bundle_info(core.state_dir)
+            if active is not None and (core.model is None or (core.bundle_info or {}).get("sha256") != active["sha256"]):
+                model, health = load_active_model(core.state_dir, self.config, self.installer)
+                if model is not None:
+                    result = {**result, "health": health}
+                    self.health = health
         if ok and model is not None:
-            old = core.model
-            if self.workload is not None:
-                self.workload = None
-            core.set_model(model, bundle_info={"slot": result["slot"], "sha256": result.get("sha256")})
-            self.health = result.get("health")
-            if old is not None and self._owns_model:
-                old.close()
-            self._owns_model = True
-            if core.state in (AgentState.ONLINE, AgentState.DEGRADED):
-                core.set_state(core.serving_state())
-            if self._workload_enabled:
-                try:
-                    self.workload = Workload(self.config.workload, core)
-                except RuntimeErrorBase as exc:
-                    log.error("workload disabled: %s", exc)
+            self._serve(model, {"slot": result["slot"], "sha256": result.get("sha256")}, result.get("health"))
             kind = "model_installed" if command == "install" else "rolled_back"
             core.emit_event(kind, request_id=(cmd.request_id if cmd else local["request_id"]), slot=result["slot"],
                             previous_slot=result.get("previous_slot"), model=core.model_info(),
@@ -455,14 +483,47 @@ class Agent:
         elif not ok:
             core.emit_event("install_failed" if command == "install" else "rollback_failed",
                             request_id=(cmd.request_id if cmd else local["request_id"]), **error)
+        deliveries = self._change["deliveries"] if self._change else []
         self._change = None
-        self._answer(cmd, mid, qos, local, ok, result, error)
+        self._answer(cmd, deliveries, local, ok, result, error, record=True)
         self._write_status()
 
-    def _answer(self, cmd, mid, qos, local, ok: bool, result, error) -> None:
+    def _serve(self, model: Any, bundle_info: dict[str, Any], health: dict[str, Any] | None) -> None:
+        """Swap the served model; the old one is closed once no benchmark still runs on it."""
+        core = self.core
+        old = core.model
+        self.workload = None
+        core.set_model(model, bundle_info=bundle_info)
+        self.health = health
+        if old is not None and self._owns_model:
+            self._retired.append(old)
+        self._owns_model = True
+        self._close_retired()
+        if core.state in (AgentState.ONLINE, AgentState.DEGRADED):
+            core.set_state(core.serving_state())
+        if self._workload_enabled:
+            try:
+                self.workload = Workload(self.config.workload, core)
+            except RuntimeErrorBase as exc:
+                log.error("workload disabled: %s", exc)
+
+    def _close_retired(self) -> None:
+        if self._retired and not self.core._bench_lock.locked():
+            for model in self._retired:
+                model.close()
+            self._retired = []
+
+    def _answer(self, cmd, deliveries, local, ok: bool, result, error, *, record: bool) -> None:
         if cmd is not None:
-            self.core.finish(cmd, ok, result=result, error=error)
-            self.link.ack_command(mid, qos)
+            ack = self.core.finish(cmd, ok, result=result, error=error)
+            if record:  # kept until the command expires: a redelivery or replay gets this answer again
+                try:
+                    self.command_log.finished(cmd.request_id, ack["body"])
+                except OSError:
+                    log.exception("cannot record the outcome of %s", cmd.request_id)
+            for mid, qos in deliveries:
+                if mid is not None:
+                    self.link.ack_command(mid, qos)
         else:
             reply = {"request_id": local["request_id"], "ok": ok, "command": local["command"],
                      **({"result": result} if ok else {"error": error})}
@@ -475,6 +536,9 @@ class Agent:
             taken = path.with_suffix(".taken")
             try:
                 path.rename(taken)
+                st = os.lstat(taken)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > 64 * 1024:  # never block on a FIFO or read a huge file
+                    raise ValueError("not a small regular file")
                 request = json.loads(taken.read_text())
                 local = {"request_id": str(request["request_id"]), "command": request["command"],
                          "args": request.get("args") or {}}
@@ -510,5 +574,7 @@ class Agent:
         self._write_status()
         if self._owns_model and core.model is not None:
             core.model.close()
+        for model in self._retired:
+            model.close()
         core.close()
         log.info("agent stopped (boot %d, %d messages left in the spool)", core.boot, len(core.spool))

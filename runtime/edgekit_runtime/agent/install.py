@@ -120,7 +120,7 @@ class Installer:
     def __init__(self, state_dir: StateDir, keyring: Any, *, threads: int | None = None,
                  latency_budget_ms: float | None = None, latency_runs: int = 20,
                  download_timeout_s: float = 30.0, download_retries: int = 5, ca_file: Path | None = None,
-                 on_progress: Callable[[str, dict[str, Any]], None] | None = None,
+                 download_max_s: float = 3600.0, on_progress: Callable[[str, dict[str, Any]], None] | None = None,
                  should_stop: Callable[[], bool] | None = None):
         self.sd = state_dir
         self.keyring = keyring
@@ -129,6 +129,7 @@ class Installer:
         self.latency_runs = latency_runs
         self.download_timeout_s = download_timeout_s
         self.download_retries = download_retries
+        self.download_max_s = download_max_s
         self.ca_file = ca_file
         self.on_progress = on_progress
         self.should_stop = should_stop
@@ -189,7 +190,7 @@ class Installer:
 
     def _install(self, req: InstallRequest) -> tuple[dict[str, Any], Any]:
         from ..bundle import open_bundle, read_manifest_unverified
-        from .fetch import fetch_bundle, sha256_file
+        from .fetch import fetch_bundle
 
         sd = self.sd
         pointer = sd.read_pointer()
@@ -200,6 +201,7 @@ class Installer:
                   "started_at": time.time()}
         timings: dict[str, float] = {}
         t = time.perf_counter()
+        deadline = time.monotonic() + self.download_max_s
 
         def done(step: str) -> None:
             nonlocal t
@@ -207,33 +209,41 @@ class Installer:
             timings[step] = round(now - t, 4)
             t = now
 
+        def stopping() -> bool:
+            return bool(self.should_stop is not None and self.should_stop())
+
         model = None
+        path: Path | None = None
+        if active is not None and req.sha256 is not None:
+            rec = sd.read_slot(active)
+            if rec.get("sha256") == req.sha256 and rec.get("model") and sd.active_bundle() is not None:
+                # already serving it (a re-sent command, or one redelivered after the switch): nothing to fetch
+                return {"slot": active, "previous_slot": pointer.get("previous"), "model": rec["model"],
+                        "sha256": req.sha256, "already_active": True, "health": rec.get("health"),
+                        "timings_s": {}}, None
         try:
-            # download: nothing in the slots is touched
+            # download: into the agent's own downloads/ (a local file is copied there first, so what is
+            # checked below is what gets installed: nobody else can change it in between)
             self._step(marker, "download", source=req.source)
             try:
                 if "://" in req.source:
                     path = fetch_bundle(req.source, sd.downloads, req.sha256, req.size,
                                         timeout=self.download_timeout_s, retries=self.download_retries,
-                                        ca_file=self.ca_file, should_stop=self.should_stop)
+                                        ca_file=self.ca_file,
+                                        should_stop=lambda: stopping() or time.monotonic() > deadline)
                 else:
-                    path = Path(req.source)
-                    if not path.is_file():
-                        raise InstallError("download_failed", f"{path} does not exist", step="download",
-                                           code=ErrorCode.BUNDLE_DOWNLOAD_FAILED)
-                    if req.sha256 is not None:
-                        got = sha256_file(path)
-                        if got != req.sha256:
-                            raise InstallError("checksum_mismatch", f"{path} has sha256 {got}, expected "
-                                               f"{req.sha256}", step="download",
-                                               code=ErrorCode.BUNDLE_CHECKSUM_MISMATCH,
-                                               hint="copy the bundle again; it changed on the way")
+                    path = self._copy_local(Path(req.source), req.sha256)
             except InstallError:
                 raise
             except RuntimeErrorBase as exc:
+                if not stopping() and time.monotonic() > deadline:
+                    raise InstallError("download_failed", f"the download of {req.source} did not finish within "
+                                       f"{self.download_max_s:.0f} s", step="download",
+                                       code=ErrorCode.BUNDLE_DOWNLOAD_FAILED,
+                                       hint="check the device's link, or raise download_max_s") from None
                 raise InstallError(_reason_for(exc.code), exc.message, step="download", code=exc.code,
                                    hint=exc.hint) from None
-            sha = req.sha256 or sha256_file(path)
+            sha = path.name[: -len(".ekb")]  # downloads/<sha256>.ekb, checked against the pin
             done("download")
 
             # verify: signature, members, format, anti-rollback; still nothing written to a slot
@@ -248,6 +258,7 @@ class Installer:
                 rec = sd.read_slot(active)
                 if rec.get("sha256") == sha and sd.active_bundle() is not None:
                     sd.clear_marker()
+                    self._discard_download(sha)
                     result = {"slot": active, "previous_slot": pointer.get("previous"), "model": _model(verified),
                               "sha256": sha, "already_active": True, "health": rec.get("health"),
                               "timings_s": timings}
@@ -261,7 +272,7 @@ class Installer:
                         "to install it anyway")
             done("verify")
 
-            # unpack: the idle slot is marked "installing" before it is emptied
+            # unpack: the idle slot is marked "installing" (with this transaction) before it is emptied
             self._step(marker, "unpack")
             sd.write_slot(target, {"state": "installing", "sha256": sha, "txn": marker["txn"]})
             _empty_slot(sd.slot_dir(target))
@@ -278,6 +289,9 @@ class Installer:
             except Exception as exc:  # an engine library's own error
                 raise InstallError("prepare_failed", f"{type(exc).__name__}: {exc}", step="prepare",
                                    code=ErrorCode.ENGINE_LOAD_FAILED) from None
+            if model.bundle.manifest != verified.manifest:  # the same signed bundle that was checked above
+                raise InstallError("verify_failed", "the bundle in the slot is not the one that was verified",
+                                   step="prepare", code=ErrorCode.BUNDLE_TAMPERED)
             done("prepare")
 
             self._step(marker, "health_check")
@@ -293,50 +307,84 @@ class Installer:
             info = _model(verified)
             sd.write_slot(target, {"state": "good", "sha256": sha, "model": info, "key_id": verified.key_id,
                                    "health": health, "installed_at": time.time(), "request_id": req.request_id,
-                                   "rollout": req.rollout})
+                                   "rollout": req.rollout, "txn": marker["txn"]})
             sd.write_pointer(target, active, txn=marker["txn"], request_id=req.request_id)
-            self._fault("switched")  # tests: a crash between the pointer switch and the marker removal
-            sd.clear_marker()
-            done("switch")
-            result = {"slot": target, "previous_slot": active, "model": info, "sha256": sha,
-                      "already_active": False, "health": health, "timings_s": timings}
-            sd.log_install({"request_id": req.request_id, "command": "install", "ok": True, "result": result})
-            self._discard_download(path, sha)
-            return result, model
         except InstallError as exc:
             if model is not None:
                 model.close()
-            self._undo(marker, target, active)
+            self._undo(marker, target)
             exc.step = exc.step or marker.get("step")
-            if not (self.should_stop is not None and self.should_stop()):
+            if not stopping():
                 # (cut short by the agent stopping: not an outcome; a redelivered command tries again)
                 sd.log_install({"request_id": req.request_id, "command": "install", "ok": False,
                                 "error": exc.to_error(active)})
+                self._discard_download(req.sha256 or (path.name[:-4] if path is not None else None))
             raise
         except BaseException:
             if model is not None:
                 model.close()
-            self._undo(marker, target, active)
+            self._undo(marker, target)
             raise
 
-    def _undo(self, marker: dict[str, Any], target: str, active: str | None) -> None:
-        """Leave things as before the install: the active slot serves, the idle one is emptied."""
+        # The new slot is active from here on: nothing below may turn this into a failure.
+        result = {"slot": target, "previous_slot": active, "model": info, "sha256": sha,
+                  "already_active": False, "health": health, "timings_s": timings}
+        try:
+            self._fault("switched")  # tests: a crash between the pointer switch and the marker removal
+            sd.clear_marker()
+            done("switch")
+            sd.log_install({"request_id": req.request_id, "command": "install", "ok": True, "result": result})
+            self._discard_download(sha)
+        except Exception:  # e.g. a full disk for the log: the install stands; the next start clears the marker
+            log.exception("after switching to slot %s", target)
+        return result, model
+
+    def _copy_local(self, source: Path, sha256: str | None) -> Path:
+        """Copy a local bundle into ``downloads/<sha256>.ekb`` (hashing it on the way)."""
+        import hashlib
+
+        if not source.is_file():
+            raise InstallError("download_failed", f"{source} does not exist", step="download",
+                               code=ErrorCode.BUNDLE_DOWNLOAD_FAILED)
+        tmp = self.sd.downloads / f".local-{os.getpid()}.tmp"
+        h = hashlib.sha256()
+        try:
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    h.update(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise InstallError("download_failed", f"cannot copy {source} ({exc.strerror})", step="download",
+                               code=ErrorCode.BUNDLE_DOWNLOAD_FAILED) from None
+        got = h.hexdigest()
+        if sha256 is not None and got != sha256:
+            tmp.unlink(missing_ok=True)
+            raise InstallError("checksum_mismatch", f"{source} has sha256 {got}, expected {sha256}",
+                               step="download", code=ErrorCode.BUNDLE_CHECKSUM_MISMATCH,
+                               hint="copy the bundle again; it changed on the way")
+        dest = self.sd.downloads / f"{got}.ekb"
+        os.replace(tmp, dest)
+        return dest
+
+    def _undo(self, marker: dict[str, Any], target: str) -> None:
+        """Leave things as before the install: the active slot serves; the idle one is emptied if touched."""
         sd = self.sd
         if sd.read_marker() is None:
             return
-        if marker.get("step") not in ("download", "verify"):  # the idle slot was touched
+        if sd.read_slot(target).get("txn") == marker["txn"]:  # this install marked (and so began to write) it
             _empty_slot(sd.slot_dir(target))
             sd.write_slot(target, {"state": "aborted", "txn": marker["txn"], "failed_step": marker.get("step")})
         sd.clear_marker()
 
-    def _discard_download(self, path: Path, sha: str) -> None:
-        """The downloaded copy is in the slot now; drop the one in downloads/."""
-        if path.parent == self.sd.downloads:
-            for p in (path, self.sd.downloads / f"{sha}.part"):
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+    def _discard_download(self, sha: str | None) -> None:
+        """The bundle is in the slot now, or was refused: drop the copy in downloads/."""
+        if not sha:
+            return
+        for p in (self.sd.downloads / f"{sha}.ekb", self.sd.downloads / f"{sha}.part"):
+            p.unlink(missing_ok=True)
 
     def _load(self, bundle: Path, workdir: Path) -> Any:
         from ..api import load
@@ -399,13 +447,31 @@ class Installer:
                 "p90_ms": round(float(np.percentile(times, 90)), 4), "budget_ms": budget}
 
     # -- rollback ----------------------------------------------------------------------------
-    def rollback(self, reason: str | None = None, request_id: str | None = None) -> tuple[dict[str, Any], Any]:
-        """Point back at the previous slot (it must be "good" and pass its health check)."""
+    def rollback(self, reason: str | None = None, request_id: str | None = None,
+                 from_sha256: str | None = None) -> tuple[dict[str, Any], Any]:
+        """Point back at the previous slot (it must be "good" and pass its health check).
+
+        Idempotent: ``from_sha256`` names the bundle to roll back from; when the active
+        slot holds something else there is nothing to undo (``changed: false``), so a
+        retried or late rollback never rolls a device *forward* again. The same holds
+        for a ``request_id`` the pointer already records.
+        """
         if not self._busy.acquire(blocking=False):
             raise InstallError("busy", "an install is running; roll back after it finishes", code=ErrorCode.CONFIG_INVALID)
         try:
             sd = self.sd
             pointer = sd.read_pointer()
+            if pointer is not None:
+                cur_rec = sd.read_slot(pointer["slot"])
+                done_before = request_id is not None and pointer.get("rollback_of") == request_id
+                elsewhere = from_sha256 is not None and cur_rec.get("sha256") != from_sha256
+                if done_before or elsewhere:
+                    result = {"slot": pointer["slot"], "previous_slot": pointer.get("previous"),
+                              "model": cur_rec.get("model"), "sha256": cur_rec.get("sha256"), "changed": False,
+                              "reason": reason, "note": "already rolled back" if done_before else
+                              f"the active bundle is not {from_sha256[:12]}…: nothing to roll back"}
+                    sd.log_install({"request_id": request_id, "command": "rollback", "ok": True, "result": result})
+                    return result, None
             if pointer is None or pointer.get("previous") is None:
                 raise InstallError("no_previous", "there is no previous model to roll back to", step="rollback",
                                    code=ErrorCode.CONFIG_INVALID)
@@ -430,9 +496,13 @@ class Installer:
                                    f"check: {health['problem']}", step="rollback",
                                    code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED)
             sd.write_pointer(prev, cur, rollback_of=request_id, reason=reason)
+            self._fault("rollback_switched")  # tests: a crash right after a rollback's pointer switch
             result = {"slot": prev, "previous_slot": cur, "model": rec.get("model") or _model_of_verified(model),
-                      "sha256": rec.get("sha256"), "health": health, "reason": reason}
-            sd.log_install({"request_id": request_id, "command": "rollback", "ok": True, "result": result})
+                      "sha256": rec.get("sha256"), "health": health, "reason": reason, "changed": True}
+            try:  # switched: nothing below may turn this into a failure
+                sd.log_install({"request_id": request_id, "command": "rollback", "ok": True, "result": result})
+            except Exception:
+                log.exception("after rolling back to slot %s", prev)
             return result, model
         finally:
             self._busy.release()
@@ -442,11 +512,10 @@ class Installer:
         """Finish or undo an install cut short by a crash; what was done, or None if nothing was pending."""
         sd = self.sd
         marker = sd.read_marker()
-        # temporary files of a copy cut short
-        for slot in SLOTS:
-            tmp = sd.slot_dir(slot) / ".bundle.ekb.tmp"
-            if tmp.exists():
-                tmp.unlink()
+        # temporary files of writes cut short, and downloads nobody will resume
+        cleaned = sd.clean_leftovers(keep_sha256=(marker or {}).get("sha256"))
+        if cleaned:
+            log.info("removed leftovers: %s", ", ".join(cleaned))
         if marker is None:
             return None
         pointer = sd.read_pointer()
@@ -457,7 +526,8 @@ class Installer:
             outcome = "completed"
         else:
             if slot in SLOTS and (pointer is None or pointer["slot"] != slot):
-                if step not in ("download", "verify"):
+                # only a slot this install had marked was written to (the crash may have come before that)
+                if sd.read_slot(slot).get("txn") == marker.get("txn"):
                     _empty_slot(sd.slot_dir(slot))
                     sd.write_slot(slot, {"state": "aborted", "txn": marker.get("txn"), "failed_step": step,
                                          "note": "the agent stopped during the install"})

@@ -13,6 +13,7 @@ Layout of ``state_dir``::
       downloads/      <sha256>.part (resumed with HTTP Range) and <sha256>.ekb
       inbox/ outbox/  install/rollback requests from `edgekit-agent install` to the running agent
       installs.jsonl  one line per finished install/rollback (outcome by request id)
+      commands.jsonl  signed commands seen, kept until they expire (no replay, no double execution)
       spool.db        on-disk telemetry/event spool (SQLite, WAL), see spool.py
       agent.json      what the running agent last reported about itself (for `edgekit-agent status`)
       agent.lock      held (flock) by the running agent, so two agents never share a directory
@@ -104,6 +105,7 @@ class StateDir:
         self.inbox = self.root / "inbox"
         self.outbox = self.root / "outbox"
         self.install_log = self.root / "installs.jsonl"
+        self.command_log = self.root / "commands.jsonl"
         self._lock_fd: int | None = None
 
     def ensure(self) -> "StateDir":
@@ -282,6 +284,26 @@ class StateDir:
         _fsync_dir(dest.parent)
         return dest
 
+    def clean_leftovers(self, keep_sha256: str | None = None, max_age_s: float = 7 * 86400) -> list[str]:
+        """Remove what crashes leave: temporary files of atomic writes, and stale downloads.
+
+        ``downloads/<keep_sha256>.*`` stays (an interrupted install resumes from it).
+        """
+        removed = []
+        now = time.time()
+        for folder in (self.root, self.slot_dir("a"), self.slot_dir("b"), self.inbox, self.outbox, self.downloads):
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                stale_tmp = path.name.startswith(".") and ".tmp" in path.name
+                stale_download = (folder == self.downloads and not (keep_sha256 and path.name.startswith(keep_sha256))
+                                  and now - path.stat().st_mtime > max_age_s)
+                taken = folder == self.inbox and path.suffix == ".taken"
+                if (stale_tmp or stale_download or taken) and path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(str(path.relative_to(self.root)))
+        return removed
+
     # -- status snapshot -----------------------------------------------------------
     def write_status(self, status: dict[str, Any]) -> None:
         atomic_write(self.status_file, json.dumps({**status, "updated_at": time.time()}, indent=2).encode(),
@@ -292,3 +314,58 @@ class StateDir:
             return json.loads(self.status_file.read_text())
         except (OSError, ValueError):
             return None
+
+
+class CommandLog:
+    """Signed commands this device has seen, kept (on disk) until they expire.
+
+    A command whose request id is here is never executed twice: a finished one is
+    answered again from its recorded ack (a QoS 1 redelivery, a resumed rollout, or
+    a replay by someone who captured it), a started one (the agent died during it)
+    runs again. Entries are dropped once their ``expires_ts`` has passed, which is
+    why signed commands must carry one.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return
+        now = time.time()
+        dropped = 0
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                rid = entry["request_id"]
+            except (ValueError, KeyError, TypeError):  # a line cut by a crash
+                dropped += 1
+                continue
+            merged = {**self.entries.get(rid, {}), **entry}
+            self.entries[rid] = merged
+        for rid in [r for r, e in self.entries.items() if (e.get("expires_ts") or 0) < now]:
+            del self.entries[rid]
+            dropped += 1
+        if dropped:
+            atomic_write(self.path, "".join(json.dumps(e) + "\n" for e in self.entries.values()).encode())
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        return self.entries.get(request_id)
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        self.entries[entry["request_id"]] = {**self.entries.get(entry["request_id"], {}), **entry}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def started(self, request_id: str, command: str, expires_ts: float) -> None:
+        self._append({"request_id": request_id, "command": command, "expires_ts": expires_ts,
+                      "started_at": time.time()})
+
+    def finished(self, request_id: str, ack: dict[str, Any]) -> None:
+        self._append({"request_id": request_id, "ack": ack, "finished_at": time.time()})

@@ -22,9 +22,10 @@ from edgekit_runtime.command_auth import sign_command
 
 
 def _send(sub, device: str, command: str, args: dict, key=None, *, request_id: str | None = None,
-          sign_for: str | None = None) -> str:
+          sign_for: str | None = None, expires_ts: float | None = None) -> str:
     request_id = request_id or uuid.uuid4().hex
-    body = {"request_id": request_id, "command": command, "args": args, "expires_ts": None}
+    body = {"request_id": request_id, "command": command, "args": args,
+            "expires_ts": expires_ts if expires_ts is not None else time.time() + 600}
     if key is not None:
         body = sign_command("f1", sign_for or device, body, key)
     env = fleet_protocol.envelope("cmd", "f1", device, 0, 0, body)
