@@ -103,6 +103,7 @@ def flash_cmd(
                                              help="Trust and record an unknown host key (never a changed one)"),
     agent_command: str = typer.Option("edgekit-agent", "--agent-command", help="The agent CLI on the device"),
     agent_config: str = typer.Option("/etc/edgekit/agent.toml", "--agent-config", help="Agent config on the device"),
+    keep_upload: bool = typer.Option(False, "--keep-upload", help="Leave the uploaded copy on the device"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Flash BUNDLE to one board (--host, SSH) or to a fleet (--fleet, signed MQTT command, canary first)."""
@@ -118,7 +119,8 @@ def flash_cmd(
         with console.status(f"flashing {bundle.name} to {host}", spinner="dots"):
             result = flash_over_ssh(bundle, host, port=port, identity=identity, known_hosts=known_hosts,
                                     accept_new_host_key=accept_new_host_key, agent_command=agent_command,
-                                    agent_config=agent_config, allow_downgrade=allow_downgrade)
+                                    agent_config=agent_config, allow_downgrade=allow_downgrade,
+                                    keep_upload=keep_upload)
         if as_json:
             print_json(result)
         else:
@@ -244,6 +246,8 @@ def rollback_cmd(
     devices: Optional[str] = typer.Option(None, "--devices", "-d", help="Globs and filters, as for flash"),
     record: Optional[Path] = typer.Option(None, "--record", help="Roll back what this rollout switched"),
     reason: Optional[str] = typer.Option(None, "--reason", help="Recorded on the devices"),
+    from_bundle: Optional[Path] = typer.Option(None, "--from", help="Only devices running this bundle roll back; "
+                                               "the others answer 'nothing to undo' (safe to repeat)"),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for each device"),
     key: Optional[Path] = SigningKeyOpt,
     broker: str = BrokerOpt, username: Optional[str] = UserOpt, password: Optional[str] = PasswordOpt,
@@ -271,7 +275,8 @@ def rollback_cmd(
                 console.print(json.dumps(out, indent=2, default=str), highlight=False)
             return
         targets = select_devices(known, devices, None)
-        sent = {d: client.send(d, "rollback", {"reason": reason}, sign_key=sign_key, expires_s=timeout)
+        args = {"reason": reason, "from_sha256": _sha256(from_bundle) if from_bundle else None}
+        sent = {d: client.send(d, "rollback", args, sign_key=sign_key, expires_s=max(timeout, 3600.0))
                 for d in targets}
         results = {d: client.wait_ack(rid, timeout) for d, rid in sent.items()}
     rows = {d: (a or {"ok": False, "error": {"reason": "timeout", "message": f"no answer in {timeout:.0f} s"}})
@@ -282,8 +287,9 @@ def rollback_cmd(
         for d, a in rows.items():
             if a["ok"]:
                 m = a["result"].get("model") or {}
-                console.print(f"[green]ok[/] {d}: slot {a['result']['slot']} ({m.get('name')} {m.get('version')})",
-                              highlight=False)
+                what = "rolled back to" if a["result"].get("changed", True) else "nothing to undo; runs"
+                console.print(f"[green]ok[/] {d}: {what} slot {a['result']['slot']} ({m.get('name')} "
+                              f"{m.get('version')})", highlight=False)
             else:
                 err_console.print(f"[red]failed[/] {d}: {a['error'].get('reason')}: {a['error'].get('message')}",
                                   highlight=False)

@@ -6,7 +6,12 @@ table of devices from their retained ``state`` messages, and publishes commands 
 ``edgekit/v1/<fleet>/<device>/cmd`` at QoS 1 (waiting for the broker's PUBACK).
 ``install`` and ``rollback`` change what a device runs, so they are signed with the
 host's ed25519 key (:func:`edgekit_runtime.command_auth.sign_command`); a device
-refuses them unsigned.
+refuses them unsigned. They also always carry a numeric ``expires_ts`` (inside the
+signature): a device refuses a signed command without one (``bad_request``) or past
+it (``expired``), and remembers the request ids of signed commands until they expire,
+so a replayed or re-sent one is answered from that record and never runs twice.
+Without an explicit expiry a signed command expires after
+:data:`DEFAULT_SIGNED_EXPIRY_S` (1 day).
 
 Agents keep a persistent session, so a command sent to an offline device waits in
 the broker and arrives when it reconnects. This client uses a clean session of its
@@ -22,6 +27,7 @@ from __future__ import annotations
 import collections
 import fnmatch
 import logging
+import math
 import os
 import re
 import socket
@@ -31,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from edgekit_runtime import fleet_protocol
+from edgekit_runtime import command_auth, fleet_protocol
 from edgekit_runtime.command_auth import SIGNED_COMMANDS, sign_command
 
 from ..errors import ConfigError, SigningError
@@ -41,6 +47,19 @@ log = logging.getLogger("edgekit.flash.commands")
 
 SUBSCRIBED_KINDS = ("state", "event", "ack")
 FILTER_KEYS = ("model", "status")
+DEFAULT_SIGNED_EXPIRY_S = 86400.0  # signed commands sent without an expiry expire after 1 day
+# devices refuse a signed command that expires further ahead than this (they remember its request id until then);
+# the agent's own limit, taken from the shared runtime module once it is there
+MAX_SIGNED_EXPIRY_S = float(command_auth.MAX_COMMAND_LIFETIME_S)
+
+
+def _check_expiry(command: str, expires_ts: Any) -> Optional[float]:
+    """``expires_ts`` as a float (None stays None); a NaN/inf/non-number is a :class:`ConfigError`."""
+    if expires_ts is None:
+        return None
+    if isinstance(expires_ts, bool) or not isinstance(expires_ts, (int, float)) or not math.isfinite(expires_ts):
+        raise ConfigError(f"the {command!r} command's expires_ts must be a finite UNIX time, not {expires_ts!r}")
+    return float(expires_ts)
 
 
 @dataclass(frozen=True)
@@ -65,8 +84,11 @@ def command_body(fleet: str, device: str, command: str, args: Optional[dict[str,
                  sign_key: Any = None) -> dict[str, Any]:
     """The ``cmd`` body for ``command`` (signed when it is ``install``/``rollback``).
 
+    A signed command always carries a numeric ``expires_ts`` (devices refuse one
+    without): when none is given it is now + :data:`DEFAULT_SIGNED_EXPIRY_S`.
     Signing the same fields again gives the same body (ed25519 signatures are
-    deterministic), which is what lets a resumed rollout re-send a command.
+    deterministic), which is what lets a resumed rollout re-send a command (it
+    passes the recorded ``expires_ts``).
     """
     fleet_protocol.check_name(fleet, "fleet")
     fleet_protocol.check_name(device, "device")
@@ -74,8 +96,11 @@ def command_body(fleet: str, device: str, command: str, args: Optional[dict[str,
         raise ConfigError("a command needs a name (install, rollback, bench, ping, config)")
     body: dict[str, Any] = {"request_id": request_id or uuid.uuid4().hex, "command": command}
     signed = command in SIGNED_COMMANDS
-    if signed or expires_ts is not None:
-        body["expires_ts"] = None if expires_ts is None else float(expires_ts)
+    expires_ts = _check_expiry(command, expires_ts)
+    if signed and expires_ts is None:
+        expires_ts = time.time() + DEFAULT_SIGNED_EXPIRY_S
+    if expires_ts is not None:
+        body["expires_ts"] = expires_ts
     if args is not None or signed:
         body["args"] = dict(args or {})
     if signed:
@@ -324,14 +349,21 @@ class FleetClient:
 
         ``install``/``rollback`` are signed with ``sign_key`` (required for them).
         ``expires_s`` (from now) or ``expires_ts`` (UNIX time) bounds how long a
-        queued command stays valid; the agent refuses it afterwards. Passing the
-        ``request_id`` (and ``expires_ts``) of an earlier send re-sends the same
-        command: the agent answers a duplicate from its ack cache.
+        queued command stays valid; the agent refuses it afterwards. Signed
+        commands always expire: with neither given, after
+        :data:`DEFAULT_SIGNED_EXPIRY_S` (1 day). Passing the ``request_id`` (and
+        ``expires_ts``) of an earlier send re-sends the same command: the agent
+        answers a duplicate from its record of signed requests.
         """
         if self._client is None:
             raise FleetConnectionError("not connected to the broker: call connect() first")
         if expires_ts is None and expires_s is not None:
+            if isinstance(expires_s, bool) or not isinstance(expires_s, (int, float)) \
+                    or not math.isfinite(expires_s) or expires_s <= 0:
+                raise ConfigError(f"expires_s must be a positive number of seconds, not {expires_s!r}")
             expires_ts = time.time() + float(expires_s)
+        if expires_ts is None and command in SIGNED_COMMANDS:
+            expires_ts = time.time() + DEFAULT_SIGNED_EXPIRY_S
         body = command_body(self.fleet, device, command, args, request_id=request_id, expires_ts=expires_ts,
                             sign_key=sign_key)
         rid = body["request_id"]

@@ -31,11 +31,32 @@ Rules (what the code below does):
   → halt. The canary phase must also produce at least one success, else it halts
   (canaries that all stay offline prove nothing). A halted rollout sends nothing
   more; with ``rollback_canaries_on_halt`` it sends a signed ``rollback`` to
-  every device that this rollout switched (``succeeded`` and not
-  ``already_active`` before it) and records ``rolled_back`` or
+  every device that this rollout switched and records ``rolled_back`` or
   ``rollback_failed``. Install commands already queued for offline devices
   cannot be withdrawn from the broker; ``command_expiry_s`` bounds how long they
   stay valid (the agent refuses an expired command).
+* **Switched by this rollout** (``install.changed``): decided from the model
+  sha256 the device reported *before* the rollout (its retained state, recorded
+  as ``sha_before`` when the phases are planned), not from the agent's
+  ``already_active`` alone: an agent killed between its pointer switch and its
+  log write answers the re-delivered install with ``already_active`` although
+  this rollout switched it. So ``changed`` is true when ``sha_before`` differs
+  from the plan's sha256, when the answer is not ``already_active``, or when
+  ``sha_before`` is unknown (the safe side).
+* **Rollbacks are conditional**: every ``rollback`` this module sends (on halt,
+  :meth:`Rollout.rollback`, :func:`rollback_from_record`) carries
+  ``from_sha256`` = the plan's sha256, so the device rolls back only while it
+  still runs this rollout's bundle. A rollback retried after a timeout, renewed
+  after its expiry, or answered late can therefore never take a device
+  *forward* to the bundle being rolled back from (a plain rollback toggles
+  between the two slots). A rollback answered ok with ``changed: false``
+  (nothing to undo: the device no longer runs the bundle) counts as
+  ``rolled_back``; its attempt records ``changed: false``.
+* **Expiry**: every signed command carries ``expires_ts`` = send time +
+  ``command_expiry_s`` (a positive number, 1 day by default, at most
+  :data:`~edgekit.flash.commands.MAX_SIGNED_EXPIRY_S`; devices refuse a signed
+  command without an expiry, or with one further ahead). A recorded attempt without one (an older
+  record) is renewed, not re-sent.
 * **Resume**: ``pending`` devices of the current and later phases get the
   command; ``sent``/``pending_offline`` ones get the *same* command again (same
   ``request_id`` and expiry, the same deterministic signature) so the agent
@@ -69,7 +90,7 @@ from edgekit_runtime import fleet_protocol
 
 from ..config import format_validation_error
 from ..errors import ConfigError, SigningError
-from .commands import Received
+from .commands import MAX_SIGNED_EXPIRY_S, Received
 
 RECORD_FORMAT = "edgekit-rollout"
 RECORD_VERSION = 1
@@ -140,8 +161,8 @@ class RolloutPlan(BaseModel):
     max_failures: int = Field(0, ge=0, description="Halt when failed + timed-out devices exceed this")
     wave_size: int = Field(0, ge=0, description="Devices per wave after the canaries (0: all the rest at once)")
     device_timeout_s: float = Field(600.0, gt=0, description="Seconds an online device has to answer")
-    command_expiry_s: Optional[float] = Field(86400.0, gt=0, description="Commands expire this long after sending "
-                                                                         "(None: never); bounds queued installs")
+    command_expiry_s: float = Field(86400.0, description="Signed commands expire this long after sending (seconds, "
+                                                         "> 0); bounds how long queued installs stay valid")
     rollback_canaries_on_halt: bool = Field(True, description="On halt, roll back the devices this rollout switched")
 
     @field_validator("fleet")
@@ -172,6 +193,18 @@ class RolloutPlan(BaseModel):
         if not _SHA256.match(v):
             raise ValueError("must be 64 lowercase hex characters")
         return v
+
+    @field_validator("command_expiry_s", mode="before")
+    @classmethod
+    def _expiry(cls, v: Any) -> float:
+        # before strict type checking: a clear word for None (allowed by older edgekits) and bad numbers
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"must be a positive number of seconds, not {v!r}: signed commands always expire "
+                             "(devices refuse install/rollback without an expiry); the default is 86400 (1 day)")
+        if v > MAX_SIGNED_EXPIRY_S:
+            raise ValueError(f"{v:g} s is more than {MAX_SIGNED_EXPIRY_S:g} s ({MAX_SIGNED_EXPIRY_S / 86400:g} days): "
+                             "devices refuse signed commands that expire later")
+        return float(v)
 
     @field_validator("url")
     @classmethod
@@ -221,6 +254,10 @@ class RolloutPlan(BaseModel):
     def install_args(self, rollout_id: Optional[str]) -> dict[str, Any]:
         return {"url": self.url, "sha256": self.sha256, "size": self.size, "allow_downgrade": self.allow_downgrade,
                 "rollout": rollout_id}
+
+    def rollback_args(self, reason: Optional[str]) -> dict[str, Any]:
+        """A rollback that undoes only this plan's bundle: the device rolls back only while it runs ``sha256``."""
+        return {"reason": reason, "from_sha256": self.sha256}
 
 
 # ----------------------------------------------------------------------------- record
@@ -300,12 +337,23 @@ def outstanding(record: dict[str, Any], now: Optional[float] = None) -> dict[str
     for device, entry in record["devices"].items():
         attempt = entry.get("rollback") if rolling_back and entry.get("rollback") else entry.get("install")
         if attempt and attempt["status"] in ("sent", "pending_offline"):
-            expired = attempt.get("expires_ts") is not None and attempt["expires_ts"] <= now + 1.0
-            out["renew" if expired else "resend"].append(device)
+            out["renew" if _expired(attempt, now) else "resend"].append(device)
     if not record.get("halted") and record.get("phases"):
         for phase in record["phases"][record.get("phase_index", 0):]:
             out["pending"].extend(d for d in phase if not record["devices"][d].get("install"))
     return out
+
+
+def _expired(attempt: dict[str, Any], now: float) -> bool:
+    """Whether a recorded request can no longer be re-sent as it is (expired, or recorded without an expiry)."""
+    expires = attempt.get("expires_ts")
+    return not isinstance(expires, (int, float)) or expires <= now + 1.0
+
+
+def _sha256_of(model: Any) -> Optional[str]:
+    """The sha256 a device's retained state reports for its active bundle, if it reports a valid one."""
+    sha = model.get("sha256") if isinstance(model, dict) else None
+    return sha if isinstance(sha, str) and _SHA256.match(sha) else None
 
 
 def new_rollout_id() -> str:
@@ -372,8 +420,8 @@ class Rollout:
                 "created_ts": now, "updated_ts": now, "phase": "planned", "phase_index": 0, "phases": None,
                 "halted": False, "halt_reason": None, "first_sent_ts": None, "last_switch_ts": None,
                 "rollback": None, "plan": plan.model_dump(mode="json"),
-                "devices": {d: {"phase": None, "status": "pending", "model_before": None, "model": None,
-                                "install": None, "rollback": None} for d in plan.devices},
+                "devices": {d: {"phase": None, "status": "pending", "model_before": None, "sha_before": None,
+                                "model": None, "install": None, "rollback": None} for d in plan.devices},
                 "log": [],
             }
         self._by_request: dict[str, tuple[str, str]] = {}
@@ -488,7 +536,9 @@ class Rollout:
             for d in phase:
                 entry = rec["devices"][d]
                 entry["phase"] = phase_label(index)
-                entry["model_before"] = _model_text((known.get(d) or {}).get("model"))
+                model = (known.get(d) or {}).get("model")
+                entry["model_before"] = _model_text(model)
+                entry["sha_before"] = _sha256_of(model)  # what it ran before: decides install.changed
         self._log(f"planned: {len(rec['phases'][0])} canary device(s), {len(rec['phases']) - 1} wave(s)")
         self._write()
 
@@ -521,20 +571,20 @@ class Rollout:
         rec = self.record
         now = self.clock()
         known = self.transport.devices()
-        expiry = self.plan.command_expiry_s
+        expiry = self.plan.command_expiry_s  # always a positive number: signed commands must expire
         for d in devices:
             entry = rec["devices"][d]
             attempt = entry.get(which)
             if attempt and attempt["status"] in ("sent", "pending_offline"):
-                if attempt.get("expires_ts") is not None and attempt["expires_ts"] <= now + 1.0:
+                if _expired(attempt, now):
                     self._log(f"{d}: {command} request {attempt['request_id']} expired; sending a new one")
                     attempt.update(request_id=uuid.uuid4().hex, attempt=attempt["attempt"] + 1,
-                                   expires_ts=None if expiry is None else now + expiry)
+                                   expires_ts=now + expiry)
                 else:
                     attempt["resent"] = attempt.get("resent", 0) + 1
             else:
                 attempt = {"request_id": uuid.uuid4().hex, "command": command, "attempt": 1, "resent": 0,
-                           "expires_ts": None if expiry is None else now + expiry, "first_sent_ts": now}
+                           "expires_ts": now + expiry, "first_sent_ts": now}
                 entry[which] = attempt
             online = (known.get(d) or {}).get("status") == "online"
             attempt.update(status="sent" if online else "pending_offline", queued_ts=now, last_send_ts=now,
@@ -628,12 +678,21 @@ class Rollout:
             attempt.update(status="ok", error=None, step=None, slot=result.get("slot"),
                            previous_slot=result.get("previous_slot"), timings_s=result.get("timings_s"),
                            already_active=bool(result.get("already_active")))
+            note = ""
             if which == "install":
-                # a device that ran this bundle before the rollout (first answer says so) was not switched by it
-                attempt["changed"] = not (attempt["already_active"] and attempt["attempt"] == 1)
+                # switched by this rollout unless it ran this bundle before (known from its state at the start);
+                # already_active alone is not proof: after a crash between the agent's pointer switch and its log
+                # write, the re-delivered install answers already_active although this rollout switched it
+                before = entry.get("sha_before")
+                attempt["changed"] = not attempt["already_active"] or before is None or before != self.plan.sha256
                 self.record["last_switch_ts"] = max(now, self.record["last_switch_ts"] or now)
+            else:
+                # a conditional rollback (from_sha256) that found the device on another bundle: nothing to undo
+                attempt["changed"] = result.get("changed") is not False
+                if not attempt["changed"]:
+                    note = " (nothing to undo: it no longer runs this rollout's bundle)"
             entry["model"] = _model_text(result.get("model")) or entry.get("model")
-            self._log(f"{device}: {attempt['command']} ok" + (" (late)" if late else ""))
+            self._log(f"{device}: {attempt['command']} ok" + (" (late)" if late else "") + note)
         else:
             error = body.get("error") if isinstance(body.get("error"), dict) else {}
             attempt.update(status="failed", step=error.get("step") or attempt.get("step"), error={
@@ -645,7 +704,12 @@ class Rollout:
 
     # -- rolling back -----------------------------------------------------------------------
     def rollback(self, reason: Optional[str] = None) -> dict[str, Any]:
-        """Send a signed ``rollback`` to every device this rollout switched; returns :meth:`summary`."""
+        """Send a signed ``rollback`` (``from_sha256`` = the plan's bundle) to every device this rollout switched.
+
+        Returns :meth:`summary`. A device that answers ``changed: false`` no longer
+        ran the bundle (an earlier rollback took effect after its answer timed
+        out, say): it counts as rolled back.
+        """
         with self._locked():
             return self._rollback_locked(reason or f"rollback of rollout {self.id}")
 
@@ -668,7 +732,8 @@ class Rollout:
                 if rb and rb["status"] in ("failed", "timed_out"):
                     rec["devices"][d]["rollback"] = None  # a new attempt after a failed one
             tried.update(targets)
-            self._send(targets, "rollback", "rollback", {"reason": rec["rollback"]["reason"]})
+            # conditional on this plan's bundle: a retried or late rollback never takes a device forward to it
+            self._send(targets, "rollback", "rollback", self.plan.rollback_args(rec["rollback"]["reason"]))
             self._wait()
         rec["rollback"]["done"] = True
         rec["rollback"]["finished_ts"] = self.clock()

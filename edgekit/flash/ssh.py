@@ -5,10 +5,19 @@ from what an earlier, interrupted copy left there; hash the copy *on the device*
 (``sha256sum``) and only then rename it to ``<sha256>.ekb``; run the device's
 ``edgekit-agent install ... --json --sha256 <sha>``, which verifies the signature,
 health-checks the model and switches slots (or leaves the running model alone).
+A ``<sha256>.ekb`` already in the upload folder is used only after ``sha256sum`` on
+the device agrees with its name (otherwise it is replaced), and the agent checks
+``--sha256`` again on its own private copy. Once the agent has answered (installed or
+refused), the upload is removed from the device (the agent keeps its own copy in its
+state directory) unless ``keep_upload``; it stays when the connection failed before an
+answer, so running the same command again does not upload it again.
 
 Host keys are checked like OpenSSH does by default: an unknown host is refused unless
 ``accept_new_host_key`` (OpenSSH's ``StrictHostKeyChecking=accept-new``), and a
-*changed* host key is always refused. Only paramiko and the standard library are used,
+*changed* host key is always refused. Host names are compared case-insensitively, as
+OpenSSH does: the target's name is lowercased, and so are the (unhashed) names read
+from known_hosts, so ``Jetson-01.local`` cannot pass as a new host when
+``jetson-01.local`` is on record. Only paramiko and the standard library are used,
 so nothing has to be installed on the device beyond the runtime and a POSIX shell with
 ``sha256sum`` (coreutils or busybox).
 """
@@ -80,6 +89,10 @@ class SSHTarget:
     host: str
     port: int = SSH_PORT
 
+    def __post_init__(self) -> None:
+        # OpenSSH lowercases the host name before it looks it up in (or adds it to) known_hosts
+        object.__setattr__(self, "host", self.host.lower())
+
     @property
     def known_hosts_name(self) -> str:
         """The name OpenSSH (and paramiko) file the host key under."""
@@ -94,7 +107,7 @@ def parse_target(target: str, port: int | None = None) -> SSHTarget:
     """Parse ``user@host``, ``host``, ``user@host:port``, ``[v6]:port`` (and ``ssh://`` forms).
 
     The user defaults to the local user name and the port to 22; a ``port`` given both
-    in ``target`` and as an argument must agree.
+    in ``target`` and as an argument must agree. The host is lowercased (as OpenSSH does).
     """
     text = target.strip()
     if text.startswith("ssh://"):
@@ -137,6 +150,16 @@ def _default_known_hosts() -> Path:
 
 def _describe(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.fingerprint}"
+
+
+def _lowercase_names(hostkeys: paramiko.HostKeys) -> None:
+    """Lowercase the plain host names of loaded known_hosts entries (OpenSSH matches them case-insensitively).
+
+    Hashed names (``|1|salt|hash``) are left alone: OpenSSH hashes the lowercased name,
+    which is what the lookup of a lowercased target computes.
+    """
+    for entry in hostkeys._entries:  # no public way to rename entries; paramiko has kept this list since 1.x
+        entry.hostnames = [h if h.startswith("|1|") else h.lower() for h in entry.hostnames]
 
 
 def _append_known_host(path: Path, name: str, key: paramiko.PKey) -> None:
@@ -205,13 +228,17 @@ def _connect(s: _Settings) -> tuple[paramiko.SSHClient, paramiko.PKey | None]:
     """A logged-in client, and the host key it added to known_hosts (if any)."""
     client = paramiko.SSHClient()
     system = _default_known_hosts()
-    for path, load in ((system, client.load_system_host_keys), (s.known_hosts, client.load_host_keys)):
+    # both files into one table, ~/.ssh/known_hosts first (it was paramiko's "system" table, looked up first);
+    # paramiko never saves this table: a new key is appended by _HostKeyPolicy
+    known = client.get_host_keys()
+    for path in (system, s.known_hosts):
         try:
             if path is not None and path.is_file():
-                load(str(path))
+                known.load(str(path))
         except (OSError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey) as exc:
             raise FlashError(f"cannot read known_hosts file {path} ({type(exc).__name__}: {exc}): fix or remove "
                              f"the bad line (ssh-keygen -R HOST -f {path} rewrites the file)") from exc
+    _lowercase_names(known)
     policy = _HostKeyPolicy(s.target, s.accept_new_host_key, s.known_hosts or system)
     client.set_missing_host_key_policy(policy)
     t = s.target
@@ -472,13 +499,32 @@ def _install(client: paramiko.SSHClient, target: SSHTarget, remote_path: str, sh
     return reply
 
 
+def _remove_upload(client: paramiko.SSHClient, target: SSHTarget, path: str, timeout: float) -> bool:
+    """Remove the uploaded bundle from the device; True when it is gone. A failure is only logged."""
+    try:
+        sftp = client.open_sftp()
+        try:
+            sftp.get_channel().settimeout(timeout)
+            try:
+                sftp.remove(path)
+            except FileNotFoundError:
+                pass
+            return True
+        finally:
+            sftp.close()
+    except (*_TRANSIENT, TimeoutError) as exc:
+        log.warning("could not remove the upload %s from %s (%s); remove it by hand", path, target, exc)
+        return False
+
+
 # ----------------------------------------------------------------------------- the whole flash
 def flash_over_ssh(bundle: Path, target: str, *, port: int | None = None, identity: Path | None = None,
                    known_hosts: Path | None = None, accept_new_host_key: bool = False,
                    agent_command: str = "edgekit-agent", agent_config: str = "/etc/edgekit/agent.toml",
                    remote_dir: str = "/var/tmp/edgekit-uploads", allow_downgrade: bool = False, retries: int = 3,
                    timeout: float = 30.0, install_timeout: float = 600.0,
-                   progress: Callable[[int, int], None] | None = None, retry_delay: float = 1.0) -> dict[str, Any]:
+                   progress: Callable[[int, int], None] | None = None, retry_delay: float = 1.0,
+                   keep_upload: bool = False) -> dict[str, Any]:
     """Copy ``bundle`` to ``target`` over SSH (resumable, checked on the device) and install it there.
 
     ``target`` is ``user@host``, ``host`` or ``user@host:port`` (``[v6]:port``). Host keys
@@ -490,11 +536,15 @@ def flash_over_ssh(bundle: Path, target: str, *, port: int | None = None, identi
     resumes. ``progress(bytes_on_device, total)`` is called as the upload advances.
 
     ``agent_command`` is split like a shell would (so ``"sudo -n edgekit-agent"`` works).
+    A ``<sha256>.ekb`` already in ``remote_dir`` is used only if its sha256, computed on
+    the device, matches. Once the agent has answered (ok or refused), the upload is
+    removed from the device unless ``keep_upload`` (the agent keeps its own copy); when
+    the connection or the agent failed before an answer it is left for the next run.
     Returns ``{"ok", "host", "remote_path", "sha256", "size", "bytes_sent", "resumed_from",
-    "reconnects", "already_on_device", "restarted_after_mismatch", "host_key", "copy_s",
-    "install_s", "agent"}``; ``ok`` is False when the device refused the bundle (the
-    agent's ``error`` says why). Raises :class:`FlashError` when the copy or the install
-    could not be done at all.
+    "reconnects", "already_on_device", "restarted_after_mismatch", "upload_removed",
+    "host_key", "copy_s", "install_s", "agent"}``; ``ok`` is False when the device
+    refused the bundle (the agent's ``error`` says why). Raises :class:`FlashError` when
+    the copy or the install could not be done at all.
     """
     bundle = Path(bundle)
     if not bundle.is_file():
@@ -546,12 +596,15 @@ def flash_over_ssh(bundle: Path, target: str, *, port: int | None = None, identi
         reply = _install(client, t, copy.final, sha256, agent_command=agent_command, agent_config=agent_config,
                          allow_downgrade=allow_downgrade, timeout=install_timeout)
         install_s = time.monotonic() - started
+        # the agent answered: it has (or refused) its own copy, so ours is no longer needed
+        upload_removed = False if keep_upload else _remove_upload(client, t, copy.final, timeout)
     finally:
         if client is not None:
             client.close()
     return {"ok": reply["ok"], "host": str(t), "remote_path": copy.final, "sha256": sha256, "size": size,
             "bytes_sent": copy.bytes_sent, "resumed_from": copy.resumed_from, "reconnects": reconnects,
             "already_on_device": copy.already_on_device, "restarted_after_mismatch": copy.restarted_after_mismatch,
+            "upload_removed": upload_removed,
             "host_key": {"type": host_key.get_name(), "fingerprint": host_key.fingerprint,
                          "added_to": str(settings.known_hosts or _default_known_hosts()) if added else None},
             "copy_s": round(copy_s, 3), "install_s": round(install_s, 3), "agent": reply}

@@ -28,6 +28,9 @@ from .keyring import Keyring, key_id_of
 
 ALGORITHM = "ed25519"
 SIGNED_COMMANDS = frozenset({"install", "rollback"})
+# Signed commands must expire within this: a device remembers every signed request id until it
+# expires (so none runs twice), and this bounds that memory.
+MAX_COMMAND_LIFETIME_S = 30 * 86400
 
 
 class CommandAuthError(RuntimeErrorBase):

@@ -3,7 +3,9 @@
 Most tests drive :class:`edgekit.flash.rollout.Rollout` over an in-memory fleet
 (:class:`FakeFleet`) whose agents answer commands the way the flash spec says an
 agent does (progress events, ok/failed acks, an ack cache for duplicates, a
-persistent session that queues commands while offline), on a fake clock. The
+persistent session that queues commands while offline, the refusal of a signed
+command without a numeric expiry, rollbacks that toggle between two slots and honour
+``from_sha256``), on a fake clock. The
 last tests prove :class:`edgekit.flash.commands.FleetClient` against a real
 Mosquitto, with a test thread playing the device.
 """
@@ -21,7 +23,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import ConfigError, SigningError
-from edgekit.flash.commands import FleetClient, Received, command_body, select_devices
+from edgekit.flash.commands import (DEFAULT_SIGNED_EXPIRY_S, MAX_SIGNED_EXPIRY_S, FleetClient, Received, command_body,
+                                   select_devices)
 from edgekit.flash.rollout import (Rollout, RolloutPlan, canary_count, load_record, outstanding, parse_canary,
                                    parse_share, render, rollback_from_record)
 from edgekit.fleet.connection import BrokerSettings, FleetConnectionError
@@ -60,15 +63,26 @@ class FakeClock:
 
 
 class FakeAgent:
-    """One device as the spec describes its agent. ``behaviour``: ok | fail | silent | busy."""
+    """One device as the spec describes its agent. ``behaviour``: ok | fail | silent | busy.
+
+    ``already_active``: it runs the new bundle before the rollout. ``crashed_in_switch``: it
+    switches to the new bundle but answers ``already_active`` (what an agent killed between
+    its pointer switch and its log write answers to the re-delivered install).
+    ``state_sha256=False``: its retained state reports no sha256. ``rollback_delay``: seconds
+    until a rollback's answer (the rollback itself takes effect at once).
+    """
 
     def __init__(self, name: str, behaviour: str = "ok", *, online: bool = True, delay: float = 2.0,
                  come_online_at: Optional[float] = None, reason: str = "health_check_failed",
-                 already_active: bool = False):
+                 already_active: bool = False, crashed_in_switch: bool = False, state_sha256: bool = True,
+                 rollback_delay: Optional[float] = None):
         self.name, self.behaviour, self.online, self.delay = name, behaviour, online, delay
         self.come_online_at, self.reason, self.already_active = come_online_at, reason, already_active
+        self.crashed_in_switch, self.state_sha256 = crashed_in_switch, state_sha256
+        self.rollback_delay = delay if rollback_delay is None else rollback_delay
         self.model = dict(NEW_MODEL if already_active else OLD_MODEL)
-        self.acks: dict[str, dict] = {}  # the agent's ack cache
+        self.previous: Optional[dict] = dict(OLD_MODEL) if already_active else None  # the other (good) slot
+        self.acks: dict[str, dict] = {}  # the agent's durable record of signed requests (and ack cache)
         self.queued: list[dict] = []  # commands the broker keeps for the persistent session
         self.executed: list[tuple[str, str]] = []  # (command, request_id) actually run
         self.received: list[str] = []  # every request id delivered (duplicates too)
@@ -87,7 +101,9 @@ class FakeFleet:
         self._n = 0
 
     def devices(self) -> dict[str, dict]:
-        return {n: {"status": "online" if a.online else "offline", "model": a.model, "active_slot": "a",
+        def model(a: FakeAgent) -> dict:
+            return a.model if a.state_sha256 else {k: v for k, v in a.model.items() if k != "sha256"}
+        return {n: {"status": "online" if a.online else "offline", "model": model(a), "active_slot": "a",
                     "boot": 1, "ts": self.clock()} for n, a in self.agents.items()}
 
     def send(self, device, command, args=None, *, sign_key=None, expires_s=None, expires_ts=None, request_id=None):
@@ -153,6 +169,10 @@ class FakeFleet:
         rid, command = body["request_id"], body["command"]
         agent.received.append(rid)
         expires = body.get("expires_ts")
+        if command in ("install", "rollback") and (isinstance(expires, bool)
+                                                   or not isinstance(expires, (int, float))):
+            return self._msg(agent, "ack", {"request_id": rid, "ok": False, "command": command, "error": {
+                "reason": "bad_request", "message": "a signed command must carry a numeric expires_ts"}})
         if expires is not None and expires < self.clock():
             return self._msg(agent, "ack", {"request_id": rid, "ok": False, "command": command,
                                             "error": {"reason": "expired", "message": "the command expired"}})
@@ -183,10 +203,27 @@ class FakeFleet:
             else:
                 ack = {"request_id": rid, "ok": True, "command": command, "result": {
                     "slot": "b", "previous_slot": "a", "model": NEW_MODEL, "sha256": SHA, "health": {"ok": True},
-                    "timings_s": {s: 0.1 for s in STEPS}, "already_active": agent.already_active}}
+                    "timings_s": {s: 0.1 for s in STEPS},
+                    "already_active": agent.already_active or agent.crashed_in_switch}}
         elif command == "rollback":
-            ack = {"request_id": rid, "ok": True, "command": command,
-                   "result": {"slot": "a", "previous_slot": "b", "model": OLD_MODEL}}
+            # the agent's rollback: with from_sha256 only while that bundle is active; else back to the other slot
+            # (a second plain rollback goes forward again). It takes effect now; the answer may come much later.
+            from_sha = body["args"].get("from_sha256")
+            if from_sha is not None and agent.model.get("sha256") != from_sha:
+                ack = {"request_id": rid, "ok": True, "command": command, "result": {
+                    "changed": False, "slot": "a", "sha256": agent.model.get("sha256"), "model": dict(agent.model)}}
+            elif agent.previous is None:
+                ack = {"request_id": rid, "ok": False, "command": command, "error": {
+                    "reason": "rollback_failed", "step": None, "code": None, "name": None,
+                    "message": "no previous slot to roll back to", "active_slot": "a"}}
+            else:
+                agent.model, agent.previous = agent.previous, agent.model
+                ack = {"request_id": rid, "ok": True, "command": command, "result": {
+                    "changed": True, "slot": "a", "previous_slot": "b", "sha256": agent.model.get("sha256"),
+                    "model": dict(agent.model)}}
+            agent.acks[rid] = ack
+            self._at(t0 + agent.rollback_delay, lambda: self._msg(agent, "ack", ack))
+            return None
         else:
             ack = {"request_id": rid, "ok": True, "command": command, "result": {}}
         agent.acks[rid] = ack  # the agent finishes (and caches its answer) even if the host is gone
@@ -194,10 +231,8 @@ class FakeFleet:
         return None
 
     def _ack(self, agent: FakeAgent, ack: dict) -> Received:
-        if ack["ok"] and ack["command"] == "install":
-            agent.model = dict(NEW_MODEL)
-        elif ack["ok"] and ack["command"] == "rollback":
-            agent.model = dict(OLD_MODEL)
+        if ack["ok"] and ack["command"] == "install" and agent.model.get("sha256") != SHA:
+            agent.model, agent.previous = dict(NEW_MODEL), agent.model
         return self._msg(agent, "ack", ack)
 
 
@@ -332,6 +367,13 @@ def test_command_bodies_follow_the_spec(key, keyring):
                         sign_key=key) == body
     rb = command_body("f1", "cam-1", "rollback", {"reason": None}, sign_key=key)
     assert rb["command"] == "rollback" and rb["args"] == {"reason": None} and "auth" in rb
+    # a signed command always expires (devices refuse one without): 1 day unless told
+    assert rb["expires_ts"] == pytest.approx(time.time() + DEFAULT_SIGNED_EXPIRY_S, abs=60)
+    assert DEFAULT_SIGNED_EXPIRY_S == 86400.0
+    verify_command("f1", "cam-1", rb, keyring)  # the expiry is inside the signature
+    for bad in (float("nan"), float("inf"), "tomorrow", True):
+        with pytest.raises(ConfigError, match="expires_ts must be a finite UNIX time"):
+            command_body("f1", "cam-1", "install", {}, expires_ts=bad, sign_key=key)
     assert command_body("f1", "cam-1", "ping", request_id="p") == {"request_id": "p", "command": "ping"}
     for command in ("install", "rollback"):
         with pytest.raises(SigningError, match="must be signed"):
@@ -573,11 +615,102 @@ def test_rollback_from_record_skips_devices_that_already_ran_the_bundle(key, key
     result = rollback_from_record(Path(summary["record"]), fleet2, sign_key=key, clock=clock, reason="bad model",
                                   poll_s=1.0)
     assert result["rolled_back"] == ["cam-1", "cam-3"] and result["counts"]["succeeded"] == 1
-    assert [(b["device"], b["args"]) for b in fleet2.sent] == [("cam-1", {"reason": "bad model"}),
-                                                              ("cam-3", {"reason": "bad model"})]
+    undo = {"reason": "bad model", "from_sha256": SHA}  # only while the device runs this rollout's bundle
+    assert [(b["device"], b["args"]) for b in fleet2.sent] == [("cam-1", undo), ("cam-3", undo)]
     record = load_record(Path(result["record"]))
     assert record["rollback"]["done"] and record["devices"]["cam-1"]["rollback"]["status"] == "ok"
     assert agents[0].model == OLD_MODEL and agents[1].model == NEW_MODEL
+
+
+def test_a_late_rollback_is_never_repeated_into_a_roll_forward(key, keyring, tmp_path):
+    """A halt's rollback that answers after device_timeout_s is recorded rollback_failed although the device
+    did roll back; `edgekit rollback --record` then sends a new rollback. A plain rollback toggles between the
+    two slots (the device would go forward to the halted release): with from_sha256 it finds nothing to undo."""
+    clock = FakeClock()
+    agents = [FakeAgent("cam-1", rollback_delay=100.0), FakeAgent("cam-2", "fail")]
+    fleet = FakeFleet(agents, keyring, clock)
+    plan = make_plan(names(2), canary="2", max_failures=0, device_timeout_s=30.0)
+    summary = start(plan, fleet, key, tmp_path, clock).run()
+    assert summary["halted"] and summary["rollback_failed"] == ["cam-1"]
+    assert agents[0].model == OLD_MODEL  # it did roll back; the answer is what came late
+    assert [(b["device"], b["args"]) for b in fleet.sent if b["command"] == "rollback"] == [
+        ("cam-1", {"reason": f"rollout {Path(summary['record']).stem} halted: {summary['halt_reason']}",
+                   "from_sha256": SHA})]
+    first = load_record(Path(summary["record"]))["devices"]["cam-1"]["rollback"]["request_id"]
+
+    agents[0].rollback_delay = 1.0
+    fleet2 = FakeFleet(agents, keyring, clock)
+    result = rollback_from_record(Path(summary["record"]), fleet2, sign_key=key, clock=clock, poll_s=1.0)
+    sent = [b for b in fleet2.sent if b["command"] == "rollback"]
+    assert len(sent) == 1 and sent[0]["request_id"] != first and sent[0]["args"]["from_sha256"] == SHA
+    assert agents[0].model == OLD_MODEL and agents[0].previous == NEW_MODEL  # not forward to the halted release
+    assert result["rolled_back"] == ["cam-1"] and result["rollback_failed"] == []
+    rb = load_record(Path(result["record"]))["devices"]["cam-1"]["rollback"]
+    assert rb["status"] == "ok" and rb["changed"] is False and rb["attempt"] == 1
+    record = load_record(Path(result["record"]))
+    assert record["devices"]["cam-1"]["model"] == "digits 1.0"
+    assert any("nothing to undo" in line["message"] for line in record["log"])
+    # once more (an operator who is not sure): still nothing to undo, still on the old release
+    again = rollback_from_record(Path(summary["record"]), FakeFleet(agents, keyring, clock), sign_key=key,
+                                 clock=clock, poll_s=1.0)
+    assert again["rolled_back"] == ["cam-1"] and agents[0].model == OLD_MODEL
+
+
+def test_switched_is_decided_from_the_model_before_not_from_already_active(key, keyring, tmp_path):
+    """An agent killed between its pointer switch and its log write answers the re-delivered install with
+    already_active although this rollout switched it: the halt must still roll it back."""
+    clock = FakeClock()
+    agents = [FakeAgent("cam-1", crashed_in_switch=True),  # ran 1.0, now 1.1, says already_active
+              FakeAgent("cam-2", crashed_in_switch=True, state_sha256=False),  # the same, its state has no sha256
+              FakeAgent("cam-3", already_active=True),  # ran 1.1 before the rollout: not switched by it
+              FakeAgent("cam-4", "fail")]
+    fleet = FakeFleet(agents, keyring, clock)
+    summary = start(make_plan(names(4), canary="4", max_failures=0), fleet, key, tmp_path, clock).run()
+    assert summary["halted"]
+    record = load_record(Path(summary["record"]))
+    devices = record["devices"]
+    assert devices["cam-1"]["sha_before"] == OLD_MODEL["sha256"] and devices["cam-2"]["sha_before"] is None
+    assert devices["cam-3"]["sha_before"] == SHA
+    assert all(devices[d]["install"]["already_active"] for d in ("cam-1", "cam-2", "cam-3"))
+    assert [devices[d]["install"]["changed"] for d in ("cam-1", "cam-2", "cam-3")] == [True, True, False]
+    assert summary["rolled_back"] == ["cam-1", "cam-2"] and statuses(record)["cam-3"] == "succeeded"
+    assert agents[0].model == OLD_MODEL and agents[1].model == OLD_MODEL and agents[2].model == NEW_MODEL
+    assert {b["device"] for b in fleet.sent if b["command"] == "rollback"} == {"cam-1", "cam-2"}
+
+
+def test_signed_commands_always_carry_an_expiry(key, keyring, tmp_path):
+    for bad in (None, 0, -5.0, "60", float("inf"), True):
+        with pytest.raises(ConfigError, match="command_expiry_s: .*positive number of seconds.*always expire"):
+            make_plan(names(2), command_expiry_s=bad)
+    with pytest.raises(ConfigError, match="command_expiry_s: .*devices refuse signed commands that expire later"):
+        make_plan(names(2), command_expiry_s=MAX_SIGNED_EXPIRY_S + 1)
+    assert make_plan(names(2), command_expiry_s=MAX_SIGNED_EXPIRY_S).command_expiry_s == MAX_SIGNED_EXPIRY_S
+    assert make_plan(names(2)).command_expiry_s == 86400.0  # 1 day unless told
+    assert make_plan(names(2), command_expiry_s=60).command_expiry_s == 60.0
+    clock = FakeClock()
+    agents = [FakeAgent("cam-1"), FakeAgent("cam-2", online=False), FakeAgent("cam-3", "fail")]
+    fleet = FakeFleet(agents, keyring, clock)
+    plan = make_plan(names(3), canary="1", max_failures=1, command_expiry_s=600.0)
+    summary = start(plan, fleet, key, tmp_path, clock).run()
+    assert summary["counts"]["succeeded"] == 1 and summary["pending_offline"] == ["cam-2"]
+    assert fleet.sent and all(isinstance(b["expires_ts"], float) for b in fleet.sent)
+    record = load_record(Path(summary["record"]))
+    for d in names(3):
+        attempt = record["devices"][d]["install"]
+        assert attempt["expires_ts"] == pytest.approx(attempt["first_sent_ts"] + 600.0)
+    # a record written by an older edgekit (a command sent without an expiry) is renewed, never re-sent as is:
+    # a device refuses a signed command without an expiry
+    record["devices"]["cam-2"]["install"]["expires_ts"] = None
+    Path(summary["record"]).write_text(json.dumps(record))
+    assert outstanding(load_record(Path(summary["record"])), now=clock()) == {"resend": [], "renew": ["cam-2"],
+                                                                             "pending": []}
+    old = record["devices"]["cam-2"]["install"]["request_id"]
+    agents[1].online, agents[1].queued = True, []
+    fleet2 = FakeFleet(agents, keyring, clock)
+    summary = Rollout.resume(Path(summary["record"]), fleet2, sign_key=key, clock=clock, poll_s=1.0).run()
+    assert summary["counts"]["succeeded"] == 2
+    assert [b["device"] for b in fleet2.sent] == ["cam-2"] and fleet2.sent[0]["request_id"] != old
+    assert fleet2.sent[0]["expires_ts"] == pytest.approx(clock() + 600.0, abs=30.0)
 
 
 def test_record_is_written_atomically_and_checked(key, keyring, tmp_path):
@@ -613,6 +746,7 @@ class MqttDevice:
         self.acks: dict[str, dict] = {}
         self.executed: list[str] = []
         self.received: list[str] = []
+        self.bodies: dict[str, dict] = {}  # request id -> the cmd body as received
         self.client = None
 
     def _envelope(self, kind: str, body: dict, seq: Optional[int] = None) -> bytes:
@@ -659,8 +793,12 @@ class MqttDevice:
         body = msg["body"]
         rid = body["request_id"]
         self.received.append(rid)
+        self.bodies[rid] = body
         if rid in self.acks:
             ack = dict(self.acks[rid], duplicate=True)
+        elif not isinstance(body.get("expires_ts"), float):  # what the agent does with a signed command
+            ack = {"request_id": rid, "ok": False, "command": body["command"],
+                   "error": {"reason": "bad_request", "message": "a signed command must carry a numeric expires_ts"}}
         else:
             verify_command(self.fleet, self.name, body, self.keyring)
             self.executed.append(rid)
@@ -728,6 +866,14 @@ def test_fleet_client_against_mosquitto(mqtt_broker, key, keyring, tmp_path):
         assert client.devices()["cam-2"]["status"] == "online" and client.devices()["cam-2"]["active_slot"] == "b"
         with pytest.raises(SigningError):
             client.send("cam-1", "rollback", {"reason": None})
+        # a signed command sent without an expiry gets the default one (1 day), inside its signature
+        rid3 = client.send("cam-1", "rollback", {"reason": None, "from_sha256": SHA}, sign_key=key)
+        ack3 = client.wait_ack(rid3, 10)
+        assert ack3 is not None and ack3["ok"], ack3
+        assert cam1.bodies[rid3]["expires_ts"] == pytest.approx(time.time() + 86400, abs=60)
+        verify_command("f1", "cam-1", cam1.bodies[rid3], keyring)
+        with pytest.raises(ConfigError, match="expires_s must be a positive number"):
+            client.send("cam-1", "rollback", {"reason": None}, sign_key=key, expires_s=0)
         assert client.invalid == 0
     finally:
         client.close()

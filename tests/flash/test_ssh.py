@@ -49,6 +49,8 @@ def sha(data: bytes) -> str:
     ("root@[::1]", None, SSHTarget("root", "::1", 22)),
     ("::1", None, SSHTarget("me", "::1", 22)),
     ("ssh://pi@10.0.0.7:22/", None, SSHTarget("pi", "10.0.0.7", 22)),
+    ("Pi@Jetson-01.Local:2222", None, SSHTarget("Pi", "jetson-01.local", 2222)),  # hosts lowercased, like OpenSSH
+    ("[FE80::A]", None, SSHTarget("me", "fe80::a", 22)),
 ])
 def test_parse_target(monkeypatch, text, port, expected):
     monkeypatch.setattr("getpass.getuser", lambda: "me")
@@ -72,6 +74,7 @@ def test_parse_target_refuses(text, port, words):
 def test_target_names_match_openssh():
     assert SSHTarget("pi", "board", 22).known_hosts_name == "board"
     assert SSHTarget("pi", "board", 2222).known_hosts_name == "[board]:2222"
+    assert SSHTarget("pi", "Board", 2222).known_hosts_name == "[board]:2222"  # the name OpenSSH records
     assert str(SSHTarget("pi", "fe80::1", 2222)) == "pi@[fe80::1]:2222"
 
 
@@ -79,7 +82,8 @@ def test_target_names_match_openssh():
 def test_copy_lands_and_the_agent_gets_the_contract(sshd, device):
     bundle = device.bundle()
     seen = []
-    result = flash(sshd, device, bundle, allow_downgrade=True, progress=lambda done, total: seen.append((done, total)))
+    result = flash(sshd, device, bundle, allow_downgrade=True, progress=lambda done, total: seen.append((done, total)),
+                   keep_upload=True)
     digest = device.sha256_of(bundle)
     size = bundle.stat().st_size
     assert result["ok"] is True
@@ -90,6 +94,7 @@ def test_copy_lands_and_the_agent_gets_the_contract(sshd, device):
     assert (device.remote_dir.stat().st_mode & 0o777) == 0o755  # the agent's own user must read uploads
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in device.remote_dir.iterdir())
     assert result["resumed_from"] == 0 and result["bytes_sent"] == size and result["reconnects"] == 0
+    assert result["upload_removed"] is False  # keep_upload
     assert result["host_key"] == {"type": "ssh-ed25519", "fingerprint": sshd.fingerprint, "added_to": None}
     assert result["agent"]["stub"] is True
     assert seen[-1] == (size, size) and len(seen) > 10
@@ -99,11 +104,59 @@ def test_copy_lands_and_the_agent_gets_the_contract(sshd, device):
 
 def test_a_bundle_already_on_the_device_is_not_sent_again(sshd, device):
     bundle = device.bundle()
-    flash(sshd, device, bundle)
+    flash(sshd, device, bundle, keep_upload=True)
     again = flash(sshd, device, bundle)
     assert again["ok"] is True and again["already_on_device"] is True
     assert again["bytes_sent"] == 0
     assert len(device.stub_calls()) == 2 and "--allow-downgrade" not in device.stub_calls()[1]
+    assert again["upload_removed"] is True and list(device.remote_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["same size", "shorter"])
+def test_a_bundle_file_already_there_is_hashed_on_the_device_before_it_is_used(sshd, device, damage):
+    """A ``<sha256>.ekb`` left in the upload folder is not trusted by its name: a damaged one is replaced."""
+    bundle = device.bundle()
+    data = bundle.read_bytes()
+    device.remote_dir.mkdir(mode=0o700)
+    wrong = bytearray(data if damage == "same size" else data[:len(data) // 2])
+    wrong[100] ^= 0xFF
+    (device.remote_dir / f"{sha(data)}.ekb").write_bytes(bytes(wrong))
+    result = flash(sshd, device, bundle, keep_upload=True)
+    assert result["ok"] is True  # the stub agent checks --sha256 on what it was given
+    assert result["already_on_device"] is False and result["bytes_sent"] == len(data)
+    assert (device.remote_dir / f"{sha(data)}.ekb").read_bytes() == data
+
+
+def test_the_upload_is_removed_once_the_agent_answered(sshd, device):
+    bundle = device.bundle()
+    digest = device.sha256_of(bundle)
+    result = flash(sshd, device, bundle)
+    assert result["ok"] is True and result["upload_removed"] is True
+    assert list(device.remote_dir.iterdir()) == []  # neither <sha>.ekb nor a .part is left
+    # a refusal is an answer too: the agent has (and discarded) its own copy
+    refusing = device.root / "bin" / "refusing-agent"
+    answer = {"ok": False, "error": {"reason": "downgrade", "step": "verify", "code": 111, "name": "DOWNGRADE",
+                                     "message": "release 1 is older than the active release 2"}}
+    refusing.write_text(f"#!/bin/sh\necho '{json.dumps(answer)}'\nexit 4\n")
+    refusing.chmod(0o755)
+    refused = flash(sshd, device, bundle, agent=refusing)
+    assert refused["ok"] is False and refused["agent"]["error"]["reason"] == "downgrade"
+    assert refused["upload_removed"] is True and not (device.remote_dir / f"{digest}.ekb").exists()
+
+
+def test_the_upload_stays_when_no_answer_came(sshd, device):
+    """No answer from the agent (here: it prints no JSON): the copy stays, so the next run does not upload again."""
+    bundle = device.bundle()
+    digest = device.sha256_of(bundle)
+    broken = device.root / "bin" / "broken-agent"
+    broken.write_text("#!/bin/sh\necho 'Traceback: something broke' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(FlashError, match="without a JSON reply"):
+        flash(sshd, device, bundle, agent=broken)
+    assert device.sha256_of(device.remote_dir / f"{digest}.ekb") == digest
+    again = flash(sshd, device, bundle)
+    assert again["ok"] is True and again["already_on_device"] is True and again["bytes_sent"] == 0
+    assert again["upload_removed"] is True and not (device.remote_dir / f"{digest}.ekb").exists()
 
 
 def test_resumes_from_the_partial_copy(sshd, device):
@@ -112,7 +165,7 @@ def test_resumes_from_the_partial_copy(sshd, device):
     half = len(data) // 2
     device.remote_dir.mkdir(mode=0o700)
     (device.remote_dir / f"{sha(data)}.ekb.part").write_bytes(data[:half])
-    result = flash(sshd, device, bundle)
+    result = flash(sshd, device, bundle, keep_upload=True)
     assert result["ok"] is True
     assert result["resumed_from"] == half
     assert result["bytes_sent"] == len(data) - half
@@ -128,7 +181,7 @@ def test_a_corrupted_partial_copy_is_sent_again_from_zero(sshd, device):
     wrong = bytearray(data[:half])
     wrong[1000] ^= 0xFF
     (device.remote_dir / f"{sha(data)}.ekb.part").write_bytes(bytes(wrong))
-    result = flash(sshd, device, bundle)
+    result = flash(sshd, device, bundle, keep_upload=True)
     assert result["ok"] is True
     assert result["resumed_from"] == half and result["restarted_after_mismatch"] is True
     assert result["bytes_sent"] == (len(data) - half) + len(data)
@@ -140,7 +193,7 @@ def test_a_longer_stale_part_is_replaced(sshd, device):
     data = bundle.read_bytes()
     device.remote_dir.mkdir(mode=0o700)
     (device.remote_dir / f"{sha(data)}.ekb.part").write_bytes(data + b"junk")
-    result = flash(sshd, device, bundle)
+    result = flash(sshd, device, bundle, keep_upload=True)
     assert result["ok"] is True and result["resumed_from"] == 0 and result["bytes_sent"] == len(data)
     assert (device.remote_dir / f"{sha(data)}.ekb").read_bytes() == data
 
@@ -151,7 +204,8 @@ def test_a_dropped_connection_is_remade_and_the_copy_resumes(sshd, device, flaky
     proxy = flaky_proxy(sshd.port, cuts=[size // 3, size // 3])  # two cuts mid-copy, then a good link
     seen = []
     result = flash(sshd, device, bundle, target=f"{sshd.user}@127.0.0.1:{proxy.port}",
-                   known_hosts=sshd.known_hosts_file(proxy.port), progress=lambda done, total: seen.append(done))
+                   known_hosts=sshd.known_hosts_file(proxy.port), progress=lambda done, total: seen.append(done),
+                   keep_upload=True)
     assert result["ok"] is True
     assert result["reconnects"] == 2 and proxy.connections == 3
     restarts = [now for before, now in zip(seen, seen[1:]) if now <= before]  # first write of a new connection
@@ -228,6 +282,31 @@ def test_a_changed_host_key_is_refused_even_with_accept_new(sshd, device, tmp_pa
     assert "ssh-keygen -R" in message
     assert known.read_text() == before
     assert not device.remote_dir.exists()
+
+
+def test_host_names_are_compared_case_insensitively_like_openssh(sshd, device, tmp_path):
+    """`LocalHost` is the host recorded as `localhost`: a different key is a CHANGED key, never a new host."""
+    other = sshd.keygen(tmp_path / "recorded")
+    known = tmp_path / "known_hosts"
+    recorded = " ".join(other.with_name(other.name + ".pub").read_text().split()[:2])
+    known.write_text(f"[localhost]:{sshd.port} {recorded}\n")  # what `ssh` records (always lowercase)
+    before = known.read_text()
+    for name in ("localhost", "LocalHost", "LOCALHOST"):
+        with pytest.raises(HostKeyChangedError, match=rf"\[localhost\]:{sshd.port} has CHANGED"):
+            flash(sshd, device, device.bundle(padding=0), target=f"{sshd.user}@{name}:{sshd.port}",
+                  known_hosts=known, accept_new_host_key=True)
+    assert known.read_text() == before and not device.remote_dir.exists()
+    # a name on record in another case (hand-written, or by an older edgekit) is the same host too
+    known.write_text(f"[LocalHost]:{sshd.port} {' '.join(sshd.host_key_pub)}\n")
+    result = flash(sshd, device, device.bundle(padding=0), target=f"{sshd.user}@localHOST:{sshd.port}",
+                   known_hosts=known)
+    assert result["ok"] is True and result["host_key"]["added_to"] is None
+    assert result["host"] == f"{sshd.user}@localhost:{sshd.port}"
+    # and a new host is recorded under its lowercase name, as `ssh` would record it
+    fresh = tmp_path / "known_hosts.new"
+    flash(sshd, device, device.bundle(padding=0), target=f"{sshd.user}@LocalHost:{sshd.port}", known_hosts=fresh,
+          accept_new_host_key=True)
+    assert fresh.read_text() == f"[localhost]:{sshd.port} {' '.join(sshd.host_key_pub)}\n"
 
 
 def test_a_malformed_known_hosts_is_a_clear_error(sshd, device, tmp_path):
@@ -313,6 +392,8 @@ def test_full_flash_installs_with_the_real_agent(sshd, device, real_agent):
     assert device.active_bundle() is not None and device.sha256_of(device.active_bundle()) == digest
     assert any(device.sha256_of(b) == digest for b in device.slot_bundles())
     assert result["install_s"] > 0
+    # the upload is gone; the agent serves from its own copy in its state directory
+    assert result["upload_removed"] is True and list(device.remote_dir.iterdir()) == []
 
 
 def test_the_agent_refusing_a_tampered_bundle_is_returned_not_raised(sshd, device, real_agent):
@@ -323,6 +404,7 @@ def test_the_agent_refusing_a_tampered_bundle_is_returned_not_raised(sshd, devic
     error = result["agent"]["error"]
     assert error["code"] == 105 and error["name"] == "BUNDLE_TAMPERED", json.dumps(error)
     assert device.sha256_of(device.active_bundle()) == device.sha256_of(good)  # the running model stays
+    assert result["upload_removed"] is True and list(device.remote_dir.iterdir()) == []
 
 
 def test_edgekit_flash_host_command(sshd, device, real_agent):

@@ -28,12 +28,12 @@ from ..errors import ErrorCode, RuntimeErrorBase
 from .config import AgentConfig, WorkloadConfig
 from .core import AgentCore, Command
 from .drift import DriftUnavailable, Reference
+from ..command_auth import MAX_COMMAND_LIFETIME_S
 from .install import Installer, InstallError, InstallRequest
 from .mqtt import MqttLink
 from .state import AgentState, CommandLog, StateDir, atomic_write
 
 INBOX_POLL_S = 0.25
-MAX_COMMAND_LIFETIME_S = 30 * 86400  # signed commands expire within this (the command log is pruned by expiry)
 
 log = logging.getLogger("edgekit_runtime.agent")
 

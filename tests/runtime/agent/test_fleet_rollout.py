@@ -150,3 +150,22 @@ def test_rollout_to_ten_agents_and_an_offline_device_catches_up(agent_env, broke
         # each device downloaded the bundle once
         gets = [r for r in server.requests if r.method == "GET" and r.status in (200, 206)]
         assert len(gets) == N
+
+
+def test_edgekit_rollback_from_a_bundle_is_safe_to_repeat(agent_env, broker, subscriber):
+    sub = subscriber()
+    path = agent_env.config_file("dev1")
+    v1, v2 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0), agent_env.model_bundle("v2.ekb", release=2)
+    agent_env.install(path, v1)
+    agent_env.install(path, v2)
+    proc = agent_env.spawn(path)
+    _wait_online(agent_env, sub, ["dev1"])
+    cmd = [sys.executable, "-m", "edgekit.cli", "rollback", "--fleet", "f1", "--devices", "dev1", "--from", str(v2),
+           "--broker", agent_env.broker.url, "--key", str(_key_file(agent_env)), "--reason", "bad v2"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=agent_env.tmp)
+    assert first.returncode == 0 and "rolled back to slot a" in first.stdout, (first.stdout, first.stderr)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=agent_env.tmp)
+    assert again.returncode == 0 and "nothing to undo" in again.stdout, (again.stdout, again.stderr)
+    agent_env.wait_until(lambda: _serving(agent_env, "dev1") == ("a", 1), 20, what="dev1 on release 1")
+    proc.terminate()
+    assert proc.wait(timeout=20) == 0
