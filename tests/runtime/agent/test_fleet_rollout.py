@@ -169,3 +169,20 @@ def test_edgekit_rollback_from_a_bundle_is_safe_to_repeat(agent_env, broker, sub
     agent_env.wait_until(lambda: _serving(agent_env, "dev1") == ("a", 1), 20, what="dev1 on release 1")
     proc.terminate()
     assert proc.wait(timeout=20) == 0
+
+
+def test_a_bundle_that_fails_its_health_check_stops_at_the_canary(agent_env, broker, subscriber):
+    """The bundle itself is bad (its expected output does not match its model): the one canary (10 %)
+    refuses it, the rollout halts, and the other 9 devices never receive it."""
+    sub = subscriber()
+    names, paths, procs = _fleet(agent_env)
+    _wait_online(agent_env, sub, names)
+    bad = agent_env.model_bundle("bad.ekb", release=2, break_health=True)
+    rc, summary = _flash(agent_env, bad, "--canary", "10%")
+    assert rc == 4 and summary["halted"] and summary["counts"]["failed"] == 1 and summary["counts"]["pending"] == 9
+    record = json.loads(Path(summary["record"]).read_text())
+    err = record["devices"]["dev00"]["install"]["error"]
+    assert (err["reason"], err["code"]) == ("health_check_failed", 204) and "differs" in err["message"]
+    for n in names:
+        assert _serving(agent_env, n) == ("a", 1)
+    assert StateDir(agent_env.tmp / "state-dev00").read_slot("b")["state"] == "aborted"

@@ -230,3 +230,38 @@ def test_kill_9_of_the_agent_at_each_step_of_an_mqtt_install(agent_env, broker, 
         hashlib.sha256(v1.read_bytes()).hexdigest()  # the previous model is intact for a rollback
     proc2.terminate()
     assert proc2.wait(timeout=20) == 0
+
+
+def test_tampered_and_truncated_downloads_are_refused(agent_env, broker, subscriber, kit, served):
+    """Over HTTP: a truncated file behind the URL, and a tampered bundle whose (new) sha256 was pinned:
+    refused with the runtime's codes, the old model keeps serving, nothing is left in downloads/."""
+    import zipfile
+
+    sub = subscriber()
+    path = agent_env.config_file()
+    agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
+    agent = agent_env.start_agent(agent_env.config())
+    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=20, what="online")
+    server = served()
+    good = agent_env.model_bundle("v2.ekb", release=2)
+    sha, size = hashlib.sha256(good.read_bytes()).hexdigest(), good.stat().st_size
+    (server.root / "cut.ekb").write_bytes(good.read_bytes()[: size // 2])  # the server holds half of it
+    cut = _ack(sub, _send(sub, "dev1", "install", {"url": f"{server.url}/bundles/cut.ekb", "sha256": sha,
+                                                   "size": size}, kit.key))
+    assert cut["ok"] is False and cut["error"]["code"] in (112, 113) and cut["error"]["step"] == "download"
+
+    tampered = agent_env.tmp / "tampered.ekb"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(tampered, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[:-1] + bytes([data[-1] ^ 1]) if info.filename == "model.onnx" else data)
+    t = server.add(tampered)
+    bad = _ack(sub, _send(sub, "dev1", "install", {"url": t["url"], "sha256": t["sha256"], "size": t["size"]},
+                          kit.key))
+    assert bad["ok"] is False and (bad["error"]["reason"], bad["error"]["code"]) == ("verify_failed", 105)
+    assert agent.core.model_info()["release"] == 1
+    np.testing.assert_allclose(agent.core.model.run(kit.SAMPLE)["y"], kit.SAMPLE @ kit.WEIGHTS, rtol=1e-6)
+    assert list((agent_env.tmp / "state-dev1" / "downloads").iterdir()) == []
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    assert sd.read_pointer()["slot"] == "a" and sd.read_marker() is None
+    agent_env.stop_agent(agent)
