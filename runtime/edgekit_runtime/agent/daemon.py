@@ -174,7 +174,12 @@ class SyntheticFeeds:
 
 def make_installer(state_dir: StateDir, config: AgentConfig, on_progress=None, should_stop=None) -> Installer | str:
     """An :class:`Installer` with the device keyring, or the reason there cannot be one."""
+    from ..engines.tensorrt_engine import CACHE_ENV
     from ..keyring import Keyring
+
+    # TensorRT engines built at install time are cached in the state directory (the only place the
+    # agent's systemd unit may write), keyed by TensorRT, GPU and bundle: a rollback reuses its engine
+    os.environ.setdefault(CACHE_ENV, str(state_dir.root / "engine-cache"))
 
     try:
         keyring = Keyring.from_paths(config.keyring) if config.keyring else Keyring.default()

@@ -215,3 +215,18 @@ def test_a_busy_device_keeps_its_model_at_start(agent_env, capsys):
         assert agent.health["latency"]["first_p90_ms"] > 1e-6  # measured twice before it counted
     finally:
         agent.core.close()
+
+
+def test_engines_are_cached_in_the_state_directory(agent_env, monkeypatch):
+    """Under systemd the agent may write only its state directory (ProtectHome, ProtectSystem=strict):
+    TensorRT engines built at install time go there unless EDGEKIT_ENGINE_CACHE says otherwise."""
+    from edgekit_runtime.agent.daemon import make_installer
+    from edgekit_runtime.engines.tensorrt_engine import CACHE_ENV, EngineCache
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    sd = StateDir(agent_env.tmp / "state-x").ensure()
+    make_installer(sd, agent_env.config("x"))
+    assert EngineCache().directory == sd.root / "engine-cache"
+    monkeypatch.setenv(CACHE_ENV, str(agent_env.tmp / "elsewhere"))
+    make_installer(sd, agent_env.config("x"))
+    assert EngineCache().directory == agent_env.tmp / "elsewhere"
