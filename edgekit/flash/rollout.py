@@ -302,12 +302,17 @@ def load_record(path: Path) -> dict[str, Any]:
 
 
 def device_status(entry: dict[str, Any]) -> str:
-    """One device's outcome (one of :data:`OUTCOMES`) from its install and rollback attempts."""
-    rb = entry.get("rollback")
-    if rb:
+    """One device's outcome (one of :data:`OUTCOMES`) from its install and rollback attempts.
+
+    A rollback decides the outcome of a device whose install succeeded. For one whose
+    install got no answer (timed out), the rollback sent as a precaution only counts
+    when it undid something; otherwise the install's outcome stands.
+    """
+    rb, ins = entry.get("rollback"), entry.get("install")
+    switched = bool(ins) and ins["status"] == "ok"
+    if rb and (switched or (rb["status"] == "ok" and rb.get("changed", True))):
         return {"ok": "rolled_back", "failed": "rollback_failed", "timed_out": "rollback_failed"}.get(
             rb["status"], "rolling_back")
-    ins = entry.get("install")
     if not ins:
         return "pending"
     return "succeeded" if ins["status"] == "ok" else ins["status"]
@@ -720,18 +725,44 @@ class Rollout:
             rec["rollback"] = {"reason": reason, "requested_ts": self.clock(), "done": False}
             self._log(f"rolling back: {reason}")
         tried: set[str] = set()
+        busy_until = self.clock() + 2 * self.plan.device_timeout_s  # how long a device still installing is retried
+
+        def wanted(e: dict[str, Any]) -> bool:
+            inst, rb = e.get("install") or {}, e.get("rollback") or {}
+            if rb.get("status") == "ok":
+                return False
+            switched = inst.get("status") == "ok" and inst.get("changed", True)
+            # online with the command but no answer (yet): it may have switched, or may still; the rollback
+            # names this plan's bundle, so for a device that did not switch it changes nothing
+            unknown = inst.get("status") in ("timed_out", "sent")
+            return switched or unknown
+
         while True:
-            # devices switched by this rollout (an install may still succeed late while we wait: loop)
-            targets = [d for d, e in rec["devices"].items()
-                       if (e.get("install") or {}).get("status") == "ok" and e["install"].get("changed", True)
-                       and d not in tried and (e.get("rollback") or {}).get("status") != "ok"]
+            # (an install may still succeed late while we wait, and a device still installing answers "busy": loop)
+            targets, retry_busy = [], False
+            for d, e in rec["devices"].items():
+                if not wanted(e):
+                    continue
+                rb = e.get("rollback") or {}
+                busy = rb.get("status") == "failed" and (rb.get("error") or {}).get("reason") == "busy"
+                # (tried per install outcome: a timed-out install that succeeds late is a new reason to roll back)
+                if (d, (e.get("install") or {}).get("status")) not in tried or (busy and self.clock() < busy_until):
+                    targets.append(d)
+                    retry_busy |= busy
             if not targets:
                 break
+            if retry_busy:  # give the install it is busy with time to finish (its answer is applied meanwhile)
+                events = self.transport.poll(max(self.poll_s, 1.0))
+                if events and self.apply(events):
+                    self._write()
+                targets = [d for d in targets if wanted(rec["devices"][d])]
+                if not targets:
+                    continue
             for d in targets:
                 rb = rec["devices"][d].get("rollback")
-                if rb and rb["status"] in ("failed", "timed_out"):
-                    rec["devices"][d]["rollback"] = None  # a new attempt after a failed one
-            tried.update(targets)
+                if rb and rb["status"] in ("failed", "timed_out", "ok"):
+                    rec["devices"][d]["rollback"] = None  # a new attempt after a failed (or now stale) one
+            tried.update((d, (rec["devices"][d].get("install") or {}).get("status")) for d in targets)
             # conditional on this plan's bundle: a retried or late rollback never takes a device forward to it
             self._send(targets, "rollback", "rollback", self.plan.rollback_args(rec["rollback"]["reason"]))
             self._wait()

@@ -47,6 +47,7 @@ class ErrorCode(enum.IntEnum):
     CONFIG_NO_KEYRING = 400
     CONFIG_INVALID = 401
     CONFIG_UNAUTHORIZED = 402  # a fleet command without a valid signature from a trusted key
+    DEVICE_STORAGE = 403  # the device's own storage failed (disk full, I/O error) during an install
 
 
 class RuntimeErrorBase(Exception):

@@ -192,6 +192,7 @@ class FakeFleet:
                 agent.acks[rid] = ack
                 self._at(t0 + 0.1, lambda: self._ack(agent, ack))
                 return None
+            agent.installing_until = t0 + agent.delay
             for i, step in enumerate(STEPS):
                 self._at(t0 + agent.delay * (i + 1) / (len(STEPS) + 1),
                          lambda s=step: self._msg(agent, "event", {"type": "install_progress", "request_id": rid,
@@ -208,8 +209,15 @@ class FakeFleet:
         elif command == "rollback":
             # the agent's rollback: with from_sha256 only while that bundle is active; else back to the other slot
             # (a second plain rollback goes forward again). It takes effect now; the answer may come much later.
+            # While an install runs the agent answers "busy".
             from_sha = body["args"].get("from_sha256")
-            if from_sha is not None and agent.model.get("sha256") != from_sha:
+            if self.clock() < getattr(agent, "installing_until", 0.0):  # refused at once, not remembered
+                ack = {"request_id": rid, "ok": False, "command": command, "error": {
+                    "reason": "busy", "step": None, "code": None, "name": None,
+                    "message": "an install is running; roll back after it finishes", "active_slot": "a"}}
+                self._at(t0 + 0.1, lambda: self._msg(agent, "ack", ack))
+                return None
+            elif from_sha is not None and agent.model.get("sha256") != from_sha:
                 ack = {"request_id": rid, "ok": True, "command": command, "result": {
                     "changed": False, "slot": "a", "sha256": agent.model.get("sha256"), "model": dict(agent.model)}}
             elif agent.previous is None:
@@ -902,3 +910,21 @@ def test_rollout_over_mosquitto_with_an_offline_device(mqtt_broker, key, keyring
         client.close()
         for d in devices:
             d.stop()
+
+
+def test_a_canary_that_answers_after_its_timeout_is_rolled_back_too(tmp_path, key, keyring):
+    """The canary's install outlives device_timeout_s (a TensorRT engine build, say): the rollout halts on the
+    timeout, and its rollback reaches the canary too — "busy" while the install runs, then, once the late
+    success arrives, a real rollback. The device must not stay on the halted rollout's bundle."""
+    clock = FakeClock()
+    slow = FakeAgent("cam-1", delay=45.0, rollback_delay=1.0)
+    fleet = FakeFleet([slow, FakeAgent("cam-2")], keyring, clock)
+    plan = make_plan(names(2), canary="1", max_failures=0, device_timeout_s=30.0)
+    summary = start(plan, fleet, key, tmp_path, clock).run()
+    assert summary["halted"] and "cam-2" not in [s["device"] for s in fleet.sent]
+    rollbacks = [s for s in fleet.sent if s["command"] == "rollback"]
+    assert rollbacks and all(s["device"] == "cam-1" for s in rollbacks)
+    assert slow.model.get("sha256") != SHA  # back on what it ran before the rollout
+    rec = json.loads(Path(summary["record"]).read_text())
+    assert rec["devices"]["cam-1"]["install"]["status"] == "ok"  # the late answer was read
+    assert rec["devices"]["cam-1"]["rollback"]["status"] == "ok" and summary["rolled_back"] == ["cam-1"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -93,7 +94,13 @@ def test_monitor_command_headless_with_bounds(fleet):
                              "--fleet", "f1", "--db", str(fleet.db), "--max-messages", "3", "--duration", "30",
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        fleet.wait(lambda: fleet.db.exists() and fleet.device("cam-5"), timeout=30, what="the monitor running")
+        def stored() -> bool:
+            try:
+                return fleet.db.exists() and bool(fleet.device("cam-5"))
+            except sqlite3.OperationalError:  # the file exists a moment before the monitor creates its tables
+                return False
+
+        fleet.wait(stored, timeout=30, what="the monitor running")
         fleet.publish("telemetry", "cam-5", 2, {"window_s": 1, "inferences": 1})
         fleet.publish("telemetry", "cam-5", 3, {"window_s": 1, "inferences": 1})
         stdout, stderr = proc.communicate(timeout=45)

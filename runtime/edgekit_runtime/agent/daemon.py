@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
+import re
+import shutil
 import stat
 import threading
 import time
@@ -34,6 +37,8 @@ from .mqtt import MqttLink
 from .state import AgentState, CommandLog, StateDir, atomic_write
 
 INBOX_POLL_S = 0.25
+CLOCK_SKEW_S = 3600.0  # a device clock this far behind the host's still takes a command at the expiry limit
+LOCAL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 log = logging.getLogger("edgekit_runtime.agent")
 
@@ -396,16 +401,17 @@ class Agent:
                     core.bad_commands += 1
                     return refuse("unauthorized", str(exc))
             expires = body.get("expires_ts")
-            if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+            if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires):
                 if self.config.require_signed_commands:
                     return refuse("bad_request", "a signed install/rollback must carry expires_ts (UNIX time), so "
                                                  "the device can stop remembering it")
                 expires = time.time() + 86400
-            if expires > time.time() + MAX_COMMAND_LIFETIME_S:
+            if expires > time.time() + MAX_COMMAND_LIFETIME_S + CLOCK_SKEW_S:
                 return refuse("bad_request", f"expires_ts is more than {MAX_COMMAND_LIFETIME_S // 86400} days "
                                              "ahead; send commands that expire sooner")
             if self._change is not None and self._change["request_id"] == request_id:
-                self._change["deliveries"].append((mid, qos))  # redelivered while it runs: acked when done
+                log.info("%s %s delivered again while it runs: acknowledged when it is done", command, request_id)
+                self._change["deliveries"].append((mid, qos))
                 return
             seen = self.command_log.get(request_id)
             if seen is not None and "ack" in seen:
@@ -436,7 +442,11 @@ class Agent:
             return refuse("busy", f"{self._change['command']} {self._change['request_id']} is running; "
                                   "send again when it has finished")
         if cmd is not None:
-            self.command_log.started(request_id, command, float(expires))
+            try:
+                self.command_log.started(request_id, command, float(expires))
+            except OSError as exc:  # a full disk: better refused than run without a record against replays
+                return refuse("storage_error", f"cannot record the command ({exc.strerror or exc}); free space in "
+                                               f"{core.state_dir.root}")
         self._change = {"request_id": request_id, "command": command, "started": time.monotonic(),
                         "deliveries": [(mid, qos)]}
         worker = threading.Thread(target=self._run_change, args=(cmd, local, command, req, args),
@@ -478,6 +488,11 @@ class Agent:
                 if model is not None:
                     result = {**result, "health": health}
                     self.health = health
+                else:  # the bundle is there and intact, but does not load here: that is no success
+                    ok, result = False, None
+                    error = {"reason": "prepare_failed", "step": "prepare", "code": health.get("code"),
+                             "name": health.get("name"), "message": f"the active bundle does not load: "
+                             f"{health.get('message')}", "active_slot": active["slot"]}
         if ok and model is not None:
             self._serve(model, {"slot": result["slot"], "sha256": result.get("sha256")}, result.get("health"))
             kind = "model_installed" if command == "install" else "rolled_back"
@@ -545,15 +560,23 @@ class Agent:
                 if not stat.S_ISREG(st.st_mode) or st.st_size > 64 * 1024:  # never block on a FIFO or read a huge file
                     raise ValueError("not a small regular file")
                 request = json.loads(taken.read_text())
-                local = {"request_id": str(request["request_id"]), "command": request["command"],
+                local = {"request_id": request["request_id"], "command": request["command"],
                          "args": request.get("args") or {}}
+                if not isinstance(local["request_id"], str) or not LOCAL_ID.fullmatch(local["request_id"]):
+                    raise ValueError("request_id must be 1-64 of [A-Za-z0-9_-] (it names the reply file)")
                 if local["command"] not in ("install", "rollback"):
                     raise ValueError(f"unknown command {local['command']!r}")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("ignored inbox request %s: %s", path.name, exc)
                 continue
             finally:
-                taken.unlink(missing_ok=True)
+                try:
+                    if taken.is_dir() and not taken.is_symlink():
+                        shutil.rmtree(taken, ignore_errors=True)
+                    else:
+                        taken.unlink(missing_ok=True)
+                except OSError as exc:  # whatever is in the inbox, the loop goes on
+                    log.warning("cannot remove %s: %s", taken, exc)
             self._start_change(None, None, 0, local=local)
 
     def _write_status(self) -> None:

@@ -216,7 +216,7 @@ class Installer:
         path: Path | None = None
         if active is not None and req.sha256 is not None:
             rec = sd.read_slot(active)
-            if rec.get("sha256") == req.sha256 and rec.get("model") and sd.active_bundle() is not None:
+            if rec.get("sha256") == req.sha256 and rec.get("model") and self._intact(active, req.sha256):
                 # already serving it (a re-sent command, or one redelivered after the switch): nothing to fetch
                 return {"slot": active, "previous_slot": pointer.get("previous"), "model": rec["model"],
                         "sha256": req.sha256, "already_active": True, "health": rec.get("health"),
@@ -256,7 +256,7 @@ class Installer:
             new = verified.manifest["model"]
             if active is not None:
                 rec = sd.read_slot(active)
-                if rec.get("sha256") == sha and sd.active_bundle() is not None:
+                if rec.get("sha256") == sha and self._intact(active, sha):
                     sd.clear_marker()
                     self._discard_download(sha)
                     result = {"slot": active, "previous_slot": pointer.get("previous"), "model": _model(verified),
@@ -276,7 +276,7 @@ class Installer:
             self._step(marker, "unpack")
             sd.write_slot(target, {"state": "installing", "sha256": sha, "txn": marker["txn"]})
             _empty_slot(sd.slot_dir(target))
-            bundle_path = sd.place_bundle(path, target)
+            bundle_path = sd.place_bundle(path, target, move=True)  # downloads/ is ours: no third copy
             done("unpack")
 
             # prepare: the slot's own copy is verified again while it is loaded into its engine
@@ -320,6 +320,23 @@ class Installer:
                                 "error": exc.to_error(active)})
                 self._discard_download(req.sha256 or (path.name[:-4] if path is not None else None))
             raise
+        except OSError as exc:  # the device's own storage: a full disk, an I/O error
+            if model is not None:
+                model.close()
+            try:
+                self._undo(marker, target)
+            except OSError:
+                log.exception("undoing the install")  # the next start finishes the undo from the marker
+            self._discard_download(req.sha256 or (path.name[:-4] if path is not None else None))
+            err = InstallError("storage_error", f"the device's storage failed at {marker.get('step')}: "
+                               f"{exc.strerror or exc}", step=marker.get("step"), code=ErrorCode.DEVICE_STORAGE,
+                               hint="free space in the agent's state directory (df -h) and send the install again")
+            try:
+                sd.log_install({"request_id": req.request_id, "command": "install", "ok": False,
+                                "error": err.to_error(active)})
+            except OSError:
+                pass
+            raise err from None
         except BaseException:
             if model is not None:
                 model.close()
@@ -368,6 +385,21 @@ class Installer:
         dest = self.sd.downloads / f"{got}.ekb"
         os.replace(tmp, dest)
         return dest
+
+    def _intact(self, slot: str, sha: str) -> bool:
+        """The slot's bundle is still the file that was installed, and still verifies (not damaged since)."""
+        from ..bundle import open_bundle
+        from .fetch import sha256_file
+
+        bundle = self.sd.slot_dir(slot) / "bundle.ekb"
+        try:
+            if not bundle.is_file() or sha256_file(bundle) != sha:
+                return False
+            open_bundle(bundle, self.keyring)
+            return True
+        except (OSError, RuntimeErrorBase) as exc:
+            log.warning("the bundle in slot %s is damaged (%s): installing it again", slot, exc)
+            return False
 
     def _undo(self, marker: dict[str, Any], target: str) -> None:
         """Leave things as before the install: the active slot serves; the idle one is emptied if touched."""
@@ -464,10 +496,15 @@ class Installer:
             if pointer is not None:
                 cur_rec = sd.read_slot(pointer["slot"])
                 done_before = request_id is not None and pointer.get("rollback_of") == request_id
-                elsewhere = from_sha256 is not None and cur_rec.get("sha256") != from_sha256
+                cur_sha = cur_rec.get("sha256")
+                if from_sha256 is not None and cur_sha is None and sd.active_bundle() is not None:
+                    from .fetch import sha256_file
+
+                    cur_sha = sha256_file(sd.active_bundle())  # no record (an older agent): the file decides
+                elsewhere = from_sha256 is not None and cur_sha != from_sha256
                 if done_before or elsewhere:
                     result = {"slot": pointer["slot"], "previous_slot": pointer.get("previous"),
-                              "model": cur_rec.get("model"), "sha256": cur_rec.get("sha256"), "changed": False,
+                              "model": cur_rec.get("model"), "sha256": cur_sha, "changed": False,
                               "reason": reason, "note": "already rolled back" if done_before else
                               f"the active bundle is not {from_sha256[:12]}…: nothing to roll back"}
                     sd.log_install({"request_id": request_id, "command": "rollback", "ok": True, "result": result})

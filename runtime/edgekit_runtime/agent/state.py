@@ -272,15 +272,25 @@ class StateDir:
                 return entry
         return None
 
-    def place_bundle(self, source: str | os.PathLike, slot: str = "a") -> Path:
-        """Copy a bundle into ``slot`` durably (``slot/bundle.ekb``); the pointer is not touched."""
+    def place_bundle(self, source: str | os.PathLike, slot: str = "a", *, move: bool = False) -> Path:
+        """Put a bundle into ``slot`` durably (``slot/bundle.ekb``); the pointer is not touched.
+
+        ``move``: the source is the agent's own file (``downloads/``): rename it instead of
+        copying, so an install needs no third copy of the bundle on a small disk.
+        """
         dest = self.slot_dir(slot) / "bundle.ekb"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(".bundle.ekb.tmp")
-        shutil.copyfile(source, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
+        if move:
+            with open(source, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(source, dest)
+            _fsync_dir(Path(source).parent)
+        else:
+            tmp = dest.with_name(".bundle.ekb.tmp")
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
         _fsync_dir(dest.parent)
         return dest
 
@@ -299,7 +309,10 @@ class StateDir:
                 stale_download = (folder == self.downloads and not (keep_sha256 and path.name.startswith(keep_sha256))
                                   and now - path.stat().st_mtime > max_age_s)
                 taken = folder == self.inbox and path.suffix == ".taken"
-                if (stale_tmp or stale_download or taken) and path.is_file():
+                if taken and path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(str(path.relative_to(self.root)))
+                elif (stale_tmp or stale_download or taken) and (path.is_file() or path.is_symlink()):
                     path.unlink(missing_ok=True)
                     removed.append(str(path.relative_to(self.root)))
         return removed
@@ -357,11 +370,20 @@ class CommandLog:
         return self.entries.get(request_id)
 
     def _append(self, entry: dict[str, Any]) -> None:
+        line = (json.dumps(entry, default=str) + "\n").encode()
+        with open(self.path, "ab") as fh:
+            end = fh.tell()
+            try:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError:
+                try:  # a disk that filled up mid-line: drop the half line, or the next entry is glued to it
+                    fh.truncate(end)
+                except OSError:
+                    pass
+                raise
         self.entries[entry["request_id"]] = {**self.entries.get(entry["request_id"], {}), **entry}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry, default=str) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
 
     def started(self, request_id: str, command: str, expires_ts: float) -> None:
         self._append({"request_id": request_id, "command": command, "expires_ts": expires_ts,

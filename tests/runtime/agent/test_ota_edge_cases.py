@@ -100,7 +100,8 @@ def test_a_redelivery_during_an_install_is_acknowledged_only_when_it_is_done(age
     broker.restart()
     sub.wait(lambda s: len([m for m in s.of("state") if m["body"]["status"] == "online"]) > onlines, timeout=30,
              what="the agent reconnected")
-    time.sleep(1.5)  # the broker has delivered the unacknowledged command again by now
+    agent_env.wait_until(lambda: "delivered again while it runs" in agent_env.log_of(proc), 30,
+                         what="the broker delivering the unacknowledged command again")
     proc.kill()
     proc.wait()
     proc2 = agent_env.spawn(path)
@@ -326,3 +327,114 @@ def test_a_workload_follows_every_switch_and_retries_a_failed_load(agent_env, tw
     assert watcher.get().manifest["model"]["release"] == 2 and watcher.slot == "b"  # the retry loaded it
     assert len(calls) == 2
     watcher.close()
+
+
+def test_an_inbox_request_cannot_write_outside_the_outbox(agent_env, broker, subscriber, two_releases):
+    """The request id names the reply file: one with a path in it is ignored (it could overwrite slot.json)."""
+    import json
+
+    sub = subscriber()
+    agent = agent_env.start_agent(agent_env.config())
+    _online(sub)
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    before = (sd.slot_dir("a") / "slot.json").read_bytes()
+    (sd.inbox / "evil.json").write_text(json.dumps({"request_id": "../slots/a/slot", "command": "rollback"}))
+    os.mkdir(sd.inbox / "dir.json")  # and a directory with a request's name
+    agent_env.wait_until(lambda: not list(sd.inbox.iterdir()), 10, what="the inbox emptied")
+    assert (sd.slot_dir("a") / "slot.json").read_bytes() == before
+    n = len(sub.of("telemetry"))
+    sub.wait(lambda s: len(s.of("telemetry")) >= n + 2, timeout=10, what="the agent going on")
+    agent_env.stop_agent(agent)
+
+
+def test_reflashing_a_damaged_active_bundle_repairs_it(agent_env, broker, subscriber, kit, two_releases, server):
+    """The active slot's file was damaged on disk (the agent starts degraded): sending the same bundle again
+    is not "already active" — it is installed afresh into the other slot and serves."""
+    sub = subscriber()
+    path, v1, v2 = two_releases
+    bundle = agent_env.tmp / "state-dev1" / "slots" / "a" / "bundle.ekb"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bundle.write_bytes(bytes(data))
+    agent = agent_env.start_agent(agent_env.config())
+    _online(sub)
+    assert agent.core.model is None
+    rid = _send(sub, "install", _install_args(server.add(v1)), kit.key)["request_id"]
+    ack = sub.wait(lambda s: _acks(s, rid), timeout=60, what="ack")[0]
+    assert ack["ok"] and not ack["result"]["already_active"] and ack["result"]["slot"] == "b", ack
+    assert agent.core.model is not None and agent.core.model_info()["release"] == 1
+    agent_env.stop_agent(agent)
+
+
+def test_a_full_disk_during_an_install_is_reported_as_such(agent_env, tmp_path, monkeypatch):
+    sd = StateDir(tmp_path / "state").ensure()
+    ring = Keyring.from_paths(agent_env.keys)
+    v1, v2 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0), agent_env.model_bundle("v2.ekb", release=2)
+    Installer(sd, ring, latency_runs=0).install(InstallRequest(str(v1)))[1].close()
+    before = sd.active_file.read_bytes()
+
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StateDir, "place_bundle", no_space)
+    with pytest.raises(Exception) as info:
+        Installer(sd, ring, latency_runs=0).install(InstallRequest(str(v2)))
+    err = info.value
+    assert (err.reason, err.step, int(err.code)) == ("storage_error", "unpack", 403) and "df -h" in err.hint
+    assert sd.active_file.read_bytes() == before and sd.read_marker() is None
+    assert list(sd.downloads.iterdir()) == []  # the full disk gets its space back
+
+
+def test_the_command_log_survives_a_failed_write(tmp_path, monkeypatch):
+    from edgekit_runtime.agent.state import CommandLog
+
+    log = CommandLog(tmp_path / "commands.jsonl")
+    log.started("r1", "install", time.time() + 600)
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        log.finished("r1", {"request_id": "r1", "ok": True})
+    log.started("r2", "rollback", time.time() + 600)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    again = CommandLog(tmp_path / "commands.jsonl")
+    assert again.get("r2")["command"] == "rollback" and "ack" not in again.get("r1")
+    assert all(line.startswith("{") for line in (tmp_path / "commands.jsonl").read_text().splitlines())
+
+
+def test_a_command_that_cannot_be_recorded_is_refused_not_run(agent_env, broker, subscriber, kit, two_releases,
+                                                              monkeypatch):
+    from edgekit_runtime.agent.state import CommandLog
+
+    sub = subscriber()
+    path, v1, v2 = two_releases
+    agent_env.install(path, v2)
+
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CommandLog, "started", no_space)
+    agent = agent_env.start_agent(agent_env.config())
+    _online(sub)
+    rid = _send(sub, "rollback", {}, kit.key)["request_id"]
+    ack = sub.wait(lambda s: _acks(s, rid), what="ack")[0]
+    assert ack["ok"] is False and ack["error"]["reason"] == "storage_error"
+    assert agent.core.model_info()["release"] == 2  # not rolled back without a record
+    ping = _send(sub, "ping", {}, None, body={"request_id": "p1", "command": "ping"})
+    assert sub.wait(lambda s: _acks(s, ping["request_id"]), what="the agent still answering")[0]["ok"]
+    agent_env.stop_agent(agent)
+
+
+def test_a_device_clock_a_little_behind_accepts_the_longest_expiry(agent_env, broker, subscriber, kit, two_releases):
+    sub = subscriber()
+    agent_env.start_agent(agent_env.config())
+    _online(sub)
+    limit = _send(sub, "rollback", {}, kit.key, expires_ts=time.time() + 30 * 86400 + 60)  # host clock 1 min ahead
+    ack = sub.wait(lambda s: _acks(s, limit["request_id"]), what="ack")[0]
+    assert ack["error"]["reason"] == "no_previous"  # judged on its merits, not refused for its expiry
