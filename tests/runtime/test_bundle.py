@@ -509,6 +509,7 @@ def test_error_codes_are_stable():
         "BUNDLE_CHECKSUM_MISMATCH": 113,
     }
     assert int(ErrorCode.ENGINE_HEALTH_CHECK_FAILED) == 204 and int(ErrorCode.CONFIG_UNAUTHORIZED) == 402
+    assert int(ErrorCode.DEVICE_STORAGE) == 403
     assert int(ErrorCode.CONFIG_NO_KEYRING) == 400
     event = BundleError("x", code=ErrorCode.BUNDLE_TAMPERED).to_event()
     assert event["code"] == 105 and event["name"] == "BUNDLE_TAMPERED"
