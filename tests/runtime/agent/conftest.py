@@ -271,11 +271,12 @@ class AgentEnv:
         return self.kit.write(name, manifest=manifest, members=members)
 
     def model_bundle(self, name: str, *, release: int = 2, scale: float = 2.0, version: str | None = None,
-                     break_health: bool = False, budget_ms: float | None = None) -> Path:
+                     break_health: bool = False, budget_ms: float | None = None, padding: int = 0) -> Path:
         """A signed MatMul bundle with weights ``scale * W`` (so its outputs differ from release 1).
 
         ``break_health``: the stored expected output is wrong, so the bundle verifies but fails
         its health check on the device (as a model compiled for other hardware would).
+        ``padding``: bytes of an extra (random, signed) member, so a download takes a while.
         """
         kit = self.kit
         manifest, members = kit.parts()
@@ -286,6 +287,8 @@ class AgentEnv:
         manifest["model"].update(release=release, version=version or f"{release}.0.0")
         if budget_ms is not None:
             manifest["target"]["latency_budget_ms"] = budget_ms
+        if padding:
+            members["padding.bin"] = np.random.default_rng(release).bytes(padding)
         return kit.write(name, manifest=manifest, members=members)
 
     # -- in-process agent ----------------------------------------------------------------

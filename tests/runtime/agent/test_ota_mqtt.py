@@ -33,6 +33,14 @@ def _send(sub, device: str, command: str, args: dict, key=None, *, request_id: s
     return request_id
 
 
+def _running_v1(agent_env, sub):
+    """An in-process agent serving release 1 (slot a), online."""
+    agent_env.install(agent_env.config_file(), agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
+    agent = agent_env.start_agent(agent_env.config())
+    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=20, what="online")
+    return agent
+
+
 def _ack(sub, request_id: str, timeout: float = 30.0) -> dict:
     return sub.wait(lambda s: s.ack(request_id), timeout=timeout, what=f"ack of {request_id}")["body"]
 
@@ -54,10 +62,7 @@ def served(tmp_path):
 
 def test_signed_install_switches_live_then_rolls_back(agent_env, broker, subscriber, kit, served):
     sub = subscriber()
-    path = agent_env.config_file()
-    agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
-    agent = agent_env.start_agent(agent_env.config())
-    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=20, what="online")
+    agent = _running_v1(agent_env, sub)
     server = served()
     v2 = server.add(agent_env.model_bundle("v2.ekb", release=2))
     args = {"url": v2["url"], "sha256": v2["sha256"], "size": v2["size"]}
@@ -102,10 +107,8 @@ def test_local_install_is_handed_to_the_running_agent(agent_env, broker, subscri
     from edgekit_runtime.agent.cli import main as agent_cli
 
     sub = subscriber()
+    agent = _running_v1(agent_env, sub)
     path = agent_env.config_file()
-    agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
-    agent = agent_env.start_agent(agent_env.config())
-    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=20, what="online")
     capsys.readouterr()
     assert agent_cli(["install", str(agent_env.model_bundle("v2.ekb", release=2)), "--config", str(path),
                       "--json"]) == 0
@@ -126,14 +129,7 @@ def test_kill_9_during_a_download_resumes_after_the_restart(agent_env, broker, s
     sub = subscriber()
     path = agent_env.config_file()
     agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
-    big = agent_env.model_bundle("v2.ekb", release=2)
-    # pad the bundle's served size: a signed bundle with a large label file, so the download takes a while
-    manifest, members = kit.parts()
-    members["model.onnx"] = kit.matmul_onnx((kit.WEIGHTS * 2).astype(np.float32))
-    members["health/expected_output.npy"] = kit.npy((kit.SAMPLE @ (kit.WEIGHTS * 2)).astype(np.float32))
-    members["padding.bin"] = np.random.default_rng(0).bytes(600_000)
-    manifest["model"].update(release=2, version="2.0.0")
-    big = kit.write("v2-big.ekb", manifest=manifest, members=members)
+    big = agent_env.model_bundle("v2-big.ekb", release=2, padding=600_000)  # so the download takes a while
     server = served(rate_limit_bps=400_000)
     v2 = server.add(big)
 
@@ -168,13 +164,8 @@ def test_an_install_cut_short_by_a_stop_is_retried_after_the_restart(agent_env, 
     sub = subscriber()
     path = agent_env.config_file()
     agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
-    manifest, members = kit.parts()
-    members["model.onnx"] = kit.matmul_onnx((kit.WEIGHTS * 2).astype(np.float32))
-    members["health/expected_output.npy"] = kit.npy((kit.SAMPLE @ (kit.WEIGHTS * 2)).astype(np.float32))
-    members["padding.bin"] = np.random.default_rng(1).bytes(500_000)
-    manifest["model"].update(release=2, version="2.0.0")
     server = served(rate_limit_bps=300_000)
-    v2 = server.add(kit.write("v2-big.ekb", manifest=manifest, members=members))
+    v2 = server.add(agent_env.model_bundle("v2-big.ekb", release=2, padding=500_000))
 
     agent = agent_env.start_agent(agent_env.config())
     sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=20, what="online")
@@ -238,10 +229,7 @@ def test_tampered_and_truncated_downloads_are_refused(agent_env, broker, subscri
     import zipfile
 
     sub = subscriber()
-    path = agent_env.config_file()
-    agent_env.install(path, agent_env.model_bundle("v1.ekb", release=1, scale=1.0))
-    agent = agent_env.start_agent(agent_env.config())
-    sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=20, what="online")
+    agent = _running_v1(agent_env, sub)
     server = served()
     good = agent_env.model_bundle("v2.ekb", release=2)
     sha, size = hashlib.sha256(good.read_bytes()).hexdigest(), good.stat().st_size
