@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_fleet import BrokerOpt, CaOpt, CertOpt, PasswordOpt, UserOpt, _consoles, _settings, handle_errors, print_json
+from .cli_fleet import BrokerOpt, CaOpt, CertOpt, PasswordOpt, UserOpt, _consoles, _settings, print_json
 from .errors import ConfigError, EdgekitError
 
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON")

@@ -22,7 +22,6 @@ import shutil
 import stat
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

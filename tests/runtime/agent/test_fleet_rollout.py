@@ -6,7 +6,6 @@ Each agent has its own state directory and serves release 1 (slot a) before the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
