@@ -97,6 +97,7 @@ RECORD_VERSION = 1
 OUTCOMES = ("pending", "sent", "pending_offline", "succeeded", "failed", "timed_out", "rolling_back",
             "rolled_back", "rollback_failed")
 FAILURES = ("failed", "timed_out")
+BUSY_RETRY_S = 2.0  # a device still installing (it answered "busy") is asked to roll back again after this
 _LOG_MAX = 500
 _SHARE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 _COUNT = re.compile(r"^\s*(\d+)\s*$")
@@ -310,9 +311,13 @@ def device_status(entry: dict[str, Any]) -> str:
     """
     rb, ins = entry.get("rollback"), entry.get("install")
     switched = bool(ins) and ins["status"] == "ok"
-    if rb and (switched or (rb["status"] == "ok" and rb.get("changed", True))):
-        return {"ok": "rolled_back", "failed": "rollback_failed", "timed_out": "rollback_failed"}.get(
-            rb["status"], "rolling_back")
+    if rb:
+        status = rb["status"]
+        if switched or (status == "ok" and rb.get("changed", True)) or status in ("failed", "sent"):
+            # (a precautionary rollback that was refused or is in flight is worth showing; one that found
+            # nothing to undo, or got no answer from a device that never answered either, is not)
+            return {"ok": "rolled_back", "failed": "rollback_failed", "timed_out": "rollback_failed"}.get(
+                status, "rolling_back")
     if not ins:
         return "pending"
     return "succeeded" if ins["status"] == "ok" else ins["status"]
@@ -733,31 +738,37 @@ class Rollout:
                 return False
             switched = inst.get("status") == "ok" and inst.get("changed", True)
             # online with the command but no answer (yet): it may have switched, or may still; the rollback
-            # names this plan's bundle, so for a device that did not switch it changes nothing
-            unknown = inst.get("status") in ("timed_out", "sent")
+            # names this plan's bundle, so for a device that did not switch it changes nothing. Not a device
+            # that ran this bundle before the rollout: rolling it back would take it to an older model.
+            unknown = inst.get("status") in ("timed_out", "sent") and e.get("sha_before") != self.plan.sha256
             return switched or unknown
 
+        next_try: dict[str, float] = {}  # a device that answered "busy" is asked again from this time on
         while True:
             # (an install may still succeed late while we wait, and a device still installing answers "busy": loop)
-            targets, retry_busy = [], False
+            targets, waiting_busy = [], []
             for d, e in rec["devices"].items():
                 if not wanted(e):
                     continue
                 rb = e.get("rollback") or {}
-                busy = rb.get("status") == "failed" and (rb.get("error") or {}).get("reason") == "busy"
+                busy = rb.get("status") == "failed" and (rb.get("error") or {}).get("reason") == "busy" \
+                    and self.clock() < busy_until
                 # (tried per install outcome: a timed-out install that succeeds late is a new reason to roll back)
-                if (d, (e.get("install") or {}).get("status")) not in tried or (busy and self.clock() < busy_until):
+                if (d, (e.get("install") or {}).get("status")) not in tried:
                     targets.append(d)
-                    retry_busy |= busy
-            if not targets:
-                break
-            if retry_busy:  # give the install it is busy with time to finish (its answer is applied meanwhile)
-                events = self.transport.poll(max(self.poll_s, 1.0))
+                elif busy:
+                    due = next_try.setdefault(d, (rb.get("finished_ts") or self.clock()) + BUSY_RETRY_S)
+                    (targets if self.clock() >= due else waiting_busy).append(d)
+            if not targets and waiting_busy:  # wait for the earliest retry (answers are applied meanwhile)
+                until = min(next_try[d] for d in waiting_busy)
+                events = self.transport.poll(max(0.05, until - self.clock()))
                 if events and self.apply(events):
                     self._write()
-                targets = [d for d in targets if wanted(rec["devices"][d])]
-                if not targets:
-                    continue
+                continue
+            if not targets:
+                break
+            for d in targets:
+                next_try.pop(d, None)
             for d in targets:
                 rb = rec["devices"][d].get("rollback")
                 if rb and rb["status"] in ("failed", "timed_out", "ok"):

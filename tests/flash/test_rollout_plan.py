@@ -928,3 +928,28 @@ def test_a_canary_that_answers_after_its_timeout_is_rolled_back_too(tmp_path, ke
     rec = json.loads(Path(summary["record"]).read_text())
     assert rec["devices"]["cam-1"]["install"]["status"] == "ok"  # the late answer was read
     assert rec["devices"]["cam-1"]["rollback"]["status"] == "ok" and summary["rolled_back"] == ["cam-1"]
+
+
+def test_a_late_device_that_ran_the_bundle_before_is_not_rolled_back(tmp_path, key, keyring):
+    """cam-2 already ran the rollout's bundle (its older release in the other slot); its answer is late and the
+    rollout halts on cam-1's failure: a precautionary rollback must not take cam-2 to the older model."""
+    clock = FakeClock()
+    before = FakeAgent("cam-2", already_active=True, delay=45.0)
+    fleet = FakeFleet([FakeAgent("cam-1", "fail"), before], keyring, clock)
+    plan = make_plan(names(2), canary="2", max_failures=0, device_timeout_s=30.0)
+    summary = start(plan, fleet, key, tmp_path, clock).run()
+    assert summary["halted"]
+    assert before.model.get("sha256") == SHA  # still on the bundle it ran before the rollout
+    assert not [s for s in fleet.sent if s["command"] == "rollback" and s["device"] == "cam-2"]
+
+
+def test_a_device_that_stays_busy_is_asked_again_at_a_bounded_pace(tmp_path, key, keyring):
+    clock = FakeClock()
+    slow = FakeAgent("cam-1", delay=1000.0, rollback_delay=0.1)  # installs for longer than the retry window
+    fleet = FakeFleet([slow, FakeAgent("cam-2")], keyring, clock)
+    plan = make_plan(names(2), canary="1", max_failures=0, device_timeout_s=30.0)
+    t0 = clock()
+    summary = start(plan, fleet, key, tmp_path, clock).run()
+    rollbacks = [s for s in fleet.sent if s["command"] == "rollback"]
+    assert summary["halted"] and clock() - t0 < 200  # the loop ends (2 x device_timeout_s of retries)
+    assert 10 <= len(rollbacks) <= 40  # about one every BUSY_RETRY_S, not one per poll

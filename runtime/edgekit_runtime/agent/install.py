@@ -216,11 +216,18 @@ class Installer:
         path: Path | None = None
         if active is not None and req.sha256 is not None:
             rec = sd.read_slot(active)
-            if rec.get("sha256") == req.sha256 and rec.get("model") and self._intact(active, req.sha256):
-                # already serving it (a re-sent command, or one redelivered after the switch): nothing to fetch
-                return {"slot": active, "previous_slot": pointer.get("previous"), "model": rec["model"],
-                        "sha256": req.sha256, "already_active": True, "health": rec.get("health"),
-                        "timings_s": {}}, None
+            if rec.get("sha256") == req.sha256 and rec.get("model"):
+                if self._intact(active, req.sha256):
+                    # already serving it (a re-sent command, or one redelivered after the switch): nothing to fetch
+                    return {"slot": active, "previous_slot": pointer.get("previous"), "model": rec["model"],
+                            "sha256": req.sha256, "already_active": True, "health": rec.get("health"),
+                            "timings_s": {}}, None
+                prev = pointer.get("previous")
+                if prev is not None and sd.read_slot(prev).get("state") == "good":
+                    # the active slot's copy is damaged: repair that slot, and keep the good previous model
+                    # (installing into the idle slot would overwrite the only fallback)
+                    target = marker["slot"] = active
+        previous_after = pointer.get("previous") if (pointer and target == active) else active
         try:
             # download: into the agent's own downloads/ (a local file is copied there first, so what is
             # checked below is what gets installed: nobody else can change it in between)
@@ -276,13 +283,15 @@ class Installer:
             self._step(marker, "unpack")
             sd.write_slot(target, {"state": "installing", "sha256": sha, "txn": marker["txn"]})
             _empty_slot(sd.slot_dir(target))
-            bundle_path = sd.place_bundle(path, target, move=True)  # downloads/ is ours: no third copy
+            bundle_path = sd.place_bundle(path, target, link=True)  # downloads/ is ours: no third copy
             done("unpack")
 
             # prepare: the slot's own copy is verified again while it is loaded into its engine
             self._step(marker, "prepare")
             try:
                 model = self._load(bundle_path, sd.slot_dir(target) / "model")
+            except OSError:  # the device's storage (extracting the bundle): reported as storage_error
+                raise
             except RuntimeErrorBase as exc:
                 raise InstallError(_reason_for(exc.code) if int(exc.code) < 200 else "prepare_failed",
                                    exc.message, step="prepare", code=exc.code, hint=exc.hint) from None
@@ -308,7 +317,12 @@ class Installer:
             sd.write_slot(target, {"state": "good", "sha256": sha, "model": info, "key_id": verified.key_id,
                                    "health": health, "installed_at": time.time(), "request_id": req.request_id,
                                    "rollout": req.rollout, "txn": marker["txn"]})
-            sd.write_pointer(target, active, txn=marker["txn"], request_id=req.request_id)
+            try:
+                sd.write_pointer(target, previous_after, txn=marker["txn"], request_id=req.request_id)
+            except OSError:
+                if (sd.read_pointer() or {}).get("txn") != marker["txn"]:
+                    raise
+                log.exception("after the pointer switch to slot %s", target)  # (the rename happened: switched)
         except InstallError as exc:
             if model is not None:
                 model.close()
@@ -321,6 +335,7 @@ class Installer:
                 self._discard_download(req.sha256 or (path.name[:-4] if path is not None else None))
             raise
         except OSError as exc:  # the device's own storage: a full disk, an I/O error
+            log.exception("storage failed during the install (step %s)", marker.get("step"))
             if model is not None:
                 model.close()
             try:
@@ -344,7 +359,7 @@ class Installer:
             raise
 
         # The new slot is active from here on: nothing below may turn this into a failure.
-        result = {"slot": target, "previous_slot": active, "model": info, "sha256": sha,
+        result = {"slot": target, "previous_slot": previous_after, "model": info, "sha256": sha,
                   "already_active": False, "health": health, "timings_s": timings}
         try:
             self._fault("switched")  # tests: a crash between the pointer switch and the marker removal
@@ -402,13 +417,22 @@ class Installer:
             return False
 
     def _undo(self, marker: dict[str, Any], target: str) -> None:
-        """Leave things as before the install: the active slot serves; the idle one is emptied if touched."""
+        """Leave things as before the install: the active slot serves; the idle one is emptied if touched.
+
+        A failed repair of a damaged active slot (``target`` is the active slot) points at the
+        good previous slot instead, so the device is not left pointing at an emptied slot.
+        """
         sd = self.sd
         if sd.read_marker() is None:
             return
         if sd.read_slot(target).get("txn") == marker["txn"]:  # this install marked (and so began to write) it
             _empty_slot(sd.slot_dir(target))
             sd.write_slot(target, {"state": "aborted", "txn": marker["txn"], "failed_step": marker.get("step")})
+            pointer = sd.read_pointer() or {}
+            prev = pointer.get("previous")
+            if pointer.get("slot") == target and prev is not None and sd.read_slot(prev).get("state") == "good":
+                sd.write_pointer(prev, None, reason="the active slot was damaged and its repair failed")
+                log.warning("the repair of slot %s failed: slot %s (good) is active again", target, prev)
         sd.clear_marker()
 
     def _discard_download(self, sha: str | None) -> None:

@@ -272,25 +272,29 @@ class StateDir:
                 return entry
         return None
 
-    def place_bundle(self, source: str | os.PathLike, slot: str = "a", *, move: bool = False) -> Path:
+    def place_bundle(self, source: str | os.PathLike, slot: str = "a", *, link: bool = False) -> Path:
         """Put a bundle into ``slot`` durably (``slot/bundle.ekb``); the pointer is not touched.
 
-        ``move``: the source is the agent's own file (``downloads/``): rename it instead of
-        copying, so an install needs no third copy of the bundle on a small disk.
+        ``link``: the source is the agent's own file (``downloads/``): hard-link it instead of
+        copying (no second copy on a small disk, and the download survives an install that is
+        undone, for the retry). Across filesystems it is copied.
         """
         dest = self.slot_dir(slot) / "bundle.ekb"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if move:
-            with open(source, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(source, dest)
-            _fsync_dir(Path(source).parent)
-        else:
-            tmp = dest.with_name(".bundle.ekb.tmp")
+        tmp = dest.with_name(".bundle.ekb.tmp")
+        tmp.unlink(missing_ok=True)
+        linked = False
+        if link:
+            try:
+                os.link(source, tmp)
+                linked = True
+            except OSError:  # EXDEV (another filesystem), EPERM (no hard links there): copy
+                pass
+        if not linked:
             shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
         _fsync_dir(dest.parent)
         return dest
 
@@ -371,18 +375,22 @@ class CommandLog:
 
     def _append(self, entry: dict[str, Any]) -> None:
         line = (json.dumps(entry, default=str) + "\n").encode()
-        with open(self.path, "ab") as fh:
-            end = fh.tell()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
             try:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+                view = memoryview(line)
+                while view:  # unbuffered: what failed to reach the file is known exactly
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
             except OSError:
                 try:  # a disk that filled up mid-line: drop the half line, or the next entry is glued to it
-                    fh.truncate(end)
+                    os.ftruncate(fd, end)
                 except OSError:
                     pass
                 raise
+        finally:
+            os.close(fd)
         self.entries[entry["request_id"]] = {**self.entries.get(entry["request_id"], {}), **entry}
 
     def started(self, request_id: str, command: str, expires_ts: float) -> None:

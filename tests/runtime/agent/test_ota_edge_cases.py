@@ -438,3 +438,70 @@ def test_a_device_clock_a_little_behind_accepts_the_longest_expiry(agent_env, br
     limit = _send(sub, "rollback", {}, kit.key, expires_ts=time.time() + 30 * 86400 + 60)  # host clock 1 min ahead
     ack = sub.wait(lambda s: _acks(s, limit["request_id"]), what="ack")[0]
     assert ack["error"]["reason"] == "no_previous"  # judged on its merits, not refused for its expiry
+
+
+def test_repairing_a_damaged_active_bundle_keeps_the_previous_model(agent_env, two_releases):
+    """v1 in slot a (previous, good), v2 active in slot b but damaged on disk: sending v2 again repairs
+    slot b; slot a stays good for a rollback, even when the repair fails."""
+    path, v1, v2 = two_releases
+    agent_env.install(path, v2)
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    ring = Keyring.from_paths(agent_env.keys)
+    sha2 = hashlib.sha256(v2.read_bytes()).hexdigest()
+    good_a = (sd.slot_dir("a") / "bundle.ekb").read_bytes()
+
+    def damage():
+        bundle = sd.slot_dir("b") / "bundle.ekb"
+        data = bytearray(bundle.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        bundle.write_bytes(bytes(data))
+
+    damage()
+    failing = Installer(sd, ring, latency_runs=0)
+    failing.fault = ("fail", "health_check")
+    with pytest.raises(Exception, match="fault injected"):
+        failing.install(InstallRequest(str(v2), sha2))
+    assert sd.read_slot("a")["state"] == "good" and (sd.slot_dir("a") / "bundle.ekb").read_bytes() == good_a
+    result, model = Installer(sd, ring, latency_runs=0).install(InstallRequest(str(v2), sha2))
+    model.close()
+    assert (result["slot"], result["previous_slot"], result["already_active"]) == ("b", "a", False)
+    assert sd.read_pointer() == {**sd.read_pointer(), "slot": "b", "previous": "a"}
+    assert hashlib.sha256((sd.slot_dir("b") / "bundle.ekb").read_bytes()).hexdigest() == sha2
+    assert (sd.slot_dir("a") / "bundle.ekb").read_bytes() == good_a
+
+
+def test_a_half_written_command_log_line_is_cut_back(tmp_path, monkeypatch):
+    from edgekit_runtime.agent.state import CommandLog
+
+    log = CommandLog(tmp_path / "commands.jsonl")
+    log.started("r1", "install", time.time() + 600)
+    real_write, calls = os.write, []
+
+    def disk_fills(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))  # half the line reaches the disk ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
+
+    monkeypatch.setattr(os, "write", disk_fills)
+    with pytest.raises(OSError):
+        log.finished("r1", {"request_id": "r1", "ok": True})
+    monkeypatch.setattr(os, "write", real_write)
+    log.started("r2", "rollback", time.time() + 600)
+    again = CommandLog(tmp_path / "commands.jsonl")
+    assert again.get("r2")["command"] == "rollback" and "ack" not in again.get("r1")
+    assert len((tmp_path / "commands.jsonl").read_text().splitlines()) == 2
+
+
+def test_slots_on_another_filesystem_get_a_copy(agent_env, tmp_path, monkeypatch):
+    sd = StateDir(tmp_path / "state").ensure()
+    v1 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0)
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    result, model = Installer(sd, Keyring.from_paths(agent_env.keys), latency_runs=0).install(InstallRequest(str(v1)))
+    model.close()
+    assert hashlib.sha256((sd.slot_dir("a") / "bundle.ekb").read_bytes()).hexdigest() == result["sha256"]
+    assert list(sd.downloads.iterdir()) == []

@@ -192,7 +192,8 @@ def test_kill_9_of_the_agent_at_each_step_of_an_mqtt_install(agent_env, broker, 
     path = agent_env.config_file()
     v1 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0)
     agent_env.install(path, v1)
-    v2 = served().add(agent_env.model_bundle("v2.ekb", release=2))
+    server = served()
+    v2 = server.add(agent_env.model_bundle("v2.ekb", release=2))
     flag = agent_env.tmp / "paused"
     proc = agent_env.spawn(path, env={"EDGEKIT_AGENT_FAULT": f"pause:{step}", "EDGEKIT_AGENT_FAULT_FILE": str(flag)})
     sub.wait(lambda s: [m for m in s.of("state") if m["body"]["status"] == "online"], timeout=30, what="online")
@@ -216,6 +217,7 @@ def test_kill_9_of_the_agent_at_each_step_of_an_mqtt_install(agent_env, broker, 
     assert body["ok"], (body, agent_env.log_of(proc2))
     assert body["result"]["slot"] == "b" and body["result"]["sha256"] == v2["sha256"]
     assert body["result"]["already_active"] is (step == "switched")
+    assert server.bytes_sent == v2["size"]  # the bundle was downloaded once: the crash kept what had arrived
     assert sd.read_marker() is None and sd.read_pointer()["slot"] == "b" and sd.read_slot("b")["state"] == "good"
     assert hashlib.sha256((sd.slot_dir("a") / "bundle.ekb").read_bytes()).hexdigest() == \
         hashlib.sha256(v1.read_bytes()).hexdigest()  # the previous model is intact for a rollback
