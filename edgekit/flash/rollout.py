@@ -311,6 +311,8 @@ def device_status(entry: dict[str, Any]) -> str:
     """
     rb, ins = entry.get("rollback"), entry.get("install")
     switched = bool(ins) and ins["status"] == "ok"
+    if ins and ins["status"] == "failed":  # it answered that it did not switch: nothing was there to roll back
+        return "failed"
     if rb:
         status = rb["status"]
         if switched or (status == "ok" and rb.get("changed", True)) or status in ("failed", "sent"):

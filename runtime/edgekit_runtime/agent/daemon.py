@@ -502,6 +502,15 @@ class Agent:
         elif not ok:
             core.emit_event("install_failed" if command == "install" else "rollback_failed",
                             request_id=(cmd.request_id if cmd else local["request_id"]), **error)
+            # a failed change may still have moved the pointer (a damaged active slot falls back to the
+            # previous one before it is installed again): serve what the pointer names
+            active = active_bundle_info(core.state_dir)
+            if active is not None and (core.bundle_info or {}).get("sha256") != active["sha256"]:
+                model, health = load_active_model(core.state_dir, self.config, self.installer)
+                if model is not None:
+                    self._serve(model, active, health)
+                    core.emit_event("model_loaded", model=core.model_info(), health=health)
+                    self.link.publish_state()
         deliveries = self._change["deliveries"] if self._change else []
         self._change = None
         self._answer(cmd, deliveries, local, ok, result, error, record=True)

@@ -222,12 +222,23 @@ class Installer:
                     return {"slot": active, "previous_slot": pointer.get("previous"), "model": rec["model"],
                             "sha256": req.sha256, "already_active": True, "health": rec.get("health"),
                             "timings_s": {}}, None
-                prev = pointer.get("previous")
-                if prev is not None and sd.read_slot(prev).get("state") == "good":
-                    # the active slot's copy is damaged: repair that slot, and keep the good previous model
-                    # (installing into the idle slot would overwrite the only fallback)
-                    target = marker["slot"] = active
-        previous_after = pointer.get("previous") if (pointer and target == active) else active
+                if pointer.get("previous") is not None:
+                    # The active slot's copy is damaged. Installing into the idle slot would overwrite the
+                    # only fallback, and the active slot is never written: first switch to the previous
+                    # model (health-checked), then install into the damaged slot, now the idle one.
+                    try:
+                        fell_back, old_model = self._switch_back(pointer, "the active bundle is damaged", None)
+                    except InstallError as exc:
+                        log.warning("cannot fall back before repairing slot %s: %s", active, exc)
+                    else:
+                        old_model.close()
+                        log.warning("slot %s is damaged: serving slot %s while it is installed again", active,
+                                    fell_back["slot"])
+                        pointer = sd.read_pointer()
+                        active = pointer["slot"]
+                        target = sd.idle_slot()
+                        marker.update(slot=target, from_slot=active)
+        previous_after = active
         try:
             # download: into the agent's own downloads/ (a local file is copied there first, so what is
             # checked below is what gets installed: nobody else can change it in between)
@@ -417,22 +428,13 @@ class Installer:
             return False
 
     def _undo(self, marker: dict[str, Any], target: str) -> None:
-        """Leave things as before the install: the active slot serves; the idle one is emptied if touched.
-
-        A failed repair of a damaged active slot (``target`` is the active slot) points at the
-        good previous slot instead, so the device is not left pointing at an emptied slot.
-        """
+        """Leave things as before the install: the active slot serves; the idle one is emptied if touched."""
         sd = self.sd
         if sd.read_marker() is None:
             return
         if sd.read_slot(target).get("txn") == marker["txn"]:  # this install marked (and so began to write) it
             _empty_slot(sd.slot_dir(target))
             sd.write_slot(target, {"state": "aborted", "txn": marker["txn"], "failed_step": marker.get("step")})
-            pointer = sd.read_pointer() or {}
-            prev = pointer.get("previous")
-            if pointer.get("slot") == target and prev is not None and sd.read_slot(prev).get("state") == "good":
-                sd.write_pointer(prev, None, reason="the active slot was damaged and its repair failed")
-                log.warning("the repair of slot %s failed: slot %s (good) is active again", target, prev)
         sd.clear_marker()
 
     def _discard_download(self, sha: str | None) -> None:
@@ -536,37 +538,44 @@ class Installer:
             if pointer is None or pointer.get("previous") is None:
                 raise InstallError("no_previous", "there is no previous model to roll back to", step="rollback",
                                    code=ErrorCode.CONFIG_INVALID)
-            prev, cur = pointer["previous"], pointer["slot"]
-            rec = sd.read_slot(prev)
-            bundle = sd.slot_dir(prev) / "bundle.ekb"
-            if rec.get("state") != "good" or not bundle.is_file():
-                raise InstallError("no_previous", f"slot {prev} holds no good model (state {rec.get('state')}); "
-                                   "it was overwritten by a later install", step="rollback",
-                                   code=ErrorCode.CONFIG_INVALID)
-            try:
-                model = self._load(bundle, sd.slot_dir(prev) / "model")
-            except RuntimeErrorBase as exc:
-                sd.write_slot(prev, {**rec, "state": "bad", "error": exc.to_event()})
-                raise InstallError("verify_failed" if int(exc.code) < 200 else "prepare_failed",
-                                   f"the previous model in slot {prev} no longer loads: {exc.message}",
-                                   step="rollback", code=exc.code) from None
-            health = self.health_check(model)
-            if not health["ok"]:
-                model.close()
-                raise InstallError("health_check_failed", f"the previous model in slot {prev} fails its health "
-                                   f"check: {health['problem']}", step="rollback",
-                                   code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED)
-            sd.write_pointer(prev, cur, rollback_of=request_id, reason=reason)
+            result, model = self._switch_back(pointer, reason, request_id)
             self._fault("rollback_switched")  # tests: a crash right after a rollback's pointer switch
-            result = {"slot": prev, "previous_slot": cur, "model": rec.get("model") or _model_of_verified(model),
-                      "sha256": rec.get("sha256"), "health": health, "reason": reason, "changed": True}
             try:  # switched: nothing below may turn this into a failure
                 sd.log_install({"request_id": request_id, "command": "rollback", "ok": True, "result": result})
             except Exception:
-                log.exception("after rolling back to slot %s", prev)
+                log.exception("after rolling back to slot %s", result["slot"])
             return result, model
         finally:
             self._busy.release()
+
+    def _switch_back(self, pointer: dict[str, Any], reason: str | None,
+                     request_id: str | None) -> tuple[dict[str, Any], Any]:
+        """Load and health-check the previous slot, then point at it (the caller holds the install lock)."""
+        sd = self.sd
+        prev, cur = pointer["previous"], pointer["slot"]
+        rec = sd.read_slot(prev)
+        bundle = sd.slot_dir(prev) / "bundle.ekb"
+        if rec.get("state") != "good" or not bundle.is_file():
+            raise InstallError("no_previous", f"slot {prev} holds no good model (state {rec.get('state')}); "
+                               "it was overwritten by a later install", step="rollback",
+                               code=ErrorCode.CONFIG_INVALID)
+        try:
+            model = self._load(bundle, sd.slot_dir(prev) / "model")
+        except RuntimeErrorBase as exc:
+            sd.write_slot(prev, {**rec, "state": "bad", "error": exc.to_event()})
+            raise InstallError("verify_failed" if int(exc.code) < 200 else "prepare_failed",
+                               f"the previous model in slot {prev} no longer loads: {exc.message}",
+                               step="rollback", code=exc.code) from None
+        health = self.health_check(model)
+        if not health["ok"]:
+            model.close()
+            raise InstallError("health_check_failed", f"the previous model in slot {prev} fails its health "
+                               f"check: {health['problem']}", step="rollback",
+                               code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED)
+        sd.write_pointer(prev, cur, rollback_of=request_id, reason=reason)
+        result = {"slot": prev, "previous_slot": cur, "model": rec.get("model") or _model_of_verified(model),
+                  "sha256": rec.get("sha256"), "health": health, "reason": reason, "changed": True}
+        return result, model
 
     # -- crash recovery ------------------------------------------------------------------------
     def recover(self) -> dict[str, Any] | None:

@@ -441,33 +441,51 @@ def test_a_device_clock_a_little_behind_accepts_the_longest_expiry(agent_env, br
 
 
 def test_repairing_a_damaged_active_bundle_keeps_the_previous_model(agent_env, two_releases):
-    """v1 in slot a (previous, good), v2 active in slot b but damaged on disk: sending v2 again repairs
-    slot b; slot a stays good for a rollback, even when the repair fails."""
+    """v1 in slot a (previous, good), v2 active in slot b but damaged on disk: sending v2 again first
+    falls back to slot a (health-checked), then installs v2 into slot b as usual; the active slot is never
+    written, so a failure or a crash at any point leaves v1 serving."""
     path, v1, v2 = two_releases
     agent_env.install(path, v2)
     sd = StateDir(agent_env.tmp / "state-dev1")
     ring = Keyring.from_paths(agent_env.keys)
     sha2 = hashlib.sha256(v2.read_bytes()).hexdigest()
     good_a = (sd.slot_dir("a") / "bundle.ekb").read_bytes()
+    bundle = sd.slot_dir("b") / "bundle.ekb"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bundle.write_bytes(bytes(data))
 
-    def damage():
-        bundle = sd.slot_dir("b") / "bundle.ekb"
-        data = bytearray(bundle.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        bundle.write_bytes(bytes(data))
-
-    damage()
     failing = Installer(sd, ring, latency_runs=0)
     failing.fault = ("fail", "health_check")
     with pytest.raises(Exception, match="fault injected"):
         failing.install(InstallRequest(str(v2), sha2))
-    assert sd.read_slot("a")["state"] == "good" and (sd.slot_dir("a") / "bundle.ekb").read_bytes() == good_a
+    assert sd.read_pointer()["slot"] == "a" and sd.read_slot("a")["state"] == "good"  # v1 serves
+    assert (sd.slot_dir("a") / "bundle.ekb").read_bytes() == good_a
     result, model = Installer(sd, ring, latency_runs=0).install(InstallRequest(str(v2), sha2))
     model.close()
     assert (result["slot"], result["previous_slot"], result["already_active"]) == ("b", "a", False)
-    assert sd.read_pointer() == {**sd.read_pointer(), "slot": "b", "previous": "a"}
     assert hashlib.sha256((sd.slot_dir("b") / "bundle.ekb").read_bytes()).hexdigest() == sha2
-    assert (sd.slot_dir("a") / "bundle.ekb").read_bytes() == good_a
+    assert (sd.slot_dir("a") / "bundle.ekb").read_bytes() == good_a and sd.read_slot("a")["state"] == "good"
+
+
+def test_a_running_agent_serves_what_the_pointer_names_after_a_failed_repair(agent_env, broker, subscriber, kit,
+                                                                            two_releases, server):
+    sub = subscriber()
+    path, v1, v2 = two_releases
+    agent_env.install(path, v2)
+    agent = agent_env.start_agent(agent_env.config())
+    _online(sub)
+    assert agent.core.model_info()["release"] == 2
+    bundle = agent_env.tmp / "state-dev1" / "slots" / "b" / "bundle.ekb"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bundle.write_bytes(bytes(data))  # damaged on disk while v2 serves from memory
+    agent.installer.fault = ("fail", "health_check")
+    rid = _send(sub, "install", _install_args(server.add(v2)), kit.key)["request_id"]
+    ack = sub.wait(lambda s: _acks(s, rid), timeout=60, what="ack")[0]
+    assert ack["ok"] is False and ack["error"]["active_slot"] == "a"
+    assert agent.core.model_info()["release"] == 1 and agent.core.model_info()["slot"] == "a"
+    agent_env.stop_agent(agent)
 
 
 def test_a_half_written_command_log_line_is_cut_back(tmp_path, monkeypatch):
@@ -505,3 +523,34 @@ def test_slots_on_another_filesystem_get_a_copy(agent_env, tmp_path, monkeypatch
     model.close()
     assert hashlib.sha256((sd.slot_dir("a") / "bundle.ekb").read_bytes()).hexdigest() == result["sha256"]
     assert list(sd.downloads.iterdir()) == []
+
+
+@pytest.mark.parametrize("step", ["unpack", "prepare"])
+def test_a_crash_while_repairing_a_damaged_active_slot_leaves_the_previous_model(agent_env, broker, subscriber,
+                                                                               kit, two_releases, server, step):
+    sub = subscriber()
+    path, v1, v2 = two_releases
+    agent_env.install(path, v2)
+    info = server.add(v2)
+    bundle = agent_env.tmp / "state-dev1" / "slots" / "b" / "bundle.ekb"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bundle.write_bytes(bytes(data))
+    flag = agent_env.tmp / "paused"
+    proc = agent_env.spawn(path, env={"EDGEKIT_AGENT_FAULT": f"pause:{step}", "EDGEKIT_AGENT_FAULT_FILE": str(flag)})
+    _online(sub)
+    rid = _send(sub, "install", _install_args(info), kit.key)["request_id"]
+    agent_env.wait_until(flag.exists, 30, what=f"paused at {step} of the repair")
+    proc.kill()
+    proc.wait()
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    assert sd.read_pointer()["slot"] == "a"  # it had fallen back before touching slot b
+    proc2 = agent_env.spawn(path)
+    online = sub.wait(lambda s: [m for m in s.of("state") if m["boot"] == 2 and m["body"]["status"] == "online"],
+                      timeout=30, what="boot 2 online")[0]
+    assert online["body"]["model"]["release"] == 1  # the previous model serves at once
+    ack = sub.wait(lambda s: _acks(s, rid), timeout=60, what="the repair completing after the restart")[0]
+    assert ack["ok"] and (ack["result"]["slot"], ack["result"]["previous_slot"]) == ("b", "a")
+    assert sd.read_slot("a")["state"] == "good" and sd.read_slot("b")["state"] == "good"
+    proc2.terminate()
+    assert proc2.wait(timeout=20) == 0
