@@ -25,7 +25,6 @@ so nothing has to be installed on the device beyond the runtime and a POSIX shel
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import paramiko
+
+from edgekit_runtime.agent.fetch import sha256_file
 
 from ..errors import EdgekitError
 
@@ -322,16 +323,6 @@ def _tail(data: bytes, limit: int = 600) -> str:
 
 
 # ----------------------------------------------------------------------------- copy
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
-
-
 def _remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:
     try:
         return sftp.stat(path).st_size
@@ -558,7 +549,7 @@ def flash_over_ssh(bundle: Path, target: str, *, port: int | None = None, identi
                          Path(identity).expanduser() if identity else None,
                          Path(known_hosts).expanduser() if known_hosts else None, accept_new_host_key, timeout)
     t = settings.target
-    sha256, size = _sha256_file(bundle)
+    sha256, size = sha256_file(bundle), Path(bundle).stat().st_size  # the digest the agent checks against
     remote_dir = remote_dir.rstrip("/") or "/"
     copy = _Copy(bundle, sha256, size, posixpath.join(remote_dir, f"{sha256}.ekb"), progress)
 

@@ -108,14 +108,10 @@ def _emit(args: argparse.Namespace, reply: dict[str, Any], text: str) -> int:
     else:
         err = reply["error"]
         code = f"E{err['code']} " if err.get("code") else ""
-        print(f"error: {command_word(reply)} refused at {err.get('step') or 'start'}: [{code}{err.get('reason')}] "
+        print(f"error: {reply.get('command') or 'install'} refused at {err.get('step') or 'start'}: [{code}{err.get('reason')}] "
               f"{err.get('message')}" + (f" — {err['hint']}" if err.get("hint") else "")
               + f"; slot {err.get('active_slot')} still serves", file=sys.stderr)
     return 0 if reply["ok"] else 3
-
-
-def command_word(reply: dict[str, Any]) -> str:
-    return reply.get("command") or "install"
 
 
 def _change(config: AgentConfig, command: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -573,7 +573,7 @@ class Installer:
                                f"check: {health['problem']}", step="rollback",
                                code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED)
         sd.write_pointer(prev, cur, rollback_of=request_id, reason=reason)
-        result = {"slot": prev, "previous_slot": cur, "model": rec.get("model") or _model_of_verified(model),
+        result = {"slot": prev, "previous_slot": cur, "model": rec.get("model") or _model(model.bundle),
                   "sha256": rec.get("sha256"), "health": health, "reason": reason, "changed": True}
         return result, model
 
@@ -639,10 +639,6 @@ def _model(verified: Any) -> dict[str, Any]:
     return {"name": m["model"]["name"], "version": m["model"]["version"], "release": m["model"].get("release"),
             "target": m["target"]["name"], "backend": m["backend"]["name"],
             "precision": m["backend"].get("precision"), "key_id": verified.key_id}
-
-
-def _model_of_verified(model: Any) -> dict[str, Any]:
-    return _model(model.bundle)
 
 
 def _model_of_file(path: Path | None, reader: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:

@@ -257,21 +257,6 @@ class StateDir:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def find_install(self, request_id: str) -> dict[str, Any] | None:
-        """The logged outcome of ``request_id`` (a command redelivered after a restart)."""
-        try:
-            lines = self.install_log.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return None
-        for line in reversed(lines):
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line cut by a crash
-                continue
-            if entry.get("request_id") == request_id:
-                return entry
-        return None
-
     def place_bundle(self, source: str | os.PathLike, slot: str = "a", *, link: bool = False) -> Path:
         """Put a bundle into ``slot`` durably (``slot/bundle.ekb``); the pointer is not touched.
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.flash.server import BundleServer
 from edgekit_runtime import fleet_protocol
-from edgekit_runtime.agent.state import StateDir
+from edgekit_runtime.agent.state import CommandLog, StateDir
 from edgekit_runtime.command_auth import sign_command
 
 
@@ -175,7 +175,9 @@ def test_an_install_cut_short_by_a_stop_is_retried_after_the_restart(agent_env, 
     agent_env.stop_agent(agent)
     assert sub.ack(rid) is None  # no answer: the command was not handled
     sd = StateDir(agent_env.tmp / "state-dev1")
-    assert sd.read_pointer()["slot"] == "a" and sd.find_install(rid) is None
+    assert sd.read_pointer()["slot"] == "a"
+    assert rid not in sd.install_log.read_text()  # no outcome recorded for it
+    assert "ack" not in CommandLog(sd.command_log).get(rid)  # started, never answered: it runs again
 
     agent2 = agent_env.start_agent(agent_env.config())
     body = _ack(sub, rid, timeout=30)
