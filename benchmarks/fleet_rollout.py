@@ -308,7 +308,8 @@ def run_scenario(name: str, run: int, args: argparse.Namespace, bundles: dict[in
     from edgekit.fleet.broker import BrokerConfig, free_port, start_broker
     from edgekit.fleet.connection import BrokerSettings
     from edgekit.flash.commands import FleetClient, select_devices
-    from edgekit.flash.rollout import Rollout, RolloutPlan
+    from edgekit.flash.plan import RolloutPlan
+    from edgekit.flash.rollout import Rollout
     from edgekit.flash.server import BundleServer
     from edgekit.signing import load_private_key
     from edgekit_runtime.bundle import read_manifest_unverified

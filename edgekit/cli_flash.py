@@ -136,7 +136,8 @@ def flash_cmd(
 def _flash_fleet(bundle, fleet, devices, canary, max_failures, wave_size, rollback_on_halt, url, serve, advertise,
                  device_timeout, expiry, allow_downgrade, key, record_dir, resume, settings, as_json) -> None:
     from .flash.commands import FleetClient, select_devices
-    from .flash.rollout import Rollout, RolloutPlan, load_record
+    from .flash.plan import RolloutPlan
+    from .flash.rollout import Rollout, load_record
     from .flash.server import BundleServer
     from .signing import load_private_key
 

@@ -4,6 +4,7 @@
   then the device's ``edgekit-agent install`` (which health-checks before switching).
 * :mod:`.server` — ``edgekit serve``: a small HTTP(S) bundle server with Range requests,
   so devices resume interrupted downloads.
-* :mod:`.commands` / :mod:`.rollout` — signed ``install``/``rollback``/``bench``
-  commands over MQTT, canary rollouts with an abort rule, and their on-disk record.
+* :mod:`.commands` / :mod:`.plan` / :mod:`.rollout` — signed ``install``/``rollback``/``bench``
+  commands over MQTT; what a rollout installs where (canaries, waves, abort rule);
+  running it, and its on-disk record.
 """

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgekit.errors import ConfigError, SigningError
 from edgekit.flash.commands import (DEFAULT_SIGNED_EXPIRY_S, MAX_SIGNED_EXPIRY_S, FleetClient, Received, command_body,
                                    select_devices)
-from edgekit.flash.rollout import (Rollout, RolloutPlan, canary_count, load_record, outstanding, parse_canary,
-                                   parse_share, render, rollback_from_record)
+from edgekit.flash.plan import RolloutPlan, canary_count, parse_canary, parse_share
+from edgekit.flash.rollout import Rollout, load_record, outstanding, render, rollback_from_record
 from edgekit.fleet.connection import BrokerSettings, FleetConnectionError
 from edgekit_runtime import fleet_protocol as fp
 from edgekit_runtime.command_auth import CommandAuthError, verify_command
