@@ -274,7 +274,8 @@ class Installer:
             new = verified.manifest["model"]
             if active is not None:
                 rec = sd.read_slot(active)
-                if rec.get("sha256") == sha and self._intact(active, sha):
+                # (a pinned sha256 was already compared with the active slot before the download)
+                if req.sha256 is None and rec.get("sha256") == sha and self._intact(active, sha):
                     sd.clear_marker()
                     self._discard_download(sha)
                     result = {"slot": active, "previous_slot": pointer.get("previous"), "model": _model(verified),
