@@ -73,8 +73,8 @@ def file_sha256(path: Path) -> str:
 
 
 # What a bundle built here depends on (a change invalidates the cached bundles).
-PIPELINE_SOURCES = ("edgekit/__init__.py", "edgekit/backends.py", "edgekit/bundle_writer.py", "edgekit/config.py",
-                    "edgekit/signing.py", "edgekit/targets.py", "edgekit/compile", "edgekit/data", "edgekit/models",
+PIPELINE_SOURCES = ("edgekit/__init__.py", "edgekit/build", "edgekit/config",
+                    "edgekit/signing.py", "edgekit/data", "edgekit/models",
                     "runtime/edgekit_runtime")
 
 
@@ -278,7 +278,7 @@ def build_bundle(arch: str, target: str, precision: str, *, threads: int, rebuil
     No labelled validation set exists for random weights, so the accuracy budget is disabled.
     """
     import edgekit
-    from edgekit.compile.pipeline import compile_model
+    from edgekit.build.pipeline import compile_model
     from edgekit.config import load_build
     from edgekit.signing import load_private_key
 

@@ -67,14 +67,14 @@ def release_bundles(src: Path, out_dir: Path, releases: tuple[int, ...] = (1, 2)
     The build stamps ``model.release`` with its UNIX time, so the cached bundle's counter is
     arbitrary; two bundles of the same compiled model with releases 1 and 2 make the anti-rollback
     order explicit. ``src`` is verified with the benchmark key first, and only the members it
-    verified are signed again (:func:`edgekit.bundle_writer.write_bundle` recomputes their
+    verified are signed again (:func:`edgekit.build.bundle_writer.write_bundle` recomputes their
     hashes); the archive bytes are deterministic, so a rerun writes the same files.
     """
-    from edgekit_runtime import bundle_spec
+    from edgekit_runtime.contract import bundle_spec
     from edgekit_runtime.bundle import open_bundle
     from edgekit_runtime.keyring import Keyring
 
-    from edgekit.bundle_writer import write_bundle
+    from edgekit.build.bundle_writer import write_bundle
     from edgekit.signing import load_private_key
 
     keys = ensure_keys()

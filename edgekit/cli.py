@@ -40,7 +40,7 @@ KeyringOpt = typer.Option(None, "--keyring", help="Trusted public key (.pub) or 
 def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from edgekit_runtime.errors import RuntimeErrorBase
+        from edgekit_runtime.contract.errors import RuntimeErrorBase
 
         try:
             return fn(*args, **kwargs)
@@ -69,7 +69,7 @@ def _keyring(path: Optional[Path]):
 @handle_errors
 def targets_list(as_json: bool = JsonOpt) -> None:
     """List the device profiles edgekit knows."""
-    from .targets import available_targets, load_target
+    from .config.targets import available_targets, load_target
 
     profiles = [load_target(p) for p in available_targets().values()]
     if as_json:
@@ -86,7 +86,7 @@ def targets_list(as_json: bool = JsonOpt) -> None:
 @handle_errors
 def targets_show(name: str = typer.Argument(..., help="Profile name or YAML path"), as_json: bool = JsonOpt) -> None:
     """Show one profile with every setting."""
-    from .targets import load_target
+    from .config.targets import load_target
 
     profile = load_target(name)
     if as_json:
@@ -150,7 +150,7 @@ def compile_cmd(
 
     Flags override the build file's fields; the result is validated again.
     """
-    from .compile.pipeline import compile_model
+    from .build.pipeline import compile_model
     from .config import load_build
     from .signing import load_private_key
 
@@ -266,7 +266,7 @@ def bundle_sign(bundle: Path, key: Optional[Path] = typer.Option(None, help="Sig
                 keyring: Optional[Path] = typer.Option(None, "--keyring",
                                                        help="Verify the current signature with these keys first")) -> None:
     """(Re-)sign a bundle, e.g. after rotating keys; refuses a bundle whose files do not match."""
-    from .bundle_writer import resign_bundle
+    from .build.bundle_writer import resign_bundle
     from .signing import load_private_key
 
     path = resign_bundle(bundle, load_private_key(key), out, keyring=_keyring(keyring) if keyring else None)

@@ -33,7 +33,7 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0, console=None
     from edgekit_runtime.bench import BenchSettings, compare
     from edgekit_runtime.keyring import Keyring
 
-    from .compile.pipeline import compile_model
+    from .build.pipeline import compile_model
     from .config import load_build
     from .data import digits
     from .models.digits_cnn import build

@@ -37,7 +37,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from edgekit_runtime import command_auth, fleet_protocol
+from edgekit_runtime import command_auth
+from edgekit_runtime.contract import fleet_protocol
 from edgekit_runtime.command_auth import SIGNED_COMMANDS, sign_command
 
 from ..errors import ConfigError, SigningError

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgekit_runtime import fleet_protocol
+from edgekit_runtime.contract import fleet_protocol
 
 from ..config import format_validation_error
 from ..errors import ConfigError

@@ -82,7 +82,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
-from edgekit_runtime import fleet_protocol
+from edgekit_runtime.contract import fleet_protocol
 
 from ..errors import ConfigError, SigningError
 from .commands import Received

@@ -1,5 +1,5 @@
 """Fleet monitoring over MQTT: ingest, history, alerts, dashboard, simulated devices, a local broker.
 
-The contract with devices is :mod:`edgekit_runtime.fleet_protocol` (topics and
+The contract with devices is :mod:`edgekit_runtime.contract.fleet_protocol` (topics and
 envelope); ``docs/telemetry.md`` describes it and how the monitor reads it.
 """

@@ -1,7 +1,7 @@
 """Ingest: MQTT messages → validated rows → the store, in batches, acknowledged after commit.
 
 One :class:`Ingestor` turns received ``(topic, payload, retained)`` into rows
-(validation is :mod:`edgekit_runtime.fleet_protocol`'s, the one contract) and
+(validation is :mod:`edgekit_runtime.contract.fleet_protocol`'s, the one contract) and
 counts what it refuses, per reason. :func:`run_ingest` is one worker's loop: a
 :mod:`.wire` connection, a batch of up to ``batch_max`` messages read from the
 socket, one transaction, then the batch's PUBACKs — so the broker re-delivers
@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from edgekit_runtime import fleet_protocol
-from edgekit_runtime.fleet_protocol import ProtocolError
+from edgekit_runtime.contract import fleet_protocol
+from edgekit_runtime.contract.fleet_protocol import ProtocolError
 
 from . import wire
 from .connection import BrokerSettings

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from edgekit_runtime import fleet_protocol
+from edgekit_runtime.contract import fleet_protocol
 
 from . import wire
 from .connection import BrokerSettings

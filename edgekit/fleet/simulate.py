@@ -132,7 +132,7 @@ class SimulatedDevice:
 
     def synthetic_inferences(self, elapsed_s: float, now: float) -> None:
         """The inferences owed since the last call: latencies, failures, input tensors (shifted once drifting)."""
-        from edgekit_runtime.errors import ErrorCode
+        from edgekit_runtime.contract.errors import ErrorCode
 
         plan = self.plan
         owed = plan.inferences_per_s * (now - self.last) + self.carry

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ErrorCode, RuntimeErrorBase
+from .contract.errors import ErrorCode, RuntimeErrorBase
 
 log = logging.getLogger("edgekit_runtime.active")
 

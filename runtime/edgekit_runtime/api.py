@@ -13,7 +13,7 @@ import numpy as np
 from . import processing
 from .bundle import VerifiedBundle, open_bundle
 from .engines import Engine, EngineOptions, create_engine
-from .errors import ErrorCode, InputError
+from .contract.errors import ErrorCode, InputError
 from .keyring import Keyring
 
 

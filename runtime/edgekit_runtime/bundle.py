@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import bundle_spec as spec
-from .errors import BundleError, ErrorCode
+from .contract import bundle_spec as spec
+from .contract.errors import BundleError, ErrorCode
 from .keyring import Keyring
 
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"

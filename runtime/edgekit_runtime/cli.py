@@ -18,7 +18,7 @@ from . import __version__, jetson
 from .api import load
 from .bench import BenchSettings, run_benchmark
 from .bundle import open_bundle
-from .errors import RuntimeErrorBase
+from .contract.errors import RuntimeErrorBase
 from .keyring import Keyring
 from .processing import IMAGE_SUFFIXES, list_images
 

@@ -23,7 +23,7 @@ import binascii
 import json
 from typing import Any
 
-from .errors import ErrorCode, RuntimeErrorBase
+from .contract.errors import ErrorCode, RuntimeErrorBase
 from .keyring import Keyring, key_id_of
 
 ALGORITHM = "ed25519"

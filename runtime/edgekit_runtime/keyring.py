@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import BundleError, ErrorCode, RuntimeConfigError
+from .contract.errors import BundleError, ErrorCode, RuntimeConfigError
 
 KEYRING_ENV = "EDGEKIT_KEYRING"
 DEFAULT_KEYRING = Path("/etc/edgekit/keys")

@@ -8,7 +8,7 @@ def marker_name(target: str) -> str:
 
 
 def pytest_configure(config):
-    from edgekit.targets import available_targets
+    from edgekit.config.targets import available_targets
 
     for name in available_targets():
         config.addinivalue_line("markers", f"{marker_name(name)}: conformance cases of target {name}")

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import edgekit_runtime
-from edgekit.backends import get_backend
-from edgekit.targets import available_targets, load_target
+from edgekit.build.backends.registry import get_backend
+from edgekit.config.targets import available_targets, load_target
 from edgekit_runtime.bench import BenchSettings, run_benchmark
 from edgekit_runtime.engines import engine_class
 
@@ -73,7 +73,7 @@ def built(request, target, digits_checkpoint, signing_key, tmp_path_factory):
     if engine is None:
         pytest.skip(f"no engine of {target} runs here: {'; '.join(reasons)}")
     if target not in _BUILT:
-        from edgekit.compile.pipeline import compile_model
+        from edgekit.build.pipeline import compile_model
         from edgekit.config import load_build
 
         out = tmp_path_factory.mktemp("conformance") / f"{target}.ekb"
@@ -106,7 +106,7 @@ def test_manifest_is_complete_and_consistent(target, built, keys):
     profile = load_target(target)
     vb = edgekit_runtime.open_bundle(built.bundle, edgekit_runtime.Keyring.from_paths(keys["public"]))
     m = vb.manifest
-    assert m["format_version"] == edgekit_runtime.bundle_spec.FORMAT_VERSION
+    assert m["format_version"] == edgekit_runtime.contract.bundle_spec.FORMAT_VERSION
     assert m["target"]["name"] == target and m["target"]["device"] == profile.device.family
     assert m["backend"]["name"] == profile.backend and m["backend"]["engines"] == profile.engines
     assert m["backend"]["precision"] == "int8" and m["backend"]["artifact"] in m["files"]

@@ -323,7 +323,7 @@ class Device:
 
     # -- bundles -------------------------------------------------------------------
     def parts(self, release: int = 1, padding: int = PADDING) -> tuple[dict[str, Any], dict[str, bytes]]:
-        from edgekit_runtime import bundle_spec
+        from edgekit_runtime.contract import bundle_spec
 
         members = {"model.onnx": self.model, "health/input.npy": _npy(SAMPLE),
                    "health/expected_output.npy": _npy(SAMPLE @ WEIGHTS)}
@@ -349,7 +349,7 @@ class Device:
 
     def bundle(self, name: str = "ok.ekb", release: int = 1, padding: int = PADDING) -> Path:
         """A valid bundle signed with the key in the device's keyring (~0.8 MB with the default padding)."""
-        from edgekit.bundle_writer import write_bundle
+        from edgekit.build.bundle_writer import write_bundle
 
         manifest, members = self.parts(release, padding)
         return write_bundle(self.bundles / name, manifest, members, self.key)

@@ -28,7 +28,7 @@ from edgekit.flash.commands import (DEFAULT_SIGNED_EXPIRY_S, MAX_SIGNED_EXPIRY_S
 from edgekit.flash.plan import RolloutPlan, canary_count, parse_canary, parse_share
 from edgekit.flash.rollout import Rollout, load_record, outstanding, render, rollback_from_record
 from edgekit.fleet.connection import BrokerSettings, FleetConnectionError
-from edgekit_runtime import fleet_protocol as fp
+from edgekit_runtime.contract import fleet_protocol as fp
 from edgekit_runtime.command_auth import CommandAuthError, verify_command
 from edgekit_runtime.keyring import Keyring, key_id_of
 

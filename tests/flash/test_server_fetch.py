@@ -23,7 +23,7 @@ import pytest
 from edgekit.errors import EdgekitError
 from edgekit.flash.server import BundleServer, parse_range
 from edgekit_runtime.agent.fetch import fetch_bundle, sha256_file
-from edgekit_runtime.errors import BundleError, ErrorCode
+from edgekit_runtime.contract.errors import BundleError, ErrorCode
 
 SIZE = 200_000  # not a multiple of the 64 KiB chunk
 

@@ -18,7 +18,7 @@ from edgekit.fleet.connection import BrokerSettings
 from edgekit.fleet.monitor import Monitor, MonitorOptions
 from edgekit.fleet.store import FleetStore
 from edgekit.fleet.tracker import Thresholds
-from edgekit_runtime import fleet_protocol as fp
+from edgekit_runtime.contract import fleet_protocol as fp
 
 REPO = Path(__file__).resolve().parents[2]
 

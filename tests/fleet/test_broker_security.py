@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from edgekit.cli import app
 from edgekit.fleet.connection import BrokerSettings, FleetConnectionError, paho_reason_code, refusal_message
 from edgekit.fleet.monitor import Monitor, MonitorOptions
-from edgekit_runtime import fleet_protocol as fp
+from edgekit_runtime.contract import fleet_protocol as fp
 
 pytestmark = pytest.mark.timeout(60)
 

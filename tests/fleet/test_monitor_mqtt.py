@@ -32,7 +32,7 @@ def test_device_killed_goes_offline_through_its_last_will(fleet, fleet_tools):
     script = f"""
 import sys, time, paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from edgekit_runtime import fleet_protocol as fp
+from edgekit_runtime.contract import fleet_protocol as fp
 c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edge-7", protocol=mqtt.MQTTv5)
 c.will_set(fp.topic("f1", "edge-7", "state"), fp.encode(fp.envelope("state", "f1", "edge-7", 3, 0,
            {{"status": "offline"}})), qos=1, retain=True)

@@ -11,7 +11,7 @@ from edgekit.fleet import wire
 from edgekit.fleet.ingest import Ingestor, telemetry_figures
 from edgekit.fleet.store import SCHEMA_VERSION, FleetStore, StoreError
 from edgekit.fleet.tracker import FleetTracker, SeqTracker, Thresholds
-from edgekit_runtime import fleet_protocol as fp
+from edgekit_runtime.contract import fleet_protocol as fp
 
 
 class Clock:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.bundle_writer import write_bundle
+from edgekit.build.bundle_writer import write_bundle
 
 HERE = Path(__file__).resolve().parent
 BUNDLE = HERE / "v1.0-onnxruntime-matmul.ekb"

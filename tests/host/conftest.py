@@ -29,7 +29,7 @@ def build_config(checkpoint: Path, target: str, output: Path, **overrides: Any):
 @pytest.fixture(scope="session")
 def int8_bundles(workdir, digits_checkpoint, signing_key) -> dict[str, Any]:
     """target → CompileResult of the INT8 digits bundle."""
-    from edgekit.compile.pipeline import compile_model
+    from edgekit.build.pipeline import compile_model
 
     return {t: compile_model(build_config(digits_checkpoint, t, workdir / f"{t}-int8.ekb"), signing_key)
             for t in X86_TARGETS}
@@ -37,7 +37,7 @@ def int8_bundles(workdir, digits_checkpoint, signing_key) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def fp32_bundles(workdir, digits_checkpoint, signing_key) -> dict[str, Any]:
-    from edgekit.compile.pipeline import compile_model
+    from edgekit.build.pipeline import compile_model
 
     return {t: compile_model(build_config(digits_checkpoint, t, workdir / f"{t}-fp32.ekb",
                                           quantize={"enabled": False}), signing_key)

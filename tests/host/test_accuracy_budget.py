@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from edgekit.compile.pipeline import compile_model
+from edgekit.build.pipeline import compile_model
 from edgekit.errors import AccuracyBudgetError, ConfigError
 
 from .conftest import X86_TARGETS, build_config

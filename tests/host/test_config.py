@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgekit.backends import BACKENDS, load_compiler
-from edgekit.compile.base import BackendCompiler
+from edgekit.build.backends.registry import BACKENDS, load_compiler
+from edgekit.build.backends.base import BackendCompiler
 from edgekit.config import load_build, resolve_profile
 from edgekit.errors import ConfigError
-from edgekit.targets import available_targets, load_target
+from edgekit.config.targets import available_targets, load_target
 from edgekit_runtime.engines import ENGINES, engine_class
 
 from .conftest import BUILD_FILE

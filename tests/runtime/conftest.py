@@ -25,8 +25,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgekit.bundle_writer import write_bundle
-from edgekit_runtime import bundle_spec
+from edgekit.build.bundle_writer import write_bundle
+from edgekit_runtime.contract import bundle_spec
 from edgekit_runtime.keyring import Keyring, key_id_of
 
 WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 8 - 0.75

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import edgekit_runtime
-from edgekit.bundle_writer import resign_bundle, write_bundle
+from edgekit.build.bundle_writer import resign_bundle, write_bundle
 from edgekit.errors import EdgekitError
 from edgekit_runtime import BundleError, ErrorCode, Keyring, open_bundle
-from edgekit_runtime import bundle_spec as spec
+from edgekit_runtime.contract import bundle_spec as spec
 from edgekit_runtime.keyring import key_id_of
 
 

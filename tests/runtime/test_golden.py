@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import edgekit_runtime
-from edgekit_runtime import bundle_spec, open_bundle
+from edgekit_runtime import open_bundle
+from edgekit_runtime.contract import bundle_spec
 from edgekit_runtime.keyring import Keyring, key_id_of, load_public_key
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"

@@ -8,7 +8,7 @@
 * :class:`Agent` — the daemon (``edgekit-agent run``): both, plus model loading
   and an optional workload.
 
-Topics and payloads follow :mod:`edgekit_runtime.fleet_protocol`.
+Topics and payloads follow :mod:`edgekit_runtime.contract.fleet_protocol`.
 """
 
 from .config import AgentConfig, AgentConfigError, WorkloadConfig

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import ErrorCode, RuntimeErrorBase
+from ..contract.errors import ErrorCode, RuntimeErrorBase
 from .config import AgentConfig
 from .spool import read_stats
 from .state import StateDir

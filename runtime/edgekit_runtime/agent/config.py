@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .. import fleet_protocol
-from ..errors import ErrorCode, RuntimeConfigError
+from ..contract import fleet_protocol
+from ..contract.errors import ErrorCode, RuntimeConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -2,7 +2,7 @@
 
 :class:`AgentCore` is what the daemon runs and what ``edgekit fleet simulate``
 drives on synthetic inferences; it never touches the network. Every message it
-makes is an envelope from :mod:`edgekit_runtime.fleet_protocol`, numbered
+makes is an envelope from :mod:`edgekit_runtime.contract.fleet_protocol`, numbered
 ``(boot, seq)`` and written to the on-disk spool; :class:`~.mqtt.MqttLink`
 sends the spool. ``seq`` 0 of every boot is the last will ("offline", set when
 connecting); every other message counts from 1.
@@ -29,8 +29,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .. import __version__, fleet_protocol
-from ..errors import ErrorCode, RuntimeErrorBase
+from .. import __version__
+from ..contract import fleet_protocol
+from ..contract.errors import ErrorCode, RuntimeErrorBase
 from .config import AgentConfig
 from .drift import DriftMonitor
 from .metrics import MetricsWindow, SystemStats

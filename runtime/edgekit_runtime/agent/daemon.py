@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ErrorCode, RuntimeErrorBase
+from ..contract.errors import ErrorCode, RuntimeErrorBase
 from .config import AgentConfig, WorkloadConfig
 from .core import AgentCore, Command
 from .drift import DriftUnavailable, Reference

@@ -52,7 +52,7 @@ from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import __version__
-from ..errors import BundleError, ErrorCode
+from ..contract.errors import BundleError, ErrorCode
 
 log = logging.getLogger("edgekit_runtime.agent.fetch")
 

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ErrorCode, RuntimeErrorBase
+from ..contract.errors import ErrorCode, RuntimeErrorBase
 from .state import SLOTS, StateDir
 
 log = logging.getLogger("edgekit_runtime.agent.install")

@@ -34,7 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .. import fleet_protocol
+from ..contract import fleet_protocol
 from .config import AgentConfigError
 from .core import AgentCore
 from .state import AgentState

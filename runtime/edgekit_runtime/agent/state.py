@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ErrorCode, RuntimeConfigError
+from ..contract.errors import ErrorCode, RuntimeConfigError
 
 SLOTS = ("a", "b")
 

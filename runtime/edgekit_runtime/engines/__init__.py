@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import EngineError, ErrorCode
+from ..contract.errors import EngineError, ErrorCode
 from .base import Engine, EngineOptions, TensorSpec
 
 log = logging.getLogger(__name__)

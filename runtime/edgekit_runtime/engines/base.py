@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ErrorCode, InputError
+from ..contract.errors import ErrorCode, InputError
 
 
 @dataclass(frozen=True)

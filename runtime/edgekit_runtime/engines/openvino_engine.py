@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np  # noqa: F401  (type of run()'s arrays)
 
-from ..errors import EngineError, ErrorCode
+from ..contract.errors import EngineError, ErrorCode
 from .base import Engine, EngineOptions
 
 

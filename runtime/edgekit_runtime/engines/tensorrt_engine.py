@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EngineError, ErrorCode
+from ..contract.errors import EngineError, ErrorCode
 from .base import Engine, EngineOptions
 
 log = logging.getLogger(__name__)

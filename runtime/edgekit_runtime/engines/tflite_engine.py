@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EngineError, ErrorCode
+from ..contract.errors import EngineError, ErrorCode
 from .base import Engine, EngineOptions
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgekit_runtime.agent import AgentConfig, AgentConfigError
-from edgekit_runtime.errors import ErrorCode
+from edgekit_runtime.contract.errors import ErrorCode
 
 TOML = """
 device_id = "cam-01"

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import edgekit_runtime
-from edgekit_runtime import fleet_protocol
+from edgekit_runtime.contract import fleet_protocol
 from edgekit_runtime.agent import AgentCore
 from edgekit_runtime.agent.state import AgentStateError
-from edgekit_runtime.errors import ErrorCode, InputError
+from edgekit_runtime.contract.errors import ErrorCode, InputError
 
 
 def spooled(core) -> list[dict]:

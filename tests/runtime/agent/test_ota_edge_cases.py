@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgekit.flash.server import BundleServer
-from edgekit_runtime import fleet_protocol
+from edgekit_runtime.contract import fleet_protocol
 from edgekit_runtime.agent.install import Installer, InstallRequest
 from edgekit_runtime.agent.state import StateDir
 from edgekit_runtime.command_auth import sign_command
@@ -312,7 +312,7 @@ def test_a_workload_follows_every_switch_and_retries_a_failed_load(agent_env, tw
     assert agent_cli(["rollback", "--config", str(path)]) == 0
     capsys.readouterr()
     import edgekit_runtime.api as api
-    from edgekit_runtime.errors import ErrorCode, RuntimeErrorBase
+    from edgekit_runtime.contract.errors import ErrorCode, RuntimeErrorBase
 
     real_load, calls = api.load, []
 

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.flash.server import BundleServer
-from edgekit_runtime import fleet_protocol
+from edgekit_runtime.contract import fleet_protocol
 from edgekit_runtime.agent.state import CommandLog, StateDir
 from edgekit_runtime.command_auth import sign_command
 

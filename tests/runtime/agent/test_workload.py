@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from edgekit_runtime import fleet_protocol
+from edgekit_runtime.contract import fleet_protocol
 from edgekit_runtime.agent import Spool
 
 OFFLINE = "mqtt://127.0.0.1:9"  # nothing listens: everything stays in the spool, where the test reads it

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import QuantizeSettings, RuntimeSettings
+from ...config import QuantizeSettings, RuntimeSettings
 from .base import Artifact, BackendCompiler, SourceModel, runtime_options
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import numpy as np
 
 from edgekit_runtime.trt_calibration import write_cache
 
-from ..config import QuantizeSettings, RuntimeSettings
+from ...config import QuantizeSettings, RuntimeSettings
 from .base import Artifact, Signature, SourceModel, runtime_options
 from .quantize_onnxruntime import OnnxRuntimeCompiler, _input_name, _Reader
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 class Strict(BaseModel):
@@ -87,7 +87,7 @@ class TargetProfile(Strict):
     name: str
     description: str = ""
     device: DeviceInfo
-    backend: str = Field(description="Backend name in the registry (edgekit.backends)")
+    backend: str = Field(description="Backend name in the registry (edgekit.build.backends.registry)")
     engines: list[str] = Field(description="Runtime engine order on the device")
     runtime: RuntimeSettings = RuntimeSettings()
     quantize: QuantizeSettings = QuantizeSettings()

@@ -1,4 +1,4 @@
-"""Write and sign bundles (format: ``edgekit_runtime.bundle_spec``, ``docs/bundle-format.md``)."""
+"""Write and sign bundles (format: ``edgekit_runtime.contract.bundle_spec``, ``docs/bundle-format.md``)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgekit_runtime import bundle_spec as spec
+from edgekit_runtime.contract import bundle_spec as spec
 from edgekit_runtime.bundle import read_manifest_unverified
 from edgekit_runtime.keyring import key_id_of
 
-from .errors import EdgekitError
+from ..errors import EdgekitError
 
 # Fixed timestamp for members so the same inputs give the same archive bytes.
 _ZIP_EPOCH = (2020, 1, 1, 0, 0, 0)

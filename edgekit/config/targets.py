@@ -6,9 +6,9 @@ import difflib
 import os
 from pathlib import Path
 
-from .backends import get_backend
-from .config import TargetProfile, parse, read_yaml
-from .errors import ConfigError
+from ..build.backends.registry import get_backend
+from .base import TargetProfile, parse, read_yaml
+from ..errors import ConfigError
 
 TARGETS_ENV = "EDGEKIT_TARGETS"
 
@@ -16,7 +16,7 @@ TARGETS_ENV = "EDGEKIT_TARGETS"
 def targets_dirs() -> list[Path]:
     """``$EDGEKIT_TARGETS`` (os.pathsep-separated) first, then the profiles shipped with edgekit."""
     dirs = [Path(p) for p in os.environ.get(TARGETS_ENV, "").split(os.pathsep) if p]
-    return dirs + [Path(__file__).resolve().parent.parent / "targets"]
+    return dirs + [Path(__file__).resolve().parents[2] / "targets"]
 
 
 def available_targets() -> dict[str, Path]:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import QuantizeSettings
+from ...config import QuantizeSettings
 from .base import Artifact, BackendCompiler, SourceModel
 
 log = logging.getLogger(__name__)

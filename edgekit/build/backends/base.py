@@ -15,7 +15,7 @@ import numpy as np
 
 from edgekit_runtime.engines import EngineOptions, engine_class
 
-from ..config import QuantizeSettings, RuntimeSettings
+from ...config import QuantizeSettings, RuntimeSettings
 
 
 @dataclass

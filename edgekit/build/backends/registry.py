@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from .compile.base import BackendCompiler
-from .errors import ConfigError
+from .base import BackendCompiler
+from ...errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -25,20 +25,20 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {
     "openvino": Backend(
-        "openvino", "edgekit.compile.quantize_openvino:OpenVINOCompiler", "openvino",
+        "openvino", "edgekit.build.backends.quantize_openvino:OpenVINOCompiler", "openvino",
         "OpenVINO IR (model.xml + model.bin)", "Intel/AMD x86 CPUs through OpenVINO's CPU plugin; NNCF INT8",
     ),
     "onnxruntime": Backend(
-        "onnxruntime", "edgekit.compile.quantize_onnxruntime:OnnxRuntimeCompiler", "onnxruntime",
+        "onnxruntime", "edgekit.build.backends.quantize_onnxruntime:OnnxRuntimeCompiler", "onnxruntime",
         "ONNX (Q/DQ INT8)", "Any CPU through ONNX Runtime; static Q/DQ INT8 with per-channel weights",
     ),
     "tensorrt": Backend(
-        "tensorrt", "edgekit.compile.quantize_tensorrt:TensorRTCompiler", "tensorrt",
+        "tensorrt", "edgekit.build.backends.quantize_tensorrt:TensorRTCompiler", "tensorrt",
         "explicit-quantization Q/DQ ONNX + TensorRT calibration cache (engine built on the device)",
         "NVIDIA Jetson / GPUs through TensorRT; falls back to ONNX Runtime (TensorRT EP → CUDA EP → CPU EP)",
     ),
     "tflite": Backend(
-        "tflite", "edgekit.compile.quantize_tflite:TFLiteCompiler", "tflite",
+        "tflite", "edgekit.build.backends.quantize_tflite:TFLiteCompiler", "tflite",
         ".tflite (full-integer INT8, int8 input/output)",
         "Android/ARM boards through the LiteRT interpreter with XNNPACK; converted from PyTorch by litert-torch",
     ),

@@ -23,18 +23,18 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import edgekit_runtime
-from edgekit_runtime import bundle_spec
+from edgekit_runtime.contract import bundle_spec
 from edgekit_runtime.bench import BenchSettings, compare, system_description
 
 from .. import __version__
-from ..backends import get_backend, load_compiler
-from ..bundle_writer import write_bundle
+from .backends.registry import get_backend, load_compiler
+from .bundle_writer import write_bundle
 from ..config import BuildConfig, TargetProfile, resolve_profile
 from ..data.sources import Dataset, load_data
 from ..errors import AccuracyBudgetError, CalibrationError, ConfigError
 from ..models.importer import import_model
-from ..targets import load_target
-from .base import Artifact, Signature, SourceModel, make_engine, predict_logits, top1_accuracy
+from ..config.targets import load_target
+from .backends.base import Artifact, Signature, SourceModel, make_engine, predict_logits, top1_accuracy
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,0 @@
-"""Per-backend compilers and the compile pipeline."""
