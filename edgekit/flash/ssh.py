@@ -41,7 +41,7 @@ import paramiko
 
 from edgekit_runtime.agent.fetch import sha256_file
 
-from ..errors import EdgekitError
+from ..errors import EdgekitError, ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class FlashError(EdgekitError):
     A device that ran the install and refused the bundle is not an error: that result
     is returned (``ok: False``) with the agent's reason.
     """
+
+    exit_code = ExitCode.DEVICE
 
 
 class UnknownHostKeyError(FlashError):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..errors import EdgekitError
+from ..errors import EdgekitError, ExitCode
 
 INSTALL_HINT = ("install the broker: `apt-get install mosquitto mosquitto-clients` (Debian/Ubuntu), "
                 "`brew install mosquitto` (macOS), or point --broker at one you run")
@@ -36,6 +36,8 @@ INSTALL_HINT = ("install the broker: `apt-get install mosquitto mosquitto-client
 
 class BrokerError(EdgekitError):
     """Mosquitto is missing, or did not start."""
+
+    exit_code = ExitCode.DEVICE
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError, EdgekitError
+from ..errors import ConfigError, EdgekitError, ExitCode
 from . import wire
 
 SCHEMES = {"mqtt": (1883, False), "mqtts": (8883, True)}
@@ -42,6 +42,8 @@ _V311_TO_V5 = {1: 0x84, 2: 0x85, 3: 0x88, 4: 0x86, 5: 0x87}
 
 class FleetConnectionError(EdgekitError):
     """The broker could not be reached, or refused us; the message says what to check."""
+
+    exit_code = ExitCode.DEVICE
 
     def __init__(self, message: str, reason: Optional[int] = None):
         super().__init__(message)
