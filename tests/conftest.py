@@ -12,6 +12,30 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("host")
 
 
+# What a distribution is built from; anything else in the work tree (.venv, build outputs, tests)
+# stays behind, so a test that builds a wheel never writes build/ or *.egg-info into the sources.
+DISTRIBUTION_SOURCES = ("pyproject.toml", "README.md", "edgekit", "targets", "runtime/pyproject.toml",
+                        "runtime/edgekit_runtime")
+
+
+@pytest.fixture
+def source_copy(tmp_path) -> Path:
+    """A copy of the distributions' sources (no caches or build outputs) in a temp dir."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    dest = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for rel in DISTRIBUTION_SOURCES:
+        src = repo / rel
+        if src.is_dir():
+            shutil.copytree(src, dest / rel, ignore=skip)
+        elif src.exists():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def keys(workdir) -> dict[str, Path]:
     from edgekit.signing import generate_keypair

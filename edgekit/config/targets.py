@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import os
 from pathlib import Path
 
@@ -16,7 +17,18 @@ TARGETS_ENV = "EDGEKIT_TARGETS"
 def targets_dirs() -> list[Path]:
     """``$EDGEKIT_TARGETS`` (os.pathsep-separated) first, then the profiles shipped with edgekit."""
     dirs = [Path(p) for p in os.environ.get(TARGETS_ENV, "").split(os.pathsep) if p]
-    return dirs + [Path(__file__).resolve().parents[2] / "targets"]
+    return dirs + [shipped_targets_dir()]
+
+
+def shipped_targets_dir() -> Path:
+    """Where the profiles shipped with edgekit are: ``targets/`` in the source tree, packaged as
+    ``edgekit._targets`` so that wheel and editable installs find them the same way."""
+    shipped = importlib.resources.files("edgekit._targets")
+    # edgekit is installed as plain files (never a zip), so the resource root is a real directory;
+    # load_target() and the CLI hand these paths to users, hence a Path and not a Traversable.
+    if not isinstance(shipped, Path):
+        raise RuntimeError(f"edgekit's target profiles are not on the file system ({shipped!r}); reinstall edgekit")
+    return shipped
 
 
 def available_targets() -> dict[str, Path]:

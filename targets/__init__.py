@@ -1,0 +1,1 @@
+"""Device profiles shipped inside the edgekit wheel as package data (imported as ``edgekit._targets``)."""
