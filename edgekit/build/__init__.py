@@ -1,0 +1,1 @@
+"""The build: typed stages over one build state, gates, manifest and bundle writer."""

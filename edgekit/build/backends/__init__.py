@@ -1,0 +1,1 @@
+"""One module per backend compiler, and the registry that names them."""
