@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from ..build.backends.registry import get_backend
-from .base import TargetProfile, parse, read_yaml
+from .base import parse, read_yaml
+from .target import TargetProfile
 from ..errors import ConfigError
 
 TARGETS_ENV = "EDGEKIT_TARGETS"

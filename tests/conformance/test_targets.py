@@ -110,10 +110,13 @@ def test_manifest_is_complete_and_consistent(target, built, keys):
     assert m["target"]["name"] == target and m["target"]["device"] == profile.device.family
     assert m["backend"]["name"] == profile.backend and m["backend"]["engines"] == profile.engines
     assert m["backend"]["precision"] == "int8" and m["backend"]["artifact"] in m["files"]
-    assert m["calibration"]["count"] == 300 and len(m["calibration"]["sha256"]) == 64
+    # 300 committed samples: the quantizer sees 240, the last 60 are held back for the fidelity gate
+    assert m["calibration"]["count"] == 240 and len(m["calibration"]["sha256"]) == 64
+    fid = m["metrics"]["fidelity"]
+    assert fid["samples"] == 60 and fid["cosine"] >= profile.fidelity.min_cosine
     acc = m["metrics"]["accuracy"]
     assert acc["fp32"] - acc["int8"] <= profile.accuracy.max_accuracy_drop == acc["budget_pts"]
-    assert m["input_stats"][m["inputs"][0]["name"]]["count"] == 300
+    assert m["input_stats"][m["inputs"][0]["name"]]["count"] == 240
     for name, entry in m["files"].items():
         assert hashlib.sha256(vb.members[name]).hexdigest() == entry["sha256"]
     for t in m["inputs"] + m["outputs"]:

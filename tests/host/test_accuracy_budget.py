@@ -36,7 +36,7 @@ def test_impossible_budget_fails_with_report_and_no_bundle(target, tmp_path, dig
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report == json.loads(json.dumps(info.value.report, default=str))
     acc = report["accuracy"]
-    assert report["result"] == "failed: accuracy budget"
+    assert report["result"] == "failed: accuracy gate"
     assert acc["fp32"] > 90
     # the first attempt was plain PTQ, then the backend's fallback ran, and neither met the budget
     strategies = [a["strategy"] for a in acc["attempts"]]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import edgekit_runtime
+from edgekit.data.sources import tensor_sha256
 from edgekit_runtime.keyring import Keyring
 
 from .conftest import REPO, X86_TARGETS, top1
@@ -53,12 +54,16 @@ def test_manifest_records_what_the_device_needs(target, int8_bundles, keys):
     assert m["inputs"][0]["shape"][1:] == [1, 8, 8] and m["inputs"][0]["dtype"] == "float32"
     assert m["preprocess"]["color"] == "gray" and m["preprocess"]["size"] == [8, 8]
     assert m["labels"] == "labels.txt" and vb.members["labels.txt"].decode().split() == [str(i) for i in range(10)]
-    # calibration hash is the hash of the tensors actually used: the committed calibration set
-    committed = json.loads((REPO / "calibration/digits/manifest.json").read_text())
-    assert m["calibration"]["sha256"] == committed["tensor_sha256"]
-    assert len(m["calibration"]["sha256"]) == 64 and m["calibration"]["count"] == 300
+    # calibration hash is the hash of the tensors actually used: the committed calibration set less
+    # the last fifth (60 samples), held back to measure INT8 against FP32 (fidelity)
+    committed = np.load(REPO / "calibration/digits/calib.npz")["x"]
+    assert m["calibration"]["count"] == 240
+    assert m["calibration"]["sha256"] == tensor_sha256(committed[:240])
+    assert m["calibration"]["sha256"] != json.loads((REPO / "calibration/digits/manifest.json").read_text())["tensor_sha256"]
+    fid = m["metrics"]["fidelity"]
+    assert fid["samples"] == 60 and 0.99 <= fid["cosine"] <= 1.0 and fid["top1_agreement"] > 0.9
     stats = m["input_stats"][m["inputs"][0]["name"]]
-    assert stats["count"] == 300 and sum(stats["histogram"]["counts"]) == 300 * 64
+    assert stats["count"] == 240 and sum(stats["histogram"]["counts"]) == 240 * 64
     assert m["backend"]["version"] and m["backend"]["engines"]
     for prec in ("fp32", "int8"):
         assert m["metrics"]["latency_ms"][prec]["p50_ms"] > 0

@@ -9,13 +9,16 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgekit_runtime.engines import EngineOptions, engine_class
 
 from ...config import QuantizeSettings, RuntimeSettings
+
+if TYPE_CHECKING:
+    from ..gates import Attempt, RecoveryGoal
 
 
 @dataclass
@@ -63,9 +66,6 @@ class Signature:
         )
 
 
-EvaluateFn = Callable[[Artifact, dict[str, Any]], float]
-
-
 class BackendCompiler(abc.ABC):
     """One per backend: FP32 artifact, INT8 quantization, and an accuracy fallback."""
 
@@ -86,10 +86,14 @@ class BackendCompiler(abc.ABC):
         """Post-training INT8 quantization calibrated on ``calib``."""
 
     @abc.abstractmethod
-    def recover(self, src: SourceModel, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                settings: QuantizeSettings, workdir: Path, max_drop_pts: float,
-                evaluate: Callable[[Artifact], float], fp32_accuracy: float) -> tuple[Artifact, list[dict]]:
-        """Backend-specific fallback when INT8 is over budget; returns the best artifact and its attempts."""
+    def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
+                goal: "RecoveryGoal", first: Artifact) -> list["Attempt"]:
+        """The backend's fallback when ``first`` (plain PTQ) fails a quality gate.
+
+        ``goal`` is the one object that says what to reach and how to check a candidate
+        (``goal.evaluate(artifact, strategy, details)`` runs every quality gate through the
+        device engine); returns the attempts made, each with its artifact and verdicts.
+        """
 
     def reference_options(self, runtime: RuntimeSettings) -> dict[str, Any]:
         """Engine options for the FP32 reference measurement."""
@@ -131,6 +135,20 @@ def predict_logits(eng, sig: Signature, x: np.ndarray, batch: int = 64) -> np.nd
     return np.concatenate(outs)
 
 
-def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy in percent."""
-    return float((logits.reshape(len(labels), -1).argmax(1) == labels).mean() * 100.0)
+def onnx_signature(onnx_path: Path) -> Signature:
+    """Input/output names and shapes of a one-input ONNX model (symbolic dims become names)."""
+    import onnx
+
+    from ...errors import ConfigError
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    ins = [i for i in m.graph.input if i.name not in inits]
+    if len(ins) != 1 or len(m.graph.output) < 1:
+        raise ConfigError(f"{onnx_path.name}: edgekit compiles models with one input (found {len(ins)})")
+
+    def dims(vi) -> list[int | str]:
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "batch")
+                for d in vi.type.tensor_type.shape.dim]
+
+    return Signature(ins[0].name, m.graph.output[0].name, dims(ins[0]), dims(m.graph.output[0]))

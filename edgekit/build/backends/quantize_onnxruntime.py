@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ...config import QuantizeSettings
+from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, SourceModel
 
 log = logging.getLogger(__name__)
@@ -124,29 +124,21 @@ class OnnxRuntimeCompiler(BackendCompiler):
         added = [(n.name, rel_err(n.output[0]) - rel_err(n.input[0])) for n in nodes]
         return sorted(added, key=lambda kv: kv[1], reverse=True)
 
-    def recover(self, src: SourceModel, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                settings: QuantizeSettings, workdir: Path, max_drop_pts: float,
-                evaluate: Callable[[Artifact], float], fp32_accuracy: float) -> tuple[Artifact, list[dict]]:
+    def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
+                goal: RecoveryGoal, first: Artifact) -> list[Attempt]:
+        """Keep the layers that add the most error in float, doubling their number until the gates pass."""
         pre = self._preprocessed(src.onnx, workdir)
-        first = self.quantize(src, calib, settings, workdir)
         ranking = self.rank_sensitive_nodes(pre, first.directory / first.main, calib[:32])
-        attempts: list[dict] = []
-        best: tuple[float, Artifact] | None = None
+        attempts: list[Attempt] = []
         limit = min(settings.max_excluded_nodes, len(ranking))
         k = 1
         while k <= limit:
             exclude = [name for name, _ in ranking[:k]]
             art = self.quantize(src, calib, settings, workdir, exclude=exclude)
-            acc = evaluate(art)
-            drop = fp32_accuracy - acc
-            attempts.append({"strategy": "exclude_sensitive_nodes", "excluded": exclude,
-                             "accuracy": acc, "drop_pts": drop})
-            log.info("kept %d layer(s) in float: accuracy %.2f (drop %.2f pt)", k, acc, drop)
-            if best is None or acc > best[0]:
-                best = (acc, art)
-            if drop <= max_drop_pts or k == limit:
+            attempt = goal.evaluate(art, "exclude_sensitive_nodes", {"excluded_nodes": exclude})
+            attempts.append(attempt)
+            log.info("kept %d layer(s) in float: %s", k, "passes" if attempt.passed else "still fails")
+            if attempt.passed or k == limit:
                 break
             k = min(2 * k, limit)
-        if best is None:
-            return first, attempts
-        return best[1], attempts
+        return attempts

@@ -9,13 +9,15 @@ returns layers to float one group at a time, most harmful first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ...config import QuantizeSettings, RuntimeSettings
+from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, SourceModel, runtime_options
 
 log = logging.getLogger(__name__)
@@ -88,32 +90,55 @@ class OpenVINOCompiler(BackendCompiler):
                        "fast_bias_correction": settings.fast_bias_correction, "ignored": list(exclude or [])}
         return art
 
-    def recover(self, src: SourceModel, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                settings: QuantizeSettings, workdir: Path, max_drop_pts: float,
-                evaluate: Callable[[Artifact], float], fp32_accuracy: float) -> tuple[Artifact, list[dict]]:
+    def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
+                goal: RecoveryGoal, first: Artifact) -> list[Attempt]:
+        """NNCF's accuracy control, scored by the gate that failed (task metric or cosine to FP32)."""
         import nncf
         from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
         dataset, n = _calibration_dataset(calib, settings)
-        batches = [(val_x[i : i + 1], val_y[i : i + 1]) for i in range(len(val_x))]
-        validation = nncf.Dataset(batches, lambda item: item[0])
+        # items carry their index: NNCF validates subsets when it ranks layers
+        items = [(goal.x[i : i + 1], i) for i in range(len(goal.x))]
+        validation = nncf.Dataset(items, lambda item: item[0])
 
-        def validate(compiled, items) -> float:
+        def validate(compiled, subset) -> float:
+            subset = list(subset)
             out = compiled.outputs[0]
-            hits = [int(compiled(x)[out].argmax(-1)[0] == y[0]) for x, y in items]
-            return float(np.mean(hits))
+            outputs = np.concatenate([compiled(x)[out] for x, _ in subset])
+            return goal.score(outputs, np.array([i for _, i in subset]))
 
-        q = nncf.quantize_with_accuracy_control(
-            self._read(src.onnx), dataset, validation, validate,
-            max_drop=max_drop_pts / 100.0, drop_type=nncf.DropType.ABSOLUTE, preset=_preset(settings),
-            subset_size=n, fast_bias_correction=settings.fast_bias_correction,
-            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-                max_num_iterations=settings.max_excluded_nodes
-            ),
-        )
+        with _nncf_log() as reverted:
+            q = nncf.quantize_with_accuracy_control(
+                self._read(src.onnx), dataset, validation, validate,
+                max_drop=goal.max_drop, drop_type=nncf.DropType.ABSOLUTE, preset=_preset(settings),
+                subset_size=n, fast_bias_correction=settings.fast_bias_correction,
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                    max_num_iterations=settings.max_excluded_nodes
+                ),
+            )
         art = _save(q, workdir / "int8-accuracy-control")
         art.precision = "int8"
         art.details = {"method": "nncf.quantize_with_accuracy_control", "preset": settings.preset,
-                       "max_num_iterations": settings.max_excluded_nodes}
-        acc = evaluate(art)
-        return art, [{"strategy": "nncf_accuracy_control", "accuracy": acc, "drop_pts": fp32_accuracy - acc}]
+                       "max_num_iterations": settings.max_excluded_nodes, "scored_by": goal.gate,
+                       "reverted_layers": list(dict.fromkeys(reverted))}
+        return [goal.evaluate(art, "nncf_accuracy_control", art.details)]
+
+
+@contextlib.contextmanager
+def _nncf_log():
+    """Collect the layer names NNCF's accuracy control returns to float (it only logs them)."""
+    names: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if "floating-point precision" in text or "Reverted" in text:
+                names.extend(line.strip() for line in text.splitlines()[1:] if line.strip())
+
+    handler = Grab(level=logging.INFO)
+    nlog = logging.getLogger("nncf")
+    nlog.addHandler(handler)
+    try:
+        yield names
+    finally:
+        nlog.removeHandler(handler)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ...config import QuantizeSettings, RuntimeSettings
+from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, Signature, SourceModel, runtime_options
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,9 @@ class TFLiteCompiler(BackendCompiler):
                                        "strict_export": strict, "calibration_samples": len(x),
                                        "int8_ops": int8_op_share(out / "model.tflite")})
 
-    def recover(self, src: SourceModel, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                settings: QuantizeSettings, workdir: Path, max_drop_pts: float,
-                evaluate: Callable[[Artifact], float], fp32_accuracy: float) -> tuple[Artifact, list[dict]]:
+    def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
+                goal: RecoveryGoal, first: Artifact) -> list[Attempt]:
+        """Another recipe: ai-edge-quantizer's static int8 (all-int8 residual adds, other rounding)."""
         from ai_edge_quantizer import quantizer as aeq_quantizer
         from ai_edge_quantizer import recipe as aeq_recipe
 
@@ -144,8 +145,7 @@ class TFLiteCompiler(BackendCompiler):
         (out / "model.tflite").write_bytes(qt.quantize(stats).quantized_model)
         art = _artifact(out, "int8", {"method": "ai-edge-quantizer static_wi8_ai8",
                                       "calibration_samples": len(x), "int8_ops": int8_op_share(out / "model.tflite")})
-        acc = evaluate(art)
-        return art, [{"strategy": "ai_edge_quantizer", "accuracy": acc, "drop_pts": fp32_accuracy - acc}]
+        return [goal.evaluate(art, "ai_edge_quantizer", art.details)]
 
     def signature(self, artifact: Artifact, sig: Signature) -> Signature:
         io = artifact.details["io"]

@@ -263,7 +263,7 @@ class AgentEnv:
 
     def stats_bundle(self, name: str = "stats.ekb", seed: int = 0) -> Path:
         """The kit's MatMul bundle (x: [batch, 4]) with input_stats of N(0, 1) values, as the compiler writes them."""
-        from edgekit.build.pipeline import input_statistics
+        from edgekit.build.stages.package import input_statistics
 
         manifest, members = self.kit.parts()
         calib = np.random.default_rng(seed).normal(0.0, 1.0, size=(500, 4)).astype(np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgekit.build.pipeline import input_statistics
+from edgekit.build.stages.package import input_statistics
 from edgekit_runtime.agent import DriftMonitor, ks_statistic, psi
 from edgekit_runtime.agent.drift import Reference
 

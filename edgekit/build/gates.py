@@ -1,0 +1,266 @@
+"""The gates: the one place a build is refused. Each compares the deployed artifact with the FP32 reference.
+
+* **accuracy** — the task metric (with its direction) on labelled validation data; the
+  budget means the same on every backend because both sides run through the device engine;
+* **fidelity** — label-free, always on: cosine of outputs and top-1 agreement of INT8 vs
+  FP32 on calibration samples the quantizer never saw;
+* **latency** — INT8 must beat FP32 on the target's engine by the profile's margin where
+  the host's figure carries over to the device; never a slower INT8 bundle in silence;
+* **size** — where a profile sets a limit;
+* **reference** — an accuracy gate is only meaningful if the FP32 reference is: at or
+  below chance, or with a label count that does not fit the model, the build is refused.
+
+Backends receive one :class:`RecoveryGoal` for their fallback, never a raw number.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from ..config import AccuracyBudget, FidelityGate, LatencyGate, Limits
+from ..errors import AccuracyBudgetError, ConfigError, GateError
+
+Status = Literal["passed", "failed", "not_checked"]
+
+# An FP32 reference this close to chance says the labels do not match the model's classes.
+CHANCE_FACTOR = 1.25
+
+
+@dataclass
+class GateResult:
+    """One gate's verdict, as the report and the manifest record it."""
+
+    name: str
+    status: Status
+    value: float | None = None
+    threshold: float | None = None
+    unit: str = ""
+    detail: str = ""
+    refuses: bool = True  # False: a failed gate that changes what ships instead of refusing the build
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("refuses")
+        return d
+
+
+# ----------------------------------------------------------------------------- metrics
+def top1_percent(outputs: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent (higher is better)."""
+    return float((outputs.reshape(len(labels), -1).argmax(1) == labels).mean() * 100.0)
+
+
+METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], Literal["higher", "lower"], str]] = {
+    # name -> (function of (outputs, labels), direction, unit). The task issues add map50, miou, rmse, mae.
+    "top1": (top1_percent, "higher", "pt"),
+}
+
+
+def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample's flattened outputs (1.0 where both are all zero)."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num == 0, 1.0, 0.0))
+
+
+def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of samples whose arg-max class is the same in ``a`` and ``b``."""
+    return float((a.reshape(len(a), -1).argmax(1) == b.reshape(len(b), -1).argmax(1)).mean())
+
+
+# ----------------------------------------------------------------------------- the gates
+@dataclass
+class AccuracyCheck:
+    settings: AccuracyBudget
+    labels: list[str] | None
+
+    @property
+    def metric(self):
+        return METRICS[self.settings.metric]
+
+    def value(self, outputs: np.ndarray, y: np.ndarray) -> float:
+        return self.metric[0](outputs, y)
+
+    def check_reference(self, fp32_outputs: np.ndarray, y: np.ndarray, fp32_value: float, source: str) -> None:
+        """Refuse a reference that cannot make the budget mean anything."""
+        classes = int(np.prod(fp32_outputs.shape[1:]))
+        if self.labels is not None and len(self.labels) != classes:
+            raise ConfigError(
+                f"the model has {classes} output classes but {len(self.labels)} labels are given; "
+                f"model.labels must list one name per output, in the model's order")
+        if y.size and int(y.max()) >= classes:
+            raise ConfigError(f"{source} has label {int(y.max())} but the model has only {classes} output classes; "
+                              f"check that the data's classes are the model's classes, in the model's order")
+        chance = 100.0 / max(classes, 1)
+        if self.settings.metric == "top1" and classes > 1 and fp32_value <= CHANCE_FACTOR * chance:
+            raise GateError(
+                f"the FP32 model scores {fp32_value:.2f} % top-1 on {source}, at or below chance for {classes} "
+                f"classes ({chance:.1f} %): an accuracy budget measured against it means nothing. Most often the "
+                f"data's labels are not the model's classes: name class folders exactly as model.labels (or give "
+                f"model.labels in the model's output order), or check the preprocessing",
+                {"result": "failed: reference at chance", "accuracy": {"fp32": fp32_value, "chance": chance}},
+            )
+
+    def gate(self, reference: float, value: float) -> GateResult:
+        _, direction, unit = self.metric
+        drop = (reference - value) if direction == "higher" else (value - reference)
+        budget = self.settings.max_accuracy_drop
+        if budget is None:
+            return GateResult("accuracy", "not_checked", drop, None, unit, "accuracy.max_accuracy_drop is null")
+        status: Status = "passed" if drop <= budget else "failed"
+        return GateResult("accuracy", status, drop, budget, unit,
+                          f"{self.settings.metric} {reference:.2f} → {value:.2f} (drop {drop:.2f} {unit}, "
+                          f"budget {budget} {unit})")
+
+
+@dataclass
+class FidelityCheck:
+    settings: FidelityGate
+
+    def measure(self, fp32_outputs: np.ndarray, outputs: np.ndarray) -> dict[str, Any]:
+        cos = cosine_per_sample(fp32_outputs, outputs)
+        return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
+                "top1_agreement": top1_agreement(fp32_outputs, outputs), "samples": int(len(cos)),
+                "min_cosine": self.settings.min_cosine, "min_top1_agreement": self.settings.min_top1_agreement}
+
+    def gates(self, figures: dict[str, Any]) -> list[GateResult]:
+        out = []
+        for name, threshold in (("cosine", self.settings.min_cosine),
+                                ("top1_agreement", self.settings.min_top1_agreement)):
+            value = figures[name]
+            if threshold is None:
+                out.append(GateResult(f"fidelity.{name}", "not_checked", value, None, "",
+                                      f"fidelity.min_{name} is null"))
+            else:
+                out.append(GateResult(f"fidelity.{name}", "passed" if value >= threshold else "failed", value,
+                                      threshold, "", f"{name} {value:.4f} on {figures['samples']} held-back "
+                                                     f"calibration samples (at least {threshold})"))
+        return out
+
+
+def latency_not_representative(device_arch: str, device_family: str, backend_engine: str, eval_engine: str) -> str | None:
+    """Why a latency measured on this host says nothing about the device, or None where it does."""
+    if eval_engine != backend_engine:
+        return (f"{backend_engine} does not run on this host; timings through {eval_engine} do not carry over "
+                f"to the device (run `edgekit bench` on it)")
+    host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    dev = device_arch.lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    if device_family == "jetson" or host != dev:
+        return (f"measured on this {host} host; the device is {device_family}/{device_arch}, where the same kernels "
+                f"run at other speeds (run `edgekit bench` on it)")
+    return None
+
+
+@dataclass
+class LatencyCheck:
+    settings: LatencyGate
+    limits: Limits
+    not_representative: str | None
+
+    def speedup_gate(self, fp32: dict[str, Any], int8: dict[str, Any]) -> GateResult:
+        speedup = fp32["p50_ms"] / int8["p50_ms"] if int8["p50_ms"] > 0 else float("inf")
+        margin = self.settings.min_int8_speedup
+        if self.not_representative:
+            return GateResult("latency.int8_speedup", "not_checked", speedup, margin, "x", self.not_representative)
+        needed_ms = fp32["p50_ms"] / margin
+        slower = int8["p50_ms"] - needed_ms > self.settings.noise_ms
+        detail = (f"INT8 p50 {int8['p50_ms']:.3f} ms vs FP32 {fp32['p50_ms']:.3f} ms: {speedup:.2f}x "
+                  f"(needs {margin}x, noise {self.settings.noise_ms} ms)")
+        if not slower:
+            return GateResult("latency.int8_speedup", "passed", speedup, margin, "x", detail)
+        action = {"ship_faster": "shipping the faster FP32 artifact", "fail": "refusing the build",
+                  "keep_int8": "shipping INT8 anyway (latency.on_slower: keep_int8)"}[self.settings.on_slower]
+        return GateResult("latency.int8_speedup", "failed", speedup, margin, "x", f"{detail}; {action}",
+                          refuses=self.settings.on_slower == "fail")
+
+    def budget_gate(self, chosen: dict[str, Any]) -> GateResult | None:
+        budget = self.limits.latency_budget_ms
+        if budget is None:
+            return None
+        if self.not_representative:
+            return GateResult("latency.budget", "not_checked", chosen["p99_ms"], budget, "ms", self.not_representative)
+        ok = chosen["p99_ms"] <= budget
+        return GateResult("latency.budget", "passed" if ok else "failed", chosen["p99_ms"], budget, "ms",
+                          f"p99 {chosen['p99_ms']:.3f} ms on this host (limits.latency_budget_ms {budget})")
+
+
+def size_gate(limits: Limits, size_bytes: int) -> GateResult | None:
+    if limits.max_model_mb is None:
+        return None
+    mb = size_bytes / 1e6
+    return GateResult("size", "passed" if mb <= limits.max_model_mb else "failed", mb, limits.max_model_mb, "MB",
+                      f"model artifact {mb:.3f} MB (limits.max_model_mb {limits.max_model_mb})")
+
+
+# ----------------------------------------------------------------------------- recovery and refusal
+@dataclass
+class RecoveryGoal:
+    """What a backend's fallback must reach, in one object.
+
+    ``x`` are the inputs the goal is scored on, ``score(outputs)`` is higher-is-better in the
+    units of ``max_drop`` (top-1 points, or cosine to FP32), ``reference`` is FP32's score, and
+    ``evaluate(artifact)`` runs every quality gate through the device engine and returns an
+    :class:`Attempt`. NNCF's accuracy control takes ``score`` and ``max_drop`` directly.
+    """
+
+    gate: str
+    x: np.ndarray
+    score: Callable[[np.ndarray], float]
+    reference: float
+    max_drop: float
+    evaluate: Callable[[Any], "Attempt"]
+
+
+@dataclass
+class Attempt:
+    """One candidate artifact and its quality gates."""
+
+    strategy: str
+    artifact: Any
+    results: list[GateResult]
+    figures: dict[str, Any] = field(default_factory=dict)  # accuracy, fidelity
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not any(r.failed and r.refuses for r in self.results)
+
+    @property
+    def score(self) -> tuple:
+        """Order of preference: fewer failed gates, then a smaller accuracy drop, then a higher cosine."""
+        failed = sum(r.failed for r in self.results)
+        acc = next((r.value for r in self.results if r.name == "accuracy" and r.value is not None), 0.0)
+        cos = self.figures.get("fidelity", {}).get("cosine", 1.0)
+        return (-failed, -acc, cos)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"strategy": self.strategy, **self.details, "passed": self.passed,
+               "gates": [r.to_dict() for r in self.results]}
+        if "accuracy" in self.figures:
+            out["accuracy"] = self.figures["accuracy"]
+            out["drop_pts"] = self.figures["drop"]
+        if "fidelity" in self.figures:
+            out["fidelity"] = {k: self.figures["fidelity"][k] for k in ("cosine", "cosine_min", "top1_agreement")}
+        return out
+
+
+def refuse(results: list[GateResult], report: dict[str, Any], hint: str) -> None:
+    """Raise :class:`GateError` naming every failed gate that refuses the build; no bundle is written."""
+    failed = [r for r in results if r.failed and r.refuses]
+    if not failed:
+        return
+    names = ", ".join(r.name for r in failed)
+    report["result"] = f"failed: {failed[0].name.split('.')[0]} gate"
+    lines = "; ".join(r.detail for r in failed)
+    error = AccuracyBudgetError if any(r.name == "accuracy" for r in failed) else GateError
+    raise error(f"{names} gate failed, no bundle written: {lines}. {hint}", report)

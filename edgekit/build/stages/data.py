@@ -1,0 +1,68 @@
+"""Data stage: labels, calibration (with samples held back for the fidelity gate) and validation sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...data.sources import Dataset, load_data
+from ...errors import CalibrationError, ConfigError
+from ..state import BuildState
+
+
+def read_labels(model) -> list[str] | None:
+    if model.labels:
+        return list(model.labels)
+    if model.labels_file:
+        try:
+            return [line for line in Path(model.labels_file).read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            raise ConfigError(f"labels_file {model.labels_file} does not exist") from None
+    return None
+
+
+class DataStage:
+    name = "data"
+
+    def run(self, state: BuildState) -> dict[str, Any]:
+        cfg, q, fid = state.cfg, state.profile.quantize, state.profile.fidelity
+        state.labels = read_labels(cfg.model)
+        state.preprocess = cfg.preprocess.model_dump() if cfg.preprocess else None
+        calib = load_data(cfg.calibration, state.preprocess, state.labels) if cfg.calibration else None
+        val = load_data(cfg.validation, state.preprocess, state.labels) if cfg.validation else None
+        budget = state.profile.accuracy.max_accuracy_drop
+        if state.quantize and calib is None:
+            raise ConfigError("INT8 needs calibration data: add a 'calibration' section (or set quantize.enabled: false)")
+        if val is not None and val.y is None:
+            raise CalibrationError(f"validation source {val.source!r} has no labels (use class sub-folders or x/y arrays)")
+        if state.quantize and budget is not None and val is None:
+            raise ConfigError(
+                "an accuracy budget needs a labelled 'validation' set; add one, or set "
+                "accuracy.max_accuracy_drop: null (--no-accuracy-check) to ship with the fidelity gate only"
+            )
+        if val is not None and calib is not None and val.sha256() == calib.sha256():
+            raise ConfigError("validation and calibration data are identical; validate on held-out data")
+        out: dict[str, Any] = {}
+        if calib is not None:
+            # The fidelity gate needs samples the quantizer never saw: the last ones of the set,
+            # at most a fifth of it, so small sets still calibrate on most of their samples.
+            hold = min(fid.samples, len(calib) // 5) if state.quantize else 0
+            if state.quantize and hold < 1:
+                raise CalibrationError(
+                    f"calibration source {calib.source!r} has {len(calib)} samples; give at least 5 so some can be "
+                    f"held back to measure INT8 against FP32")
+            x = calib.x[: len(calib) - hold]
+            state.holdout = calib.x[len(calib) - hold:] if hold else None
+            # hash and statistics describe exactly the samples the quantizer sees
+            state.calib = Dataset(x[: q.calibration_count], None, calib.source)
+            out["calibration"] = {"source": calib.source, "samples": len(state.calib), "held_back": hold,
+                                  "unused": max(0, len(x) - q.calibration_count)}
+        state.val = val
+        if val is not None:
+            out["validation"] = {"source": val.source, "samples": len(val)}
+        state.probe = (val or calib).x[:8] if (val or calib) else np.random.default_rng(0).normal(
+            size=[8, *cfg.model.input_shape[1:]]).astype(np.float32)
+        out["labels"] = len(state.labels) if state.labels else None
+        return out

@@ -1,0 +1,56 @@
+"""Export stage: the FP32 artifact in the backend's format, and the FP32 reference the gates compare with."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from edgekit_runtime.engines import engine_class
+
+from ...config import TargetProfile
+from ...errors import ConfigError
+from ..gates import AccuracyCheck
+from ..measure import Measurer
+from ..state import BuildState
+
+log = logging.getLogger(__name__)
+
+
+def evaluation_engine(profile: TargetProfile, backend_engine: str) -> str:
+    """The first engine of the profile's order that runs on this host (TensorRT usually does not)."""
+    reasons = []
+    for name in profile.engines:
+        reason = engine_class(name).unavailable_reason()
+        if reason is None:
+            if name != backend_engine:
+                log.info("measuring %s artifacts with %s: %s", backend_engine, name, "; ".join(reasons))
+            return name
+        reasons.append(f"{name}: {reason}")
+    raise ConfigError(f"no engine of target {profile.name} runs on this host to validate the build: "
+                      + "; ".join(reasons))
+
+
+class ExportStage:
+    name = "export"
+
+    def run(self, state: BuildState) -> dict[str, Any]:
+        compiler, profile = state.compiler, state.profile
+        engine = evaluation_engine(profile, state.backend.engine)
+        state.measurer = Measurer(compiler, state.sig, engine, compiler.reference_options(profile.runtime),
+                                  compiler.deploy_options(profile.runtime, state.sig))
+        state.fp32 = compiler.fp32(state.src, state.workdir)
+        ref: dict[str, Any] = {"engine": engine, "options": state.measurer.reference_options}
+        if state.val is not None:
+            # The reference is measured the way the device would run FP32, through the same engine.
+            acc = AccuracyCheck(profile.accuracy, state.labels)
+            out = state.measurer.outputs(state.fp32, state.val.x, "validation", reference=True)
+            ref["accuracy"] = acc.value(out, state.val.y)
+            acc.check_reference(out, state.val.y, ref["accuracy"], state.val.source)
+        if state.holdout is not None:
+            ref["holdout_outputs"] = state.measurer.outputs(state.fp32, state.holdout, "holdout", reference=True)
+        state.reference = ref
+        state.chosen = state.fp32
+        summary = {"artifact": state.fp32.main, "bytes": state.fp32.size_bytes(), "measured_with": engine}
+        if "accuracy" in ref:
+            summary["fp32_" + profile.accuracy.metric] = ref["accuracy"]
+        return summary

@@ -1,0 +1,119 @@
+"""Package stage: health sample, manifest, signed bundle under a temporary name, read back as a device would."""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edgekit_runtime
+from edgekit_runtime.contract import bundle_spec
+from edgekit_runtime.keyring import Keyring, key_id_of
+
+from ... import __version__
+from ...errors import VerificationError
+from ..bundle_writer import write_bundle
+from ..state import BuildState
+
+
+def input_statistics(x: np.ndarray, bins: int = 32) -> dict[str, Any]:
+    """Reference distribution of one input over the calibration set (for drift monitoring)."""
+    flat = x.astype(np.float64).ravel()
+    lo, hi = float(flat.min()), float(flat.max())
+    counts, edges = np.histogram(flat, bins=bins, range=(lo, hi if hi > lo else lo + 1.0))
+    per_sample_mean = x.reshape(len(x), -1).mean(axis=1)
+    return {
+        "count": int(len(x)),
+        "mean": float(flat.mean()), "std": float(flat.std()), "min": lo, "max": hi,
+        "percentiles": {str(p): float(v) for p, v in zip((1, 5, 50, 95, 99), np.percentile(flat, [1, 5, 50, 95, 99]))},
+        "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        "sample_mean": {"mean": float(per_sample_mean.mean()), "std": float(per_sample_mean.std())},
+    }
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def temporary_bundle_path(output: Path) -> Path:
+    """Where the bundle is written until the build has passed everything (same folder: rename is atomic)."""
+    return output.parent / f".{output.stem}.{os.getpid()}.partial{output.suffix or bundle_spec.BUNDLE_SUFFIX}"
+
+
+class PackageStage:
+    name = "package"
+
+    def run(self, state: BuildState) -> dict[str, Any]:
+        cfg, profile, chosen, m = state.cfg, state.profile, state.chosen, state.measurer
+        sig = state.sig
+        x = (state.val or state.calib).x if (state.val or state.calib) else state.probe
+        sample_x = x[:1]
+        expected = m.make(chosen, reference=False).run({sig.input_name: sample_x})[sig.output_name]
+        scale = float(np.max(np.abs(expected))) or 1.0
+        tol = (0.05 * scale, 0.05) if chosen.precision == "int8" else (1e-3 * scale + 1e-5, 1e-3)
+        members = {f: (chosen.directory / f).read_bytes() for f in chosen.files}
+        members["health/input.npy"] = _npy(sample_x)
+        members["health/expected_output.npy"] = _npy(expected)
+        if state.labels:
+            members["labels.txt"] = ("\n".join(state.labels) + "\n").encode()
+        chosen_sig = state.compiler.signature(chosen, sig)
+        ins, outs = chosen_sig.manifest_tensors()
+        if state.preprocess and len(ins[0]["shape"]) == 4:
+            ins[0]["layout"] = state.preprocess["layout"]  # what the device's preprocessing produces
+        calib = state.calib
+        accuracy = {k: v for k, v in state.report["accuracy"].items() if k != "attempts"}
+        latency = state.latency
+        manifest = {
+            "format": bundle_spec.FORMAT_NAME,
+            "format_version": bundle_spec.FORMAT_VERSION,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_by": f"edgekit {__version__} (python {platform.python_version()})",
+            "model": {"name": cfg.model.name, "version": cfg.model.version,
+                      "release": cfg.model.release if cfg.model.release is not None else int(time.time())},
+            "target": {"name": profile.name, "device": profile.device.family,
+                       "latency_budget_ms": profile.limits.latency_budget_ms},
+            "backend": {"name": state.backend.name, "version": state.compiler.library_version(),
+                        "precision": chosen.precision, "artifact": chosen.main, "engines": list(profile.engines),
+                        "options": m.deploy_options, "quantization": chosen.details or None},
+            "inputs": ins,
+            "outputs": outs,
+            "preprocess": state.preprocess,
+            "postprocess": cfg.postprocess.model_dump() if cfg.postprocess.type != "none" else None,
+            "labels": "labels.txt" if state.labels else None,
+            "metrics": {
+                "accuracy": accuracy,
+                "fidelity": state.report.get("fidelity"),
+                "latency_ms": {k: v for k, v in latency.items() if k != "measured_on"},
+                "latency_measured_on": latency["measured_on"]["cpu"],
+                "size_bytes": {"fp32": state.fp32.size_bytes(), chosen.precision: chosen.size_bytes()},
+                "gates": [g.to_dict() for g in state.gates],
+                "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in state.report["stages"]],
+            },
+            "calibration": {"sha256": calib.sha256(), "count": len(calib), "source": calib.source}
+            if calib is not None and state.quantize else None,
+            "health_check": {"input": "health/input.npy", "expected_output": "health/expected_output.npy",
+                             "atol": tol[0], "rtol": tol[1]},
+            "input_stats": {sig.input_name: input_statistics(calib.x if calib is not None else x)},
+        }
+        tmp = temporary_bundle_path(cfg.output)
+        state.bundle_tmp = tmp
+        write_bundle(tmp, manifest, members, state.key)
+        state.manifest = manifest
+        # Read it back the way a device does: verify, load, health-check.
+        ring = Keyring({key_id_of(state.key.public_key()): state.key.public_key()})
+        with edgekit_runtime.load(tmp, keyring=ring) as model:
+            health = model.health_check()
+        state.report["health_check"] = health
+        if not health["ok"]:
+            raise VerificationError(
+                f"the written bundle fails its own health check ({health}); no bundle written. This is a bug in "
+                f"edgekit or the backend: keep the work folder with --keep-work and report it")
+        return {"bundle_bytes": tmp.stat().st_size, "precision": chosen.precision, "health_check": "ok"}

@@ -1,0 +1,68 @@
+"""The build state the stages read and extend, and the stage interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..config import BuildConfig, TargetProfile
+from ..data.sources import Dataset
+from .backends.base import Artifact, BackendCompiler, Signature, SourceModel
+from .backends.registry import Backend
+from .gates import Attempt, GateResult
+from .measure import Measurer
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BuildState:
+    """Everything one build knows; each stage fills in its part."""
+
+    cfg: BuildConfig
+    profile: TargetProfile
+    backend: Backend
+    compiler: BackendCompiler
+    workdir: Path
+    key: Ed25519PrivateKey
+    progress: Progress
+    report: dict[str, Any]
+    # data stage
+    labels: list[str] | None = None
+    preprocess: dict[str, Any] | None = None
+    calib: Dataset | None = None  # exactly what the quantizer sees
+    holdout: np.ndarray | None = None  # calibration samples held back for the fidelity gate
+    val: Dataset | None = None
+    probe: np.ndarray | None = None  # a few real inputs to check the export with
+    # import stage
+    src: SourceModel | None = None
+    sig: Signature | None = None
+    # export stage
+    measurer: Measurer | None = None
+    fp32: Artifact | None = None
+    reference: dict[str, Any] = field(default_factory=dict)  # FP32 figures the gates compare with
+    # quantize stage
+    attempts: list[Attempt] = field(default_factory=list)
+    # evaluate stage: what ships and the verdicts that let it
+    chosen: Artifact | None = None
+    gates: list[GateResult] = field(default_factory=list)
+    latency: dict[str, Any] = field(default_factory=dict)
+    # package stage
+    manifest: dict[str, Any] | None = None
+    bundle_tmp: Path | None = None
+
+    @property
+    def quantize(self) -> bool:
+        return self.profile.quantize.enabled
+
+
+class Stage(Protocol):
+    """A build step: reads and extends the state, returns what it did for the report."""
+
+    name: str
+
+    def run(self, state: BuildState) -> dict[str, Any]: ...

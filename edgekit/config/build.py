@@ -1,0 +1,111 @@
+"""Build files: the model source, data, pre/post-processing, output, and overrides of the profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from ..errors import ConfigError
+from .base import Strict, apply_overrides, merge, parse, partial, read_yaml
+from .target import AccuracyBudget, FidelityGate, LatencyGate, Limits, QuantizeSettings, RuntimeSettings, TargetProfile
+
+# Profile sections a build file (and so a CLI flag) may override.
+OVERRIDABLE = ("quantize", "accuracy", "fidelity", "latency", "limits", "runtime")
+
+
+class ModelSource(Strict):
+    source: str = Field(description="'package.module:factory', a .onnx file, or a torch.export .pt2 file")
+    checkpoint: Path | None = Field(None, description="State dict or checkpoint for a factory model")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory")
+    name: str = Field(description="Model name recorded in the bundle")
+    version: str = "0.1.0"
+    release: int | None = Field(
+        None, ge=0, description="Anti-rollback counter; default: the build's UNIX time"
+    )
+    input_shape: list[int] = Field(description="Input shape including batch, e.g. [1, 3, 224, 224]")
+    input_name: str = "input"
+    output_name: str = "logits"
+    dynamic_batch: bool = True
+    labels: list[str] | None = None
+    labels_file: Path | None = None
+
+
+class DataSource(Strict):
+    source: str = Field(
+        description="Image folder (class sub-folders for labels), .npz (x[, y]), .npy, or 'module:factory'"
+    )
+    count: int | None = Field(None, ge=1, description="Use at most this many samples")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class PreprocessSpec(Strict):
+    type: Literal["image"] = "image"
+    color: Literal["gray", "rgb", "bgr"] = "rgb"
+    size: list[int] = Field(description="[height, width]")
+    resize: Literal["stretch", "shorter_center_crop"] = "stretch"
+    interpolation: Literal["area", "linear", "nearest", "cubic"] = "area"
+    scale: float = 1 / 255
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+
+    @field_validator("size")
+    @classmethod
+    def _two(cls, v: list[int]) -> list[int]:
+        if len(v) != 2 or min(v) < 1:
+            raise ValueError("size is [height, width] with positive values")
+        return v
+
+
+class PostprocessSpec(Strict):
+    type: Literal["classification", "none"] = "classification"
+    softmax: bool = True
+    top_k: int = Field(5, ge=1)
+
+
+class ExportSettings(Strict):
+    """The import stage's export to ONNX, checked against torch."""
+
+    atol: float = Field(1e-4, gt=0, description="Max |torch - onnx| allowed after export")
+
+
+class BuildConfig(Strict):
+    model: ModelSource
+    target: str = Field(description="Profile name (targets/NAME.yaml) or a path to a profile YAML")
+    calibration: DataSource | None = None
+    validation: DataSource | None = Field(None, description="Labelled data for the accuracy check")
+    preprocess: PreprocessSpec | None = None
+    postprocess: PostprocessSpec = PostprocessSpec()
+    export: ExportSettings = ExportSettings()
+    # Overrides of the profile's sections: typed, so a typo fails here and not after the export.
+    quantize: partial(QuantizeSettings) | None = Field(None, description="Overrides of the profile's quantize")
+    accuracy: partial(AccuracyBudget) | None = Field(None, description="Overrides of the profile's accuracy gate")
+    fidelity: partial(FidelityGate) | None = Field(None, description="Overrides of the profile's fidelity gate")
+    latency: partial(LatencyGate) | None = Field(None, description="Overrides of the profile's latency gate")
+    limits: partial(Limits) | None = Field(None, description="Overrides of the profile's limits")
+    runtime: partial(RuntimeSettings) | None = Field(None, description="Overrides of the profile's runtime")
+    output: Path = Field(Path("build/model.ekb"), description="Bundle to write")
+    workdir: Path | None = Field(None, description="Where intermediate files go (default: next to output)")
+    signing_key: Path | None = Field(None, description="ed25519 private key (default: $EDGEKIT_SIGNING_KEY)")
+    keep_work: bool = Field(False, description="Keep the work folder after the build (it is removed otherwise)")
+
+
+
+def load_build(path: Path | None, overrides: dict[str, Any] | None = None) -> BuildConfig:
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or {})
+    cfg = parse(BuildConfig, data, str(path) if path else "build settings")
+    if cfg.model.labels and cfg.model.labels_file:
+        raise ConfigError("give model.labels or model.labels_file, not both")
+    return cfg
+
+
+def resolve_profile(profile: TargetProfile, cfg: BuildConfig) -> TargetProfile:
+    """The profile with the build file's quantize/accuracy/runtime overrides applied (validated)."""
+    where = f"target {profile.name} with the build's overrides"
+    updates = {s: merge(getattr(profile, s), getattr(cfg, s), where) for s in OVERRIDABLE}
+    return profile.model_copy(update=updates)
+
