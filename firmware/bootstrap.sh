@@ -432,7 +432,9 @@ rm -f "$tmpfiles_conf"
 if [ $no_pip -eq 1 ]; then
   skip "install edgekit-runtime (--no-pip)"
 else
-  rt_args=(--engine "$engine" --prefix "$root/opt/edgekit" --keyring "$etc/keys" --bindir "$root/usr/local/bin")
+  # --agent: this device runs edgekit-agent.service, so it needs the runtime's [agent] extra
+  rt_args=(--engine "$engine" --prefix "$root/opt/edgekit" --keyring "$etc/keys" --bindir "$root/usr/local/bin"
+           --agent)
   if [ -n "$runtime_spec" ]; then rt_args+=(--spec "$runtime_spec"); else rt_args+=(--source "$runtime_source"); fi
   [ -z "$root" ] || echo "note: the venv under $root is built with this machine's python3; for an image of" \
     "another OS or architecture use --no-pip and run install-runtime.sh inside the image" >&2
@@ -440,7 +442,7 @@ else
   "$here/install-runtime.sh" "${rt_args[@]}" ||
     fail "installing the runtime failed (see above); fix it and run bootstrap.sh again: it keeps what is done"
   umask 077
-  written+=("$root/opt/edgekit/venv (edgekit-runtime[$engine])")
+  written+=("$root/opt/edgekit/venv (edgekit-runtime[agent,$engine])")
   changed=1
 fi
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install edgekit-runtime on a device and trust a signing key.
 #   install-runtime.sh --engine onnxruntime|openvino|tflite|tensorrt --key host.pub
-#                      [--source DIR_OR_WHEEL | --spec 'edgekit-runtime==0.1.0']
+#                      [--source DIR_OR_WHEEL | --spec 'edgekit-runtime==0.1.0'] [--agent]
 #                      [--prefix /opt/edgekit] [--keyring /etc/edgekit/keys] [--bindir /usr/local/bin]
 # --spec installs from the configured package index instead of a checkout or a wheel.
+# --agent adds the device agent (the [agent] extra: paho-mqtt); without it the device can verify,
+# run and benchmark bundles, and edgekit-agent says which extra it lacks.
 # tensorrt: the venv sees the system site-packages, where JetPack puts TensorRT (python3-libnvinfer).
 # bootstrap.sh runs this; run it alone to (re)install just the runtime.
 set -euo pipefail
@@ -18,6 +20,7 @@ spec=""
 prefix=/opt/edgekit
 keyring=/etc/edgekit/keys
 bindir=/usr/local/bin
+extras=""
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,6 +31,7 @@ while [ $# -gt 0 ]; do
     --prefix) prefix="$2"; shift 2 ;;
     --keyring) keyring="$2"; shift 2 ;;
     --bindir) bindir="$2"; shift 2 ;;
+    --agent) extras="agent,"; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -45,9 +49,9 @@ python3 -m venv "${venv_opts[@]}" "$prefix/venv"
 "$prefix/venv/bin/python" -m pip install --quiet --upgrade pip
 if [ -n "$spec" ]; then
   # pip merges the two requirements: the version (or URL) from SPEC, the engine as an extra
-  "$prefix/venv/bin/python" -m pip install --quiet "$spec" "edgekit-runtime[${engine}]"
+  "$prefix/venv/bin/python" -m pip install --quiet "$spec" "edgekit-runtime[${extras}${engine}]"
 else
-  "$prefix/venv/bin/python" -m pip install --quiet "${source_dir}[${engine}]"
+  "$prefix/venv/bin/python" -m pip install --quiet "${source_dir}[${extras}${engine}]"
 fi
 # OpenVINO sends usage telemetry on import unless opted out; a device does not phone home.
 if [ -x "$prefix/venv/bin/opt_in_out" ]; then

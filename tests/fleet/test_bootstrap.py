@@ -311,6 +311,8 @@ def test_runtime_is_installed_through_install_runtime(tmp_path, root, inputs, so
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     args = record.read_text().splitlines()
+    assert "--agent" in args  # the device runs edgekit-agent.service: the runtime's [agent] extra
+    args.remove("--agent")
     pairs = dict(zip(args[::2], args[1::2]))
     assert pairs["--engine"] == "tflite"
     assert pairs["--prefix"] == str(root / "opt/edgekit") and pairs["--keyring"] == str(root / "etc/edgekit/keys")

@@ -52,20 +52,3 @@ def test_untrusted_bundle_exits_3_with_code(tmp_path):
     proc = cli("verify", BUNDLE, "--keyring", other, check=False)
     assert proc.returncode == 3 and "E104 BUNDLE_UNTRUSTED_KEY" in proc.stderr
 
-
-def test_runtime_wheel_holds_only_the_runtime(tmp_path):
-    """The device distribution builds on its own and carries no host code."""
-    import zipfile
-
-    repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-                           str(tmp_path), str(repo / "runtime")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    (wheel,) = tmp_path.glob("edgekit_runtime-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert any(n == "edgekit_runtime/bundle.py" for n in names)
-    assert all(n.startswith(("edgekit_runtime/", "edgekit_runtime-")) for n in names), names
-    meta = next(n for n in names if n.endswith("METADATA"))
-    requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
-                if line.startswith("Requires-Dist")]
-    assert not any(pkg in r for r in requires for pkg in ("torch", "onnx ", "edgekit ", "nncf"))

@@ -9,32 +9,48 @@
   and an optional workload.
 
 Topics and payloads follow :mod:`edgekit_runtime.contract.fleet_protocol`.
+The agent is the device distribution's ``[agent]`` extra (``pip install 'edgekit-runtime[agent]'``):
+paho-mqtt, and tomli on Python 3.10. Nothing outside this package imports paho.
 """
 
-from .config import AgentConfig, AgentConfigError, WorkloadConfig
-from .core import AgentCore
-from .daemon import Agent, load_active_model
-from .drift import DriftMonitor, ks_statistic, psi
-from .metrics import LatencyHistogram, MetricsWindow, SystemStats
-from .mqtt import MqttLink
-from .spool import Spool
-from .state import AgentState, StateDir
+from __future__ import annotations
 
-__all__ = [
-    "Agent",
-    "AgentConfig",
-    "AgentConfigError",
-    "AgentCore",
-    "AgentState",
-    "DriftMonitor",
-    "LatencyHistogram",
-    "MetricsWindow",
-    "MqttLink",
-    "Spool",
-    "StateDir",
-    "SystemStats",
-    "WorkloadConfig",
-    "ks_statistic",
-    "load_active_model",
-    "psi",
-]
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562), not here: the agent's MQTT side needs the [agent]
+# extra (paho-mqtt), and with it missing `edgekit-agent` and `import edgekit_runtime.agent.cli` must
+# still start, to say which extra to install instead of dying in a traceback.
+_EXPORTS = {
+    "Agent": ".daemon",
+    "AgentConfig": ".config",
+    "AgentConfigError": ".config",
+    "AgentCore": ".core",
+    "AgentState": ".state",
+    "DriftMonitor": ".drift",
+    "LatencyHistogram": ".metrics",
+    "MetricsWindow": ".metrics",
+    "MqttLink": ".mqtt",
+    "Spool": ".spool",
+    "StateDir": ".state",
+    "SystemStats": ".metrics",
+    "WorkloadConfig": ".config",
+    "ks_statistic": ".drift",
+    "load_active_model": ".daemon",
+    "psi": ".drift",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

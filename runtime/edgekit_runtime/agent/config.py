@@ -37,11 +37,7 @@ from urllib.parse import urlsplit
 
 from ..contract import fleet_protocol
 from ..contract.errors import ErrorCode, RuntimeConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 (JetPack 6)
-    import tomli as tomllib
+from .extra import require
 
 SPOOL_POLICIES = ("drop_oldest", "reject_new")
 SPOOL_SYNC = ("full", "normal")
@@ -53,6 +49,14 @@ class AgentConfigError(RuntimeConfigError):
     """The agent's config file is missing, unreadable or invalid."""
 
     code = ErrorCode.CONFIG_INVALID
+
+
+def _toml_loads(text: str) -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10 (JetPack 6): tomli comes with the [agent] extra, imported
+        tomllib = require("tomli", "tomli")  # here so that `edgekit-agent` can print what to install
+    return tomllib.loads(text)
 
 
 @dataclass
@@ -152,7 +156,7 @@ class AgentConfig:
             if path.suffix.lower() == ".json":
                 data = json.loads(text)
             else:
-                data = tomllib.loads(text.decode())
+                data = _toml_loads(text.decode())
         except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
             raise AgentConfigError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'} "
                                    f"({exc})") from None

@@ -29,15 +29,17 @@ import random
 import ssl
 import time
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from ..contract import fleet_protocol
 from .config import AgentConfigError
 from .core import AgentCore
+from .extra import require
 from .state import AgentState
+
+# paho-mqtt comes with the [agent] extra only: without it, say which extra to install
+mqtt = require("paho.mqtt.client", "paho-mqtt")
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode  # noqa: E402 - needs the check above
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
 
 log = logging.getLogger("edgekit_runtime.agent.mqtt")
 

@@ -107,7 +107,8 @@ def test_install_verifies_and_refuses(agent_env, kit, key2, capsys):
 
 
 def test_the_agent_imports_no_host_package(agent_env):
-    code = ("import sys, edgekit_runtime.agent.cli, edgekit_runtime.agent as a; "
+    # the whole agent, daemon and MQTT side included (the package imports its parts on first use)
+    code = ("import sys, edgekit_runtime.agent.cli, edgekit_runtime.agent.daemon, edgekit_runtime.agent as a; "
             "from edgekit_runtime.agent import AgentConfig; "
             f"c = a.AgentCore(AgentConfig.load({str(agent_env.config_file())!r}), system_stats=True); c.tick(); "
             "c.close(); print(' '.join(sorted(sys.modules)))")
