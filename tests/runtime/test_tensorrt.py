@@ -1,11 +1,10 @@
-"""TensorRT support that can be checked without a GPU: calibration cache, cache keys, plan cache,
+"""TensorRT support on the device that can be checked without a GPU: cache keys, plan cache,
 JetPack detection, and the ONNX Runtime provider fallback. Building and running a real
 engine needs TensorRT and a CUDA GPU; that case is skipped here with the reason."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,38 +15,11 @@ from edgekit_runtime.engines.tensorrt_engine import (
     EngineCache, TensorRTEngine, build_settings, cache_key, parse_tegra_release,
 )
 from edgekit_runtime.engines.base import EngineOptions
-from edgekit_runtime.trt_calibration import CalibrationCacheError, read_cache, write_cache
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 BUNDLE = GOLDEN / "v1.0-onnxruntime-matmul.ekb"
 KEY = GOLDEN / "golden.pub"
 DEVICE = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "l4t": "R36.4.0", "jetpack": "6.2"}
-
-
-def test_calibration_cache_round_trip():
-    amax = {"input": 2.5, "/features/0/Relu_output_0": 11.25, "name:with:colons": 0.5}
-    text = write_cache(amax)
-    header, scales = read_cache(text)
-    assert header == "TRT-8601-EntropyCalibration2"
-    assert set(scales) == set(amax)
-    for name, value in amax.items():
-        assert math.isclose(scales[name] * 127, value, rel_tol=1e-6)
-
-
-def test_calibration_cache_uses_big_endian_float_hex():
-    # 1/127 * 127 = 1.0 → scale 1/127 = 0x3c010204 as big-endian IEEE-754
-    assert write_cache({"t": 1.0}).splitlines()[1] == "t: 3c010204"
-
-
-@pytest.mark.parametrize("text", ["", "not a header\nx: 3c010204", "TRT-1-X\nx: zz", "TRT-1-X\nx: 3c01", "TRT-1-X\njunk"])
-def test_malformed_calibration_cache_is_refused(text):
-    with pytest.raises(CalibrationCacheError):
-        read_cache(text)
-
-
-def test_negative_or_nan_range_is_refused():
-    with pytest.raises(CalibrationCacheError):
-        write_cache({"t": float("nan")})
 
 
 def test_tegra_release_parsing():

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit_runtime.trt_calibration import write_cache
-
 from ...config import QuantizeSettings, RuntimeSettings
 from .base import Artifact, Signature, SourceModel, runtime_options
 from .quantize_onnxruntime import OnnxRuntimeCompiler, _input_name, _Reader
+from .tensorrt_calibration import write_cache
 
 
 def activation_amax(qdq_path: Path) -> dict[str, float]:

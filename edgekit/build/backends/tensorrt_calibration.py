@@ -1,4 +1,4 @@
-"""TensorRT INT8 calibration cache: write on the host, read on the device (stdlib only).
+"""TensorRT INT8 calibration cache: the host writes it into Jetson bundles, and reads it back to check it.
 
 The format is TensorRT's own (what ``IInt8Calibrator.write_calibration_cache``
 produces and ``read_calibration_cache`` consumes)::
@@ -11,7 +11,8 @@ The first line names the TensorRT version and algorithm; each following line is
 ``tensor_name: <hex of the big-endian IEEE-754 float32 scale>``, with scale =
 amax / 127 (symmetric INT8). Bundles carry it next to the explicit-quantization
 Q/DQ ONNX so a device can also build an implicitly quantized engine, and so the
-ranges are auditable.
+ranges are auditable. Only the host uses this module (the device's TensorRT reads the
+cache itself), so it lives here and not in the runtime.
 """
 
 from __future__ import annotations
