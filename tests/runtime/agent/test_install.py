@@ -138,6 +138,61 @@ def test_downgrade_needs_allow_downgrade(agent_env, capsys):
     assert rc == 0 and ok["model"]["release"] == 3
 
 
+# Anti-rollback (install.py, step "verify"; docs/flash.md): a bundle whose release is lower than the
+# active one's is refused unless allow_downgrade; an equal release is not older, so another bundle of
+# the same release installs; the active bundle itself is never installed again (already_active).
+def _release_5(agent_env, capsys) -> tuple[Path, Path, StateDir]:
+    path = agent_env.config_file()
+    base = agent_env.model_bundle("r5.ekb", release=5, scale=1.0)
+    rc, reply = _install(path, base, capsys=capsys)
+    assert rc == 0 and reply["slot"] == "a" and reply["model"]["release"] == 5
+    return path, base, StateDir(agent_env.tmp / "state-dev1")
+
+
+def test_a_release_one_below_the_active_is_refused_unless_allowed(agent_env, capsys):
+    path, _, sd = _release_5(agent_env, capsys)
+    r4 = agent_env.model_bundle("r4.ekb", release=4)
+    err = _refused(agent_env, capsys, r4)
+    assert (err["reason"], err["step"], err["code"]) == ("downgrade", "verify", 111)
+    assert "release 4" in err["message"] and "release 5" in err["message"]
+    assert sd.read_slot("b")["state"] != "installing" and not (sd.slot_dir("b") / "bundle.ekb").exists()
+    rc, ok = _install(path, r4, "--allow-downgrade", capsys=capsys)
+    assert rc == 0 and (ok["slot"], ok["model"]["release"]) == ("b", 4) and not ok.get("already_active")
+
+
+def test_a_release_one_above_the_active_is_installed(agent_env, capsys):
+    path, _, sd = _release_5(agent_env, capsys)
+    rc, ok = _install(path, agent_env.model_bundle("r6.ekb", release=6), capsys=capsys)
+    assert rc == 0 and (ok["slot"], ok["model"]["release"]) == ("b", 6)
+    assert sd.read_pointer()["slot"] == "b"
+
+
+def test_another_bundle_of_the_same_release_is_installed(agent_env, capsys):
+    """Equal is not older: a rebuild that kept its release number replaces the active bundle."""
+    path, base, sd = _release_5(agent_env, capsys)
+    rebuilt = agent_env.model_bundle("r5-rebuilt.ekb", release=5, scale=3.0)
+    assert _sha(rebuilt) != _sha(base)
+    rc, ok = _install(path, rebuilt, "--sha256", _sha(rebuilt), capsys=capsys)
+    assert rc == 0 and not ok.get("already_active")
+    assert (ok["slot"], ok["previous_slot"], ok["model"]["release"], ok["sha256"]) == ("b", "a", 5, _sha(rebuilt))
+    served, _ = _served(agent_env)
+    assert (served["release"], served["sha256"]) == (5, _sha(rebuilt))
+    _consistent(sd)
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["re-pinned", "unpinned"])
+def test_the_active_bundle_sent_again_is_not_reinstalled(agent_env, capsys, pinned):
+    """The same bundle (same release, same sha256): answered already_active, nothing written to a slot."""
+    path, base, sd = _release_5(agent_env, capsys)
+    pointer, idle = sd.active_file.read_bytes(), sd.read_slot("b")
+    rc, again = _install(path, base, *(["--sha256", _sha(base)] if pinned else []), capsys=capsys)
+    assert rc == 0 and again["ok"] and again["already_active"]
+    assert (again["slot"], again["sha256"], again["model"]["release"]) == ("a", _sha(base), 5)
+    assert sd.active_file.read_bytes() == pointer and sd.read_slot("b") == idle
+    assert not (sd.slot_dir("b") / "bundle.ekb").exists()
+    _consistent(sd)
+
+
 def test_failing_health_check_keeps_the_old_model(agent_env, capsys):
     err = _refused(agent_env, capsys, agent_env.model_bundle("bad.ekb", release=6, break_health=True))
     assert (err["reason"], err["step"], err["code"]) == ("health_check_failed", "health_check", 204)
