@@ -77,12 +77,12 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Progress | 
         os.replace(state.bundle_tmp, cfg.output)
         ok = True
     except EdgekitError as exc:
+        if getattr(exc, "report", None) is not None and exc.report is not report:
+            report.update(exc.report)  # what the refusing gate measured
+            exc.report = report
         report.setdefault("result", f"failed: {type(exc).__name__}")
         report["error"] = str(exc)
-        path = write_report(cfg, report)
-        if getattr(exc, "report", None) is not None and exc.report is not report:
-            exc.report.update(report)
-        log.info("build failed; report at %s", path)
+        log.info("build failed; report at %s", write_report(cfg, report))
         raise
     finally:
         if state.bundle_tmp is not None and state.bundle_tmp.exists():

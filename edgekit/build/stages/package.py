@@ -98,7 +98,7 @@ class PackageStage:
                 "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in state.report["stages"]],
             },
             "calibration": {"sha256": calib.sha256(), "count": len(calib), "source": calib.source}
-            if calib is not None and state.quantize else None,
+            if calib is not None and chosen is not state.fp32 else None,
             "health_check": {"input": "health/input.npy", "expected_output": "health/expected_output.npy",
                              "atol": tol[0], "rtol": tol[1]},
             "input_stats": {sig.input_name: input_statistics(calib.x if calib is not None else x)},
