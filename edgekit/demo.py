@@ -4,6 +4,9 @@ Uses scikit-learn's digits (shipped inside scikit-learn, nothing downloaded)
 and the build file ``examples/digits.yaml``. Every figure in the final table
 is measured in this run; latency comes from one interleaved FP32/INT8 run per
 target on this machine at batch 1.
+
+:func:`run_demo` returns the figures and reports each step through ``on_step``;
+``edgekit demo`` (``edgekit/cli/demo.py``) prints them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -20,12 +23,16 @@ BUILD_FILE = REPO / "examples" / "digits.yaml"
 TARGETS = ("x86-openvino-cpu", "onnxruntime-cpu")
 
 
-def _say(console, text: str) -> None:
-    if console is not None:
-        console.print(text, highlight=False)
+def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0,
+             on_step: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Train, compile, verify, run and benchmark under ``workdir``; returns the summary (also in demo-summary.json).
 
+    ``on_step(text)`` hears about each step as it starts and what it found (plain text).
+    """
+    def _say(text: str) -> None:
+        if on_step is not None:
+            on_step(text)
 
-def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0, console=None) -> dict[str, Any]:
     import cv2
     import torch
 
@@ -49,20 +56,20 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0, console=None
     keyring = Keyring.from_paths(keydir / "edgekit.pub")
 
     # 1. train ---------------------------------------------------------------------------
-    _say(console, f"[bold]1/4 train[/] digits CNN on scikit-learn digits ({epochs} epochs, CPU)")
+    _say(f"1/4 train: digits CNN on scikit-learn digits ({epochs} epochs, CPU)")
     torch.manual_seed(0)
     s = digits.splits()
     model, val_acc = train_classifier(build(), digits.to_tensor(s["train"].images), s["train"].labels,
                                       digits.to_tensor(s["val"].images), s["val"].labels, epochs=epochs)
     ckpt = workdir / "digits_cnn.pt"
     torch.save(model.state_dict(), ckpt)
-    _say(console, f"    validation top-1 {val_acc:.2f} %  → {ckpt}")
+    _say(f"    validation top-1 {val_acc:.2f} %  → {ckpt}")
 
     # 2. compile -------------------------------------------------------------------------
     reports: dict[str, dict[str, Any]] = {}
     for target in TARGETS:
         for precision in ("int8", "fp32"):
-            _say(console, f"[bold]2/4 compile[/] {precision.upper()} for {target}")
+            _say(f"2/4 compile: {precision.upper()} for {target}")
             overrides: dict[str, Any] = {"target": target, "model.checkpoint": ckpt,
                                          "output": workdir / f"digits-{target}-{precision}.ekb"}
             if precision == "fp32":
@@ -71,7 +78,7 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0, console=None
             reports[f"{target}/{precision}"] = compile_model(cfg, key).report
 
     # 3. verify and run on image files through the runtime ------------------------------------
-    _say(console, "[bold]3/4 verify and run[/] the INT8 bundles with edgekit_runtime (image files in)")
+    _say("3/4 verify and run: the INT8 bundles with edgekit_runtime (image files in)")
     images_dir = workdir / "images"
     images_dir.mkdir(exist_ok=True)
     test = s["test"]
@@ -89,11 +96,11 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0, console=None
             preds = m.predict(paths)
         hits = [int(p["top_k"][0]["label"]) == int(lbl) for p, lbl in zip(preds, test.labels)]
         runtime_acc[target] = float(np.mean(hits) * 100)
-        _say(console, f"    {bundle.name}: signature OK (key {verified.key_id}), health check "
+        _say(f"    {bundle.name}: signature OK (key {verified.key_id}), health check "
                       f"{'OK' if health['ok'] else 'FAILED'}, top-1 on {len(paths)} PNGs {runtime_acc[target]:.2f} %")
 
     # 4. benchmark FP32 vs INT8, interleaved ------------------------------------------------
-    _say(console, f"[bold]4/4 benchmark[/] FP32 vs INT8 interleaved, batch 1, ≥{seconds:.0f} s each target")
+    _say(f"4/4 benchmark: FP32 vs INT8 interleaved, batch 1, ≥{seconds:.0f} s each target")
     settings = BenchSettings(min_queries=300, min_duration_s=seconds, offline_batch=32)
     bench: dict[str, Any] = {}
     for target in TARGETS:
@@ -128,27 +135,4 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0, console=None
     summary = {"rows": rows, "system": {k: system[k] for k in ("cpu", "cpu_flags", "usable_cores", "os")},
                "test_images": len(paths), "seconds": time.perf_counter() - t0, "reports": reports}
     (workdir / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    if console is not None:
-        _print_table(console, summary)
     return summary
-
-
-def _print_table(console, summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title="digits CNN: FP32 vs INT8 (held-out test split, 360 images)")
-    for col in ("target", "precision", "top-1 %", "Δ pt", "size KiB", "p50 ms", "p90 ms", "speed-up"):
-        table.add_column(col, justify="right" if col not in ("target", "precision") else "left")
-    for r in summary["rows"]:
-        table.add_row(r["target"], r["precision"].upper(), f"{r['top1']:.2f}",
-            "" if r["drop_pts"] is None else f"{0.0 - r['drop_pts']:+.2f}", f"{r['size_bytes'] / 1024:.1f}",
-            f"{r['p50_ms']:.4f}", f"{r['p90_ms']:.4f}", f"{r['speedup']:.2f}×")
-    console.print(table)
-    s = summary["system"]
-    console.print(f"Latency: batch 1, single stream, FP32/INT8 interleaved in one process; {s['cpu']} "
-                  f"({', '.join(s['cpu_flags']) or 'no AVX-512'}), {s['usable_cores']} cores, default threads. "
-                  f"Accuracy measured through the device runtime; FP32 on OpenVINO with "
-                  f"INFERENCE_PRECISION_HINT=f32. A model this small (8×8 input) is dominated by per-call "
-                  f"overhead, so INT8 gains little in speed here; benchmarks/ has resnet and mobilenet figures.",
-                  highlight=False)
-    console.print(f"done in {summary['seconds']:.0f} s", highlight=False)

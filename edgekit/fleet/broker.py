@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..errors import EdgekitError, ExitCode
 
@@ -191,12 +191,18 @@ def start_broker(config: BrokerConfig, timeout: float = 10.0) -> RunningBroker:
     return broker
 
 
-def run_foreground(config: BrokerConfig) -> None:
-    """Write the config and become mosquitto (exec): signals, exit status and logs are the broker's own."""
+def run_foreground(config: BrokerConfig, before_exec: Optional[Callable[[Path], None]] = None) -> None:
+    """Write the config and become mosquitto (exec): signals, exit status and logs are the broker's own.
+
+    ``before_exec(config_path)`` runs once every check has passed, just before the exec
+    (the CLI reports what it starts there: after the exec this process is mosquitto).
+    """
     binary = find_mosquitto()
     path = config.write()
     if port_open(config.bind, config.port):
         raise BrokerError(f"something already listens on {config.bind}:{config.port}; pick another --port")
+    if before_exec is not None:
+        before_exec(path)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(binary, [binary, "-c", str(path)])

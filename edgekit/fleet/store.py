@@ -354,6 +354,11 @@ class FleetStore:
     def counters(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, value FROM counters ORDER BY name").fetchall())
 
+    def message_counts(self, fleet: str, device: str) -> dict[str, int]:
+        """Stored messages of one device per kind (state, telemetry, event, ...)."""
+        return dict(self.db.execute("SELECT kind, COUNT(*) FROM messages WHERE fleet=? AND device=? GROUP BY kind",
+                                    (fleet, device)).fetchall())
+
     def message_count(self, kind: Optional[str] = None) -> int:
         if kind:
             return self.db.execute("SELECT COUNT(*) FROM messages WHERE kind = ?", (kind,)).fetchone()[0]

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgekit.cli import app
+from edgekit.errors import ExitCode
 from edgekit.fleet.connection import BrokerSettings, FleetConnectionError, paho_reason_code, refusal_message
 from edgekit.fleet.monitor import Monitor, MonitorOptions
 from edgekit_runtime.contract import fleet_protocol as fp
@@ -105,11 +106,11 @@ def test_wrong_credentials_are_refused_with_a_clear_error(firmware_broker, fleet
         monitor.start()
     text = str(err.value)
     assert "refused the connection: not authorized (0x87)" in text and "--password" in text
-    # the CLI prints it without a traceback and exits 2
+    # the CLI prints it without a traceback and exits DEVICE (the broker refused us)
     result = CliRunner().invoke(app, ["fleet", "monitor", "--broker", f"mqtt://127.0.0.1:{firmware_broker.port}",
                                       "--username", "edgekit-monitor", "--password", "wrong", "--db",
                                       str(tmp_path / "g.db"), "--duration", "1", "--no-dashboard"])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == ExitCode.DEVICE, result.output
     assert "error:" in result.output and "not authorized (0x87)" in result.output
     assert "Traceback" not in result.output
     # a paho client (what devices and `fleet simulate` use) gets the same message from its reason code

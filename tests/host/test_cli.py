@@ -125,7 +125,7 @@ def test_tampered_bundle_is_refused_by_verify(int8_bundles, keys, tmp_path):
                 data = data.replace(b"7", b"1")
             zout.writestr(info, data)
     res = invoke("bundle", "verify", bad, "--keyring", keys["public"], ok=False)
-    assert res.exit_code == 3 and "E105" in res.output and "labels.txt" in res.output
+    assert res.exit_code == 4 and "E105" in res.output and "labels.txt" in res.output
 
 
 def test_bundle_sign_rotates_the_key(int8_bundles, keys, tmp_path):
@@ -135,7 +135,7 @@ def test_bundle_sign_rotates_the_key(int8_bundles, keys, tmp_path):
     # the old signature must verify against the given keyring before re-signing
     refused = invoke("bundle", "sign", src, "--key", tmp_path / "new.key", "--out", out,
                      "--keyring", tmp_path / "new.pub", ok=False)
-    assert refused.exit_code == 3 and "E104" in refused.output and not out.exists()
+    assert refused.exit_code == 4 and "E104" in refused.output and not out.exists()
     invoke("bundle", "sign", src, "--key", tmp_path / "new.key", "--out", out, "--keyring", keys["public"])
     assert out.stat().st_mode & 0o777 == 0o644
     v = json.loads(invoke("bundle", "verify", out, "--keyring", tmp_path / "new.pub", "--json").stdout)

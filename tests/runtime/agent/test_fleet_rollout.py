@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from edgekit.errors import ExitCode
 from edgekit_runtime.agent.state import StateDir
 
 N = 10
@@ -77,7 +78,7 @@ def test_canary_failure_halts_the_rollout_and_rolls_the_canaries_back(agent_env,
     v2 = agent_env.model_bundle("v2.ekb", release=2)
     t0 = time.monotonic()
     rc, summary = _flash(agent_env, v2, "--canary", "30%", "--max-failures", "0")
-    assert rc == 4 and summary["halted"], summary
+    assert rc == ExitCode.DEVICE and summary["halted"], summary
     record = json.loads(Path(summary["record"]).read_text())
     from edgekit.flash.rollout import device_status
 
@@ -178,7 +179,7 @@ def test_a_bundle_that_fails_its_health_check_stops_at_the_canary(agent_env, bro
     _wait_online(agent_env, sub, names)
     bad = agent_env.model_bundle("bad.ekb", release=2, break_health=True)
     rc, summary = _flash(agent_env, bad, "--canary", "10%")
-    assert rc == 4 and summary["halted"] and summary["counts"]["failed"] == 1 and summary["counts"]["pending"] == 9
+    assert rc == ExitCode.DEVICE and summary["halted"] and summary["counts"]["failed"] == 1 and summary["counts"]["pending"] == 9
     record = json.loads(Path(summary["record"]).read_text())
     err = record["devices"]["dev00"]["install"]["error"]
     assert (err["reason"], err["code"]) == ("health_check_failed", 204) and "differs" in err["message"]

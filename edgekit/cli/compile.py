@@ -1,0 +1,110 @@
+"""``edgekit compile``: a build file or a model → a signed bundle for a device profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import ConfigError
+from .exits import handle_errors
+from .options import JsonOpt, VerboseOpt
+from .output import console, err_console, print_json
+
+
+def _shape(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--input-shape {text!r} is not like 1,3,224,224") from None
+
+
+@handle_errors
+def compile_cmd(
+    source: Optional[str] = typer.Argument(None, help="Build file (.yaml), or a model: .onnx, .pt2, module:factory"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Profile name or YAML path"),
+    checkpoint: Optional[Path] = typer.Option(None, help="State dict for a factory model"),
+    name: Optional[str] = typer.Option(None, help="Model name in the bundle"),
+    version: Optional[str] = typer.Option(None, help="Model version in the bundle"),
+    release: Optional[int] = typer.Option(None, help="Anti-rollback release counter"),
+    input_shape: Optional[str] = typer.Option(None, help="e.g. 1,3,224,224"),
+    calibration: Optional[str] = typer.Option(None, help="Calibration data source"),
+    validation: Optional[str] = typer.Option(None, help="Labelled validation data source"),
+    max_accuracy_drop: Optional[float] = typer.Option(None, help="Budget in top-1 points"),
+    no_accuracy_check: bool = typer.Option(False, "--no-accuracy-check",
+                                           help="Ship INT8 without an accuracy budget (no labelled data)"),
+    no_quantize: bool = typer.Option(False, "--no-quantize", help="Ship FP32 (no INT8)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle path (.ekb)"),
+    key: Optional[Path] = typer.Option(None, help="Signing key [default: $EDGEKIT_SIGNING_KEY]"),
+    verbose: int = VerboseOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Compile a model for a device profile into a signed bundle.
+
+    Flags override the build file's fields; the result is validated again.
+    """
+    from .._console import quiet_third_party, redirect_stdout_to_stderr
+
+    if not verbose:
+        quiet_third_party()  # before the pipeline imports torch, NNCF, TensorFlow
+    from ..build.pipeline import compile_model
+    from ..config import load_build
+    from ..signing import load_private_key
+
+    build_file = Path(source) if source and source.endswith((".yaml", ".yml")) else None
+    overrides: dict[str, Any] = {
+        "model.source": None if build_file else source,
+        "target": target,
+        "model.checkpoint": checkpoint,
+        "model.name": name or (Path(source).stem.split(":")[-1] if source and not build_file else None),
+        "model.version": version,
+        "model.release": release,
+        "model.input_shape": _shape(input_shape),
+        "calibration.source": calibration,
+        "validation.source": validation,
+        "output": output,
+        "signing_key": key,
+    }
+    if max_accuracy_drop is not None and no_accuracy_check:
+        raise ConfigError("give --max-accuracy-drop or --no-accuracy-check, not both")
+    if max_accuracy_drop is not None:
+        overrides["accuracy.max_accuracy_drop"] = max_accuracy_drop
+    if no_accuracy_check:
+        overrides["accuracy"] = {"max_accuracy_drop": None}
+    if no_quantize:
+        overrides["quantize.enabled"] = False
+    cfg = load_build(build_file, overrides)
+    signing_key = load_private_key(cfg.signing_key)
+    # Progress goes to stderr; whatever the compilers' libraries print (NNCF's progress bars) too,
+    # so that stdout holds only the result.
+    with err_console.status("compiling", spinner="dots") as status, redirect_stdout_to_stderr():
+        result = compile_model(cfg, signing_key, on_step=lambda s: status.update(f"[bold]{s}[/]…"))
+    if as_json:
+        print_json(result.report)
+        return
+    print_compile_summary(result.report)
+    console.print(f"bundle: [bold]{result.bundle}[/]  report: {result.report_path}")
+
+
+def print_compile_summary(report: dict) -> None:
+    """The build report as a table for people: size, accuracy and latency per precision."""
+    acc = report.get("accuracy", {})
+    lat = report.get("latency_ms", {})
+    table = Table(title=f"{report['target']} ({report['backend']} {report['backend_version']})")
+    for col in ("precision", "top-1 %", "size KiB", "p50 ms", "p90 ms"):
+        table.add_column(col, justify="right")
+    for prec in ("fp32", "int8"):
+        if prec in report.get("sizes", {}):
+            a = acc.get(prec, acc.get("deployed"))
+            table.add_row(prec, f"{a:.2f}" if a is not None else "—", f"{report['sizes'][prec] / 1024:.1f}",
+                          f"{lat[prec]['p50_ms']:.3f}" if prec in lat else "—",
+                          f"{lat[prec]['p90_ms']:.3f}" if prec in lat else "—")
+    console.print(table)
+    if "drop_pts" in acc:
+        console.print(f"INT8 drop {acc['drop_pts']:.2f} pt (budget {acc.get('budget_pts')} pt) after "
+                      f"{len(acc.get('attempts', []))} attempt(s); latency measured on the host "
+                      f"({lat.get('measured_on', {}).get('cpu', '?')}), batch 1")

@@ -1,0 +1,219 @@
+"""Flash a bundle to a fleet, resume or roll back: what ``edgekit flash --fleet`` and ``rollback`` do, as a library.
+
+:class:`FleetFlash` puts the pieces of :mod:`.plan`, :mod:`.rollout`, :mod:`.commands`
+and :mod:`.server` together: read the bundle, serve it (or use a given URL), connect
+to the fleet, select the devices, plan and run the rollout, and stop what it started.
+The CLI and ``benchmarks/fleet_rollout.py`` both use it; neither builds a plan by hand.
+
+    settings = FleetFlashSettings(fleet="f1", devices="cam-*", canary="10%")
+    with FleetFlash(broker, sign_key, settings, bundle=Path("m.ekb"), source=BundleSource(url=...)) as job:
+        summary = job.run()          # job.rollout.record is the live record while it runs
+
+Nothing here prints: progress is the record (``job.rollout.record``, ``on_change``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import ConfigError
+from ..fleet.connection import BrokerSettings
+from .commands import FleetClient, select_devices
+from .plan import RolloutPlan
+from .rollout import Rollout, load_record, rollback_from_record
+from .server import BundleServer
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A bundle file as a rollout names it: its manifest (read, not verified), sha256 and size."""
+
+    path: Path
+    manifest: dict[str, Any]
+    sha256: str
+    size: int
+
+
+def read_bundle(path: Path) -> BundleInfo:
+    """The bundle's manifest, sha256 and size; devices verify it, this catches a wrong file early."""
+    from edgekit_runtime.agent.fetch import sha256_file  # the digest devices check the download against
+    from edgekit_runtime.bundle import read_manifest_unverified
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"bundle {path} does not exist")
+    try:
+        manifest = read_manifest_unverified(path)
+    except Exception as exc:  # any reason it cannot be read as a bundle is the same answer for the user
+        raise ConfigError(f"{path} is not an edgekit bundle ({exc})") from None
+    return BundleInfo(path, manifest, sha256_file(path), path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class FleetFlashSettings:
+    """How a bundle goes to a fleet: which devices, how carefully, where the record is kept."""
+
+    fleet: str
+    devices: str = "*"  # globs and filters, as select_devices reads them
+    canary: str = "10%"  # a share ("10%") or a count ("2")
+    max_failures: int = 0
+    wave_size: int = 0  # devices per wave after the canaries; 0: all the rest at once
+    rollback_on_halt: bool = True
+    device_timeout_s: float = 600.0
+    command_expiry_s: float = 86400.0
+    allow_downgrade: bool = False
+    record_dir: Path = field(default_factory=lambda: Path("."))
+
+
+@dataclass(frozen=True)
+class BundleSource:
+    """Where devices download the bundle: a ``url`` already serving it, or ``serve`` (HOST:PORT) from here."""
+
+    url: Optional[str] = None
+    serve: Optional[str] = None
+    advertise_host: Optional[str] = None
+
+    def check(self) -> None:
+        if self.url is None and self.serve is None:
+            raise ConfigError("devices download the bundle over HTTP(S): give its URL (--url, e.g. from "
+                              "`edgekit serve DIR`) or serve it from here while the rollout runs (--serve HOST:PORT)")
+        if self.serve is not None:
+            self.address()
+
+    def address(self) -> tuple[str, int]:
+        host, _, port = (self.serve or "").rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--serve {self.serve!r} must be HOST:PORT, e.g. 0.0.0.0:8800")
+        return host, int(port)
+
+
+def plan_for_bundle(info: BundleInfo, devices: list[str], url: str, settings: FleetFlashSettings) -> RolloutPlan:
+    """The rollout plan of ``info`` to ``devices`` (in order), downloaded from ``url``."""
+    m = info.manifest["model"]
+    return RolloutPlan.parse({
+        "fleet": settings.fleet, "devices": devices, "url": url, "sha256": info.sha256, "size": info.size,
+        "bundle_name": info.path.name, "model": m["name"], "model_version": m["version"],
+        "release": m.get("release"), "allow_downgrade": settings.allow_downgrade, "canary": settings.canary,
+        "max_failures": settings.max_failures, "wave_size": settings.wave_size,
+        "device_timeout_s": settings.device_timeout_s, "command_expiry_s": settings.command_expiry_s,
+        "rollback_canaries_on_halt": settings.rollback_on_halt})
+
+
+class FleetFlash:
+    """One rollout from start to end: a new one (``bundle`` + ``settings``) or a recorded one (``resume``).
+
+    A context manager: entering serves the bundle (with ``source.serve``), connects
+    (unless ``client``, an open :class:`FleetClient` of the fleet, is given), discovers
+    the devices and builds :attr:`rollout`; leaving stops the server and closes the
+    connection it opened. :meth:`run` runs the rollout and returns its summary.
+    """
+
+    def __init__(self, broker: Optional[BrokerSettings], sign_key: Any, settings: Optional[FleetFlashSettings] = None,
+                 *, bundle: Optional[Path] = None, source: BundleSource = BundleSource(),
+                 resume: Optional[Path] = None, client: Optional[FleetClient] = None,
+                 on_change: Optional[Callable[[dict[str, Any]], None]] = None):
+        if resume is None and (bundle is None or settings is None):
+            raise ConfigError("which bundle, and to which fleet? (or resume a recorded rollout)")
+        if client is None and broker is None:
+            raise ConfigError("no broker to reach the fleet through")
+        self.broker = broker
+        self.sign_key = sign_key
+        self.settings = settings
+        self.resume_from = Path(resume) if resume is not None else None
+        self.source = source
+        self.on_change = on_change
+        self.info: Optional[BundleInfo] = None
+        self.fleet = load_record(self.resume_from)["fleet"] if self.resume_from else settings.fleet  # type: ignore[union-attr]
+        if self.resume_from is None:
+            self.info = read_bundle(bundle)  # type: ignore[arg-type]
+            source.check()
+        self.server: Optional[BundleServer] = None
+        self.url: Optional[str] = source.url
+        self.rollout: Optional[Rollout] = None
+        self._client = client
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def served_here(self) -> bool:
+        """Devices download from this process (``source.serve``): it stops when the rollout ends."""
+        return self.server is not None
+
+    def __enter__(self) -> "FleetFlash":
+        try:
+            if self.info is not None and self.source.serve is not None:
+                host, port = self.source.address()
+                served_dir = self.settings.record_dir / "served"  # type: ignore[union-attr]
+                served_dir.mkdir(parents=True, exist_ok=True)
+                self.server = BundleServer(served_dir, host, port, advertise_host=self.source.advertise_host).start()
+                self._stack.callback(self.server.stop)
+                self.url = self.server.add(self.info.path)["url"]
+            client = self._client
+            if client is None:
+                client = self._stack.enter_context(FleetClient(self.broker, self.fleet))  # type: ignore[arg-type]
+            known = client.discover()
+            if self.resume_from is not None:
+                self.rollout = Rollout.resume(self.resume_from, client, sign_key=self.sign_key,
+                                              on_change=self.on_change)
+            else:
+                devices = select_devices(known, self.settings.devices or "*", None)  # type: ignore[union-attr]
+                plan = plan_for_bundle(self.info, devices, self.url, self.settings)  # type: ignore[arg-type]
+                self.rollout = Rollout(plan, client, record_dir=self.settings.record_dir,  # type: ignore[union-attr]
+                                       sign_key=self.sign_key, on_change=self.on_change)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def run(self) -> dict[str, Any]:
+        """Run (or continue) the rollout; the summary adds ``served_here``."""
+        if self.rollout is None:
+            raise RuntimeError("FleetFlash.run() outside its `with` block")
+        return {**self.rollout.run(), "served_here": self.served_here}
+
+
+def rollout_failed(summary: dict[str, Any]) -> bool:
+    """Whether a rollout's summary is a failure: halted, or any device failed or timed out."""
+    c = summary.get("counts") or {}
+    return bool(summary.get("halted") or c.get("failed") or c.get("timed_out"))
+
+
+def flash_fleet(bundle: Path, settings: FleetFlashSettings, broker: BrokerSettings, sign_key: Any, *,
+                source: BundleSource = BundleSource()) -> dict[str, Any]:
+    """Roll ``bundle`` out to the fleet and return the summary (see :class:`FleetFlash`)."""
+    with FleetFlash(broker, sign_key, settings, bundle=bundle, source=source) as job:
+        return job.run()
+
+
+def rollback_recorded(record: Path, broker: BrokerSettings, sign_key: Any, *,
+                      reason: Optional[str] = None) -> dict[str, Any]:
+    """Roll back the devices a recorded rollout switched; returns the rollout's summary."""
+    fleet = load_record(record)["fleet"]
+    with FleetClient(broker, fleet) as client:
+        client.discover()
+        return rollback_from_record(record, client, sign_key=sign_key, reason=reason)
+
+
+def rollback_devices(broker: BrokerSettings, fleet: str, devices: str, sign_key: Any, *,
+                     reason: Optional[str] = None, from_bundle: Optional[Path] = None,
+                     timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
+    """Send a signed ``rollback`` to the selected devices; device → its answer.
+
+    With ``from_bundle`` only devices that run that bundle roll back (the others
+    answer "nothing to undo"), so the call is safe to repeat. A device that does not
+    answer within ``timeout_s`` gets ``{"ok": False, "error": {"reason": "timeout"}}``.
+    """
+    args = {"reason": reason, "from_sha256": read_bundle(from_bundle).sha256 if from_bundle else None}
+    with FleetClient(broker, fleet) as client:
+        targets = select_devices(client.discover(), devices, None)
+        sent = {d: client.send(d, "rollback", args, sign_key=sign_key, expires_s=max(timeout_s, 3600.0))
+                for d in targets}
+        answers = {d: client.wait_ack(rid, timeout_s) for d, rid in sent.items()}
+    return {d: a or {"ok": False, "error": {"reason": "timeout", "message": f"no answer in {timeout_s:.0f} s"}}
+            for d, a in answers.items()}
+
