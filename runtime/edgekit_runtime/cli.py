@@ -5,6 +5,10 @@
     edgekit-runtime bench BUNDLE [--queries N] [--seconds T] [--batch B] [--json-out F]
 
 Exit codes: 0 ok, 2 usage, 3 a runtime error (its stable code is printed).
+With ``--json`` stdout holds exactly one JSON document, errors included:
+``{"ok": false, "error": {"code", "name", "message", "hint"}}`` where ``code`` is the
+stable runtime error code (:class:`~.contract.errors.ErrorCode`; a wrong command line
+is ``CONFIG_INVALID``), as in telemetry events and ``edgekit-agent``'s answers.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from . import __version__, jetson
 from .api import load
 from .bench import BenchSettings, run_benchmark
 from .bundle import open_bundle
-from .contract.errors import RuntimeErrorBase
+from .contract.errors import ErrorCode, RuntimeErrorBase
 from .keyring import Keyring
 from .processing import IMAGE_SUFFIXES, list_images
 
@@ -37,8 +41,8 @@ def _expand(inputs: list[str]) -> list[Path]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     b = open_bundle(args.bundle, _keyring(args))
-    info = {"ok": True, "bundle": str(args.bundle), "key_id": b.key_id, "model": b.manifest["model"],
-            "target": b.manifest["target"]["name"], "format_version": b.manifest["format_version"],
+    info = {"ok": True, "bundle": str(args.bundle), "key_id": b.key_id, "model": b.manifest.model.to_dict(),
+            "target": b.manifest.target.name, "format_version": b.manifest.format_version,
             "files": len(b.members)}
     print(json.dumps(info, indent=2) if args.json else f"OK {args.bundle}: {info['model']['name']} "
           f"{info['model']['version']} for {info['target']} (key {b.key_id}, {info['files']} files verified)")
@@ -48,9 +52,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     images = _expand(args.inputs)
     with load(args.bundle, keyring=_keyring(args), threads=args.threads, engine=args.engine) as model:
-        if args.top_k:
-            model.manifest["postprocess"] = dict(model.manifest["postprocess"] or {}, top_k=args.top_k)
-        results = model.predict(images)
+        results = model.predict(images, top_k=args.top_k or None)
     rows = [{"input": str(p), **r} for p, r in zip(images, results)]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -68,8 +70,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     images = _expand(args.inputs) if args.inputs else None
     if args.power_mode is not None or args.lock_clocks:
         if not jetson.is_jetson():
-            print("error: --power-mode/--lock-clocks need a Jetson (nvpmodel, jetson_clocks)", file=sys.stderr)
-            return 2
+            return _usage_error(args, "--power-mode/--lock-clocks need a Jetson (nvpmodel, jetson_clocks)")
         if args.power_mode is not None:
             jetson.set_power_mode(args.power_mode)
         if args.lock_clocks:
@@ -89,8 +90,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_USAGE = 2
+EXIT_RUNTIME_ERROR = 3
+
+
+def _print_error(error: dict) -> None:
+    print(json.dumps({"ok": False, "error": error}, indent=2))
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    """A wrong command line found after parsing: say so (as JSON with --json) and exit 2."""
+    if getattr(args, "json", False):
+        _print_error({"code": int(ErrorCode.CONFIG_INVALID), "name": ErrorCode.CONFIG_INVALID.name,
+                      "message": message, "hint": "see --help"})
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are a JSON document too when ``--json`` is on the command line."""
+
+    json_errors = False  # set by main() for the command line it parses
+
+    def error(self, message: str):  # type: ignore[override]
+        if _Parser.json_errors:
+            _print_error({"code": int(ErrorCode.CONFIG_INVALID), "name": ErrorCode.CONFIG_INVALID.name,
+                          "message": f"{self.prog}: {message}", "hint": "see --help"})
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgekit-runtime", description="Run edgekit bundles on a device.")
+    p = _Parser(prog="edgekit-runtime", description="Run edgekit bundles on a device.")
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -125,12 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Parser.json_errors = "--json" in argv
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except RuntimeErrorBase as exc:
+        if args.json:  # one document on stdout either way
+            _print_error(exc.to_event())
         print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_RUNTIME_ERROR
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ running they do the transaction themselves.
 
 Exit codes: 0 ok, 2 usage, 3 a runtime error (its stable code is printed).
 ``run`` stops cleanly on SIGTERM/SIGINT (flushes the spool, publishes "offline").
+With ``--json`` stdout holds exactly one JSON document: the answer, or
+``{"ok": false, "error": {"code", "name", "message", "hint", ...}}`` with the stable
+runtime error code (a wrong command line is ``CONFIG_INVALID``); ``run --json`` prints
+what it starts (device, fleet, broker, state directory, pid) and then only logs, on stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -44,6 +49,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if args.json:
+        print(json.dumps({"running": True, "device_id": config.device_id, "fleet": config.fleet,
+                          "broker": config.broker_url, "state_dir": str(config.state_dir), "pid": os.getpid()},
+                         indent=2), flush=True)
+        args.json = False  # that was the one document: a later error goes to stderr only
     agent.run()
     return 0
 
@@ -194,14 +204,29 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _emit(args, reply, text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are a JSON document too when ``--json`` is on the command line."""
+
+    json_errors = False  # set by main() for the command line it parses
+
+    def error(self, message: str):  # type: ignore[override]
+        if _Parser.json_errors:
+            print(json.dumps({"ok": False, "error": {"reason": "usage", "step": None,
+                                                     "code": int(ErrorCode.CONFIG_INVALID),
+                                                     "name": ErrorCode.CONFIG_INVALID.name,
+                                                     "message": f"{self.prog}: {message}", "hint": "see --help"}}))
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgekit-agent", description="edgekit device agent: serve a bundle, report "
+    p = _Parser(prog="edgekit-agent", description="edgekit device agent: serve a bundle, report "
                                 "telemetry over MQTT, answer fleet commands.")
     p.add_argument("--version", action="version", version=f"edgekit-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent (foreground; systemd runs it)")
     run.add_argument("--config", required=True, type=Path, help="agent config file (.toml or .json)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--json", action="store_true", help="print what was started as JSON (logs stay on stderr)")
     run.set_defaults(func=cmd_run)
     st = sub.add_parser("status", help="what the state directory says: running, boot, model, spool")
     st.add_argument("--config", required=True, type=Path)
@@ -225,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Parser.json_errors = "--json" in argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "warning").upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
