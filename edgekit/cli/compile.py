@@ -40,6 +40,7 @@ def compile_cmd(
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Ship FP32 (no INT8)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle path (.ekb)"),
     key: Optional[Path] = typer.Option(None, help="Signing key [default: $EDGEKIT_SIGNING_KEY]"),
+    keep_work: bool = typer.Option(False, "--keep-work", help="Keep the work folder (intermediate files)"),
     verbose: int = VerboseOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -68,6 +69,7 @@ def compile_cmd(
         "validation.source": validation,
         "output": output,
         "signing_key": key,
+        "keep_work": keep_work or None,
     }
     if max_accuracy_drop is not None and no_accuracy_check:
         raise ConfigError("give --max-accuracy-drop or --no-accuracy-check, not both")
@@ -91,7 +93,7 @@ def compile_cmd(
 
 
 def print_compile_summary(report: dict) -> None:
-    """The build report as a table for people: size, accuracy and latency per precision."""
+    """The build report for people: size, accuracy and latency per precision, then every gate."""
     acc = report.get("accuracy", {})
     lat = report.get("latency_ms", {})
     table = Table(title=f"{report['target']} ({report['backend']} {report['backend_version']})")
@@ -100,10 +102,29 @@ def print_compile_summary(report: dict) -> None:
     for prec in ("fp32", "int8"):
         if prec in report.get("sizes", {}):
             a = acc.get(prec, acc.get("deployed"))
-            table.add_row(prec, f"{a:.2f}" if a is not None else "—", f"{report['sizes'][prec] / 1024:.1f}",
+            table.add_row(prec + (" (ships)" if prec == report.get("precision") else ""),
+                          f"{a:.2f}" if a is not None else "—", f"{report['sizes'][prec] / 1024:.1f}",
                           f"{lat[prec]['p50_ms']:.3f}" if prec in lat else "—",
                           f"{lat[prec]['p90_ms']:.3f}" if prec in lat else "—")
     console.print(table)
+    gates = Table(title="gates")
+    for col in ("gate", "status", "value", "threshold", "detail"):
+        gates.add_column(col, justify="left" if col in ("gate", "detail") else "right")
+    style = {"passed": "green", "failed": "red", "not_checked": "dim"}
+    for g in report.get("gates", []):
+        value = "—" if g["value"] is None else f"{g['value']:.4g}{(' ' + g['unit']) if g['unit'] else ''}"
+        threshold = "—" if g["threshold"] is None else f"{g['threshold']:g}"
+        gates.add_row(g["name"], f"[{style[g['status']]}]{g['status']}[/]", value, threshold, g["detail"])
+    console.print(gates)
+    fid = report.get("fidelity")
+    if fid:
+        console.print(f"fidelity: cosine {fid['cosine']:.4f} (min {fid['cosine_min']:.4f}), top-1 agreement "
+                      f"{fid['top1_agreement']:.3f} on {fid['samples']} held-back calibration samples")
+    if report.get("accuracy_not_checked"):
+        console.print(f"[yellow]{report['accuracy_not_checked']}[/]")
+    for g in report.get("gates", []):
+        if g["status"] == "failed":  # gates that failed without refusing changed what ships: say so
+            err_console.print(f"[yellow]warning:[/] {g['name']}: {g['detail']}")
     if "drop_pts" in acc:
         console.print(f"INT8 drop {acc['drop_pts']:.2f} pt (budget {acc.get('budget_pts')} pt) after "
                       f"{len(acc.get('attempts', []))} attempt(s); latency measured on the host "
