@@ -23,17 +23,18 @@ demo: install
 
 # The fleet tests start their own Mosquitto (Debian `mosquitto`; `mosquitto_passwd` comes with it)
 # and make TLS certificates with openssl; the `edgekit flash --host` tests start their own sshd
-# (Debian `openssh-server`). Installed here when missing and we are root (CI); otherwise say what
-# to install (those tests skip without them, except under CI=true where they fail).
+# (Debian `openssh-server`); the firmware scripts are linted with Debian `shellcheck`. Installed here
+# when missing and we are root (CI); otherwise say what to install (those tests skip without them,
+# except under CI=true where they fail).
 test-deps:
 	@if { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 \
-	    && test -x /usr/sbin/sshd && command -v ssh-keygen >/dev/null 2>&1; then :; \
+	    && test -x /usr/sbin/sshd && command -v ssh-keygen >/dev/null 2>&1 && command -v shellcheck >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-	    mosquitto mosquitto-clients openssl openssh-server openssh-client; \
+	    mosquitto mosquitto-clients openssl openssh-server openssh-client shellcheck; \
 	else \
-	  echo "make test: the fleet and flash tests need Mosquitto, openssl and sshd:" \
-	    "sudo apt-get install mosquitto mosquitto-clients openssl openssh-server" >&2; \
+	  echo "make test: the fleet and flash tests need Mosquitto, openssl and sshd, the firmware lint shellcheck:" \
+	    "sudo apt-get install mosquitto mosquitto-clients openssl openssh-server shellcheck" >&2; \
 	fi
 
 test: install test-deps

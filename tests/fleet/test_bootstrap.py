@@ -245,10 +245,15 @@ def test_firmware_scripts_parse(script):
 
 
 def test_firmware_scripts_pass_shellcheck():
+    """Every finding, down to style: the scripts run as root on devices nobody watches."""
     if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed")
-    out = subprocess.run(["shellcheck", "--severity=warning", *map(str, _shell_scripts())],
-                         capture_output=True, text=True)
+        why = "shellcheck is not installed (apt-get install shellcheck; `make test` does it when run as root)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why)  # CI must lint the firmware, never skip it
+        pytest.skip(why)
+    scripts = _shell_scripts()
+    assert {p.name for p in scripts} >= {"bootstrap.sh", "install-runtime.sh", "add-user.sh", "make-certs.sh"}
+    out = subprocess.run(["shellcheck", "--severity=style", *map(str, scripts)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
