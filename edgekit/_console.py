@@ -8,6 +8,10 @@ torch's "No CUDA runtime" line). Two tools, usable by any code that calls such a
   Python code or by C code on file descriptor 1, lands on stderr;
 * :func:`quiet_third_party` — environment variables and logger levels that silence the
   known chatter; it must run before those libraries are imported to take full effect.
+
+Native libraries that log straight to file descriptor 2 regardless of these settings
+(LiteRT's bundled TensorFlow prints its oneDNN note and XNNPACK line) stay on stderr:
+never on stdout, but not silenced either.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ _QUIET_ENV = {
 # Python loggers that report at WARNING what is not a problem for the user of a build.
 _QUIET_LOGGERS = {
     "torch.utils.cpp_extension": logging.ERROR,  # "No CUDA runtime is found" on every CPU-only machine
+    "torch.utils._pytree": logging.ERROR,  # deprecation notices about other libraries' registrations (LiteRT)
     "nncf": logging.WARNING,  # INFO lines on stdout from NNCF's own handler
     "absl": logging.ERROR,
     "tensorflow": logging.ERROR,
