@@ -52,3 +52,39 @@ def test_untrusted_bundle_exits_3_with_code(tmp_path):
     proc = cli("verify", BUNDLE, "--keyring", other, check=False)
     assert proc.returncode == 3 and "E104 BUNDLE_UNTRUSTED_KEY" in proc.stderr
 
+
+
+def test_json_errors_are_one_document_on_stdout(tmp_path):
+    """With --json, a failure is one JSON document too: the runtime's stable code, and the exit code 2 or 3."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = tmp_path / "other.pub"
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    cases = [
+        (("verify", tmp_path / "missing.ekb", "--json"), 3, "BUNDLE_UNREADABLE"),
+        (("verify", BUNDLE, "--keyring", other, "--json"), 3, "BUNDLE_UNTRUSTED_KEY"),
+        (("run", BUNDLE, "--json"), 2, "CONFIG_INVALID"),  # no images: a usage error
+        (("bench", BUNDLE, "--keyring", KEY, "--lock-clocks", "--json"), 2, "CONFIG_INVALID"),  # not a Jetson
+    ]
+    for args, rc, name in cases:
+        proc = cli(*args, check=False)
+        doc = json.loads(proc.stdout)
+        assert proc.returncode == rc and doc["ok"] is False and doc["error"]["name"] == name, (args, proc.stdout)
+        assert set(doc["error"]) >= {"code", "name", "message", "hint"}
+
+
+def test_agent_json_errors_are_one_document_on_stdout(tmp_path):
+    def agent(*args):
+        return subprocess.run([sys.executable, "-m", "edgekit_runtime.agent.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+
+    usage = agent("status", "--json")  # --config is missing
+    assert usage.returncode == 2 and json.loads(usage.stdout)["error"]["name"] == "CONFIG_INVALID"
+    for args in (("status", "--config", tmp_path / "none.toml", "--json"),
+                 ("install", BUNDLE, "--config", tmp_path / "none.toml", "--json"),
+                 ("run", "--config", tmp_path / "none.toml", "--json")):
+        proc = agent(*args)
+        doc = json.loads(proc.stdout)
+        assert proc.returncode == 3 and doc["error"]["code"] == 401 and "none.toml" in doc["error"]["message"], args
