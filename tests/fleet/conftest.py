@@ -8,7 +8,6 @@ Every wait polls with a deadline; nothing sleeps for a fixed time.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,19 +19,9 @@ from edgekit.fleet.store import FleetStore
 from edgekit.fleet.tracker import Thresholds
 from edgekit_runtime.contract import fleet_protocol as fp
 
+from tests.polling import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
-               interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def telemetry_body(p99: float = 5.0, psi: Optional[float] = 0.01, errors: int = 0, calls: int = 50,
