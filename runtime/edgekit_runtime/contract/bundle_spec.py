@@ -11,7 +11,7 @@ flatbuffer schema):
 
 A bundle (``*.ekb``) is a ZIP archive with exactly these members:
 
-* ``manifest.json`` — UTF-8 JSON described by :data:`MANIFEST_FIELDS`;
+* ``manifest.json`` — UTF-8 JSON, typed by :class:`~edgekit_runtime.contract.manifest.Manifest`;
 * ``signature.json`` — ``{"algorithm": "ed25519", "key_id": ..., "signature": base64}``
   over the exact bytes of ``manifest.json``;
 * every file named in ``manifest["files"]`` (with its sha256 and size), and
@@ -20,12 +20,17 @@ A bundle (``*.ekb``) is a ZIP archive with exactly these members:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BundleError, ErrorCode
 
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
 FORMAT_NAME = "edgekit-bundle"
-FORMAT_VERSION = "1.0"
+# 1.1 appended optional fields (the build report: fidelity, gates, stages, latency gating,
+# accuracy direction); a 1.0 bundle still parses, a 1.0 reader ignores what 1.1 added.
+FORMAT_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 MANIFEST_NAME = "manifest.json"
@@ -33,48 +38,6 @@ SIGNATURE_NAME = "signature.json"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 SIGNATURE_ALGORITHM = "ed25519"
 BUNDLE_SUFFIX = ".ekb"
-
-# field -> (type, required). Nested objects are checked by their own tables.
-MANIFEST_FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
-    "format": (str, True),
-    "format_version": (str, True),
-    "created_at": (str, True),
-    "created_by": (str, True),
-    "model": (dict, True),
-    "target": (dict, True),
-    "backend": (dict, True),
-    "inputs": (list, True),
-    "outputs": (list, True),
-    "preprocess": ((dict, type(None)), True),
-    "postprocess": ((dict, type(None)), True),
-    "labels": ((str, type(None)), False),
-    "metrics": (dict, True),
-    "calibration": ((dict, type(None)), True),
-    "health_check": ((dict, type(None)), True),
-    "input_stats": (dict, False),
-    "files": (dict, True),
-    "signing": (dict, True),
-}
-MODEL_FIELDS = {"name": (str, True), "version": (str, True), "release": (int, True)}
-TARGET_FIELDS = {"name": (str, True), "device": (str, False)}
-BACKEND_FIELDS = {
-    "name": (str, True),
-    "version": (str, True),
-    "precision": (str, True),
-    "artifact": (str, True),
-    "engines": (list, True),
-    "options": (dict, False),
-}
-TENSOR_FIELDS = {
-    "name": (str, True),
-    "dtype": (str, True),
-    "shape": (list, True),
-    "layout": ((str, type(None)), False),
-    "quantization": ((dict, type(None)), False),
-}
-FILE_FIELDS = {"sha256": (str, True), "size": (int, True)}
-SIGNING_FIELDS = {"algorithm": (str, True), "key_id": (str, True)}
-HEALTH_FIELDS = {"input": (str, True), "expected_output": (str, True), "atol": (float, True), "rtol": (float, True)}
 
 DTYPES = frozenset({"float32", "float16", "int8", "uint8", "int32", "int64", "bool"})
 PRECISIONS = frozenset({"fp32", "fp16", "bf16", "int8", "mixed"})
@@ -108,56 +71,12 @@ def check_format_version(manifest: dict[str, Any]) -> None:
         )
 
 
-def _check_fields(obj: Any, table: dict, where: str) -> None:
-    if not isinstance(obj, dict):
-        raise BundleError(f"{where} must be an object", code=ErrorCode.BUNDLE_BAD_MANIFEST)
-    for key, (kind, required) in table.items():
-        if key not in obj:
-            if required:
-                raise BundleError(f"{where}.{key} is missing", code=ErrorCode.BUNDLE_BAD_MANIFEST)
-            continue
-        value = obj[key]
-        # JSON has one number type: accept ints where floats are declared.
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise BundleError(
-                f"{where}.{key} has type {type(value).__name__}", code=ErrorCode.BUNDLE_BAD_MANIFEST
-            )
+def validate_manifest(manifest: dict[str, Any]) -> "Manifest":
+    """Check a v1 manifest (a JSON object) and return it typed; raises :class:`BundleError`.
 
+    A thin call of :meth:`~edgekit_runtime.contract.manifest.Manifest.from_dict`, where the
+    structure is defined.
+    """
+    from .manifest import Manifest
 
-def validate_manifest(manifest: dict[str, Any]) -> None:
-    """Check the structure of a v1 manifest; raises :class:`BundleError`."""
-    check_format_version(manifest)
-    _check_fields(manifest, MANIFEST_FIELDS, "manifest")
-    _check_fields(manifest["model"], MODEL_FIELDS, "model")
-    _check_fields(manifest["target"], TARGET_FIELDS, "target")
-    _check_fields(manifest["backend"], BACKEND_FIELDS, "backend")
-    _check_fields(manifest["signing"], SIGNING_FIELDS, "signing")
-    for group in ("inputs", "outputs"):
-        if not manifest[group]:
-            raise BundleError(f"manifest.{group} is empty", code=ErrorCode.BUNDLE_BAD_MANIFEST)
-        for i, tensor in enumerate(manifest[group]):
-            _check_fields(tensor, TENSOR_FIELDS, f"{group}[{i}]")
-            if tensor["dtype"] not in DTYPES:
-                raise BundleError(
-                    f"{group}[{i}].dtype {tensor['dtype']!r} unknown", code=ErrorCode.BUNDLE_BAD_MANIFEST
-                )
-    for name, entry in manifest["files"].items():
-        _check_fields(entry, FILE_FIELDS, f"files[{name!r}]")
-        if name in RESERVED_NAMES:
-            raise BundleError(f"files lists reserved name {name!r}", code=ErrorCode.BUNDLE_BAD_MANIFEST)
-    if manifest["health_check"] is not None:
-        _check_fields(manifest["health_check"], HEALTH_FIELDS, "health_check")
-    referenced = [manifest["backend"]["artifact"]]
-    if manifest.get("labels"):
-        referenced.append(manifest["labels"])
-    if manifest["health_check"]:
-        referenced += [manifest["health_check"]["input"], manifest["health_check"]["expected_output"]]
-    for name in referenced:
-        if name not in manifest["files"]:
-            raise BundleError(
-                f"manifest refers to {name!r}, which is not in manifest.files",
-                code=ErrorCode.BUNDLE_BAD_MANIFEST,
-            )
+    return Manifest.from_dict(manifest)
