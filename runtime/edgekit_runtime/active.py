@@ -95,7 +95,7 @@ class ActiveModel:
         self._loaded_pointer = text
         if old is not None:
             old.close()
-        log.info("serving slot %s: %s %s", slot, model.manifest["model"]["name"], model.manifest["model"]["version"])
+        log.info("serving slot %s: %s %s", slot, model.manifest.model.name, model.manifest.model.version)
         return True
 
     def close(self) -> None:

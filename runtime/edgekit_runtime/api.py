@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,24 +13,34 @@ import numpy as np
 
 from . import processing
 from .bundle import VerifiedBundle, open_bundle
-from .engines import Engine, EngineOptions, create_engine
 from .contract.errors import ErrorCode, InputError
+from .contract.manifest import Manifest, Postprocess
+from .engines import Engine, EngineOptions, check_input, create_engine
 from .keyring import Keyring
 
 
 class Model:
-    """A verified bundle loaded into an inference engine."""
+    """A verified bundle loaded into an inference engine.
+
+    ``manifest`` is the typed :class:`~.contract.manifest.Manifest`;
+    :attr:`manifest_json` is the signed JSON object, for JSON output.
+    """
 
     def __init__(self, bundle: VerifiedBundle, engine: Engine, workdir: Path, owns_workdir: bool):
         self.bundle = bundle
-        self.manifest = bundle.manifest
+        self.manifest: Manifest = bundle.manifest
         self.engine = engine
         self.workdir = workdir
         self._owns_workdir = owns_workdir
-        labels_name = self.manifest.get("labels")
+        labels_name = self.manifest.labels
         self.labels = bundle.members[labels_name].decode().splitlines() if labels_name else None
         self.inputs = engine.inputs
         self.outputs = engine.outputs
+
+    @property
+    def manifest_json(self) -> dict[str, Any]:
+        """The manifest as signed (a JSON object, with any fields of a newer 1.x this runtime does not know)."""
+        return self.bundle.manifest_json
 
     # -- raw tensors -------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
@@ -49,7 +60,7 @@ class Model:
             outs = [self.run(chunk) for chunk in chunks]
             return {name: np.concatenate([o[name] for o in outs]) for name in outs[0]}
         for spec in self.inputs:
-            spec.check(feeds[spec.name])
+            check_input(spec, feeds[spec.name])
         return self.engine.run(feeds)
 
     def _split_batch(self, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
@@ -69,44 +80,47 @@ class Model:
 
     # -- images in, results out -------------------------------------------
     def preprocess(self, items: Iterable[str | os.PathLike | np.ndarray]) -> np.ndarray:
-        return processing.preprocess_batch(items, self.manifest["preprocess"])
+        """Image paths and/or decoded uint8 images → the model's input batch, as the manifest says."""
+        return processing.preprocess_batch(items, self.manifest.preprocess)
 
-    def postprocess(self, outputs: dict[str, np.ndarray]) -> list[dict]:
+    def postprocess(self, outputs: dict[str, np.ndarray], *, top_k: int | None = None) -> list[dict]:
+        """The first output → one result per item; ``top_k`` overrides the manifest's (and asks for
+        classification results even where the manifest has no postprocessing)."""
         first = outputs[self.outputs[0].name]
-        return processing.postprocess(first, self.manifest["postprocess"], self.labels)
+        spec = self.manifest.postprocess
+        if top_k is not None:
+            spec = replace(spec or Postprocess(), top_k=top_k)
+        return processing.postprocess(first, spec, self.labels)
 
-    def predict(self, items: Iterable[str | os.PathLike | np.ndarray] | str | os.PathLike) -> list[dict]:
-        """Image paths or decoded uint8 images → one result per image."""
+    def predict(self, items: Iterable[str | os.PathLike | np.ndarray] | str | os.PathLike, *,
+                top_k: int | None = None) -> list[dict]:
+        """Image paths or decoded uint8 images → one result per image (``top_k``: see :meth:`postprocess`)."""
         if isinstance(items, (str, os.PathLike)) or (isinstance(items, np.ndarray) and items.dtype == np.uint8 and items.ndim <= 3):
             items = [items]
-        return self.postprocess(self.run(self.preprocess(items)))
+        return self.postprocess(self.run(self.preprocess(items)), top_k=top_k)
 
     def health_check(self) -> dict[str, Any]:
-        """Run the sample input stored in the bundle and compare with its expected output."""
-        hc = self.manifest.get("health_check")
-        if not hc:
+        """Run the sample input stored in the bundle and compare with its expected output.
+
+        Passes when the output is finite and ``allclose(got, expected, atol, rtol)``
+        with the manifest's tolerances.
+        """
+        hc = self.manifest.health_check
+        if hc is None:
             return {"ok": True, "checked": False}
-        x = _load_npy(self.bundle.members[hc["input"]])
-        expected = _load_npy(self.bundle.members[hc["expected_output"]])
+        x = _load_npy(self.bundle.members[hc.input])
+        expected = _load_npy(self.bundle.members[hc.expected_output])
         got = self.run(x)[self.outputs[0].name]
-        finite = bool(np.isfinite(got).all())
-        close = bool(np.allclose(got, expected, atol=hc["atol"], rtol=hc["rtol"]))
-        return {
-            "ok": finite and close,
-            "checked": True,
-            "finite": finite,
-            "max_abs_diff": float(np.max(np.abs(got.astype(np.float64) - expected))),
-            "atol": hc["atol"],
-            "rtol": hc["rtol"],
-        }
+        return compare_health(got, expected, hc.atol, hc.rtol)
 
     def describe(self) -> dict[str, Any]:
+        """Model identity, target, backend, signer and the engine that runs it (JSON-ready)."""
         m = self.manifest
         return {
-            "model": m["model"],
-            "target": m["target"]["name"],
-            "backend": m["backend"]["name"],
-            "precision": m["backend"]["precision"],
+            "model": m.model.to_dict(),
+            "target": m.target.name,
+            "backend": m.backend.name,
+            "precision": m.backend.precision,
             "key_id": self.bundle.key_id,
             **self.engine.describe(),
         }
@@ -121,6 +135,20 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def compare_health(got: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
+    """The health check's verdict on an output: finite, and within ``atol + rtol·|expected|`` everywhere."""
+    finite = bool(np.isfinite(got).all())
+    close = bool(np.allclose(got, expected, atol=atol, rtol=rtol))
+    return {
+        "ok": finite and close,
+        "checked": True,
+        "finite": finite,
+        "max_abs_diff": float(np.max(np.abs(got.astype(np.float64) - expected))),
+        "atol": atol,
+        "rtol": rtol,
+    }
 
 
 def _load_npy(data: bytes) -> np.ndarray:
@@ -153,8 +181,8 @@ def load(
     owns = workdir is None
     target = Path(tempfile.mkdtemp(prefix="edgekit-model-")) if owns else Path(workdir)
     bundle.extract(target)
-    options = EngineOptions.from_manifest(bundle.manifest, threads=threads, inference_precision=inference_precision,
-                                          spin_wait=spin_wait)
+    options = EngineOptions.from_backend(bundle.manifest.backend.options, threads=threads,
+                                         inference_precision=inference_precision, spin_wait=spin_wait)
     try:
         eng = create_engine(target, bundle.manifest, options, order=[engine] if engine else None)
     except Exception:

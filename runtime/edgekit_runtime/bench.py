@@ -28,6 +28,7 @@ import numpy as np
 
 from . import jetson
 from .api import Model
+from .contract.manifest import InputStats
 
 SCHEMA_VERSION = 1
 
@@ -98,17 +99,24 @@ def system_description(model: Model | None = None) -> dict[str, Any]:
     return desc
 
 
+def _mean_std(stats: InputStats | None) -> tuple[float, float]:
+    """Where synthetic inputs are drawn: the calibration mean and std, or N(0, 1) when the bundle has none."""
+    if stats is None:
+        return 0.0, 1.0
+    return (stats.mean if stats.mean is not None else 0.0), (stats.std if stats.std is not None else 1.0)
+
+
 def synthetic_inputs(model: Model, count: int, seed: int) -> list[dict[str, np.ndarray]]:
     """Inputs with the model's signature (batch 1), drawn around the calibration statistics."""
     rng = np.random.default_rng(seed)
-    stats = model.manifest.get("input_stats") or {}
+    stats = model.manifest.input_stats
     samples = []
     for _ in range(count):
         feeds = {}
         for spec in model.inputs:
             shape = [d if isinstance(d, int) else 1 for d in spec.shape]
-            s = stats.get(spec.name, {})
-            x = rng.normal(s.get("mean", 0.0), s.get("std", 1.0), size=shape)
+            mean, std = _mean_std(stats.get(spec.name))
+            x = rng.normal(mean, std, size=shape)
             feeds[spec.name] = x.astype(spec.dtype)
         samples.append(feeds)
     return samples

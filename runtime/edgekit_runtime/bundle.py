@@ -7,7 +7,7 @@ Order of checks (everything happens before a single byte is written to disk):
    file, no duplicate;
 3. ``manifest.json`` declares a format this runtime reads (major version);
 4. ``signature.json`` verifies against a trusted key over the manifest bytes;
-5. the manifest is structurally valid;
+5. the manifest parses into the typed :class:`~.contract.manifest.Manifest`;
 6. the archive holds exactly the files the manifest lists, each with the listed
    size and sha256.
 """
@@ -29,6 +29,7 @@ from typing import Any
 
 from .contract import bundle_spec as spec
 from .contract.errors import BundleError, ErrorCode
+from .contract.manifest import Manifest
 from .keyring import Keyring
 
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
@@ -36,10 +37,16 @@ _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 
 @dataclass
 class VerifiedBundle:
-    """A bundle whose signature and member hashes have been checked."""
+    """A bundle whose signature and member hashes have been checked.
+
+    ``manifest`` is the typed manifest; ``manifest_json`` the signed JSON object as
+    written, with any fields of a newer 1.x minor that this runtime does not know (for
+    JSON output and inspection).
+    """
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
+    manifest_json: dict[str, Any] = field(repr=False)
     key_id: str
     members: dict[str, bytes] = field(repr=False)
 
@@ -51,10 +58,11 @@ class VerifiedBundle:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        (dest / spec.MANIFEST_NAME).write_text(json.dumps(self.manifest, indent=2))
+        (dest / spec.MANIFEST_NAME).write_text(json.dumps(self.manifest_json, indent=2))
         return dest
 
     def extract_temp(self) -> Path:
+        """Extract into a new temporary folder (the caller removes it)."""
         return self.extract(tempfile.mkdtemp(prefix="edgekit-bundle-"))
 
 
@@ -163,13 +171,13 @@ def open_bundle(path: str | os.PathLike, keyring: Keyring | None = None) -> Veri
             )
         (keyring or Keyring.default()).verify(key_id, signature, manifest_bytes)
 
-        spec.validate_manifest(manifest)
-        if manifest["signing"]["key_id"] != key_id:
+        typed = Manifest.from_dict(manifest)
+        if typed.signing.key_id != key_id:
             raise BundleError(
                 "signature key id differs from the manifest's signing.key_id",
                 code=ErrorCode.BUNDLE_BAD_SIGNATURE,
             )
-        listed = manifest["files"]
+        listed = typed.files
         present = seen - spec.RESERVED_NAMES
         for name in sorted(present - set(listed)):
             raise BundleError(
@@ -181,17 +189,17 @@ def open_bundle(path: str | os.PathLike, keyring: Keyring | None = None) -> Veri
             )
         members: dict[str, bytes] = {}
         for name, entry in listed.items():
-            if zf.getinfo(name).file_size != entry["size"]:
+            if zf.getinfo(name).file_size != entry.size:
                 # Checked before decompressing, so a swapped-in zip bomb is never inflated.
                 raise BundleError(
                     f"member {name!r} does not match its size in the signed manifest",
                     code=ErrorCode.BUNDLE_TAMPERED,
                 )
             data = _read(zf, name)
-            if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
                 raise BundleError(
                     f"member {name!r} does not match its sha256 in the signed manifest",
                     code=ErrorCode.BUNDLE_TAMPERED,
                 )
             members[name] = data
-    return VerifiedBundle(path=path, manifest=manifest, key_id=key_id, members=members)
+    return VerifiedBundle(path=path, manifest=typed, manifest_json=manifest, key_id=key_id, members=members)

@@ -3,27 +3,21 @@
 The host uses these same functions to build calibration and validation tensors
 from images, so the device sees exactly what the model was calibrated on.
 
-Preprocess spec (``manifest["preprocess"]``)::
-
-    {"type": "image", "color": "gray"|"rgb"|"bgr", "size": [H, W],
-     "resize": "stretch"|"shorter_center_crop", "interpolation": "area"|"linear"|...,
-     "scale": 0.00392, "mean": [...], "std": [...], "layout": "NCHW"|"NHWC",
-     "dtype": "float32"}
-
-Postprocess spec (``manifest["postprocess"]``)::
-
-    {"type": "classification", "softmax": true, "top_k": 5}
+The specs are the manifest's typed sections, :class:`~.contract.manifest.Preprocess`
+and :class:`~.contract.manifest.Postprocess`, whose defaults are the format's; a
+JSON object (as the host's config writes it) is parsed into them first.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .contract.errors import ErrorCode, InputError
+from .contract.manifest import Postprocess, Preprocess
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 _INTERPOLATION = {"area": "INTER_AREA", "linear": "INTER_LINEAR", "nearest": "INTER_NEAREST", "cubic": "INTER_CUBIC"}
@@ -80,11 +74,21 @@ def _convert_color(image: np.ndarray, color: str) -> np.ndarray:
     return image
 
 
-def _resize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+def as_preprocess(spec: Preprocess | Mapping[str, Any]) -> Preprocess:
+    """The typed spec; a JSON object is parsed (format defaults for what it leaves out)."""
+    return spec if isinstance(spec, Preprocess) else Preprocess.from_dict(dict(spec))
+
+
+def as_postprocess(spec: Postprocess | Mapping[str, Any] | None) -> Postprocess | None:
+    """The typed spec (or None: raw outputs); a JSON object is parsed (format defaults for what it leaves out)."""
+    return spec if spec is None or isinstance(spec, Postprocess) else Postprocess.from_dict(dict(spec))
+
+
+def _resize(image: np.ndarray, spec: Preprocess) -> np.ndarray:
     cv2 = _cv2()
-    height, width = spec["size"]
-    interp = getattr(cv2, _INTERPOLATION[spec.get("interpolation", "area")])
-    if spec.get("resize", "stretch") == "shorter_center_crop":
+    height, width = spec.size
+    interp = getattr(cv2, _INTERPOLATION[spec.interpolation])
+    if spec.resize == "shorter_center_crop":
         h, w = image.shape[:2]
         ratio = max(height / h, width / w)
         image = cv2.resize(image, (max(width, round(w * ratio)), max(height, round(h * ratio))), interpolation=interp)
@@ -96,34 +100,37 @@ def _resize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=interp)
 
 
-def preprocess_image(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+def preprocess_image(image: np.ndarray, spec: Preprocess | Mapping[str, Any]) -> np.ndarray:
     """One decoded image (uint8) → one model input *without* the batch axis."""
-    image = _resize(_convert_color(np.asarray(image), spec.get("color", "rgb")), spec)
+    spec = as_preprocess(spec)
+    image = _resize(_convert_color(np.asarray(image), spec.color), spec)
     x = image.astype(np.float32)
     if x.ndim == 2:
         x = x[:, :, None]
-    x *= float(spec.get("scale", 1.0))
-    if spec.get("mean") is not None:
-        x -= np.asarray(spec["mean"], dtype=np.float32)
-    if spec.get("std") is not None:
-        x /= np.asarray(spec["std"], dtype=np.float32)
-    if spec.get("layout", "NCHW") == "NCHW":
+    x *= float(spec.scale)
+    if spec.mean is not None:
+        x -= np.asarray(spec.mean, dtype=np.float32)
+    if spec.std is not None:
+        x /= np.asarray(spec.std, dtype=np.float32)
+    if spec.layout == "NCHW":
         x = x.transpose(2, 0, 1)
-    return np.ascontiguousarray(x, dtype=spec.get("dtype", "float32"))
+    return np.ascontiguousarray(x, dtype=spec.dtype)
 
 
-def preprocess_batch(items: Iterable[str | os.PathLike | np.ndarray], spec: dict[str, Any]) -> np.ndarray:
+def preprocess_batch(items: Iterable[str | os.PathLike | np.ndarray],
+                     spec: Preprocess | Mapping[str, Any] | None) -> np.ndarray:
     """Image paths and/or decoded images → one batch tensor."""
-    if not spec or spec.get("type") != "image":
+    if spec is not None:
+        spec = as_preprocess(spec)
+    if spec is None or spec.type != "image":
         raise InputError(
             "this bundle has no image preprocessing; pass tensors to run()",
             code=ErrorCode.INPUT_UNSUPPORTED,
         )
-    color = spec.get("color", "rgb")
     out = []
     for item in items:
         if isinstance(item, (str, os.PathLike)):
-            item = read_image(item, color)
+            item = read_image(item, spec.color)
         elif not isinstance(item, np.ndarray):
             raise InputError(f"cannot preprocess a {type(item).__name__}", code=ErrorCode.INPUT_UNSUPPORTED)
         out.append(preprocess_image(item, spec))
@@ -133,17 +140,20 @@ def preprocess_batch(items: Iterable[str | os.PathLike | np.ndarray], spec: dict
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax along ``axis``."""
     z = logits - logits.max(axis=axis, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def postprocess(output: np.ndarray, spec: dict[str, Any] | None, labels: Sequence[str] | None) -> list[dict]:
+def postprocess(output: np.ndarray, spec: Postprocess | Mapping[str, Any] | None,
+                labels: Sequence[str] | None) -> list[dict]:
     """Batch output → one result per item (classification: top-k with labels)."""
-    if not spec or spec.get("type") != "classification":
+    spec = as_postprocess(spec)
+    if spec is None or spec.type != "classification":
         return [{"output": row.tolist()} for row in output]
-    scores = softmax(output.astype(np.float32)) if spec.get("softmax", True) else output.astype(np.float32)
-    k = min(int(spec.get("top_k", 5)), scores.shape[-1])
+    scores = softmax(output.astype(np.float32)) if spec.softmax else output.astype(np.float32)
+    k = min(spec.top_k, scores.shape[-1])
     results = []
     for row in scores.reshape(scores.shape[0], -1):
         top = np.argsort(-row, kind="stable")[:k]

@@ -106,23 +106,23 @@ def test_manifest_is_complete_and_consistent(target, built, keys):
     profile = load_target(target)
     vb = edgekit_runtime.open_bundle(built.bundle, edgekit_runtime.Keyring.from_paths(keys["public"]))
     m = vb.manifest
-    assert m["format_version"] == edgekit_runtime.contract.bundle_spec.FORMAT_VERSION
-    assert m["target"]["name"] == target and m["target"]["device"] == profile.device.family
-    assert m["backend"]["name"] == profile.backend and m["backend"]["engines"] == profile.engines
-    assert m["backend"]["precision"] == "int8" and m["backend"]["artifact"] in m["files"]
+    assert m.format_version == edgekit_runtime.contract.bundle_spec.FORMAT_VERSION
+    assert m.target.name == target and m.target.device == profile.device.family
+    assert m.backend.name == profile.backend and m.backend.engines == profile.engines
+    assert m.backend.precision == "int8" and m.backend.artifact in m.files
     # 300 committed samples: the quantizer sees 240, the last 60 are held back for the fidelity gate
-    assert m["calibration"]["count"] == 240 and len(m["calibration"]["sha256"]) == 64
-    fid = m["metrics"]["fidelity"]
-    assert fid["samples"] == 60 and fid["cosine"] >= profile.fidelity.min_cosine
-    acc = m["metrics"]["accuracy"]
-    assert acc["fp32"] - acc["int8"] <= profile.accuracy.max_accuracy_drop == acc["budget_pts"]
-    assert m["input_stats"][m["inputs"][0]["name"]]["count"] == 240
-    for name, entry in m["files"].items():
-        assert hashlib.sha256(vb.members[name]).hexdigest() == entry["sha256"]
-    for t in m["inputs"] + m["outputs"]:
-        q = t.get("quantization")
-        if q is not None:  # quantized I/O must say how to (de)quantize
-            assert {"scale", "zero_point", "dtype"} <= set(q)
+    assert m.calibration.count == 240 and len(m.calibration.sha256) == 64
+    fid = m.metrics.fidelity
+    assert fid.samples == 60 and fid.cosine >= profile.fidelity.min_cosine
+    acc = m.metrics.accuracy
+    assert acc.fp32 - acc.int8 <= profile.accuracy.max_accuracy_drop == acc.budget_pts
+    assert m.input_stats[m.inputs[0].name].count == 240
+    for name, entry in m.files.items():
+        assert hashlib.sha256(vb.members[name]).hexdigest() == entry.sha256
+    for t in m.inputs + m.outputs:
+        q = t.quantization
+        if q is not None:  # quantized I/O says how to (de)quantize (the types require scale, zero point, dtype)
+            assert q.scale > 0 and q.dtype in ("int8", "uint8", "int16")
 
 
 @pytest.mark.parametrize("target", PARAMS)

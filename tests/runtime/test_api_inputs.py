@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_every_error_carries_a_telemetry_event(model):
 
 
 def test_unknown_engine_is_refused(model, tmp_path):
-    manifest = dict(model.manifest, backend=dict(model.manifest["backend"], engines=["tensorflow"]))
+    manifest = replace(model.manifest, backend=replace(model.manifest.backend, engines=["tensorflow"]))
     with pytest.raises(EngineError) as e:
         create_engine(model.workdir, manifest)
     assert e.value.code == ErrorCode.ENGINE_UNKNOWN_BACKEND
@@ -98,7 +99,7 @@ def test_unavailable_engine_falls_back_in_order_and_says_so(model, monkeypatch, 
     from edgekit_runtime.engines.openvino_engine import OpenVINOEngine
 
     monkeypatch.setattr(OpenVINOEngine, "unavailable_reason", classmethod(lambda cls: "openvino is not installed"))
-    manifest = dict(model.manifest, backend=dict(model.manifest["backend"], engines=["openvino", "onnxruntime"]))
+    manifest = replace(model.manifest, backend=replace(model.manifest.backend, engines=["openvino", "onnxruntime"]))
     with caplog.at_level(logging.WARNING):
         eng = create_engine(model.workdir, manifest)
     assert eng.name == "onnxruntime"

@@ -22,6 +22,7 @@ from edgekit.build.bundle_writer import resign_bundle, write_bundle
 from edgekit.errors import EdgekitError
 from edgekit_runtime import BundleError, ErrorCode, Keyring, open_bundle
 from edgekit_runtime.contract import bundle_spec as spec
+from edgekit_runtime.contract.manifest import Signing
 from edgekit_runtime.keyring import key_id_of
 
 
@@ -44,9 +45,10 @@ def test_round_trip_write_verify_load_run(kit, ring, key, tmp_path, no_temp_left
     assert vb.key_id == key_id_of(key.public_key())
     assert set(vb.members) == {"model.onnx", "health/input.npy", "health/expected_output.npy"}
     assert vb.members["model.onnx"] == kit.model
-    for name, entry in vb.manifest["files"].items():
+    for name, entry in vb.manifest_json["files"].items():
         assert entry == {"sha256": hashlib.sha256(vb.members[name]).hexdigest(), "size": len(vb.members[name])}
-    assert vb.manifest["signing"] == {"algorithm": "ed25519", "key_id": vb.key_id}
+    assert vb.manifest_json["signing"] == {"algorithm": "ed25519", "key_id": vb.key_id}
+    assert vb.manifest.signing == Signing(algorithm="ed25519", key_id=vb.key_id)
 
     workdir = tmp_path / "work"
     with edgekit_runtime.load(path, keyring=ring, workdir=workdir) as model:
@@ -278,8 +280,9 @@ def test_newer_minor_version_with_unknown_fields_loads(kit, ring, tmp_path):
     manifest["model"]["also_new"] = "ignored"
     path = kit.write("v17.ekb", manifest=manifest, members=members)
     with edgekit_runtime.load(path, keyring=ring, workdir=tmp_path / "w") as model:
-        assert model.manifest["format_version"] == "1.7"
-        assert model.manifest["added_in_1_7"] == {"anything": [1, 2, 3]}
+        assert model.manifest.format_version == "1.7"
+        assert model.manifest_json["added_in_1_7"] == {"anything": [1, 2, 3]}  # kept, though not understood
+        assert model.manifest_json["model"]["also_new"] == "ignored"
         assert model.health_check()["ok"]
         np.testing.assert_array_equal(model.run(kit.SAMPLE)["y"], kit.SAMPLE @ kit.WEIGHTS)
 
@@ -450,7 +453,7 @@ def test_resign_with_a_new_key(kit, key, key2, tmp_path):
     resign_bundle(path, key2, out)
     vb = open_bundle(out, kit.ring_of(key2))
     assert vb.key_id == key_id_of(key2.public_key())
-    assert vb.manifest["signing"]["key_id"] == vb.key_id
+    assert vb.manifest.signing.key_id == vb.key_id
     assert vb.members == open_bundle(path, kit.ring_of(key)).members
     refused(out, kit.ring_of(key), ErrorCode.BUNDLE_UNTRUSTED_KEY, tmp_path / "x")
     # in place

@@ -45,7 +45,7 @@ def test_golden_files_are_small_and_present():
 def test_golden_bundle_verifies_with_committed_key():
     vb = open_bundle(BUNDLE, Keyring.from_paths(PUBLIC_KEY))
     assert vb.key_id == key_id_of(load_public_key(PUBLIC_KEY))
-    m = vb.manifest
+    m = vb.manifest_json
     assert (m["format"], m["format_version"]) == ("edgekit-bundle", "1.0")
     assert set(vb.members) == {"model.onnx", "labels.txt", "health/input.npy", "health/expected_output.npy"}
     with zipfile.ZipFile(BUNDLE) as zf:

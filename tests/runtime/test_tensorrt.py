@@ -5,6 +5,7 @@ engine needs TensorRT and a CUDA GPU; that case is skipped here with the reason.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import edgekit_runtime
 from edgekit_runtime.engines.tensorrt_engine import (
     EngineCache, TensorRTEngine, build_settings, cache_key, parse_tegra_release,
 )
+from edgekit_runtime.contract.manifest import BackendOptions, TensorSpec
 from edgekit_runtime.engines.base import EngineOptions
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -61,12 +63,17 @@ def test_engine_cache_directory_from_environment(tmp_path, monkeypatch):
 
 
 def test_build_settings_default_to_the_model_shape():
-    manifest = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 3, 8, 8]}]}
-    s = build_settings(EngineOptions(), manifest)
+    inputs = [TensorSpec(name="x", dtype="float32", shape=["batch", 3, 8, 8])]
+    s = build_settings(EngineOptions(), inputs)
     assert s["precision"] == ["int8", "fp16"] and s["dla_core"] is None
     assert s["shapes"] == {"x": {"min": [1, 3, 8, 8], "opt": [1, 3, 8, 8], "max": [1, 3, 8, 8]}}
-    custom = build_settings(EngineOptions(extra={"tensorrt": {"dla_core": 1, "workspace_mb": 256}}), manifest)
-    assert custom["dla_core"] == 1 and custom["workspace_mb"] == 256
+    # options as a bundle carries them: parsed by the manifest's types, then handed to the engine
+    options = BackendOptions.from_dict({"tensorrt": {"dla_core": 1, "workspace_mb": 256,
+                                                     "shapes": {"x": {"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8],
+                                                                      "max": [4, 3, 8, 8]}}}})
+    custom = build_settings(EngineOptions.from_backend(options), inputs)
+    assert custom["dla_core"] == 1 and custom["workspace_mb"] == 256 and custom["precision"] == ["int8", "fp16"]
+    assert custom["shapes"]["x"]["max"] == [4, 3, 8, 8]
 
 
 def test_unavailable_tensorrt_says_what_to_install():
@@ -84,8 +91,8 @@ def test_onnxruntime_providers_fall_back_in_order_and_say_so(tmp_path):
 
     with edgekit_runtime.load(BUNDLE, keyring=KEY) as model:
         wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-        backend = dict(model.manifest["backend"], options={"providers": wanted})
-        eng = create_engine(model.workdir, dict(model.manifest, backend=backend))
+        backend = replace(model.manifest.backend, options=BackendOptions(providers=wanted))
+        eng = create_engine(model.workdir, replace(model.manifest, backend=backend))
     available = set(ort.get_available_providers())
     assert eng.describe()["providers"] == [p for p in wanted if p in available]
     assert eng.describe()["skipped_providers"] == [p for p in wanted if p not in available]
@@ -97,9 +104,9 @@ def test_no_usable_provider_is_an_error():
     from edgekit_runtime.engines import EngineError, create_engine
 
     with edgekit_runtime.load(BUNDLE, keyring=KEY) as model:
-        backend = dict(model.manifest["backend"], options={"providers": ["NoSuchExecutionProvider"]})
+        backend = replace(model.manifest.backend, options=BackendOptions(providers=["NoSuchExecutionProvider"]))
         with pytest.raises(EngineError, match="none of the execution providers"):
-            create_engine(model.workdir, dict(model.manifest, backend=backend))
+            create_engine(model.workdir, replace(model.manifest, backend=backend))
 
 
 @pytest.mark.skipif(TensorRTEngine.unavailable_reason() is not None,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgekit_runtime.contract.manifest import BackendOptions, TensorSpec
 from edgekit_runtime.engines import EngineOptions, engine_class
 
 from ...config import QuantizeSettings, RuntimeSettings
@@ -113,12 +114,15 @@ def runtime_options(runtime: RuntimeSettings) -> dict[str, Any]:
 
 
 def make_engine(artifact: Artifact, engine: str, sig: Signature, options: dict[str, Any]):
-    manifest = {
-        "backend": {"artifact": artifact.main, "engines": [engine], "options": options},
-        "inputs": sig.manifest_tensors()[0],
-        "outputs": sig.manifest_tensors()[1],
-    }
-    return engine_class(engine)(artifact.directory, manifest, EngineOptions.from_manifest(manifest))
+    """The device engine ``engine`` on ``artifact``, with the manifest's typed tensors and ``options``
+    (``backend.options``, plus ``spin_wait`` for interleaved measurements)."""
+    options = dict(options)
+    spin_wait = options.pop("spin_wait", None)
+    ins, outs = sig.manifest_tensors()
+    inputs = [TensorSpec.from_dict(t, f"manifest.inputs[{i}]") for i, t in enumerate(ins)]
+    outputs = [TensorSpec.from_dict(t, f"manifest.outputs[{i}]") for i, t in enumerate(outs)]
+    engine_options = EngineOptions.from_backend(BackendOptions.from_dict(options), spin_wait=spin_wait)
+    return engine_class(engine)(artifact.directory, artifact.main, inputs, outputs, engine_options)
 
 
 def predict_logits(eng, sig: Signature, x: np.ndarray, batch: int = 64) -> np.ndarray:

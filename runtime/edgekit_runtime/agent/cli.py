@@ -61,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def status_of(config: AgentConfig) -> dict[str, Any]:
     """What the state directory says about the agent (running or not)."""
     from ..bundle import read_manifest_unverified
+    from ..contract.manifest import Manifest
 
     sd = StateDir(config.state_dir)
     out: dict[str, Any] = {"device_id": config.device_id, "fleet": config.fleet, "state_dir": str(sd.root),
@@ -75,10 +76,10 @@ def status_of(config: AgentConfig) -> dict[str, Any]:
         out["install_pending"] = sd.read_marker()
         bundle = sd.active_bundle()
         if bundle is not None:
-            m = read_manifest_unverified(bundle)  # it was verified when installed, and again at every load
-            out["model"] = {"name": m["model"]["name"], "version": m["model"]["version"],
-                            "release": m["model"].get("release"), "target": m["target"]["name"],
-                            "backend": m["backend"]["name"], "bundle": str(bundle)}
+            # it was verified when installed, and again at every load
+            m = Manifest.from_dict(read_manifest_unverified(bundle))
+            out["model"] = {**m.model.to_dict(), "target": m.target.name, "backend": m.backend.name,
+                            "bundle": str(bundle)}
         out["spool"] = read_stats(sd.spool_path)
         last = sd.read_status()
         if last is not None:

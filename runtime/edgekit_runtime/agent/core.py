@@ -32,6 +32,7 @@ import numpy as np
 from .. import __version__
 from ..contract import fleet_protocol
 from ..contract.errors import ErrorCode, RuntimeErrorBase
+from ..contract.manifest import InputStats, Manifest, ModelInfo, TargetInfo, TensorSpec
 from .config import AgentConfig
 from .drift import DriftMonitor
 from .metrics import MetricsWindow, SystemStats
@@ -54,6 +55,33 @@ class CommandError(ValueError):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What a device says it serves: the model's identity, its inputs, and their drift references."""
+
+    model: ModelInfo
+    target: str
+    backend: str
+    precision: str | None
+    input_names: list[str]
+    input_stats: Mapping[str, InputStats | Mapping[str, Any]]
+
+    @classmethod
+    def of(cls, manifest: Manifest | Mapping[str, Any]) -> "Serving":
+        """From a bundle's typed manifest, or from the manifest a simulated device claims (a JSON object)."""
+        if isinstance(manifest, Manifest):
+            m = manifest
+            return cls(m.model, m.target.name, m.backend.name, m.backend.precision, [t.name for t in m.inputs],
+                       m.input_stats)
+        # A simulated device carries the sections it reports, not a whole bundle's manifest:
+        # each is read by its own type (drift parses the input_stats entries it uses).
+        backend = manifest.get("backend") or {}
+        inputs = [TensorSpec.from_dict(t, f"manifest.inputs[{i}]") for i, t in enumerate(manifest.get("inputs") or [])]
+        return cls(ModelInfo.from_dict(manifest.get("model")), TargetInfo.from_dict(manifest.get("target")).name,
+                   str(backend.get("name")), backend.get("precision"), [t.name for t in inputs],
+                   manifest.get("input_stats") or {})
+
+
 @dataclass
 class Command:
     request_id: str
@@ -70,7 +98,8 @@ class AgentCore:
     (simulated devices, or no bundle installed). ``model_manifest``: for a
     simulated device, a bundle manifest (e.g. ``read_manifest_unverified(path)``)
     whose model identity is reported and whose ``input_stats`` are the drift
-    reference, without loading an engine. ``system_stats``: sample CPU, memory
+    reference, without loading an engine (a whole manifest, or its ``model``,
+    ``target``, ``backend`` name and precision, ``inputs`` and ``input_stats``). ``system_stats``: sample CPU, memory
     and temperatures in every window (a simulator with many devices in one
     process turns it off). ``lock``: hold the state directory's lock.
     """
@@ -103,7 +132,7 @@ class AgentCore:
         self.bad_commands = 0
         self.on_message: Callable[[], None] | None = None  # called after a message is spooled (wakes the sender)
         self.model = None
-        self.manifest: dict[str, Any] | None = None
+        self.serving: Serving | None = None
         self.bundle_info: dict[str, Any] | None = None  # {"sha256", "slot"} of what serves
         self.model_error = model_error
         self.drift = DriftMonitor(None, unavailable_reason="no model is loaded")
@@ -111,33 +140,34 @@ class AgentCore:
 
     # -- model ---------------------------------------------------------------------
     def set_model(self, model: Any | None, *, error: dict[str, Any] | None = None,
-                  manifest: dict[str, Any] | None = None, bundle_info: dict[str, Any] | None = None) -> None:
+                  manifest: Manifest | Mapping[str, Any] | None = None,
+                  bundle_info: dict[str, Any] | None = None) -> None:
         """Serve ``model`` (None: none); drift references come from its manifest.
 
         ``manifest`` without a model: a simulated device that reports this
         bundle's identity and judges drift against its ``input_stats``.
         """
         self.model = model
-        self.manifest = model.manifest if model is not None else manifest
-        self.bundle_info = bundle_info if self.manifest is not None else None
+        source = model.manifest if model is not None else manifest
+        self.serving = Serving.of(source) if source is not None else None
+        self.bundle_info = bundle_info if self.serving is not None else None
         self.model_error = error
         cfg = self.config
-        if self.manifest is None:
+        if self.serving is None:
             self.drift = DriftMonitor(None, unavailable_reason="no model is loaded")
         else:
-            names = [t["name"] for t in self.manifest.get("inputs", [])]
-            self.drift = DriftMonitor(self.manifest.get("input_stats"), names, psi_threshold=cfg.drift_psi_threshold,
-                                      ks_threshold=cfg.drift_ks_threshold, min_values=cfg.drift_min_values,
+            self.drift = DriftMonitor(self.serving.input_stats, self.serving.input_names,
+                                      psi_threshold=cfg.drift_psi_threshold, ks_threshold=cfg.drift_ks_threshold,
+                                      min_values=cfg.drift_min_values,
                                       max_values_per_inference=cfg.drift_max_values_per_inference)
 
     def model_info(self) -> dict[str, Any] | None:
         """Name, version, release, target, backend (and engine) of what serves; None if nothing does."""
-        m = self.manifest
-        if m is None:
+        s = self.serving
+        if s is None:
             return None
-        info = {"name": m["model"]["name"], "version": m["model"]["version"], "release": m["model"].get("release"),
-                "target": m["target"]["name"], "backend": m["backend"]["name"],
-                "precision": m["backend"].get("precision")}
+        info = {"name": s.model.name, "version": s.model.version, "release": s.model.release,
+                "target": s.target, "backend": s.backend, "precision": s.precision}
         if self.bundle_info:
             info.update({k: v for k, v in self.bundle_info.items() if k in ("sha256", "slot")})
         engine = getattr(self.model, "engine", None)
@@ -148,7 +178,8 @@ class AgentCore:
         return info
 
     def serving_state(self) -> AgentState:
-        return AgentState.ONLINE if self.manifest is not None else AgentState.DEGRADED
+        """ONLINE while a model (or a simulated one) serves, else DEGRADED."""
+        return AgentState.ONLINE if self.serving is not None else AgentState.DEGRADED
 
     def set_state(self, new: AgentState) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..contract.errors import ErrorCode, RuntimeErrorBase
+from ..contract.manifest import Manifest
 from .config import AgentConfig, WorkloadConfig
 from .core import AgentCore, Command
 from .drift import DriftUnavailable, Reference
@@ -150,7 +151,7 @@ class SyntheticFeeds:
     def __init__(self, model: Any, shift: float = 0.0, seed: int = 0):
         self.rng = np.random.default_rng(seed)
         self.shift = shift
-        stats = model.manifest.get("input_stats") or {}
+        stats = model.manifest.input_stats
         self.inputs = []
         for spec in model.inputs:
             shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
@@ -158,8 +159,10 @@ class SyntheticFeeds:
                 ref: Reference | None = Reference.from_stats(spec.name, stats.get(spec.name))
             except DriftUnavailable:
                 ref = None
-            s = stats.get(spec.name) or {}
-            self.inputs.append((spec, shape, ref, float(s.get("mean", 0.0)), float(s.get("std", 1.0))))
+            s = stats.get(spec.name)
+            mean = s.mean if s is not None and s.mean is not None else 0.0
+            std = s.std if s is not None and s.std is not None else 1.0
+            self.inputs.append((spec, shape, ref, mean, std))
 
     def next(self) -> dict[str, np.ndarray]:
         feeds = {}
@@ -206,7 +209,8 @@ class Agent:
     """
 
     def __init__(self, config: AgentConfig, *, model: Any | None = None, load_model: bool = True,
-                 system_stats: bool = True, workload: bool = True, model_manifest: dict[str, Any] | None = None):
+                 system_stats: bool = True, workload: bool = True,
+                 model_manifest: Manifest | dict[str, Any] | None = None):
         self.config = config
         self.core = AgentCore(config, None, system_stats=system_stats)
         self._owns_model = model is None

@@ -27,6 +27,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..contract.errors import BundleError
+from ..contract.manifest import InputStats
+
 PSI_EPSILON = 1e-4
 
 
@@ -72,18 +75,22 @@ class Reference:
     uniform: bool
 
     @classmethod
-    def from_stats(cls, name: str, stats: Any) -> "Reference":
-        if not isinstance(stats, Mapping):
-            raise DriftUnavailable(f"input_stats[{name!r}] is not an object")
-        hist = stats.get("histogram")
-        if not isinstance(hist, Mapping) or "edges" not in hist or "counts" not in hist:
+    def from_stats(cls, name: str, stats: InputStats | Mapping[str, Any] | None) -> "Reference":
+        """The reference of input ``name`` from its manifest ``input_stats`` entry (typed, or a JSON object
+        that is parsed first); :class:`DriftUnavailable` says why there is none."""
+        if stats is None:
+            raise DriftUnavailable(f"input_stats has no entry for input {name!r}")
+        if not isinstance(stats, InputStats):
+            try:
+                stats = InputStats.from_dict(stats, f"input_stats[{name!r}]")
+            except BundleError as exc:
+                raise DriftUnavailable(exc.message) from None
+        hist = stats.histogram
+        if hist is None:
             raise DriftUnavailable(f"input_stats[{name!r}] has no histogram (bundle made by an older compiler?)")
-        try:
-            edges = np.asarray(hist["edges"], dtype=np.float64)
-            counts = np.asarray(hist["counts"], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise DriftUnavailable(f"input_stats[{name!r}].histogram is not numeric") from None
-        if edges.ndim != 1 or counts.ndim != 1 or len(edges) != len(counts) + 1 or len(counts) < 2:
+        edges = np.asarray(hist.edges, dtype=np.float64)
+        counts = np.asarray(hist.counts, dtype=np.float64)
+        if len(edges) != len(counts) + 1 or len(counts) < 2:
             raise DriftUnavailable(f"input_stats[{name!r}].histogram needs k>=2 counts and k+1 edges")
         if not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
             raise DriftUnavailable(f"input_stats[{name!r}].histogram edges are not finite and increasing")
@@ -91,9 +98,7 @@ class Reference:
             raise DriftUnavailable(f"input_stats[{name!r}].histogram has no counts")
         widths = np.diff(edges)
         uniform = bool(np.allclose(widths, widths[0], rtol=1e-6, atol=0))
-        mean, std = stats.get("mean"), stats.get("std")
-        return cls(edges, counts, float(mean) if isinstance(mean, (int, float)) else None,
-                   float(std) if isinstance(std, (int, float)) else None, uniform)
+        return cls(edges, counts, stats.mean, stats.std, uniform)
 
     def bin_counts(self, values: np.ndarray) -> np.ndarray:
         """Counts of ``values`` (finite, float64) in the reference bins; outliers go to the edge bins."""
@@ -156,11 +161,11 @@ class InputDrift:
 class DriftMonitor:
     """Drift of every input that has a reference; alarms with hysteresis-free edges (raise/clear).
 
-    ``input_stats``: ``manifest["input_stats"]`` (or None); ``input_names``:
+    ``input_stats``: the manifest's ``input_stats`` (or None); ``input_names``:
     the model's inputs in order (a bare array given to :meth:`add` is the first).
     """
 
-    def __init__(self, input_stats: Mapping[str, Any] | None, input_names: list[str] | None = None, *,
+    def __init__(self, input_stats: Mapping[str, InputStats | Mapping[str, Any]] | None, input_names: list[str] | None = None, *,
                  psi_threshold: float = 0.2, ks_threshold: float | None = None, min_values: int = 2000,
                  max_values_per_inference: int = 4096, unavailable_reason: str | None = None):
         self.psi_threshold = psi_threshold
@@ -179,10 +184,9 @@ class DriftMonitor:
         if self.reason is None:
             for name in names:
                 try:
-                    ref = Reference.from_stats(name, input_stats.get(name) if name in input_stats else None)
+                    ref = Reference.from_stats(name, input_stats.get(name))
                 except DriftUnavailable as exc:
-                    self.unavailable[name] = str(exc) if name in input_stats else \
-                        f"input_stats has no entry for input {name!r}"
+                    self.unavailable[name] = str(exc)
                     continue
                 self.inputs[name] = InputDrift(name, ref, max_values_per_inference)
                 self.alarm[name] = False

@@ -271,7 +271,7 @@ class Installer:
             except RuntimeErrorBase as exc:
                 raise InstallError("verify_failed", exc.message, step="verify", code=exc.code,
                                    hint=exc.hint) from None
-            new = verified.manifest["model"]
+            new = verified.manifest.model
             if active is not None:
                 rec = sd.read_slot(active)
                 # (a pinned sha256 was already compared with the active slot before the download)
@@ -283,9 +283,9 @@ class Installer:
                               "timings_s": timings}
                     return result, None
                 old = rec.get("model") or _model_of_file(sd.active_bundle(), read_manifest_unverified)
-                if old and new.get("release", 0) < (old.get("release") or 0) and not req.allow_downgrade:
+                if old and new.release < (old.get("release") or 0) and not req.allow_downgrade:
                     raise InstallError(
-                        "downgrade", f"release {new.get('release')} of {new['name']} is older than the installed "
+                        "downgrade", f"release {new.release} of {new.name} is older than the installed "
                         f"release {old.get('release')} ({old.get('name')} {old.get('version')})", step="verify",
                         code=ErrorCode.BUNDLE_DOWNGRADE, hint="send it with allow_downgrade (--allow-downgrade) "
                         "to install it anyway")
@@ -472,8 +472,8 @@ class Installer:
             return out
         budget = self.latency_budget_ms
         if budget is None:
-            budget = (model.manifest.get("target") or {}).get("latency_budget_ms")
-        if not model.manifest.get("health_check") or self.latency_runs <= 0:
+            budget = model.manifest.target.latency_budget_ms
+        if model.manifest.health_check is None or self.latency_runs <= 0:
             return out
         lat = self._time_sample(model, budget)
         if budget is not None and lat["p90_ms"] > budget:
@@ -494,7 +494,7 @@ class Installer:
     def _time_sample(self, model: Any, budget: float | None) -> dict[str, Any]:
         from ..api import _load_npy
 
-        x = _load_npy(model.bundle.members[model.manifest["health_check"]["input"]])
+        x = _load_npy(model.bundle.members[model.manifest.health_check.input])
         for _ in range(HEALTH_WARMUP):
             model.run(x)
         times = []
@@ -637,9 +637,9 @@ def _empty_slot(path: Path) -> None:
 
 def _model(verified: Any) -> dict[str, Any]:
     m = verified.manifest
-    return {"name": m["model"]["name"], "version": m["model"]["version"], "release": m["model"].get("release"),
-            "target": m["target"]["name"], "backend": m["backend"]["name"],
-            "precision": m["backend"].get("precision"), "key_id": verified.key_id}
+    return {"name": m.model.name, "version": m.model.version, "release": m.model.release,
+            "target": m.target.name, "backend": m.backend.name, "precision": m.backend.precision,
+            "key_id": verified.key_id}
 
 
 def _model_of_file(path: Path | None, reader: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
-from typing import Any
-
 from ..contract.errors import EngineError, ErrorCode
-from .base import Engine, EngineOptions, TensorSpec
+from ..contract.manifest import Manifest, TensorSpec
+from .base import Engine, EngineOptions, check_input
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def engine_class(name: str) -> type[Engine]:
 
 def create_engine(
     model_dir: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     options: EngineOptions | None = None,
     order: list[str] | None = None,
 ) -> Engine:
@@ -52,9 +51,9 @@ def create_engine(
     kept on the returned engine (``engine.fallback_from``); a model that fails to
     load in an available engine is an error, not a reason to fall back.
     """
-    order = list(order or manifest["backend"]["engines"])
+    order = list(order or manifest.backend.engines)
     if options is None:
-        options = EngineOptions.from_manifest(manifest)
+        options = EngineOptions.from_backend(manifest.backend.options)
     skipped: list[str] = []
     for name in order:
         cls = engine_class(name)
@@ -63,7 +62,8 @@ def create_engine(
             log.warning("engine %s unavailable: %s", name, reason)
             skipped.append(f"{name}: {reason}")
             continue
-        engine = cls(model_dir, manifest, options)
+        engine = cls(model_dir, manifest.backend.artifact, manifest.inputs, manifest.outputs, options,
+                     model=manifest.model)
         engine.fallback_from = skipped
         if skipped:
             log.warning("running on %s instead (%s)", name, "; ".join(skipped))
@@ -75,4 +75,4 @@ def create_engine(
     )
 
 
-__all__ = ["ENGINES", "Engine", "EngineOptions", "TensorSpec", "create_engine", "engine_class"]
+__all__ = ["ENGINES", "Engine", "EngineOptions", "TensorSpec", "check_input", "create_engine", "engine_class"]

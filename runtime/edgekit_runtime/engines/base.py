@@ -3,87 +3,77 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..contract.errors import ErrorCode, InputError
+from ..contract.manifest import BackendOptions, ModelInfo, TensorRTOptions, TensorSpec
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output as the manifest describes it."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
-    layout: str | None = None
-    quantization: dict | None = None
-
-    @classmethod
-    def from_manifest(cls, entry: dict) -> "TensorSpec":
-        return cls(
-            name=entry["name"],
-            dtype=entry["dtype"],
-            shape=tuple(entry["shape"]),
-            layout=entry.get("layout"),
-            quantization=entry.get("quantization"),
+def check_input(spec: TensorSpec, array: np.ndarray) -> None:
+    """Raise :class:`InputError` unless ``array`` fits the manifest's ``spec`` (dtype, rank, fixed dimensions)."""
+    if array.dtype != np.dtype(spec.dtype):
+        raise InputError(
+            f"input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}",
+            code=ErrorCode.INPUT_BAD_DTYPE,
+            hint="pass images (they are preprocessed for you) or convert the array",
         )
-
-    def check(self, array: np.ndarray) -> None:
-        """Raise :class:`InputError` unless ``array`` fits this spec."""
-        if array.dtype != np.dtype(self.dtype):
-            raise InputError(
-                f"input {self.name!r} has dtype {array.dtype}, the model expects {self.dtype}",
-                code=ErrorCode.INPUT_BAD_DTYPE,
-                hint="pass images (they are preprocessed for you) or convert the array",
-            )
-        if array.ndim != len(self.shape) or any(
-            isinstance(d, int) and d != a for d, a in zip(self.shape, array.shape)
-        ):
-            raise InputError(
-                f"input {self.name!r} has shape {tuple(array.shape)}, the model expects "
-                f"{tuple(self.shape)}",
-                code=ErrorCode.INPUT_BAD_SHAPE,
-            )
+    if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, array.shape)):
+        raise InputError(
+            f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {tuple(spec.shape)}",
+            code=ErrorCode.INPUT_BAD_SHAPE,
+        )
 
 
 @dataclass
 class EngineOptions:
-    """Runtime settings; defaults come from the manifest's ``backend.options``."""
+    """How an engine runs a model: the manifest's ``backend.options`` plus this device's overrides.
+
+    Defaults are the format's (``BackendOptions``); build one with :meth:`from_backend`.
+    """
 
     threads: int | None = None
     # OpenVINO: "f32" runs FP32 models in f32 even on CPUs whose default is bf16.
     inference_precision: str | None = None
-    performance_hint: str = "LATENCY"
+    performance_hint: str = BackendOptions.performance_hint
     # ONNX Runtime: idle worker threads spin-wait for the next run by default. Two sessions
     # alternating in one process then steal each other's cores (latency roughly doubles), so
     # interleaved comparisons turn it off; None keeps the library default.
     spin_wait: bool | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    providers: list[str] | None = None  # ONNX Runtime
+    device: str = BackendOptions.device  # OpenVINO
+    tensorrt: TensorRTOptions | None = None
+    engine_cache_dir: str | None = None  # TensorRT plans; None: $EDGEKIT_ENGINE_CACHE or ~/.cache
 
     @classmethod
-    def from_manifest(cls, manifest: dict, **overrides: Any) -> "EngineOptions":
-        opts = dict(manifest["backend"].get("options") or {})
-        known = {k: opts.pop(k) for k in ("threads", "inference_precision", "performance_hint", "spin_wait")
-                 if k in opts}
-        known.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**known, extra=opts)
+    def from_backend(cls, options: BackendOptions, **overrides: Any) -> "EngineOptions":
+        """The manifest's options, with ``overrides`` that are not None taking precedence."""
+        base = {f.name: getattr(options, f.name) for f in fields(options)}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
 
 
 class Engine(abc.ABC):
-    """Loads one backend artifact and runs it on named numpy arrays."""
+    """Loads one backend artifact and runs it on named numpy arrays.
+
+    ``artifact`` is the file under ``model_dir`` the engine loads; ``inputs`` and
+    ``outputs`` are the manifest's tensor specs; ``model`` (optional) names the
+    model for engines that record it (TensorRT's plan cache).
+    """
 
     name: str = ""
 
-    def __init__(self, model_dir: Path, manifest: dict, options: EngineOptions):
+    def __init__(self, model_dir: Path, artifact: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 options: EngineOptions, *, model: ModelInfo | None = None):
         self.model_dir = Path(model_dir)
-        self.manifest = manifest
+        self.artifact = self.model_dir / artifact
         self.options = options
-        self.inputs = [TensorSpec.from_manifest(t) for t in manifest["inputs"]]
-        self.outputs = [TensorSpec.from_manifest(t) for t in manifest["outputs"]]
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.model = model
         self.fallback_from: list[str] = []
 
     @classmethod
@@ -101,6 +91,7 @@ class Engine(abc.ABC):
         """Run one inference; inputs must already match :attr:`inputs`."""
 
     def describe(self) -> dict[str, Any]:
+        """What runs the model, for results and telemetry."""
         return {
             "engine": self.name,
             "version": self.library_version(),

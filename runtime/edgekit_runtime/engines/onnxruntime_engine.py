@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..contract.errors import EngineError, ErrorCode
+from ..contract.manifest import TensorSpec
 from .base import Engine, EngineOptions
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,9 @@ class OnnxRuntimeEngine(Engine):
 
         return onnxruntime.__version__
 
-    def __init__(self, model_dir: Path, manifest: dict, options: EngineOptions):
-        super().__init__(model_dir, manifest, options)
+    def __init__(self, model_dir: Path, artifact: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 options: EngineOptions, **kwargs: Any):
+        super().__init__(model_dir, artifact, inputs, outputs, options, **kwargs)
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -40,8 +43,8 @@ class OnnxRuntimeEngine(Engine):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if options.spin_wait is not None:
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin_wait else "0")
-        providers = self._providers(options.extra.get("providers") or ["CPUExecutionProvider"], ort)
-        path = self.model_dir / manifest["backend"]["artifact"]
+        providers = self._providers(options.providers or ["CPUExecutionProvider"], ort)
+        path = self.artifact
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors

@@ -8,10 +8,12 @@ records the hint the model was validated with, and this engine applies it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np  # noqa: F401  (type of run()'s arrays)
 
 from ..contract.errors import EngineError, ErrorCode
+from ..contract.manifest import TensorSpec
 from .base import Engine, EngineOptions
 
 
@@ -32,17 +34,18 @@ class OpenVINOEngine(Engine):
 
         return openvino.__version__.split("-")[0]
 
-    def __init__(self, model_dir: Path, manifest: dict, options: EngineOptions):
-        super().__init__(model_dir, manifest, options)
+    def __init__(self, model_dir: Path, artifact: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 options: EngineOptions, **kwargs: Any):
+        super().__init__(model_dir, artifact, inputs, outputs, options, **kwargs)
         import openvino as ov
 
-        device = options.extra.get("device", "CPU")
+        device = options.device
         config: dict[str, str] = {"PERFORMANCE_HINT": options.performance_hint}
         if options.threads:
             config["INFERENCE_NUM_THREADS"] = str(int(options.threads))
         if options.inference_precision:
             config["INFERENCE_PRECISION_HINT"] = options.inference_precision
-        path = self.model_dir / manifest["backend"]["artifact"]
+        path = self.artifact
         try:
             core = ov.Core()
             self.compiled = core.compile_model(str(path), device, config)

@@ -24,11 +24,12 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..contract.errors import EngineError, ErrorCode
+from ..contract.manifest import TensorRTOptions, TensorSpec
 from .base import Engine, EngineOptions
 
 log = logging.getLogger(__name__)
@@ -62,23 +63,29 @@ def jetpack_version() -> str | None:
     return out.stdout.strip() or None
 
 
-def build_settings(options: EngineOptions, manifest: dict) -> dict[str, Any]:
-    """The TensorRT builder settings recorded in the bundle (``backend.options.tensorrt``)."""
-    trt_opts = dict(options.extra.get("tensorrt") or {})
+def build_settings(options: EngineOptions, inputs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """The TensorRT builder settings recorded in the bundle (``backend.options.tensorrt``), as plain JSON.
+
+    Absent settings take the format's defaults (``TensorRTOptions``); absent shapes fix
+    every input at its manifest shape. The result is part of the plan cache key.
+    """
+    trt_opts = options.tensorrt or TensorRTOptions()
+    shapes = ({name: r.to_dict() for name, r in trt_opts.shapes.items()} if trt_opts.shapes
+              else _default_shapes(inputs))
     return {
-        "precision": list(trt_opts.get("precision", ["int8", "fp16"])),
-        "workspace_mb": int(trt_opts.get("workspace_mb", 1024)),
-        "dla_core": trt_opts.get("dla_core"),
-        "gpu_fallback": bool(trt_opts.get("gpu_fallback", True)),
-        "shapes": trt_opts.get("shapes") or _default_shapes(manifest),
+        "precision": list(trt_opts.precision),
+        "workspace_mb": trt_opts.workspace_mb,
+        "dla_core": trt_opts.dla_core,
+        "gpu_fallback": trt_opts.gpu_fallback,
+        "shapes": shapes,
     }
 
 
-def _default_shapes(manifest: dict) -> dict[str, dict[str, list[int]]]:
+def _default_shapes(inputs: Sequence[TensorSpec]) -> dict[str, dict[str, list[int]]]:
     shapes = {}
-    for t in manifest["inputs"]:
-        fixed = [d if isinstance(d, int) else 1 for d in t["shape"]]
-        shapes[t["name"]] = {"min": fixed, "opt": fixed, "max": fixed}
+    for t in inputs:
+        fixed = [d if isinstance(d, int) else 1 for d in t.shape]
+        shapes[t.name] = {"min": fixed, "opt": fixed, "max": fixed}
     return shapes
 
 
@@ -183,25 +190,26 @@ class TensorRTEngine(Engine):
 
         return tensorrt.__version__
 
-    def __init__(self, model_dir: Path, manifest: dict, options: EngineOptions):
-        super().__init__(model_dir, manifest, options)
+    def __init__(self, model_dir: Path, artifact: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 options: EngineOptions, **kwargs: Any):
+        super().__init__(model_dir, artifact, inputs, outputs, options, **kwargs)
         import tensorrt as trt
 
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
-        onnx_path = self.model_dir / manifest["backend"]["artifact"]
+        onnx_path = self.artifact
         onnx_bytes = onnx_path.read_bytes()
-        self.settings = build_settings(options, manifest)
+        self.settings = build_settings(options, self.inputs)
         self.fingerprint = device_fingerprint()
         self.key = cache_key(self.fingerprint, hashlib.sha256(onnx_bytes).hexdigest(), self.settings)
-        self.cache = EngineCache(options.extra.get("engine_cache_dir"))
+        self.cache = EngineCache(options.engine_cache_dir)
         plan = self.cache.load(self.key)
         self.built = plan is None
         if plan is None:
             log.info("building TensorRT engine for %s (key %s)", self.fingerprint["gpu"], self.key)
             plan = self._build(onnx_bytes)
             self.cache.store(self.key, plan, {"device": self.fingerprint, "settings": self.settings,
-                                              "model": manifest["model"]})
+                                              "model": self.model.to_dict() if self.model else None})
         runtime = trt.Runtime(self._logger)
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..contract.errors import EngineError, ErrorCode
+from ..contract.manifest import QuantParams, TensorSpec
 from .base import Engine, EngineOptions
 
 
@@ -27,13 +29,15 @@ def _interpreter_class():
     return Interpreter
 
 
-def quantize(x: np.ndarray, q: dict) -> np.ndarray:
-    info = np.iinfo(q["dtype"])
-    return np.clip(np.round(x / q["scale"]) + q["zero_point"], info.min, info.max).astype(q["dtype"])
+def quantize(x: np.ndarray, q: QuantParams) -> np.ndarray:
+    """Float → the artifact's integer input (rounded, clipped to the dtype's range)."""
+    info = np.iinfo(q.dtype)
+    return np.clip(np.round(x / q.scale) + q.zero_point, info.min, info.max).astype(q.dtype)
 
 
-def dequantize(x: np.ndarray, q: dict) -> np.ndarray:
-    return (x.astype(np.float32) - q["zero_point"]) * np.float32(q["scale"])
+def dequantize(x: np.ndarray, q: QuantParams) -> np.ndarray:
+    """The artifact's integer output → float32."""
+    return (x.astype(np.float32) - q.zero_point) * np.float32(q.scale)
 
 
 class TFLiteEngine(Engine):
@@ -58,9 +62,10 @@ class TFLiteEngine(Engine):
                 continue
         return "unknown"
 
-    def __init__(self, model_dir: Path, manifest: dict, options: EngineOptions):
-        super().__init__(model_dir, manifest, options)
-        path = self.model_dir / manifest["backend"]["artifact"]
+    def __init__(self, model_dir: Path, artifact: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 options: EngineOptions, **kwargs: Any):
+        super().__init__(model_dir, artifact, inputs, outputs, options, **kwargs)
+        path = self.artifact
         try:
             self.interpreter = _interpreter_class()(model_path=str(path),
                                                     num_threads=int(options.threads or os.cpu_count() or 1))
@@ -76,14 +81,14 @@ class TFLiteEngine(Engine):
             self._check_quantization(spec.name, spec.quantization, detail)
 
     @staticmethod
-    def _check_quantization(name: str, q: dict | None, detail: dict) -> None:
+    def _check_quantization(name: str, q: QuantParams | None, detail: dict) -> None:
         dtype = np.dtype(detail["dtype"]).name
         if q is None:
             if dtype != "float32":
                 raise EngineError(f"tensor {name!r} is {dtype} in the model but the manifest gives no quantization")
             return
         scale, zero_point = detail["quantization"]
-        if q["dtype"] != dtype or not np.isclose(q["scale"], scale) or q["zero_point"] != zero_point:
+        if q.dtype != dtype or not np.isclose(q.scale, scale) or q.zero_point != zero_point:
             raise EngineError(f"tensor {name!r}: manifest quantization {q} differs from the model's "
                               f"({dtype}, {scale}, {zero_point})")
 

@@ -250,7 +250,7 @@ def test_a_workload_follows_the_active_slot(agent_env, capsys):
     y2 = active.get().run(x)["y"]
     assert active.slot == "b" and np.allclose(y2, 2 * y1)
     assert agent_cli(["rollback", "--config", str(path)]) == 0
-    assert active.get().manifest["model"]["release"] == 1 and active.slot == "a"
+    assert active.get().manifest.model.release == 1 and active.slot == "a"
     active.close()
 
 

@@ -208,7 +208,7 @@ def test_a_local_file_changed_during_the_install_is_not_what_gets_installed(agen
     result, model = Installer(sd, ring, latency_runs=0, on_progress=swap).install(InstallRequest(str(upload), sha6))
     try:
         in_slot = hashlib.sha256((sd.slot_dir(result["slot"]) / "bundle.ekb").read_bytes()).hexdigest()
-        assert model.manifest["model"]["release"] == 6 and result["model"]["release"] == 6
+        assert model.manifest.model.release == 6 and result["model"]["release"] == 6
         assert in_slot == sha6 == sd.read_slot(result["slot"])["sha256"]
     finally:
         model.close()
@@ -290,7 +290,7 @@ def test_recovery_leaves_a_slot_the_install_never_touched(agent_env, two_release
     assert installer.recover()["outcome"] == "undone"
     assert sd.read_slot("a")["state"] == "good" and (sd.slot_dir("a") / "bundle.ekb").is_file()
     result, model = installer.rollback("test")
-    assert result["slot"] == "a" and model.manifest["model"]["release"] == 1
+    assert result["slot"] == "a" and model.manifest.model.release == 1
     model.close()
 
 
@@ -301,12 +301,12 @@ def test_a_workload_follows_every_switch_and_retries_a_failed_load(agent_env, tw
     path, v1, v2 = two_releases
     watcher = ActiveModel(agent_env.tmp / "state-dev1", check_every_s=0.0, keyring=agent_env.keys)
     x = np.ones((1, 4), np.float32)
-    assert watcher.get().manifest["model"]["release"] == 1 and watcher.slot == "a"
+    assert watcher.get().manifest.model.release == 1 and watcher.slot == "a"
     # two installs between two looks: a -> b -> a, the slot name is the same, the model is not
     assert agent_cli(["install", str(v2), "--config", str(path)]) == 0
     assert agent_cli(["install", str(agent_env.model_bundle("v3.ekb", release=3, scale=3.0)), "--config",
                       str(path)]) == 0
-    assert watcher.get().manifest["model"]["release"] == 3 and watcher.slot == "a"
+    assert watcher.get().manifest.model.release == 3 and watcher.slot == "a"
     np.testing.assert_allclose(watcher.get().run(x)["y"], x @ (agent_env.kit.WEIGHTS * 3), rtol=1e-6)
     # a load that fails (memory, a busy disk) is tried again at the next look
     assert agent_cli(["rollback", "--config", str(path)]) == 0
@@ -323,8 +323,8 @@ def test_a_workload_follows_every_switch_and_retries_a_failed_load(agent_env, tw
         return real_load(*a, **k)
 
     monkeypatch.setattr(api, "load", failing_once)
-    assert watcher.get().manifest["model"]["release"] == 3 and watcher.last_error is not None  # kept serving
-    assert watcher.get().manifest["model"]["release"] == 2 and watcher.slot == "b"  # the retry loaded it
+    assert watcher.get().manifest.model.release == 3 and watcher.last_error is not None  # kept serving
+    assert watcher.get().manifest.model.release == 2 and watcher.slot == "b"  # the retry loaded it
     assert len(calls) == 2
     watcher.close()
 
