@@ -311,7 +311,7 @@ def main(argv=None) -> int:
                 entry["controls"]["block_interleaved"] = blk
                 log(f"{m} {t}: control, block-interleaved: FP32 p50 {blk['inference']['fp32']['p50_ms']:.2f} ms, "
                     f"INT8 p50 {blk['inference']['int8']['p50_ms']:.2f} ms -> {blk['p50_speedup_int8_vs_fp32']:.2f}x")
-                if fp32.manifest["backend"]["name"] == "onnxruntime":
+                if fp32.manifest.backend.name == "onnxruntime":
                     # Control 2: per-query interleaved again, ORT intra-op spinning off in both sessions.
                     for mdl in (fp32, int8):
                         mdl.engine.session = common.ort_session_like_engine(mdl, allow_spinning=False)

@@ -118,7 +118,7 @@ class _StubSession:
 
 def wrapper_cost(model, bare_call: Callable[[np.ndarray], Any], x: np.ndarray, calls: int) -> dict[str, float]:
     """Cost of Model.run + engine.run around a session that returns instantly (µs per call)."""
-    backend = model.manifest["backend"]["name"]
+    backend = model.manifest.backend.name
     real = bare_call(x)
     stub = _StubSession(real)
     name = model.inputs[0].name
@@ -150,7 +150,7 @@ def wrapper_cost(model, bare_call: Callable[[np.ndarray], Any], x: np.ndarray, c
 
 
 def measure(model, xs: list[np.ndarray], args, spinning_control: bool = False) -> dict[str, Any]:
-    backend = model.manifest["backend"]["name"]
+    backend = model.manifest.backend.name
     name = model.inputs[0].name
     if backend == "onnxruntime":
         spin = False if spinning_control else None
@@ -166,7 +166,7 @@ def measure(model, xs: list[np.ndarray], args, spinning_control: bool = False) -
         compiled = common.ov_compiled_like_engine(model)
         req = compiled.create_infer_request()
         bare = lambda x: req.infer({name: x})  # noqa: E731
-        config = {"device": model.engine.options.extra.get("device", "CPU"), **model.engine.config,
+        config = {"device": model.engine.options.device, **model.engine.config,
                   "compiled_INFERENCE_NUM_THREADS": str(compiled.get_property("INFERENCE_NUM_THREADS")),
                   "compiled_NUM_STREAMS": str(compiled.get_property("NUM_STREAMS"))}
     # Same artifact, same numbers?
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
             log(f"  edgekit p50 {d['edgekit']['p50_ms']:.3f} ms, bare p50 {d['bare']['p50_ms']:.3f} ms, "
                 f"overhead {d['overhead_pct']:+.2f} % (CI {d['overhead_pct_ci95'][0]:+.2f}..{d['overhead_pct_ci95'][1]:+.2f}), "
                 f"wrapper {d['wrapper']['wrapper_us']:.1f} µs")
-            if args.ort_spin_control and model.manifest["backend"]["name"] == "onnxruntime":
+            if args.ort_spin_control and model.manifest.backend.name == "onnxruntime":
                 entry["control_ort_no_spin"] = c = measure(model, xs, args, spinning_control=True)
                 log(f"  control (ORT spinning off): edgekit p50 {c['edgekit']['p50_ms']:.3f} ms, bare p50 "
                     f"{c['bare']['p50_ms']:.3f} ms, overhead {c['overhead_pct']:+.2f} %")
