@@ -457,3 +457,19 @@ def flaky_proxy():
     yield make
     for proxy in made:
         proxy.close()
+
+
+# ----------------------------------------------------------------------------- fleet commands
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    """The key the host signs fleet commands with (one per test module)."""
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def keyring(key):
+    """The devices' keyring: trusts ``key``."""
+    from edgekit_runtime.keyring import Keyring, key_id_of
+
+    pub = key.public_key()
+    return Keyring({key_id_of(pub): pub})
