@@ -39,7 +39,7 @@ class BundleInfo:
 
 def read_bundle(path: Path) -> BundleInfo:
     """The bundle's manifest, sha256 and size; devices verify it, this catches a wrong file early."""
-    from edgekit_runtime.agent.fetch import sha256_file  # the digest devices check the download against
+    from edgekit_runtime.fileio import sha256_file  # the digest devices check the download against
     from edgekit_runtime.bundle import read_manifest_unverified
 
     path = Path(path)

@@ -75,7 +75,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import re
 import time
 import uuid
@@ -83,6 +82,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 from edgekit_runtime.contract import fleet_protocol
+from edgekit_runtime.fileio import atomic_write
 
 from ..errors import ConfigError, SigningError
 from .commands import Received
@@ -103,19 +103,7 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     """Write ``record`` atomically: a temporary file, fsync, rename, fsync of the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=1, allow_nan=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a directory
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomic_write(path, (json.dumps(record, indent=1, allow_nan=False) + "\n").encode())
 
 
 def load_record(path: Path) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from edgekit.errors import EdgekitError
+from edgekit_runtime.fileio import sha256_file  # the same digest devices check downloads against
 
 log = logging.getLogger("edgekit.flash.server")
 
@@ -66,12 +67,6 @@ class ServedRequest:
     range: str | None
     status: int
     body_bytes: int  # body bytes actually written (less than promised if the client went away)
-
-
-def _sha256_file(path: Path) -> str:
-    from edgekit_runtime.agent.fetch import sha256_file  # the same digest devices check downloads against
-
-    return sha256_file(path)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
@@ -461,7 +456,7 @@ class BundleServer:
             cached = self._hash_cache.get(key)
         if cached is not None and cached[:2] == (st.st_size, st.st_mtime_ns):
             return cached[2]
-        sha = _sha256_file(path)  # outside the lock: other requests need not wait for a big file
+        sha = sha256_file(path)  # outside the lock: other requests need not wait for a big file
         with self._hash_lock:
             self._hash_cache[key] = (st.st_size, st.st_mtime_ns, sha)
         return sha

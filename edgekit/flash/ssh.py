@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import paramiko
 
-from edgekit_runtime.agent.fetch import sha256_file
+from edgekit_runtime.fileio import sha256_file
 
 from ..errors import EdgekitError, ExitCode
 

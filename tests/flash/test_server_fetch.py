@@ -22,7 +22,7 @@ import pytest
 
 from edgekit.errors import EdgekitError
 from edgekit.flash.server import BundleServer, parse_range
-from edgekit_runtime.agent.fetch import fetch_bundle, sha256_file
+from edgekit_runtime.agent.fetch import fetch_bundle
 from edgekit_runtime.contract.errors import BundleError, ErrorCode
 
 SIZE = 200_000  # not a multiple of the 64 KiB chunk
@@ -518,8 +518,3 @@ def test_https_with_the_servers_certificate(bundle_dir, downloads, payload, sha,
         # and plain HTTP to the TLS port gets no bundle
         with pytest.raises((http.client.HTTPException, ConnectionError)):
             request(srv, f"/bundles/{sha}.ekb")
-
-
-def test_sha256_file_matches_hashlib(tmp_path, payload, sha):
-    (tmp_path / "b.ekb").write_bytes(payload)
-    assert sha256_file(tmp_path / "b.ekb") == sha

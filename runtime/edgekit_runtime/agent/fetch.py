@@ -38,7 +38,6 @@ download per sha256 at a time: the agent installs one bundle at a time.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import http.client
 import logging
 import os
@@ -53,6 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .. import __version__
 from ..contract.errors import BundleError, ErrorCode
+from ..fileio import fsync_dir, sha256_file  # noqa: F401 - sha256_file: also imported from here
 
 log = logging.getLogger("edgekit_runtime.agent.fetch")
 
@@ -64,15 +64,6 @@ MAX_RETRY_AFTER_S = 60.0
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _TRANSIENT_4XX = (408, 429)  # request timeout, too many requests: the server asks us to come back
-
-
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_bundle(url: str, downloads_dir: Path, sha256: str, size: int | None = None, *, timeout: float = 30.0,
@@ -120,7 +111,7 @@ def fetch_bundle(url: str, downloads_dir: Path, sha256: str, size: int | None = 
     job.verify()
     _fsync_file(job.part)
     os.replace(job.part, final)
-    _fsync_dir(downloads_dir)
+    fsync_dir(downloads_dir)
     return final
 
 
@@ -415,15 +406,3 @@ def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory; the rename still happened
-        pass
-    finally:
-        os.close(fd)

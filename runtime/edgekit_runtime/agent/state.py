@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract.errors import ErrorCode, RuntimeConfigError
+from ..fileio import atomic_write, fsync_dir  # noqa: F401 - atomic_write: the agent's modules import it from here
 
 SLOTS = ("a", "b")
 
@@ -67,27 +68,6 @@ class AgentStateError(RuntimeConfigError):
 def check_transition(old: AgentState, new: AgentState) -> None:
     if new != old and new not in TRANSITIONS[old]:
         raise AgentStateError(f"agent state cannot go from {old.value} to {new.value}")
-
-
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StateDir:
@@ -248,7 +228,7 @@ class StateDir:
             self.marker_file.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def log_install(self, entry: dict[str, Any]) -> None:
         """Append one finished install/rollback to ``installs.jsonl`` (durably)."""
@@ -280,7 +260,7 @@ class StateDir:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return dest
 
     def clean_leftovers(self, keep_sha256: str | None = None, max_age_s: float = 7 * 86400) -> list[str]:
