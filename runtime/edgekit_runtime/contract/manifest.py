@@ -617,8 +617,8 @@ class Manifest(Section):
     """
 
     PATH: ClassVar[str] = "manifest"
-    format: str = spec.FORMAT_NAME
-    format_version: str = spec.FORMAT_VERSION
+    format: str = _f(spec.FORMAT_NAME, required=True)
+    format_version: str = _f(spec.FORMAT_VERSION, required=True)
     created_at: str
     created_by: str
     model: ModelInfo
