@@ -87,6 +87,40 @@ def test_health_check_detects_wrong_expected_output(kit, ring, tmp_path):
         assert model.health_check()["ok"] is False
 
 
+@pytest.mark.parametrize("offset, ok", [
+    (0.0, True), (0.5e-5, True), (0.9e-5, True),  # within atol = 1e-5 where the output is 0
+    (1.1e-5, False), (2e-5, False), (1e-4, False),  # just over, and ~10x atol
+])
+def test_health_check_holds_the_output_to_atol(kit, ring, offset, ok):
+    """The sample's first output is exactly 0, so there the tolerance is atol alone (1e-5)."""
+    manifest, members = kit.parts()
+    expected = kit.SAMPLE @ kit.WEIGHTS
+    assert expected[0, 0] == 0.0 and manifest["health_check"]["atol"] == 1e-5
+    members["health/expected_output.npy"] = kit.npy((expected + offset).astype(np.float32))
+    with edgekit_runtime.load(kit.write(manifest=manifest, members=members), keyring=ring) as model:
+        health = model.health_check()
+    assert health["ok"] is ok and health["checked"] and health["finite"]
+    assert health["max_abs_diff"] == pytest.approx(offset, abs=2.5e-7)  # float32 rounding at outputs ~2.5
+
+
+@pytest.mark.parametrize("diff, ok", [(0.0095, True), (0.0105, False)])
+def test_health_check_tolerance_grows_with_rtol(diff, ok):
+    """|got - expected| <= atol + rtol*|expected|: at 1000 with rtol 1e-5 the tolerance is 0.01001."""
+    from edgekit_runtime.api import compare_health
+
+    expected = np.array([[0.0, 1000.0]], np.float32)
+    got = expected + np.array([[0.0, diff]], np.float32)
+    assert compare_health(got, expected, atol=1e-5, rtol=1e-5)["ok"] is ok
+    assert compare_health(got, expected, atol=1e-5, rtol=0.0)["ok"] is False  # atol alone is far too tight
+
+
+def test_health_check_refuses_non_finite_output():
+    from edgekit_runtime.api import compare_health
+
+    result = compare_health(np.array([np.nan, 0.0]), np.array([np.nan, 0.0]), atol=1.0, rtol=1.0)
+    assert result["ok"] is False and result["finite"] is False
+
+
 # ----------------------------------------------------------------------------- signature
 def test_unsigned_bundle_is_refused(kit, ring, tmp_path):
     path = kit.craft_signed("unsigned.ekb", signature=False)

@@ -260,18 +260,21 @@ class AgentEnv:
         return self.kit.write(name, manifest=manifest, members=members)
 
     def model_bundle(self, name: str, *, release: int = 2, scale: float = 2.0, version: str | None = None,
-                     break_health: bool = False, budget_ms: float | None = None, padding: int = 0) -> Path:
+                     break_health: bool = False, health_offset: float = 0.0, budget_ms: float | None = None,
+                     padding: int = 0) -> Path:
         """A signed MatMul bundle with weights ``scale * W`` (so its outputs differ from release 1).
 
-        ``break_health``: the stored expected output is wrong, so the bundle verifies but fails
-        its health check on the device (as a model compiled for other hardware would).
+        ``break_health``: the stored expected output is wrong (by 1.0), so the bundle verifies but
+        fails its health check on the device (as a model compiled for other hardware would).
+        ``health_offset``: add this to the stored expected output instead (the first output is
+        exactly 0, so there the tolerance is the manifest's ``atol``, 1e-5).
         ``padding``: bytes of an extra (random, signed) member, so a download takes a while.
         """
         kit = self.kit
         manifest, members = kit.parts()
         weights = (kit.WEIGHTS * scale).astype(np.float32)
         members["model.onnx"] = kit.matmul_onnx(weights)
-        expected = kit.SAMPLE @ weights + (1.0 if break_health else 0.0)
+        expected = kit.SAMPLE @ weights + (1.0 if break_health else health_offset)
         members["health/expected_output.npy"] = kit.npy(expected.astype(np.float32))
         manifest["model"].update(release=release, version=version or f"{release}.0.0")
         if budget_ms is not None:

@@ -200,6 +200,23 @@ def test_failing_health_check_keeps_the_old_model(agent_env, capsys):
     assert sd.read_slot("b")["state"] == "aborted" and sd.read_slot("b")["failed_step"] == "health_check"
 
 
+@pytest.mark.parametrize("times_atol", [2.0, 10.0])
+def test_an_output_a_few_tolerances_off_is_refused(agent_env, capsys, times_atol):
+    """atol is 1e-5 and the first output is exactly 0: 2x and 10x atol off must fail, not just 1.0 off."""
+    bundle = agent_env.model_bundle("near.ekb", release=6, health_offset=times_atol * 1e-5)
+    err = _refused(agent_env, capsys, bundle)
+    assert (err["reason"], err["step"]) == ("health_check_failed", "health_check")
+    assert "atol 1e-05" in err["message"]
+
+
+def test_an_output_within_the_tolerance_installs(agent_env, capsys):
+    path = agent_env.config_file()
+    assert _install(path, agent_env.model_bundle("base.ekb", release=5, scale=1.0), capsys=capsys)[0] == 0
+    rc, reply = _install(path, agent_env.model_bundle("close.ekb", release=6, health_offset=0.5e-5), capsys=capsys)
+    assert rc == 0 and reply["ok"] and reply["health"]["ok"]
+    assert 0 < reply["health"]["max_abs_diff"] < 1e-5
+
+
 def test_latency_budget_is_part_of_the_health_check(agent_env, capsys):
     err = _refused(agent_env, capsys, agent_env.model_bundle("slow.ekb", release=6, budget_ms=1e-6))
     assert err["reason"] == "health_check_failed" and "latency" in err["message"]
