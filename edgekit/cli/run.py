@@ -23,8 +23,7 @@ def run_cmd(bundle: Path = typer.Argument(..., exists=True, dir_okay=False, help
 
     files = [f for p in inputs for f in (list_images(p) if p.is_dir() else [p])]
     with edgekit_runtime.load(bundle, keyring=keyring(keyring_path)) as model:
-        model.manifest["postprocess"] = dict(model.manifest["postprocess"] or {"type": "classification"}, top_k=top_k)
-        results = model.predict(files)
+        results = model.predict(files, top_k=top_k)
     rows = [{"input": str(f), **r} for f, r in zip(files, results)]
     if as_json:
         print_json(rows)
