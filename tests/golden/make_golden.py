@@ -1,16 +1,20 @@
-"""Write the golden bundle-format-v1 bundle that tests/runtime/test_golden.py loads.
+"""Write the golden bundles (one per format version) that tests/runtime/test_golden.py loads.
 
-Run ONCE, commit the outputs, and never regenerate them: the point of a golden
-bundle is that it was written by an *old* edgekit and every later runtime must
-still read it. The signing key is generated in memory and thrown away, so a run
-can never reproduce the committed files (the signature differs); that is the
-intent. Outputs:
+Run ONCE per version, commit the outputs, and never regenerate them: the point of
+a golden bundle is that it was written by an *old* edgekit and every later
+runtime must still read it. The signing key is generated in memory and thrown
+away, so a run can never reproduce the committed files (the signature differs);
+that is the intent. Each version's bundle is a gray 2x2 image classifier with
+three classes: ``y = flatten(x) @ W + b`` (ONNX: Flatten, MatMul, Add; opset 13).
 
-* ``v1.0-onnxruntime-matmul.ekb`` — a gray 2x2 image classifier with three
-  classes: ``y = flatten(x) @ W + b`` (ONNX: Flatten, MatMul, Add; opset 13);
-* ``golden.pub`` — the public key that signed it (the test's keyring).
+* ``--version 1.0``: ``v1.0-onnxruntime-matmul.ekb`` and ``golden.pub`` (the
+  public key that signed it), the manifest a dict literal as 1.0 writers made it;
+* ``--version 1.1``: ``v1.1-onnxruntime-matmul.ekb`` and ``v1.1-golden.pub``,
+  the manifest built with the typed ``Manifest`` and carrying every section 1.1
+  appended (fidelity, gates, stages, accuracy direction, latency gating) and a
+  drift histogram.
 
-Usage: python tests/golden/make_golden.py [--force]
+Usage: python tests/golden/make_golden.py --version 1.1 [--force]
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from edgekit.build.bundle_writer import write_bundle
 HERE = Path(__file__).resolve().parent
 BUNDLE = HERE / "v1.0-onnxruntime-matmul.ekb"
 PUBLIC_KEY = HERE / "golden.pub"
+OUTPUTS = {"1.0": (BUNDLE, PUBLIC_KEY),
+           "1.1": (HERE / "v1.1-onnxruntime-matmul.ekb", HERE / "v1.1-golden.pub")}
 
 # Multiples of 1/8 and inputs that are multiples of 1/256: float32 results are exact.
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 8 - 0.75
@@ -63,23 +69,9 @@ def npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", help="overwrite the committed golden files")
-    args = parser.parse_args(argv)
-    if (BUNDLE.exists() or PUBLIC_KEY.exists()) and not args.force:
-        print(f"{BUNDLE.name} exists: golden files are written once and committed (pass --force)", file=sys.stderr)
-        return 1
-
-    expected = HEALTH_INPUT.reshape(1, 4) @ W + B
-    model = model_bytes()
-    members = {
-        "model.onnx": model,
-        "labels.txt": ("\n".join(LABELS) + "\n").encode(),
-        "health/input.npy": npy(HEALTH_INPUT),
-        "health/expected_output.npy": npy(expected),
-    }
-    manifest = {
+def manifest_v1_0(model: bytes) -> dict:
+    """The 1.0 manifest, as written on 2026-01-01 (a dict literal, as 1.0 writers made it)."""
+    return {
         "format": "edgekit-bundle",
         "format_version": "1.0",
         "created_at": "2026-01-01T00:00:00+00:00",
@@ -104,11 +96,92 @@ def main(argv: list[str] | None = None) -> int:
         "input_stats": {"x": {"count": 1, "mean": float(HEALTH_INPUT.mean()), "std": float(HEALTH_INPUT.std()),
                               "min": float(HEALTH_INPUT.min()), "max": float(HEALTH_INPUT.max())}},
     }
+
+
+def manifest_v1_1(model: bytes) -> dict:
+    """The 1.1 manifest, built with the typed Manifest: every 1.1 section filled in.
+
+    The preprocessing leaves ``scale`` out, so the bundle runs with the format's
+    default (1/255), and normalizes with ``mean``/``std``.
+    """
+    from edgekit_runtime.contract import manifest as mf
+
+    calib = (np.arange(64, dtype=np.float32).reshape(16, 1, 2, 2) / 63.0 - 0.25) / 0.5
+    counts, edges = np.histogram(calib.astype(np.float64).ravel(), bins=8)
+    per_sample = calib.reshape(16, -1).mean(axis=1)
+    stats = mf.InputStats(
+        count=16, mean=float(calib.mean()), std=float(calib.std()), min=float(calib.min()), max=float(calib.max()),
+        percentiles={str(p): float(np.percentile(calib, p)) for p in (1, 5, 50, 95, 99)},
+        histogram=mf.Histogram(edges=edges.tolist(), counts=counts.tolist()),
+        sample_mean=mf.SampleMean(mean=float(per_sample.mean()), std=float(per_sample.std())))
+    figures = mf.LatencyFigures(p50_ms=0.011, p90_ms=0.013, p99_ms=0.02, mean_ms=0.012, count=300)
+    m = mf.Manifest(
+        format_version="1.1",
+        created_at="2026-12-04T00:00:00+00:00",
+        created_by="edgekit 0.2.0 (tests/golden/make_golden.py)",
+        model=mf.ModelInfo(name="golden-matmul", version="1.1.0", release=2),
+        target=mf.TargetInfo(name="onnxruntime-cpu", device="generic", latency_budget_ms=50.0),
+        backend=mf.BackendInfo(name="onnxruntime", version="1.20", precision="fp32", artifact="model.onnx",
+                               engines=["onnxruntime"], options=mf.BackendOptions(threads=1),
+                               quantization=None),
+        inputs=[mf.TensorSpec(name="x", dtype="float32", shape=["batch", 1, 2, 2], layout="NCHW")],
+        outputs=[mf.TensorSpec(name="y", dtype="float32", shape=["batch", 3])],
+        preprocess=mf.Preprocess(color="gray", size=[2, 2], interpolation="nearest", mean=[0.25], std=[0.5]),
+        postprocess=mf.Postprocess(top_k=2),
+        labels="labels.txt",
+        metrics=mf.BuildMetrics(
+            accuracy=mf.AccuracyReport(metric="top1_percent", direction="higher", dataset=None, count=0,
+                                       checked=False, budget_pts=None),
+            fidelity=mf.Fidelity(cosine=1.0, cosine_min=1.0, top1_agreement=1.0, samples=4, min_cosine=0.99,
+                                 min_top1_agreement=None, source="held-back calibration samples"),
+            latency_ms=mf.LatencyReport(engine="onnxruntime", batch=1, threads=1, interleaved=False, speedup=None,
+                                        gated=False, not_gated_reason="an FP32 build has no INT8 to compare",
+                                        figures={"fp32": figures}),
+            latency_measured_on="golden (not measured)",
+            size_bytes={"fp32": len(model)},
+            gates=[mf.GateRecord(name="accuracy", status="not_checked", detail="no labelled data"),
+                   mf.GateRecord(name="fidelity.cosine", status="passed", value=1.0, threshold=0.99),
+                   mf.GateRecord(name="latency.budget", status="passed", value=0.013, threshold=50.0, unit="ms")],
+            stages=[mf.StageRecord(name="export", seconds=0.25), mf.StageRecord(name="package", seconds=0.5)]),
+        calibration=None,
+        health_check=mf.HealthCheck(input="health/input.npy", expected_output="health/expected_output.npy",
+                                    atol=1e-5, rtol=1e-5),
+        input_stats={"x": stats},
+    )
+    manifest = m.to_dict()
+    del manifest["preprocess"]["scale"]  # the device takes the format's default
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", choices=sorted(OUTPUTS), default="1.1", help="format version to write")
+    parser.add_argument("--force", action="store_true", help="overwrite the committed golden files")
+    args = parser.parse_args(argv)
+    bundle, public_key = OUTPUTS[args.version]
+    if (bundle.exists() or public_key.exists()) and not args.force:
+        print(f"{bundle.name} exists: golden files are written once and committed (pass --force)", file=sys.stderr)
+        return 1
+
+    model = model_bytes()
+    if args.version == "1.0":
+        health_input, manifest = HEALTH_INPUT, manifest_v1_0(model)
+    else:
+        # the preprocessed image [[0, 255], [255, 0]] (scale 1/255, mean 0.25, std 0.5)
+        health_input = (np.array([[[[0.0, 1.0], [1.0, 0.0]]]], dtype=np.float32) - 0.25) / 0.5
+        manifest = manifest_v1_1(model)
+    expected = health_input.reshape(1, 4) @ W + B
+    members = {
+        "model.onnx": model,
+        "labels.txt": ("\n".join(LABELS) + "\n").encode(),
+        "health/input.npy": npy(health_input),
+        "health/expected_output.npy": npy(expected),
+    }
     key = Ed25519PrivateKey.generate()  # never written: the golden bundle cannot be re-signed
-    write_bundle(BUNDLE, manifest, members, key)
-    PUBLIC_KEY.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+    write_bundle(bundle, manifest, members, key)
+    public_key.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
-    print(f"wrote {BUNDLE} ({BUNDLE.stat().st_size} bytes) and {PUBLIC_KEY}")
+    print(f"wrote {bundle} ({bundle.stat().st_size} bytes) and {public_key}")
     return 0
 
 

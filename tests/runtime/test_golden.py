@@ -1,9 +1,9 @@
-"""The committed v1.0 golden bundle must load and run on every later runtime.
+"""The committed golden bundles (v1.0, v1.1) must load and run on every later runtime.
 
-``tests/golden/v1.0-onnxruntime-matmul.ekb`` was written once by
-``tests/golden/make_golden.py`` and is never regenerated (its private key is
+``tests/golden/v<version>-onnxruntime-matmul.ekb`` were written once each by
+``tests/golden/make_golden.py`` and are never regenerated (their private keys are
 gone). If this test fails, the runtime broke compatibility with bundles that are
-already on devices: fix the runtime, do not replace the golden file.
+already on devices: fix the runtime, do not replace the golden files.
 """
 
 from __future__ import annotations
@@ -85,3 +85,51 @@ def test_golden_bundle_refused_without_its_key(tmp_path):
         edgekit_runtime.load(BUNDLE, keyring=Keyring({key_id_of(other): other}), workdir=tmp_path / "w")
     assert info.value.code == edgekit_runtime.ErrorCode.BUNDLE_UNTRUSTED_KEY
     assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------- v1.1
+BUNDLE_1_1 = GOLDEN / "v1.1-onnxruntime-matmul.ekb"
+PUBLIC_KEY_1_1 = GOLDEN / "v1.1-golden.pub"
+
+
+def test_golden_1_1_bundle_verifies_and_carries_the_1_1_sections():
+    vb = open_bundle(BUNDLE_1_1, Keyring.from_paths(PUBLIC_KEY_1_1))
+    m = vb.manifest
+    assert (m.format, m.format_version) == ("edgekit-bundle", "1.1")
+    assert m.metrics.fidelity.cosine == 1.0 and m.metrics.fidelity.samples == 4
+    assert m.metrics.accuracy.direction == "higher" and m.metrics.accuracy.checked is False
+    assert m.metrics.latency_ms.gated is False and "no INT8" in m.metrics.latency_ms.not_gated_reason
+    assert m.metrics.latency_ms.figures["fp32"].count == 300
+    assert [(g.name, g.status) for g in m.metrics.gates] == [
+        ("accuracy", "not_checked"), ("fidelity.cosine", "passed"), ("latency.budget", "passed")]
+    assert [s.name for s in m.metrics.stages] == ["export", "package"]
+    assert m.inputs[0].layout == m.preprocess.layout == "NCHW"
+    # written without preprocess.scale: the device takes the format's default
+    assert "scale" not in vb.manifest_json["preprocess"] and m.preprocess.scale == 1 / 255
+    assert sum(m.input_stats["x"].histogram.counts) == 64
+
+
+def test_golden_1_1_bundle_runs_with_the_default_scale(tmp_path):
+    with edgekit_runtime.load(BUNDLE_1_1, keyring=PUBLIC_KEY_1_1, workdir=tmp_path / "w") as model:
+        health = model.health_check()
+        assert health["ok"] is True and health["max_abs_diff"] == 0.0
+        # image [[0, 255], [255, 0]] → x/255 → (x - 0.25) / 0.5 = [[-0.5, 1.5], [1.5, -0.5]]
+        image = np.array([[0, 255], [255, 0]], dtype=np.uint8)
+        x = model.preprocess([image])
+        np.testing.assert_allclose(x, [[[[-0.5, 1.5], [1.5, -0.5]]]], atol=1e-6)
+        logits = reference(np.array([[[[-0.5, 1.5], [1.5, -0.5]]]]))[0]
+        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        (result,) = model.predict(image)
+        assert len(result["top_k"]) == 2  # postprocess.top_k
+        assert [t["label"] for t in result["top_k"]] == [["zero", "one", "two"][i] for i in np.argsort(-probs)[:2]]
+        np.testing.assert_allclose([t["score"] for t in result["top_k"]], np.sort(probs)[::-1][:2], rtol=1e-5)
+
+
+def test_golden_1_1_bundle_gives_the_agent_a_drift_reference():
+    from edgekit_runtime.agent import DriftMonitor
+
+    m = open_bundle(BUNDLE_1_1, Keyring.from_paths(PUBLIC_KEY_1_1)).manifest
+    mon = DriftMonitor(m.input_stats, [t.name for t in m.inputs], min_values=1)
+    mon.add(np.full((1, 1, 2, 2), 0.5, np.float32))
+    report, _ = mon.evaluate()
+    assert report["available"] and report["inputs"]["x"]["judged"]
