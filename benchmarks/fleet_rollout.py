@@ -83,7 +83,7 @@ def release_bundles(src: Path, out_dir: Path, releases: tuple[int, ...] = (1, 2)
     key = load_private_key(keys["private"])
     out: dict[int, Path] = {}
     for release in releases:
-        manifest = json.loads(json.dumps(verified.manifest))
+        manifest = json.loads(json.dumps(verified.manifest_json))
         manifest["model"].update(release=release, version=f"{release}.0.0")
         out[release] = write_bundle(out_dir / f"{src.stem}-r{release}.ekb", manifest, members, key)
     return out
@@ -307,12 +307,10 @@ def run_scenario(name: str, run: int, args: argparse.Namespace, bundles: dict[in
     """One fresh fleet on release 1, one rollout of release 2; the figures and the device-side check."""
     from edgekit.fleet.broker import BrokerConfig, free_port, start_broker
     from edgekit.fleet.connection import BrokerSettings
-    from edgekit.flash.commands import FleetClient, select_devices
-    from edgekit.flash.plan import RolloutPlan
-    from edgekit.flash.rollout import Rollout
+    from edgekit.flash.commands import FleetClient
+    from edgekit.flash.fleet_flash import BundleSource, FleetFlash, FleetFlashSettings
     from edgekit.flash.server import BundleServer
     from edgekit.signing import load_private_key
-    from edgekit_runtime.bundle import read_manifest_unverified
 
     fault = name == "canary-fault"
     canary = args.fault_canary if fault else args.canary
@@ -379,24 +377,21 @@ def run_scenario(name: str, run: int, args: argparse.Namespace, bundles: dict[in
         server = BundleServer(served).start()
         stack.callback(server.stop)
         info = server.add(bundles[2])
-        manifest = read_manifest_unverified(bundles[2])
-        plan = RolloutPlan.parse({
-            "fleet": FLEET, "devices": select_devices(client.discover(), "*", None), "url": info["url"],
-            "sha256": info["sha256"], "size": info["size"], "bundle_name": bundles[2].name,
-            "model": manifest["model"]["name"], "model_version": manifest["model"]["version"],
-            "release": manifest["model"]["release"], "canary": canary, "max_failures": args.max_failures,
-            "device_timeout_s": args.device_timeout})
-        rollout = Rollout(plan, client, record_dir=root, sign_key=load_private_key(ensure_keys()["private"]))
+        # the rollout `edgekit flash --fleet` runs, on this benchmark's own connection and bundle server
+        settings = FleetFlashSettings(fleet=FLEET, devices="*", canary=canary, max_failures=args.max_failures,
+                                      device_timeout_s=args.device_timeout, record_dir=root)
+        job = stack.enter_context(FleetFlash(None, load_private_key(ensure_keys()["private"]), settings,
+                                             bundle=bundles[2], source=BundleSource(url=info["url"]), client=client))
         result["setup_s"] = round(time.monotonic() - t_setup, 1)
 
         log(f"{name}: rolling {bundles[2].name} (release 2) out to {args.devices} agents, canary {canary}"
             + (f", dev00 with {FAULT}" if fault else ""))
         cpu = CpuMonitor().start()
         t0 = time.time()
-        summary = rollout.run()
+        summary = job.run()
         wall = time.time() - t0
         result["cpu_during_rollout"] = {k: round(v, 1) for k, v in cpu.stop().items()}
-        record = rollout.record
+        record = job.rollout.record
         result["rollout_wall_s"] = round(wall, 3)
         result["summary"] = {k: summary[k] for k in ("phase", "counts", "failures", "halted", "halt_reason",
                                                       "fleet_switch_s", "rolled_back", "rollback_failed")}
@@ -516,8 +511,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"- **Fleet**: {report['devices']} `edgekit-agent run` processes on this one machine, each with its own "
         f"state directory and persistent MQTT session; **{report['threads']} inference thread per agent**, so all "
         f"agents share the {s['usable_cores']} cores; telemetry every 1 s. Bundles come from a `BundleServer` on "
-        "loopback; the rollout runs in the benchmark process (`FleetClient` + `Rollout`, commands signed with the "
-        "benchmark key, `max_failures` 0, canary then one wave with the rest).",
+        "loopback; the rollout runs in the benchmark process (`edgekit.flash.fleet_flash.FleetFlash`, what "
+        "`edgekit flash --fleet` runs; commands signed with the benchmark key, `max_failures` 0, canary then one "
+        "wave with the rest).",
         f"- **Model**: {b['model']} for `{b['target']}`, **{b['precision']}** (backend precision "
         f"{b['backend_precision']}), bundle {b['size_bytes'] / 1e6:.2f} MB. Release 1 → release 2: the same "
         "compiled model re-signed with `model.release` 2, a new sha256, so every device downloads, verifies, "
