@@ -22,7 +22,7 @@ from . import __version__, jetson
 from .api import load
 from .bench import BenchSettings, run_benchmark
 from .bundle import open_bundle
-from .contract.errors import ErrorCode, RuntimeErrorBase
+from .contract.errors import ErrorCode, ExitStatus, RuntimeErrorBase
 from .keyring import Keyring
 from .processing import IMAGE_SUFFIXES, list_images
 
@@ -46,7 +46,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "files": len(b.members)}
     print(json.dumps(info, indent=2) if args.json else f"OK {args.bundle}: {info['model']['name']} "
           f"{info['model']['version']} for {info['target']} (key {b.key_id}, {info['files']} files verified)")
-    return 0
+    return ExitStatus.OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             top = row.get("top_k")
             text = ", ".join(f"{t['label']} {t['score']:.3f}" for t in top) if top else str(row["output"])[:80]
             print(f"{row['input']}: {text}")
-    return 0
+    return ExitStatus.OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -87,11 +87,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2) if args.json else
           f"p50 {ss['p50_ms']:.3f} ms  p90 {ss['p90_ms']:.3f} ms  p99 {ss['p99_ms']:.3f} ms  "
           f"QPS {result['single_stream']['qps']:.1f}  ({ss['count']} queries)")
-    return 0
-
-
-EXIT_USAGE = 2
-EXIT_RUNTIME_ERROR = 3
+    return ExitStatus.OK
 
 
 def _print_error(error: dict) -> None:
@@ -104,7 +100,7 @@ def _usage_error(args: argparse.Namespace, message: str) -> int:
         _print_error({"code": int(ErrorCode.CONFIG_INVALID), "name": ErrorCode.CONFIG_INVALID.name,
                       "message": message, "hint": "see --help"})
     print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return ExitStatus.USAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:  # one document on stdout either way
             _print_error(exc.to_event())
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME_ERROR
+        return ExitStatus.RUNTIME_ERROR
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..contract.errors import ErrorCode, RuntimeErrorBase
+from ..contract.errors import ErrorCode, ExitStatus, RuntimeErrorBase
 from .config import AgentConfig
 from .spool import read_stats
 from .state import StateDir
@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          indent=2), flush=True)
         args.json = False  # that was the one document: a later error goes to stderr only
     agent.run()
-    return 0
+    return ExitStatus.OK
 
 
 def status_of(config: AgentConfig) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     st = status_of(config)
     if args.json:
         print(json.dumps(st, indent=2))
-        return 0
+        return ExitStatus.OK
     agent = st.get("agent") or {}
     model = st["model"]
     print(f"device     {st['fleet']}/{st['device_id']}")
@@ -107,11 +107,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if spool:
         print(f"spool      {spool['pending']} messages, {spool['bytes']} bytes; dropped "
               f"{spool['dropped_oldest_total']}, rejected {spool['rejected_new_total']}")
-    return 0
+    return ExitStatus.OK
 
 
 def _emit(args: argparse.Namespace, reply: dict[str, Any], text: str) -> int:
-    """Print a result (JSON with --json); exit 0 when it went well, 3 when the device refused."""
+    """Print a result (JSON with --json); exit OK when it went well, RUNTIME_ERROR when the device refused."""
     if args.json:
         print(json.dumps(reply, indent=2, default=str))
     elif reply["ok"]:
@@ -122,7 +122,7 @@ def _emit(args: argparse.Namespace, reply: dict[str, Any], text: str) -> int:
         print(f"error: {reply.get('command') or 'install'} refused at {err.get('step') or 'start'}: [{code}{err.get('reason')}] "
               f"{err.get('message')}" + (f" — {err['hint']}" if err.get("hint") else "")
               + f"; slot {err.get('active_slot')} still serves", file=sys.stderr)
-    return 0 if reply["ok"] else 3
+    return ExitStatus.OK if reply["ok"] else ExitStatus.RUNTIME_ERROR
 
 
 def _change(config: AgentConfig, command: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", False):  # callers parsing stdout (edgekit flash --host) get JSON either way
             print(json.dumps({"ok": False, "error": {"reason": "error", "step": None, **exc.to_event()}}))
         print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return ExitStatus.RUNTIME_ERROR
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ class ErrorCode(enum.IntEnum):
     DEVICE_STORAGE = 403  # the device's own storage failed (disk full, I/O error) during an install
 
 
+class ExitStatus(enum.IntEnum):
+    """How the device CLIs (``edgekit-runtime``, ``edgekit-agent``) exit; the stable code says which error."""
+
+    OK = 0
+    USAGE = 2  # the command line is wrong
+    RUNTIME_ERROR = 3  # a RuntimeErrorBase (or a refused install/rollback): its code is printed
+
+
 class RuntimeErrorBase(Exception):
     """Base of every error the runtime raises on purpose.
 
