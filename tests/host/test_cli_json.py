@@ -360,3 +360,12 @@ def test_compile_digits_json_stdout_parses(digits_default_checkpoint, keys, tmp_
     report = one_document(proc.stdout)
     assert report["target"] == "x86-openvino-cpu" and out.exists()
     assert "No CUDA runtime" not in proc.stderr  # quiet unless -v
+
+
+@pytest.mark.slow
+def test_demo_json_stdout_parses(tmp_path):
+    """`edgekit demo --json`: training, four compiles and the benchmarks print their steps on stderr only."""
+    proc = edgekit("demo", "--workdir", tmp_path / "demo", "--epochs", "2", "--seconds", "0.2", "--json", timeout=900)
+    assert proc.returncode == ExitCode.OK, proc.stderr[-3000:]
+    summary = one_document(proc.stdout)
+    assert len(summary["rows"]) == 4 and "1/4 train" in proc.stderr
