@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit_runtime.contract import bundle_spec as spec
 from edgekit_runtime.bundle import read_manifest_unverified
+from edgekit_runtime.contract.manifest import Manifest
 from edgekit_runtime.keyring import key_id_of
 
 from ..errors import EdgekitError
@@ -30,8 +31,16 @@ def _zipinfo(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def write_bundle(out: Path, manifest: dict[str, Any], members: dict[str, bytes], key: Ed25519PrivateKey) -> Path:
-    """Fill in ``files`` and ``signing``, sign the manifest, and write the archive atomically."""
+def write_bundle(out: Path, manifest: Manifest | dict[str, Any], members: dict[str, bytes],
+                 key: Ed25519PrivateKey) -> Path:
+    """Fill in ``files`` and ``signing``, sign the manifest, and write the archive atomically.
+
+    ``manifest`` is the typed
+    :class:`~edgekit_runtime.contract.manifest.Manifest` the pipeline builds; a plain dict is
+    accepted for tests that write deliberately odd bundles.
+    """
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
     for name in members:
         if name in spec.RESERVED_NAMES or name.startswith("/") or ".." in name.split("/"):
             raise EdgekitError(f"bad bundle member name {name!r}")

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from edgekit_runtime.contract import manifest
+
 from ..errors import ConfigError
 from .base import Strict, apply_overrides, merge, parse, partial, read_yaml
 from .target import AccuracyBudget, FidelityGate, LatencyGate, Limits, QuantizeSettings, RuntimeSettings, TargetProfile
@@ -40,17 +42,22 @@ class DataSource(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+# Defaults come from the bundle format (edgekit_runtime.contract.manifest), so host and device agree.
+_PRE = manifest.defaults(manifest.Preprocess)
+_POST = manifest.defaults(manifest.Postprocess)
+
+
 class PreprocessSpec(Strict):
-    type: Literal["image"] = "image"
-    color: Literal["gray", "rgb", "bgr"] = "rgb"
+    type: Literal["image"] = _PRE["type"]
+    color: Literal["gray", "rgb", "bgr"] = _PRE["color"]
     size: list[int] = Field(description="[height, width]")
-    resize: Literal["stretch", "shorter_center_crop"] = "stretch"
-    interpolation: Literal["area", "linear", "nearest", "cubic"] = "area"
-    scale: float = 1 / 255
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
-    dtype: Literal["float32"] = "float32"
+    resize: Literal["stretch", "shorter_center_crop"] = _PRE["resize"]
+    interpolation: Literal["area", "linear", "nearest", "cubic"] = _PRE["interpolation"]
+    scale: float = _PRE["scale"]
+    mean: list[float] | None = _PRE["mean"]
+    std: list[float] | None = _PRE["std"]
+    layout: Literal["NCHW", "NHWC"] = _PRE["layout"]
+    dtype: Literal["float32"] = _PRE["dtype"]
 
     @field_validator("size")
     @classmethod
@@ -61,9 +68,9 @@ class PreprocessSpec(Strict):
 
 
 class PostprocessSpec(Strict):
-    type: Literal["classification", "none"] = "classification"
-    softmax: bool = True
-    top_k: int = Field(5, ge=1)
+    type: Literal["classification", "none"] = _POST["type"]
+    softmax: bool = _POST["softmax"]
+    top_k: int = Field(_POST["top_k"], ge=1)
 
 
 class ExportSettings(Strict):

@@ -43,9 +43,9 @@ def test_slower_int8_ships_the_faster_fp32_and_says_so(tmp_path, digits_checkpoi
     assert gate["status"] == "failed" and "shipping the faster FP32 artifact" in gate["detail"]
     assert result.report["precision"] == "fp32" and result.report["accuracy"]["deployed"] > 90
     m = edgekit_runtime.open_bundle(out, Keyring.from_paths(keys["public"])).manifest
-    assert m["backend"]["precision"] == "fp32" and m["calibration"] is None
-    assert m["metrics"]["latency_ms"]["gated"] is True and m["metrics"]["latency_ms"]["speedup"] < 1000
-    assert {g["name"]: g["status"] for g in m["metrics"]["gates"]}["latency.int8_speedup"] == "failed"
+    assert m.backend.precision == "fp32" and m.calibration is None
+    assert m.metrics.latency_ms.gated is True and m.metrics.latency_ms.speedup < 1000
+    assert {g.name: g.status for g in m.metrics.gates}["latency.int8_speedup"] == "failed"
 
 
 def test_slower_int8_fails_the_build_when_the_profile_says_fail(tmp_path, digits_checkpoint, signing_key):

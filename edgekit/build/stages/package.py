@@ -14,6 +14,7 @@ import numpy as np
 
 import edgekit_runtime
 from edgekit_runtime.contract import bundle_spec
+from edgekit_runtime.contract import manifest as mf
 from edgekit_runtime.keyring import Keyring, key_id_of
 
 from ... import __version__
@@ -69,44 +70,46 @@ class PackageStage:
         if state.preprocess and len(ins[0]["shape"]) == 4:
             ins[0]["layout"] = state.preprocess["layout"]  # what the device's preprocessing produces
         calib = state.calib
-        accuracy = {k: v for k, v in state.report["accuracy"].items() if k != "attempts"}
         latency = state.latency
-        manifest = {
-            "format": bundle_spec.FORMAT_NAME,
-            "format_version": bundle_spec.FORMAT_VERSION,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "created_by": f"edgekit {__version__} (python {platform.python_version()})",
-            "model": {"name": cfg.model.name, "version": cfg.model.version,
-                      "release": cfg.model.release if cfg.model.release is not None else int(time.time())},
-            "target": {"name": profile.name, "device": profile.device.family,
-                       "latency_budget_ms": profile.limits.latency_budget_ms},
-            "backend": {"name": state.backend.name, "version": state.compiler.library_version(),
-                        "precision": chosen.precision, "artifact": chosen.main, "engines": list(profile.engines),
-                        "options": m.deploy_options, "quantization": chosen.details or None},
-            "inputs": ins,
-            "outputs": outs,
-            "preprocess": state.preprocess,
-            "postprocess": cfg.postprocess.model_dump() if cfg.postprocess.type != "none" else None,
-            "labels": "labels.txt" if state.labels else None,
-            "metrics": {
-                "accuracy": accuracy,
-                "fidelity": state.report.get("fidelity"),
-                "latency_ms": {k: v for k, v in latency.items() if k != "measured_on"},
-                "latency_measured_on": latency["measured_on"]["cpu"],
-                "size_bytes": {"fp32": state.fp32.size_bytes(), chosen.precision: chosen.size_bytes()},
-                "gates": [g.to_dict() for g in state.gates],
-                "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in state.report["stages"]],
-            },
-            "calibration": {"sha256": calib.sha256(), "count": len(calib), "source": calib.source}
-            if calib is not None and chosen is not state.fp32 else None,
-            "health_check": {"input": "health/input.npy", "expected_output": "health/expected_output.npy",
-                             "atol": tol[0], "rtol": tol[1]},
-            "input_stats": {sig.input_name: input_statistics(calib.x if calib is not None else x)},
+        metrics = {
+            "accuracy": {k: v for k, v in state.report["accuracy"].items() if k != "attempts"},
+            "fidelity": state.report.get("fidelity"),
+            "latency_ms": {k: v for k, v in latency.items() if k != "measured_on"},
+            "latency_measured_on": latency["measured_on"]["cpu"],
+            "size_bytes": {"fp32": state.fp32.size_bytes(), chosen.precision: chosen.size_bytes()},
+            "gates": [g.to_dict() for g in state.gates],
+            "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in state.report["stages"]],
         }
+        # One typed manifest, the same classes the device parses into; sections that arrive as
+        # JSON-like data (the build report, backend details, statistics) go through their parser.
+        manifest = mf.Manifest(
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_by=f"edgekit {__version__} (python {platform.python_version()})",
+            model=mf.ModelInfo(name=cfg.model.name, version=cfg.model.version,
+                               release=cfg.model.release if cfg.model.release is not None else int(time.time())),
+            target=mf.TargetInfo(name=profile.name, device=profile.device.family,
+                                 latency_budget_ms=profile.limits.latency_budget_ms),
+            backend=mf.BackendInfo(
+                name=state.backend.name, version=state.compiler.library_version(), precision=chosen.precision,
+                artifact=chosen.main, engines=list(profile.engines),
+                options=mf.BackendOptions.from_dict(m.deploy_options),
+                quantization=mf.QuantizationDetails.from_dict(chosen.details) if chosen.details else None),
+            inputs=[mf.TensorSpec.from_dict(t, f"manifest.inputs[{i}]") for i, t in enumerate(ins)],
+            outputs=[mf.TensorSpec.from_dict(t, f"manifest.outputs[{i}]") for i, t in enumerate(outs)],
+            preprocess=mf.Preprocess(**state.preprocess) if state.preprocess else None,
+            postprocess=mf.Postprocess(**cfg.postprocess.model_dump()) if cfg.postprocess.type != "none" else None,
+            labels="labels.txt" if state.labels else None,
+            metrics=mf.BuildMetrics.from_dict(metrics),
+            calibration=mf.CalibrationInfo(sha256=calib.sha256(), count=len(calib), source=calib.source)
+            if calib is not None and chosen is not state.fp32 else None,
+            health_check=mf.HealthCheck(input="health/input.npy", expected_output="health/expected_output.npy",
+                                        atol=tol[0], rtol=tol[1]),
+            input_stats={sig.input_name: mf.InputStats.from_dict(input_statistics(calib.x if calib is not None else x))},
+        )
         tmp = temporary_bundle_path(cfg.output)
         state.bundle_tmp = tmp
+        state.manifest = manifest.to_dict()
         write_bundle(tmp, manifest, members, state.key)
-        state.manifest = manifest
         # Read it back the way a device does: verify, load, health-check.
         ring = Keyring({key_id_of(state.key.public_key()): state.key.public_key()})
         with edgekit_runtime.load(tmp, keyring=ring) as model:
