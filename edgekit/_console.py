@@ -41,6 +41,11 @@ _QUIET_LOGGERS = {
 }
 
 
+# What quiet_third_party changed, so that loud_third_party can undo exactly that.
+_changed_env: list[str] = []
+_changed_loggers: dict[str, int] = {}
+
+
 def quiet_third_party() -> None:
     """Silence known third-party chatter (call early, before torch/TensorFlow/NNCF are imported).
 
@@ -48,11 +53,23 @@ def quiet_third_party() -> None:
     matter still reach stderr, and nothing is changed that alters results.
     """
     for name, value in _QUIET_ENV.items():
-        os.environ.setdefault(name, value)
+        if name not in os.environ:
+            os.environ[name] = value
+            _changed_env.append(name)
     for name, level in _QUIET_LOGGERS.items():
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET or logger.level < level:
+            _changed_loggers.setdefault(name, logger.level)
             logger.setLevel(level)
+
+
+def loud_third_party() -> None:
+    """Undo :func:`quiet_third_party` (a user's own settings stay): for ``-v`` given after it ran."""
+    while _changed_env:
+        os.environ.pop(_changed_env.pop(), None)
+    for name, level in _changed_loggers.items():
+        logging.getLogger(name).setLevel(level)
+    _changed_loggers.clear()
 
 
 @contextlib.contextmanager

@@ -7,14 +7,12 @@ Each group lives in its own module (``targets``, ``keys``, ``compile``, ``bundle
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import typer
 
 from . import bench, broker, bundle, compile, demo, flash, fleet, keys, run, serve, targets
 from .exits import JsonAwareGroup
 from .options import VerboseOpt
+from .output import set_verbosity
 
 app = typer.Typer(help="Compile models for edge devices, ship signed bundles, run and benchmark them.\n\n"
                        "Every command takes --json (one JSON document on stdout, errors included). Exit codes: "
@@ -26,14 +24,7 @@ app = typer.Typer(help="Compile models for edge devices, ship signed bundles, ru
 @app.callback()
 def root(verbose: int = VerboseOpt) -> None:
     """Set up output before any command runs: third-party chatter quiet unless -v, logs on stderr."""
-    from .._console import quiet_third_party
-
-    if not verbose:
-        quiet_third_party()  # before any command imports torch, TensorFlow or NNCF
-    level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
-    if not logging.getLogger().handlers:  # an embedding program's logging setup is left alone
-        logging.basicConfig(stream=sys.stderr, level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("edgekit").setLevel(level)
+    set_verbosity(verbose)
 
 
 app.add_typer(targets.app, name="targets")

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from .exits import handle_errors
 from .options import JsonOpt, VerboseOpt
-from .output import console, err_console, print_json
+from .output import console, err_console, print_json, set_verbosity
 
 
 def _shape(text: Optional[str]) -> Optional[list[int]]:
@@ -48,10 +48,9 @@ def compile_cmd(
 
     Flags override the build file's fields; the result is validated again.
     """
-    from .._console import quiet_third_party, redirect_stdout_to_stderr
+    from .._console import redirect_stdout_to_stderr
 
-    if not verbose:
-        quiet_third_party()  # before the pipeline imports torch, NNCF, TensorFlow
+    set_verbosity(verbose)  # `compile -v` shows what `edgekit -v compile` would
     from ..build.pipeline import compile_model
     from ..config import load_build
     from ..signing import load_private_key

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .exits import handle_errors
 from .options import JsonOpt, VerboseOpt
-from .output import console, err_console, print_json
+from .output import console, err_console, print_json, set_verbosity
 
 
 @handle_errors
@@ -21,10 +21,9 @@ def demo_cmd(workdir: Path = typer.Option(Path("build/demo"), help="Where everyt
              verbose: int = VerboseOpt,
              as_json: bool = JsonOpt) -> None:
     """Train the digits CNN, compile INT8 for both x86 targets, verify, run and benchmark."""
-    from .._console import quiet_third_party, redirect_stdout_to_stderr
+    from .._console import redirect_stdout_to_stderr
 
-    if not verbose:
-        quiet_third_party()
+    set_verbosity(verbose)
     from ..demo import run_demo
 
     steps = err_console if as_json else console
