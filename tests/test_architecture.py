@@ -197,3 +197,55 @@ def test_only_cli_modules_print():
 def test_the_print_finder_sees_each_form():
     tree = ast.parse("print('x')\nconsole.print('y')\nsys.stdout.write('z')\nlog.info('fine')\n")
     assert [call for _, call in printing_calls(tree)] == ["print()", "console.print()", "sys.stdout.write()"]
+
+
+# ----------------------------------------------------------------------------- layering
+def _raw_imports(path: Path) -> set[str]:
+    """Absolute names a file imports, anywhere in it (relative imports kept as '.'-prefixed)."""
+    out = set()
+    for node in all_imports(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        else:
+            out.add("." * node.level + (node.module or ""))
+    return out
+
+
+def test_the_contract_imports_only_the_standard_library():
+    import sys
+
+    contract = REPO / "runtime" / "edgekit_runtime" / "contract"
+    files = sorted(contract.glob("*.py"))
+    assert len(files) >= 4  # __init__, bundle_spec, errors, fleet_protocol, manifest
+    for path in files:
+        for name in _raw_imports(path):
+            if name.startswith("."):  # the contract's own modules, nothing above them
+                assert not name.startswith(".."), f"{path.name} imports {name} from outside the contract"
+                continue
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or top == "__future__", f"{path.name} imports {name}"
+
+
+CONCRETE_BACKENDS = ("quantize_openvino", "quantize_onnxruntime", "quantize_tensorrt", "quantize_tflite",
+                     "tensorrt_calibration", "openvino_engine", "onnxruntime_engine", "tensorrt_engine",
+                     "tflite_engine")
+
+
+def test_stages_and_gates_never_import_a_concrete_backend():
+    build = PACKAGE / "build"
+    files = [*sorted((build / "stages").glob("*.py")), build / "pipeline.py", build / "gates.py",
+             build / "measure.py", build / "state.py"]
+    for path in files:
+        for name in _raw_imports(path):
+            leaf = name.rsplit(".", 1)[-1]
+            assert leaf not in CONCRETE_BACKENDS, f"{path.relative_to(REPO)} imports {name}: go through the registry"
+        # nor the backend libraries themselves
+        for lib in ("openvino", "onnxruntime", "nncf", "tensorrt", "ai_edge_litert", "litert_torch"):
+            assert lib not in {n.split(".")[0] for n in _raw_imports(path)}, f"{path.name} imports {lib}"
+
+
+def test_the_layering_checks_see_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from ..backends.quantize_openvino import X\n    import numpy\n")
+    names = _raw_imports(bad)
+    assert "..backends.quantize_openvino" in names and "numpy" in names
