@@ -25,6 +25,8 @@ from edgekit.flash.server import BundleServer, parse_range
 from edgekit_runtime.agent.fetch import fetch_bundle
 from edgekit_runtime.contract.errors import BundleError, ErrorCode
 
+from tests.polling import wait_until
+
 SIZE = 200_000  # not a multiple of the 64 KiB chunk
 
 
@@ -67,15 +69,6 @@ def request(srv: BundleServer, path: str, method: str = "GET", headers: dict | N
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
-
-
-def wait_for(condition, timeout: float = 3.0):
-    """The server records a request after its last byte left, which can be just after the client is done."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 class _Scripted(BaseHTTPRequestHandler):
@@ -294,7 +287,8 @@ def test_fetch_downloads_and_verifies(server, downloads, payload, sha):
     assert path == downloads / f"{sha}.ekb" and path.read_bytes() == payload
     assert leftovers(downloads) == [f"{sha}.ekb"]
     assert seen[-1] == (SIZE, SIZE) and len(seen) >= 2
-    wait_for(lambda: len(server.requests) == 1)
+    # the server records a request after its last byte left, which can be just after the client is done
+    wait_until(lambda: len(server.requests) == 1)
     assert server.bytes_sent == SIZE
 
     # already there and verified: no second download
@@ -308,7 +302,7 @@ def test_fetch_resumes_a_part_left_by_an_earlier_attempt(server, downloads, payl
     (downloads / f"{sha}.part").write_bytes(payload[:half])
     path = fetch_bundle(server.url_for(sha), downloads, sha, SIZE)
     assert path.read_bytes() == payload
-    wait_for(lambda: len(server.requests) == 1)
+    wait_until(lambda: len(server.requests) == 1)
     (req,) = server.requests
     assert (req.range, req.status, req.body_bytes) == (f"bytes={half}-", 206, SIZE - half)
     assert server.bytes_sent == SIZE - half
@@ -355,7 +349,7 @@ def test_fetch_verifies_a_complete_part_on_416(server, downloads, payload, sha):
     part = downloads / f"{sha}.part"
     part.write_bytes(payload)  # no size pinned, so only the server can say it is complete
     assert fetch_bundle(server.url_for(sha), downloads, sha).read_bytes() == payload
-    wait_for(lambda: len(server.requests) == 1)
+    wait_until(lambda: len(server.requests) == 1)
     assert server.requests[0].status == 416 and server.bytes_sent == 0
 
 
@@ -363,7 +357,7 @@ def test_fetch_discards_an_overlong_part_and_starts_over(server, downloads, payl
     downloads.mkdir(parents=True)
     (downloads / f"{sha}.part").write_bytes(payload + b"junk")
     assert fetch_bundle(server.url_for(sha), downloads, sha).read_bytes() == payload
-    wait_for(lambda: len(server.requests) == 2)
+    wait_until(lambda: len(server.requests) == 2)
     assert [r.status for r in server.requests] == [416, 200]
     assert leftovers(downloads) == [f"{sha}.ekb"]
 
@@ -385,7 +379,7 @@ def test_fetch_404_fails_at_once(server, downloads):
     assert time.monotonic() - start < 1.5  # a single backoff would already be 2 s
     assert err.value.code == ErrorCode.BUNDLE_DOWNLOAD_FAILED
     assert "HTTP 404" in err.value.message and server.url_for(missing) in err.value.message
-    wait_for(lambda: len(server.requests) == 1)
+    wait_until(lambda: len(server.requests) == 1)
     assert leftovers(downloads) == []
 
 
@@ -436,7 +430,7 @@ def test_should_stop_interrupts_and_the_part_resumes(bundle_dir, downloads, payl
         assert not (downloads / f"{sha}.ekb").exists()
 
         assert fetch_bundle(slow.url_for(sha), downloads, sha, SIZE).read_bytes() == payload
-        wait_for(lambda: len(slow.requests) == 2)
+        wait_until(lambda: len(slow.requests) == 2)
         assert [(r.range, r.status) for r in slow.requests if r.range] == [(f"bytes={kept}-", 206)]
 
 
@@ -507,7 +501,7 @@ def test_https_with_the_servers_certificate(bundle_dir, downloads, payload, sha,
         (downloads / f"{sha}.part").write_bytes(payload[:1234])  # resume works over TLS too
         path = fetch_bundle(srv.url_for(sha), downloads, sha, SIZE, ca_file=cert)
         assert path.read_bytes() == payload
-        wait_for(lambda: len(srv.requests) == 1)
+        wait_until(lambda: len(srv.requests) == 1)
         assert srv.requests[0].status == 206
 
         # without the CA the certificate is refused at once, not retried
