@@ -15,6 +15,7 @@ from edgekit_runtime.contract import fleet_protocol as fp
 from edgekit_runtime.command_auth import CommandAuthError, verify_command
 from edgekit_runtime.keyring import key_id_of
 from tests.flash.fleet_doubles import NEW_MODEL, OLD_MODEL, SHA, STEPS, MqttDevice
+from tests.polling import wait_until
 
 
 # ----------------------------------------------------------------------------- device selection
@@ -133,9 +134,7 @@ def test_fleet_client_against_mosquitto(mqtt_broker, key, keyring, tmp_path):
         rid = client.send("cam-1", "install", args, sign_key=key, expires_s=600)
         ack = client.wait_ack(rid, 10)
         assert ack is not None and ack["ok"] and ack["result"]["slot"] == "b"
-        deadline = time.monotonic() + 5
-        while len(client.progress(rid)) < len(STEPS) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: len(client.progress(rid)) >= len(STEPS), 5, "install progress events")
         assert [e["step"] for e in client.progress(rid)] == list(STEPS)
         # a command for the offline device is kept by the broker and delivered when it comes back
         expires = time.time() + 600
@@ -146,19 +145,19 @@ def test_fleet_client_against_mosquitto(mqtt_broker, key, keyring, tmp_path):
         assert ack2 is not None and ack2["ok"] and cam2.executed == [rid2]
         # the same request again (a resumed rollout): answered from the agent's cache, not run twice
         assert client.send("cam-2", "install", args, sign_key=key, request_id=rid2, expires_ts=expires) == rid2
-        deadline = time.monotonic() + 5
-        while cam2.received.count(rid2) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: cam2.received.count(rid2) >= 2, 5, "the repeated request delivered")
         assert cam2.received.count(rid2) == 2 and cam2.executed == [rid2]
-        deadline = time.monotonic() + 5
         got: list[Received] = []
-        while not any(r.kind == "ack" and r.body.get("duplicate") for r in got) and time.monotonic() < deadline:
-            got += client.poll(0.2)
+
+        def duplicate_acked() -> bool:
+            got.extend(client.poll(0.2))
+            return any(r.kind == "ack" and r.body.get("duplicate") for r in got)
+
+        wait_until(duplicate_acked, 5, "the duplicate's ack")
         assert any(r.kind == "ack" and r.body.get("duplicate") and r.request_id == rid2 for r in got)
         assert client.wait_ack(rid2, 0)["ok"] and "duplicate" not in client.wait_ack(rid2, 0)  # the first answer
-        deadline = time.monotonic() + 5  # the device's retained state after its switch may trail its ack
-        while client.devices()["cam-2"].get("active_slot") != "b" and time.monotonic() < deadline:
-            client.poll(0.1)
+        # the device's retained state after its switch may trail its ack
+        wait_until(lambda: client.devices()["cam-2"].get("active_slot") == "b", 5, "cam-2's state after its switch")
         assert client.devices()["cam-2"]["status"] == "online" and client.devices()["cam-2"]["active_slot"] == "b"
         with pytest.raises(SigningError):
             client.send("cam-1", "rollback", {"reason": None})

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgekit.cli import app
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 runner = CliRunner()
@@ -127,10 +128,8 @@ def test_broker_command_runs_mosquitto_in_the_foreground(tmp_path, mqtt_broker):
     proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "broker", "--port", str(port), "--dir",
                              str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 15
-        while not port_open("127.0.0.1", port):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
-            time.sleep(0.05)
+        wait_until(lambda: proc.poll() is not None or port_open("127.0.0.1", port), 15, "mosquitto listening")
+        assert proc.poll() is None, proc.stdout.read().decode()
         # the command became mosquitto (exec): a signal to it stops the broker itself
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0

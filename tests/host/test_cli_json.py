@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from edgekit.errors import (AccuracyBudgetError, CalibrationError, ConfigError, 
                             exit_code_for_runtime_code, exit_code_of)
 from edgekit_runtime.contract.errors import (BundleError, EngineError, ErrorCode, InputError, RuntimeConfigError,
                                              RuntimeErrorBase)
+from tests.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -315,10 +315,8 @@ def test_broker_prints_what_it_starts_then_only_mosquitto_on_stderr(mqtt_broker,
     try:
         doc = first_document(proc)
         assert doc["broker"] == f"mqtt://127.0.0.1:{port}" and doc["pid"] == proc.pid
-        deadline = time.monotonic() + 15
-        while not port_open("127.0.0.1", port):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: proc.poll() is not None or port_open("127.0.0.1", port), 15, "mosquitto listening")
+        assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=20)
