@@ -7,6 +7,7 @@ a bundle needs (imported lazily). Never torch, onnx or the host SDK.
 from .api import Model, load
 from .bundle import VerifiedBundle, open_bundle, read_manifest_unverified
 from .contract.errors import BundleError, EngineError, ErrorCode, InputError, RuntimeConfigError, RuntimeErrorBase
+from .contract.manifest import Manifest
 from .keyring import Keyring
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "ErrorCode",
     "InputError",
     "Keyring",
+    "Manifest",
     "Model",
     "RuntimeConfigError",
     "RuntimeErrorBase",

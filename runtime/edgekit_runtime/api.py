@@ -126,6 +126,7 @@ class Model:
         }
 
     def close(self) -> None:
+        """Drop the engine and remove the extracted bundle (when this model extracted it)."""
         self.engine = None  # type: ignore[assignment]
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
