@@ -335,10 +335,10 @@ def load_bundle(path: Path, threads: int | None):
 # ----------------------------------------------------------------------------- graph checks
 def inspect_artifact(model) -> dict[str, Any]:
     """What the loaded artifact really contains (is the INT8 graph quantized?)."""
-    backend = model.manifest["backend"]
-    path = Path(model.workdir) / backend["artifact"]
-    info: dict[str, Any] = {"artifact": backend["artifact"], "precision": backend["precision"]}
-    if backend["name"] == "onnxruntime":
+    backend = model.manifest.backend
+    path = Path(model.workdir) / backend.artifact
+    info: dict[str, Any] = {"artifact": backend.artifact, "precision": backend.precision}
+    if backend.name == "onnxruntime":
         import onnx
         import onnxruntime as ort
 
@@ -367,7 +367,7 @@ def inspect_artifact(model) -> dict[str, Any]:
             info["optimized_ops_error"] = str(exc)
         finally:
             opt.unlink(missing_ok=True)
-    elif backend["name"] == "openvino":
+    elif backend.name == "openvino":
         import re
 
         xml = path.read_text()
@@ -414,7 +414,7 @@ def ort_session_like_engine(model, allow_spinning: bool | None = None):
     if allow_spinning is not None:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     providers = model.engine.session.get_providers()  # what the engine's own session ended up with
-    path = Path(model.workdir) / model.manifest["backend"]["artifact"]
+    path = Path(model.workdir) / model.manifest.backend.artifact
     return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
 
@@ -422,8 +422,8 @@ def ov_compiled_like_engine(model):
     """``core.compile_model(...)`` on the model's artifact with the engine's exact config."""
     import openvino as ov
 
-    device = model.engine.options.extra.get("device", "CPU")
-    path = Path(model.workdir) / model.manifest["backend"]["artifact"]
+    device = model.engine.options.device
+    path = Path(model.workdir) / model.manifest.backend.artifact
     return ov.Core().compile_model(str(path), device, dict(model.engine.config))
 
 
