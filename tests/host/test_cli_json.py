@@ -134,6 +134,24 @@ def test_no_bare_exit_code_literals_in_the_cli():
                 assert not name.endswith(("Exit", "sys.exit", "SystemExit")), f"{path}:{node.lineno} {name}"
 
 
+def test_every_command_takes_json():
+    import typer
+
+    def leaves(cmd, path=()):
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                yield from leaves(sub, (*path, name))
+        else:
+            yield path, cmd
+
+    commands = dict(leaves(typer.main.get_command(app)))
+    assert len(commands) >= 20 and ("bundle", "sign") in commands and ("broker",) in commands
+    missing = [" ".join(path) for path, cmd in commands.items()
+               if not any("--json" in p.opts for p in cmd.params)]
+    assert not missing, f"commands without --json: {missing}"
+
+
 # ----------------------------------------------------------------------------- commands, in-process
 def test_targets_json(tmp_path):
     assert {p["name"] for p in cli_json("targets", "list")} >= {"x86-openvino-cpu", "onnxruntime-cpu"}
