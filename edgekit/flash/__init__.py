@@ -7,4 +7,7 @@
 * :mod:`.commands` / :mod:`.plan` / :mod:`.rollout` — signed ``install``/``rollback``/``bench``
   commands over MQTT; what a rollout installs where (canaries, waves, abort rule);
   running it, and its on-disk record.
+* :mod:`.fleet_flash` — ``edgekit flash --fleet`` and ``edgekit rollback`` as library calls
+  (typed settings; the CLI and ``benchmarks/fleet_rollout.py`` use them).
+* :mod:`.remote_bench` — ``edgekit bench --device``: the agent's ``bench`` command.
 """
