@@ -83,6 +83,9 @@ class FakeFleet:
         return {n: {"status": "online" if a.online else "offline", "model": model(a), "active_slot": "a",
                     "boot": 1, "ts": self.clock()} for n, a in self.agents.items()}
 
+    def discover(self, timeout: float = 2.0, quiet_s: float = 0.3) -> dict[str, dict]:
+        return self.devices()
+
     def send(self, device, command, args=None, *, sign_key=None, expires_s=None, expires_ts=None, request_id=None):
         if self.crash_after_sends is not None and len(self.sent) >= self.crash_after_sends:
             raise Crash(f"host died before sending to {device}")
