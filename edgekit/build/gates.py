@@ -191,8 +191,12 @@ class LatencyCheck:
         if self.not_representative:
             return GateResult("latency.budget", "not_checked", chosen["p99_ms"], budget, "ms", self.not_representative)
         ok = chosen["p99_ms"] <= budget
+        # A warning, not a refusal: a build host's p99 moves with whatever else it runs, and each device
+        # holds the bundle to this budget in its own install health check, on its own hardware.
         return GateResult("latency.budget", "passed" if ok else "failed", chosen["p99_ms"], budget, "ms",
-                          f"p99 {chosen['p99_ms']:.3f} ms on this host (limits.latency_budget_ms {budget})")
+                          f"p99 {chosen['p99_ms']:.3f} ms on this host (limits.latency_budget_ms {budget})"
+                          + ("" if ok else "; a warning here, enforced by the device's install health check"),
+                          refuses=False)
 
 
 def size_gate(limits: Limits, size_bytes: int) -> GateResult | None:
