@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from edgekit_runtime.contract import manifest
+
 from .base import Strict
 
 
@@ -21,12 +23,16 @@ class DeviceInfo(Strict):
     notes: str | None = None
 
 
+# What the device's engine does by default is the bundle format's to say (one default, not two).
+_TRT = manifest.defaults(manifest.TensorRTOptions)
+
+
 class TensorRTBuild(Strict):
     precision: list[Literal["int8", "fp16", "fp32"]] = Field(
-        default_factory=lambda: ["int8", "fp16"], description="Builder precision flags (INT8 honours Q/DQ)")
-    workspace_mb: int = Field(1024, ge=16, description="Builder workspace memory pool")
-    dla_core: int | None = Field(None, ge=0, description="Build for this DLA core (None: GPU)")
-    gpu_fallback: bool = Field(True, description="Let layers DLA cannot run fall back to the GPU")
+        default_factory=lambda: list(_TRT["precision"]), description="Builder precision flags (INT8 honours Q/DQ)")
+    workspace_mb: int = Field(_TRT["workspace_mb"], ge=16, description="Builder workspace memory pool")
+    dla_core: int | None = Field(_TRT["dla_core"], ge=0, description="Build for this DLA core (None: GPU)")
+    gpu_fallback: bool = Field(_TRT["gpu_fallback"], description="Let layers DLA cannot run fall back to the GPU")
     max_batch: int = Field(1, ge=1, description="Largest batch of the optimization profile (dynamic batch)")
 
 

@@ -104,7 +104,9 @@ class PackageStage:
             if calib is not None and chosen is not state.fp32 else None,
             health_check=mf.HealthCheck(input="health/input.npy", expected_output="health/expected_output.npy",
                                         atol=tol[0], rtol=tol[1]),
-            input_stats={sig.input_name: mf.InputStats.from_dict(input_statistics(calib.x if calib is not None else x))},
+            # keyed by the deployed tensor's name (a TFLite artifact may rename the source's input)
+            input_stats={chosen_sig.input_name: mf.InputStats.from_dict(
+                input_statistics(calib.x if calib is not None else x))},
         )
         tmp = temporary_bundle_path(cfg.output)
         state.bundle_tmp = tmp
