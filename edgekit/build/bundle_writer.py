@@ -18,7 +18,7 @@ from edgekit_runtime.bundle import read_manifest_unverified
 from edgekit_runtime.contract.manifest import Manifest
 from edgekit_runtime.keyring import key_id_of
 
-from ..errors import EdgekitError
+from ..errors import EdgekitError, VerificationError
 
 # Fixed timestamp for members so the same inputs give the same archive bytes.
 _ZIP_EPOCH = (2020, 1, 1, 0, 0, 0)
@@ -91,7 +91,7 @@ def resign_bundle(path: Path, key: Ed25519PrivateKey, out: Path | None = None, k
     for name, entry in manifest.get("files", {}).items():
         data = members.get(name)
         if data is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise EdgekitError(f"{path}: member {name!r} does not match its manifest hash; refusing to sign")
+            raise VerificationError(f"{path}: member {name!r} does not match its manifest hash; refusing to sign")
     if set(members) != set(manifest.get("files", {})):
-        raise EdgekitError(f"{path}: members differ from the manifest's file list; refusing to sign")
+        raise VerificationError(f"{path}: members differ from the manifest's file list; refusing to sign")
     return write_bundle(out or path, manifest, members, key)

@@ -19,7 +19,7 @@ import pytest
 
 import edgekit_runtime
 from edgekit.build.bundle_writer import resign_bundle, write_bundle
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, ExitCode, VerificationError
 from edgekit_runtime import BundleError, ErrorCode, Keyring, open_bundle
 from edgekit_runtime.contract import bundle_spec as spec
 from edgekit_runtime.contract.manifest import Signing
@@ -500,8 +500,9 @@ def test_resign_refuses_a_tampered_member(kit, key2, tmp_path):
     tampered = {**members, "model.onnx": kit.matmul_onnx(kit.WEIGHTS * 2)}
     path = kit.craft_signed("tampered.ekb", manifest=manifest, entries=list(tampered.items()), listed=members)
     before = path.read_bytes()
-    with pytest.raises(EdgekitError, match="model.onnx"):
+    with pytest.raises(VerificationError, match="model.onnx") as info:
         resign_bundle(path, key2)
+    assert info.value.exit_code == ExitCode.VERIFY  # `edgekit bundle sign` exits 4, like a failed verify
     assert path.read_bytes() == before
     assert not (tmp_path / "out.ekb").exists()
     with pytest.raises(EdgekitError):
