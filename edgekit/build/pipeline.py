@@ -66,7 +66,6 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Progress | 
                      "checked": False, "budget_pts": metric.max_accuracy_drop if profile.quantize.enabled else None},
     }
     state = BuildState(cfg, profile, backend, compiler, workdir, key, progress, report)
-    ok = False
     try:
         for stage in STAGES:
             progress(stage.name)
@@ -74,8 +73,7 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Progress | 
             summary = stage.run(state)
             report["stages"].append({"name": stage.name, "seconds": round(time.perf_counter() - t0, 3), **summary})
             _after(stage.name, state)
-        os.replace(state.bundle_tmp, cfg.output)
-        ok = True
+        os.replace(state.bundle_tmp, cfg.output)  # the only write to -o: after every stage passed
     except EdgekitError as exc:
         if getattr(exc, "report", None) is not None and exc.report is not report:
             report.update(exc.report)  # what the refusing gate measured
@@ -120,6 +118,5 @@ def write_report(cfg: BuildConfig, report: dict) -> Path:
     """``<output>.report.json``: written for failed builds too, so the attempts can be read."""
     path = cfg.output.with_suffix(".report.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean = {k: v for k, v in report.items()}
-    path.write_text(json.dumps(clean, indent=2, default=str))
+    path.write_text(json.dumps(report, indent=2, default=str))
     return path
