@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, broker, bundle, compile, demo, flash, fleet, keys, run, serve, targets
+from .bench import bench_cmd
+from .broker import broker_cmd
+from .bundle import app as bundle_app
+from .compile import compile_cmd
+from .demo import demo_cmd
+from .flash import flash_cmd, rollback_cmd
+from .fleet import app as fleet_app
+from .keys import app as keys_app
+from .run import run_cmd
+from .serve import serve_cmd
+from .targets import app as targets_app
 from .exits import JsonAwareGroup
 from .options import VerboseOpt
 from .output import set_verbosity
@@ -27,18 +37,18 @@ def root(verbose: int = VerboseOpt) -> None:
     set_verbosity(verbose)
 
 
-app.add_typer(targets.app, name="targets")
-app.add_typer(bundle.app, name="bundle")
-app.add_typer(keys.app, name="keys")
-app.add_typer(fleet.app, name="fleet")
-app.command("compile")(compile.compile_cmd)
-app.command("run")(run.run_cmd)
-app.command("bench")(bench.bench_cmd)
-app.command("demo")(demo.demo_cmd)
-app.command("flash")(flash.flash_cmd)
-app.command("rollback")(flash.rollback_cmd)
-app.command("serve")(serve.serve_cmd)
-app.command("broker")(broker.broker_cmd)
+app.add_typer(targets_app, name="targets")
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(keys_app, name="keys")
+app.add_typer(fleet_app, name="fleet")
+app.command("compile")(compile_cmd)
+app.command("run")(run_cmd)
+app.command("bench")(bench_cmd)
+app.command("demo")(demo_cmd)
+app.command("flash")(flash_cmd)
+app.command("rollback")(rollback_cmd)
+app.command("serve")(serve_cmd)
+app.command("broker")(broker_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry point
