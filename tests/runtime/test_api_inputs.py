@@ -98,14 +98,19 @@ def test_unknown_engine_is_refused(model, tmp_path):
 def test_unavailable_engine_falls_back_in_order_and_says_so(model, monkeypatch, caplog):
     from edgekit_runtime.engines.openvino_engine import OpenVINOEngine
 
+    from edgekit_runtime.engines import base
+
     monkeypatch.setattr(OpenVINOEngine, "unavailable_reason", classmethod(lambda cls: "openvino is not installed"))
+    monkeypatch.setattr(base, "_WARNED", set())  # warned once per process: start this test afresh
     manifest = replace(model.manifest, backend=replace(model.manifest.backend, engines=["openvino", "onnxruntime"]))
     with caplog.at_level(logging.WARNING):
         eng = create_engine(model.workdir, manifest)
+        create_engine(model.workdir, manifest)  # a second engine does not say it again
     assert eng.name == "onnxruntime"
     assert eng.fallback_from == ["openvino: openvino is not installed"]
     assert eng.describe()["fallback_from"] == eng.fallback_from
-    assert any("openvino unavailable" in r.message for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if "instead" in r.getMessage()]
+    assert said == ["running on onnxruntime instead (openvino: openvino is not installed)"]
 
 
 def test_no_available_engine_is_an_error(model, monkeypatch):
@@ -137,3 +142,16 @@ def test_spin_wait_default_leaves_the_library_default():
         so = m.engine.session.get_session_options()
         with pytest.raises(RuntimeError, match="does not have configuration"):
             so.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_a_fact_about_this_machine_is_warned_once_per_process(caplog, monkeypatch):
+    from edgekit_runtime.engines import base
+    from edgekit_runtime.engines.base import warn_once
+
+    monkeypatch.setattr(base, "_WARNED", set())
+    log = logging.getLogger("edgekit_runtime.test_warn_once")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(3):
+            warn_once(log, "provider %s missing", "X")
+        warn_once(log, "provider %s missing", "Y")
+    assert [r.getMessage() for r in caplog.records] == ["provider X missing", "provider Y missing"]

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from ..contract.errors import EngineError, ErrorCode
 from ..contract.manifest import Manifest, TensorSpec
-from .base import Engine, EngineOptions, check_input
+from .base import Engine, EngineOptions, check_input, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,14 @@ def create_engine(
         cls = engine_class(name)
         reason = cls.unavailable_reason()
         if reason:
-            log.warning("engine %s unavailable: %s", name, reason)
+            log.debug("engine %s unavailable: %s", name, reason)  # said once below, with the engine used instead
             skipped.append(f"{name}: {reason}")
             continue
         engine = cls(model_dir, manifest.backend.artifact, manifest.inputs, manifest.outputs, options,
                      model=manifest.model)
         engine.fallback_from = skipped
         if skipped:
-            log.warning("running on %s instead (%s)", name, "; ".join(skipped))
+            warn_once(log, "running on %s instead (%s)", name, "; ".join(skipped))
         return engine
     raise EngineError(
         "no engine of this bundle can run here: " + "; ".join(skipped),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,6 +12,21 @@ import numpy as np
 
 from ..contract.errors import ErrorCode, InputError
 from ..contract.manifest import BackendOptions, ModelInfo, TensorRTOptions, TensorSpec
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, message: str, *args: Any) -> None:
+    """Log a warning about this machine (a missing provider, an engine that is absent) once per process.
+
+    A build or a benchmark makes many engines; the same fact about the host said once is
+    information, said eight times it is noise. Each engine still records it (``describe()``).
+    """
+    text = message % args if args else message
+    if text not in _WARNED:
+        _WARNED.add(text)
+        logger.warning("%s", text)
 
 
 def check_input(spec: TensorSpec, array: np.ndarray) -> None:

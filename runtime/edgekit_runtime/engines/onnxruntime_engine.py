@@ -10,7 +10,7 @@ import numpy as np
 
 from ..contract.errors import EngineError, ErrorCode
 from ..contract.manifest import TensorSpec
-from .base import Engine, EngineOptions
+from .base import Engine, EngineOptions, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class OnnxRuntimeEngine(Engine):
         usable = [p for p in wanted if p in available]
         self.skipped_providers = [p for p in wanted if p not in available]
         if self.skipped_providers:
-            log.warning("ONNX Runtime here lacks %s; using %s", self.skipped_providers, usable)
+            warn_once(log, "ONNX Runtime here lacks %s; using %s", self.skipped_providers, usable)
         if not usable:
             raise EngineError(
                 f"none of the execution providers {wanted} is available (have {sorted(available)})",
