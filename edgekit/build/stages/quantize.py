@@ -98,6 +98,6 @@ def record_quality(state: BuildState, best: Attempt) -> None:
                    int8_measured_with={"engine": state.measurer.engine, **state.measurer.deploy_options})
     if "fidelity" in best.figures:
         state.report["fidelity"] = {**best.figures["fidelity"], "source": "held-back calibration samples"}
-    state.gates = [r for r in best.results]
+    state.gates = list(best.results)
 
 
