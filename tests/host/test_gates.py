@@ -40,6 +40,11 @@ def test_reference_at_chance_is_refused_with_a_word_about_labels():
     with pytest.raises(GateError, match="at or below chance.*labels"):
         acc.check_reference(out, y, 12.5, "folder")
     acc.check_reference(out, y, 12.6, "folder")  # just above: a weak model, but a real reference
+    # two classes: chance 50 %, refused up to chance + 5 pt (not 1.25 × chance = 62.5 %)
+    two = np.eye(2)[np.arange(10) % 2]
+    with pytest.raises(GateError):
+        acc.check_reference(two, np.arange(10) % 2, 55.0, "folder")
+    acc.check_reference(two, np.arange(10) % 2, 55.1, "folder")
 
 
 def test_label_count_that_does_not_fit_the_model_is_refused():
@@ -91,13 +96,23 @@ def _lat(p50: float, p99: float | None = None) -> dict:
     return {"p50_ms": p50, "p99_ms": p99 or p50 * 2}
 
 
-@pytest.mark.parametrize("int8_ms, status", [(0.90, "passed"), (1.019, "passed"), (1.021, "failed"), (2.0, "failed")])
+@pytest.mark.parametrize("int8_ms, status", [(0.90, "passed"), (1.0, "passed"), (1.019, "not_checked"),
+                                             (1.021, "failed"), (2.0, "failed")])
 def test_int8_must_not_be_slower_than_fp32_beyond_noise(int8_ms, status):
     check = LatencyCheck(LatencyGate(min_int8_speedup=1.0, noise_ms=0.02), Limits(), None)
     gate = check.speedup_gate(_lat(1.0), _lat(int8_ms))
     assert gate.status == status and gate.value == pytest.approx(1.0 / int8_ms)
-    if status == "failed":
-        assert gate.refuses is False and "shipping the faster FP32" in gate.detail  # default on_slower
+    if status == "failed":  # default on_slower: ship FP32, say so, do not refuse
+        assert gate.refuses is False and gate.ships_fp32 and "shipping the faster FP32" in gate.detail
+    if status == "not_checked":  # never "passed" while slower: within noise it is not judged, and said so
+        assert "within latency.noise_ms" in gate.detail and not gate.ships_fp32
+
+
+def test_int8_that_misses_a_margin_but_is_still_faster_keeps_shipping():
+    check = LatencyCheck(LatencyGate(min_int8_speedup=1.5, noise_ms=0.0), Limits(), None)
+    gate = check.speedup_gate(_lat(1.0), _lat(0.8))  # 1.25x: misses 1.5x, but FP32 would be slower
+    assert gate.status == "failed" and not gate.ships_fp32 and not gate.refuses
+    assert "FP32 is slower: shipping INT8" in gate.detail
 
 
 def test_int8_speedup_margin_is_a_ratio():

@@ -32,7 +32,7 @@ class EvaluateStage:
                 figures = m.latency(arts, x)
                 speed = check.speedup_gate(figures["fp32"], figures[state.chosen.precision])
             results.append(speed)
-            if speed.failed and profile.latency.on_slower == "ship_faster":
+            if speed.ships_fp32:
                 state.chosen = state.fp32
         chosen = figures[state.chosen.precision]
         for gate in (check.budget_gate(chosen), size_gate(profile.limits, state.chosen.size_bytes())):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from edgekit_runtime.engines import engine_class
 
 from ...config import TargetProfile
 from ...errors import ConfigError
-from ..gates import AccuracyCheck
+from ..gates import AccuracyCheck, check_labels
 from ..measure import Measurer
 from ..state import BuildState
 
@@ -40,6 +42,9 @@ class ExportStage:
                                   compiler.deploy_options(profile.runtime, state.sig))
         state.fp32 = compiler.fp32(state.src, state.workdir)
         ref: dict[str, Any] = {"engine": engine, "options": state.measurer.reference_options}
+        # one label per output, checked on every build (with or without validation data)
+        probe_out = state.measurer.outputs(state.fp32, state.probe, "probe", reference=True)
+        check_labels(state.labels, int(np.prod(probe_out.shape[1:])))
         if state.val is not None:
             # The reference is measured the way the device would run FP32, through the same engine.
             acc = AccuracyCheck(profile.accuracy, state.labels)
