@@ -20,9 +20,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..config import BuildConfig, resolve_profile
+from edgekit_runtime.contract.errors import RuntimeErrorBase
+
+from ..config import BuildConfig, deep_update, resolve_profile
 from ..config.targets import load_target
-from ..errors import EdgekitError
+from ..errors import ConfigError, EdgekitError
 from .backends.registry import get_backend, load_compiler
 from .gates import METRICS
 from .stages.data import DataStage
@@ -55,8 +57,10 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Progress | 
     backend = get_backend(profile.backend)
     compiler = load_compiler(profile.backend)
     workdir = cfg.workdir or cfg.output.parent / f"{cfg.output.stem}.work"
+    if cfg.output.resolve().is_relative_to(workdir.resolve()):
+        raise ConfigError(f"output {cfg.output} lies inside the work folder {workdir}, which the build removes; "
+                          f"write the bundle elsewhere or choose another workdir")
     made_workdir = not workdir.exists()  # never delete a folder the user had before the build
-    workdir.mkdir(parents=True, exist_ok=True)
     metric = profile.accuracy
     report: dict[str, Any] = {
         "target": profile.name, "backend": backend.name, "backend_version": compiler.library_version(),
@@ -67,6 +71,7 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Progress | 
     }
     state = BuildState(cfg, profile, backend, compiler, workdir, key, progress, report)
     try:
+        workdir.mkdir(parents=True, exist_ok=True)
         for stage in STAGES:
             progress(stage.name)
             t0 = time.perf_counter()
@@ -74,9 +79,9 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Progress | 
             report["stages"].append({"name": stage.name, "seconds": round(time.perf_counter() - t0, 3), **summary})
             _after(stage.name, state)
         os.replace(state.bundle_tmp, cfg.output)  # the only write to -o: after every stage passed
-    except EdgekitError as exc:
+    except (EdgekitError, RuntimeErrorBase) as exc:  # ours, or the runtime's (reading back the bundle)
         if getattr(exc, "report", None) is not None and exc.report is not report:
-            report.update(exc.report)  # what the refusing gate measured
+            report.update(deep_update(report, exc.report))  # what the refusing gate measured, beside the rest
             exc.report = report
         report.setdefault("result", f"failed: {type(exc).__name__}")
         report["error"] = str(exc)
@@ -98,8 +103,9 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Progress | 
         "seconds": time.perf_counter() - t_start,
     })
     if not report["accuracy"]["checked"]:
-        report["accuracy_not_checked"] = ("accuracy not checked: the build has no labelled validation data"
-                                          if state.val is None else "accuracy not checked: no accuracy budget")
+        why = ("the build has no labelled validation data" if state.val is None else
+               "FP32 ships (quantize.enabled: false)" if not state.quantize else "accuracy.max_accuracy_drop is null")
+        report["accuracy_not_checked"] = f"accuracy not checked: {why}"
     return CompileResult(cfg.output, write_report(cfg, report), report)
 
 

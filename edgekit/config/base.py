@@ -44,9 +44,15 @@ def merge(base: BaseModel, override: BaseModel | None, where: str) -> Any:
     """``base`` with the fields ``override`` set explicitly, validated as ``type(base)``."""
     if override is None:
         return base
-    data = base.model_dump()
-    data.update(override.model_dump(exclude_unset=True))
-    return parse(type(base), data, where)
+    return parse(type(base), deep_update(base.model_dump(), override.model_dump(exclude_unset=True)), where)
+
+
+def deep_update(base: dict, update: dict) -> dict:
+    """``base`` with ``update`` laid over it, nested mappings merged key by key (not replaced)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 # ----------------------------------------------------------------------------- errors
@@ -101,7 +107,11 @@ def read_yaml(path: Path) -> dict:
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
-    """Set dotted keys (``model.version``) in a plain dict; None values are skipped."""
+    """Set dotted keys (``model.version``) in a plain dict; None values are skipped.
+
+    A mapping value is merged into the mapping it lands on, so ``{"accuracy": {"max_accuracy_drop":
+    None}}`` (an explicit null) keeps the build file's other ``accuracy`` keys.
+    """
     out = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
     for dotted, value in overrides.items():
         if value is None:
@@ -110,6 +120,9 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
         parts = dotted.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = str(value) if isinstance(value, Path) else value
+        value = str(value) if isinstance(value, Path) else value
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            value = deep_update(node[parts[-1]], value)
+        node[parts[-1]] = value
     return out
 

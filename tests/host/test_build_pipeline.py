@@ -10,7 +10,7 @@ import pytest
 import edgekit_runtime
 from edgekit_runtime.keyring import Keyring
 from edgekit.build.pipeline import STAGES, compile_model
-from edgekit.errors import ExitCode, GateError, VerificationError
+from edgekit.errors import ConfigError, ExitCode, GateError, VerificationError
 
 from .conftest import build_config
 
@@ -99,3 +99,27 @@ def test_without_labels_the_report_says_accuracy_not_checked_beside_fidelity(tmp
     assert report["accuracy_not_checked"].startswith("accuracy not checked")
     assert report["fidelity"]["cosine"] >= 0.99 and report["precision"] == "int8"
     assert {g["name"]: g["status"] for g in report["gates"]}["fidelity.cosine"] == "passed"
+
+
+def test_output_inside_the_work_folder_is_refused_before_anything_runs(tmp_path, digits_checkpoint, signing_key):
+    cfg = build_config(digits_checkpoint, TARGET, tmp_path / "w" / "m.ekb", workdir=str(tmp_path / "w"))
+    with pytest.raises(ConfigError, match="inside the work folder"):
+        compile_model(cfg, signing_key)
+    assert _leftovers(tmp_path) == []
+
+
+def test_preprocessing_the_device_would_refuse_is_a_config_error_up_front(tmp_path, digits_checkpoint, signing_key):
+    cfg = build_config(digits_checkpoint, TARGET, tmp_path / "m.ekb", **{"preprocess.mean": [0.3, 0.3]})  # gray: 1
+    with pytest.raises(ConfigError, match=r"preprocess\.mean has 2 values.*fix the build file"):
+        compile_model(cfg, signing_key)
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["stages"] == [] and not (tmp_path / "m.ekb").exists()
+
+
+def test_label_count_is_checked_without_validation_data(tmp_path, digits_checkpoint, signing_key):
+    cfg = build_config(digits_checkpoint, TARGET, tmp_path / "m.ekb", accuracy={"max_accuracy_drop": None},
+                       **{"model.labels": [str(i) for i in range(9)]})
+    cfg.validation = None
+    with pytest.raises(ConfigError, match="10 output classes but 9 labels"):
+        compile_model(cfg, signing_key)
+    assert not (tmp_path / "m.ekb").exists()

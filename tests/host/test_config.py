@@ -130,3 +130,17 @@ def test_registry_entries_all_import():
         else:  # e.g. TensorRT on a host without it: the reason says what to install
             assert "install" in reason
             assert compiler.library_version()
+
+
+def test_a_nested_override_keeps_the_profiles_other_nested_settings():
+    cfg = load_build(BUILD_FILE, {"target": "jetson-agx-orin", "runtime": {"tensorrt": {"dla_core": 0}}})
+    trt = resolve_profile(load_target("jetson-agx-orin"), cfg).runtime.tensorrt
+    assert trt.dla_core == 0 and trt.max_batch == load_target("jetson-agx-orin").runtime.tensorrt.max_batch == 8
+
+
+def test_an_explicit_null_override_keeps_the_sections_other_keys():
+    from edgekit.config import apply_overrides
+
+    out = apply_overrides({"accuracy": {"metric": "top1", "max_accuracy_drop": 1.0}},
+                          {"accuracy": {"max_accuracy_drop": None}})
+    assert out == {"accuracy": {"metric": "top1", "max_accuracy_drop": None}}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekit_runtime.fileio import sha256_file
+
 from ...config import QuantizeSettings
 from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, SourceModel
@@ -60,7 +62,8 @@ class OnnxRuntimeCompiler(BackendCompiler):
     def _preprocessed(self, onnx_path: Path, workdir: Path) -> Path:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        pre = workdir / "model_pre.onnx"
+        # keyed by the model's hash: a kept work folder must never hand a retrained model the old graph
+        pre = workdir / f"model_pre.{sha256_file(onnx_path)[:12]}.onnx"
         if not pre.exists():
             quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
         return pre

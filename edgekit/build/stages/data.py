@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from edgekit_runtime.contract import manifest as mf
+from edgekit_runtime.contract.errors import BundleError
+
 from ...data.sources import Dataset, load_data
 from ...errors import CalibrationError, ConfigError
 from ..state import BuildState
@@ -30,6 +33,12 @@ class DataStage:
         cfg, q, fid = state.cfg, state.profile.quantize, state.profile.fidelity
         state.labels = read_labels(cfg.model)
         state.preprocess = cfg.preprocess.model_dump() if cfg.preprocess else None
+        if state.preprocess is not None:
+            # the device's own rules (mean/std per channel, no zero std, ...), before hours of work, not after
+            try:
+                mf.Preprocess.from_dict(state.preprocess, "preprocess")
+            except BundleError as exc:
+                raise ConfigError(f"{exc}; fix the build file's preprocess section") from None
         calib = load_data(cfg.calibration, state.preprocess, state.labels) if cfg.calibration else None
         val = load_data(cfg.validation, state.preprocess, state.labels) if cfg.validation else None
         budget = state.profile.accuracy.max_accuracy_drop
