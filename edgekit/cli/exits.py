@@ -72,6 +72,15 @@ def handle_errors(fn: Callable) -> Callable:
             else:
                 err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(int(exit_code_of(exc))) from None
+        except OSError as exc:
+            # a path the user named cannot be read or written (no such folder, no permission, disk full)
+            if as_json:
+                print_json({"error": {"code": int(ExitCode.USAGE), "name": ExitCode.USAGE.name,
+                                      "message": str(exc), "hint": "check the path and its permissions",
+                                      "type": type(exc).__name__}})
+            else:
+                err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(int(ExitCode.USAGE)) from None
         except Exception as exc:
             if not as_json:
                 raise  # our bug: Python prints the traceback and exits 1 (INTERNAL)

@@ -66,6 +66,8 @@ def flash_cmd(
     A device that refuses the bundle, or a rollout that halts or has failures, prints its result and
     exits with the error's code (VERIFY for a bundle the device would not trust, else DEVICE).
     """
+    if resume is not None and host is not None:
+        raise ConfigError("--resume continues a fleet rollout from its record; it does not go with --host")
     if resume is None and (host is None) == (fleet is None):
         raise ConfigError("say where to flash: --host user@device (one board over SSH) or --fleet NAME (MQTT)")
     if resume is None and bundle is None:

@@ -12,7 +12,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..errors import ConfigError
+from rich.markup import escape
+
+from edgekit_runtime.contract.errors import RuntimeErrorBase
+
+from ..errors import ConfigError, EdgekitError, exit_code_of
 from .exits import handle_errors
 from .options import (BrokerOpt, CaOpt, CertKeyOpt, CertOpt, DbOpt, FleetOpt, JsonOpt, PasswordOpt, UserOpt,
                       broker_settings)
@@ -102,6 +106,12 @@ def monitor_cmd(
     except KeyboardInterrupt:
         monitor.stop()
         summary = monitor.summary()
+    except (EdgekitError, RuntimeErrorBase) as exc:
+        if not (as_json and not bounded):
+            raise
+        # the start document is this run's one JSON document: the failure goes to stderr and the exit code
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(int(exit_code_of(exc))) from None
     if as_json:
         if bounded:
             print_json(summary)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..errors import EdgekitError
+from ..errors import DeviceError, EdgekitError
 from .connection import BrokerSettings, FleetConnectionError
 from .ingest import INGEST_KINDS, IngestStats, run_ingest
 from .store import FleetStore
@@ -135,7 +135,7 @@ class Monitor:
         if self._errors:
             self._stop.set()
             raise FleetConnectionError(self._errors[0]) if "crashed" not in self._errors[0] \
-                else RuntimeError(self._errors[0])
+                else DeviceError(self._errors[0])
 
     def start(self) -> None:
         """Connect (errors such as refused credentials are raised here), then start ingesting."""
@@ -226,7 +226,7 @@ class Monitor:
                 self._raise_errors()
                 dead = [p for p in self._procs if not p.is_alive()]
                 if dead:
-                    raise EdgekitError(f"ingest worker {dead[0].name} exited ({dead[0].exitcode}); see its log above")
+                    raise DeviceError(f"ingest worker {dead[0].name} exited ({dead[0].exitcode}); see its log above")
                 self._step(store)
                 if on_tick:
                     on_tick(self)

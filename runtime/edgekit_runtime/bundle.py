@@ -119,7 +119,16 @@ def _read(zf: zipfile.ZipFile, name: str) -> bytes:
 def read_manifest_unverified(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest, *without* verification: for inspection tools only."""
     with _open_zip(Path(path)) as zf:
-        return json.loads(_read(zf, spec.MANIFEST_NAME))
+        if spec.MANIFEST_NAME not in zf.namelist():
+            raise BundleError(f"{path} has no {spec.MANIFEST_NAME}", code=ErrorCode.BUNDLE_BAD_MANIFEST)
+        raw = _read(zf, spec.MANIFEST_NAME)
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{spec.MANIFEST_NAME} is not JSON ({exc})", code=ErrorCode.BUNDLE_BAD_MANIFEST) from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{spec.MANIFEST_NAME} is not a JSON object", code=ErrorCode.BUNDLE_BAD_MANIFEST)
+    return manifest
 
 
 def open_bundle(path: str | os.PathLike, keyring: Keyring | None = None) -> VerifiedBundle:

@@ -385,3 +385,26 @@ def test_demo_json_stdout_parses(tmp_path):
     assert proc.returncode == ExitCode.OK, proc.stderr[-3000:]
     summary = one_document(proc.stdout)
     assert len(summary["rows"]) == 4 and "1/4 train" in proc.stderr
+
+
+def test_a_path_that_cannot_be_written_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    err = cli_json("keys", "generate", "--out", str(blocker / "keys"), code=ExitCode.USAGE)["error"]
+    assert err["type"] in ("FileExistsError", "NotADirectoryError", "FileNotFoundError") and str(blocker) in err["message"]
+
+
+def test_resume_with_host_is_refused_before_anything_is_read():
+    err = cli_json("flash", "--resume", "/nonexistent.json", "--host", "a@127.0.0.1", code=ExitCode.USAGE)["error"]
+    assert "does not go with --host" in err["message"]
+
+
+@pytest.mark.parametrize("manifest", [None, b"{not json", b"[1, 2]"])
+def test_a_bundle_without_a_readable_manifest_fails_verification(tmp_path, manifest):
+    path = tmp_path / "odd.ekb"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("model.onnx", b"x")
+        if manifest is not None:
+            zf.writestr("manifest.json", manifest)
+    err = cli_json("bundle", "inspect", str(path), code=ExitCode.VERIFY)["error"]
+    assert err["runtime"]["name"] == "BUNDLE_BAD_MANIFEST"
