@@ -116,19 +116,23 @@ def _read(zf: zipfile.ZipFile, name: str) -> bytes:
         ) from None
 
 
+def _manifest_json(data: bytes) -> dict[str, Any]:
+    """``manifest.json``'s bytes as a JSON object, or BUNDLE_BAD_MANIFEST."""
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"manifest.json is not JSON ({exc})", code=ErrorCode.BUNDLE_BAD_MANIFEST) from None
+    if not isinstance(manifest, dict):
+        raise BundleError("manifest.json is not an object", code=ErrorCode.BUNDLE_BAD_MANIFEST)
+    return manifest
+
+
 def read_manifest_unverified(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest, *without* verification: for inspection tools only."""
     with _open_zip(Path(path)) as zf:
         if spec.MANIFEST_NAME not in zf.namelist():
-            raise BundleError(f"{path} has no {spec.MANIFEST_NAME}", code=ErrorCode.BUNDLE_BAD_MANIFEST)
-        raw = _read(zf, spec.MANIFEST_NAME)
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{spec.MANIFEST_NAME} is not JSON ({exc})", code=ErrorCode.BUNDLE_BAD_MANIFEST) from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{spec.MANIFEST_NAME} is not a JSON object", code=ErrorCode.BUNDLE_BAD_MANIFEST)
-    return manifest
+            raise BundleError("manifest.json is missing", code=ErrorCode.BUNDLE_BAD_MANIFEST)
+        return _manifest_json(_read(zf, spec.MANIFEST_NAME))
 
 
 def open_bundle(path: str | os.PathLike, keyring: Keyring | None = None) -> VerifiedBundle:
@@ -151,12 +155,7 @@ def open_bundle(path: str | os.PathLike, keyring: Keyring | None = None) -> Veri
         if spec.MANIFEST_NAME not in seen:
             raise BundleError("manifest.json is missing", code=ErrorCode.BUNDLE_BAD_MANIFEST)
         manifest_bytes = _read(zf, spec.MANIFEST_NAME)
-        try:
-            manifest = json.loads(manifest_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"manifest.json is not JSON ({exc})", code=ErrorCode.BUNDLE_BAD_MANIFEST) from None
-        if not isinstance(manifest, dict):
-            raise BundleError("manifest.json is not an object", code=ErrorCode.BUNDLE_BAD_MANIFEST)
+        manifest = _manifest_json(manifest_bytes)
         spec.check_format_version(manifest)
 
         if spec.SIGNATURE_NAME not in seen:
