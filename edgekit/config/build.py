@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgekit_runtime.contract import manifest
 
@@ -48,12 +48,19 @@ _POST = manifest.defaults(manifest.Postprocess)
 
 
 class PreprocessSpec(Strict):
-    type: Literal["image"] = _PRE["type"]
+    """What the device does to an input before the model: ``(x * scale - mean) / std`` per channel.
+
+    ``image``: decoded images (colour, resize to ``size``, layout); ``tensor``: arrays shaped like
+    the model input (sensor windows, tabular rows, forecasting windows), normalised per channel
+    along axis 1, with ``scale`` 1.0 unless given.
+    """
+
+    type: Literal["image", "tensor"] = _PRE["type"]
     color: Literal["gray", "rgb", "bgr"] = _PRE["color"]
-    size: list[int] = Field(description="[height, width]")
+    size: list[int] | None = Field(_PRE["size"], description="[height, width]; required for image preprocessing")
     resize: Literal["stretch", "shorter_center_crop"] = _PRE["resize"]
     interpolation: Literal["area", "linear", "nearest", "cubic"] = _PRE["interpolation"]
-    scale: float = _PRE["scale"]
+    scale: float = Field(_PRE["scale"], description="Multiplier applied first (default 1/255 for images, 1.0 for tensors)")
     mean: list[float] | None = _PRE["mean"]
     std: list[float] | None = _PRE["std"]
     layout: Literal["NCHW", "NHWC"] = _PRE["layout"]
@@ -61,10 +68,26 @@ class PreprocessSpec(Strict):
 
     @field_validator("size")
     @classmethod
-    def _two(cls, v: list[int]) -> list[int]:
-        if len(v) != 2 or min(v) < 1:
+    def _two(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or min(v) < 1):
             raise ValueError("size is [height, width] with positive values")
         return v
+
+    @model_validator(mode="after")
+    def _kind(self) -> "PreprocessSpec":
+        if self.type == "image" and self.size is None:
+            raise ValueError("image preprocessing needs size: [height, width] (or set type: tensor for "
+                             "sensor windows, tabular rows and other non-image inputs)")
+        if self.type == "tensor":
+            # a dump of this model (defaults written out) is still valid; a value set on purpose is not
+            ignored = [name for name in ("size", "color", "resize", "interpolation", "layout")
+                       if getattr(self, name) != _PRE[name]]
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)}: image settings do not apply to type: tensor; remove them")
+            if "scale" not in self.model_fields_set:
+                # the format's default (1/255) is for 0-255 images; a tensor is normalised as it comes
+                object.__setattr__(self, "scale", 1.0)
+        return self
 
 
 class PostprocessSpec(Strict):

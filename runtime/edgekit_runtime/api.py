@@ -79,9 +79,10 @@ class Model:
         return [{s.name: feeds[s.name][i : i + fixed] for s in self.inputs} for i in range(0, len(x), fixed)]
 
     # -- images in, results out -------------------------------------------
-    def preprocess(self, items: Iterable[str | os.PathLike | np.ndarray]) -> np.ndarray:
-        """Image paths and/or decoded uint8 images → the model's input batch, as the manifest says."""
-        return processing.preprocess_batch(items, self.manifest.preprocess)
+    def preprocess(self, items: Iterable[str | os.PathLike | np.ndarray] | np.ndarray) -> np.ndarray:
+        """Inputs → the model's input batch, as the manifest says: image paths and/or decoded uint8
+        images, or for ``tensor`` preprocessing raw arrays (one sample each, or one batch) and ``.npy`` paths."""
+        return processing.preprocess_batch(items, self.manifest.preprocess, self.inputs[0].shape)
 
     def postprocess(self, outputs: dict[str, np.ndarray], *, top_k: int | None = None) -> list[dict]:
         """The first output → one result per item; ``top_k`` overrides the manifest's (and asks for
@@ -92,10 +93,14 @@ class Model:
             spec = replace(spec or Postprocess(), top_k=top_k)
         return processing.postprocess(first, spec, self.labels)
 
-    def predict(self, items: Iterable[str | os.PathLike | np.ndarray] | str | os.PathLike, *,
+    def predict(self, items: Iterable[str | os.PathLike | np.ndarray] | str | os.PathLike | np.ndarray, *,
                 top_k: int | None = None) -> list[dict]:
-        """Image paths or decoded uint8 images → one result per image (``top_k``: see :meth:`postprocess`)."""
-        if isinstance(items, (str, os.PathLike)) or (isinstance(items, np.ndarray) and items.dtype == np.uint8 and items.ndim <= 3):
+        """Images (paths or decoded uint8) or, for ``tensor`` preprocessing, raw arrays → one result per
+        item (``top_k``: see :meth:`postprocess`). A single array is one sample or a batch by its rank."""
+        pre = self.manifest.preprocess
+        tensor = pre is not None and pre.type == "tensor"
+        if isinstance(items, (str, os.PathLike)) or (
+                not tensor and isinstance(items, np.ndarray) and items.dtype == np.uint8 and items.ndim <= 3):
             items = [items]
         return self.postprocess(self.run(self.preprocess(items)), top_k=top_k)
 

@@ -3,6 +3,11 @@
 The host uses these same functions to build calibration and validation tensors
 from images, so the device sees exactly what the model was calibrated on.
 
+Two kinds of preprocessing (``Preprocess.type``): ``image`` (decoded uint8 images:
+colour, resize, normalise, layout) and ``tensor`` (format 1.2: arrays already shaped
+like the model input, e.g. sensor windows (C, L), tabular rows (F,), forecasting
+windows; only ``(x * scale - mean) / std`` per channel along axis 1, then the dtype).
+
 The specs are the manifest's typed sections, :class:`~.contract.manifest.Preprocess`
 and :class:`~.contract.manifest.Postprocess`, whose defaults are the format's; a
 JSON object (as the host's config writes it) is parsed into them first.
@@ -117,14 +122,111 @@ def preprocess_image(image: np.ndarray, spec: Preprocess | Mapping[str, Any]) ->
     return np.ascontiguousarray(x, dtype=spec.dtype)
 
 
-def preprocess_batch(items: Iterable[str | os.PathLike | np.ndarray],
-                     spec: Preprocess | Mapping[str, Any] | None) -> np.ndarray:
-    """Image paths and/or decoded images → one batch tensor."""
+def preprocess_tensor(x: np.ndarray, spec: Preprocess | Mapping[str, Any]) -> np.ndarray:
+    """A batch of raw tensors (batch first) → ``(x * scale - mean) / std`` per channel on axis 1, as ``dtype``."""
+    spec = as_preprocess(spec)
+    x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+        raise InputError(f"tensor preprocessing needs a real numeric array, not dtype {x.dtype}",
+                         code=ErrorCode.INPUT_BAD_DTYPE)
+    x = x.astype(np.float32) * np.float32(spec.scale)
+    for name, op in (("mean", np.subtract), ("std", np.divide)):
+        values = getattr(spec, name)
+        if values is None:
+            continue
+        v = np.asarray(values, dtype=np.float32)
+        if len(v) > 1:
+            if x.ndim < 2 or x.shape[1] != len(v):
+                raise InputError(
+                    f"preprocess.{name} has {len(v)} values (one per channel on axis 1) but the batch has shape "
+                    f"{x.shape}", code=ErrorCode.INPUT_BAD_SHAPE)
+            v = v.reshape(1, len(v), *([1] * (x.ndim - 2)))
+        x = op(x, v)
+    return np.ascontiguousarray(x, dtype=spec.dtype)
+
+
+def _shape_text(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _fits(shape: Sequence[int], want: Sequence[int | str]) -> bool:
+    return len(shape) == len(want) and all(not isinstance(w, int) or w == s for s, w in zip(shape, want))
+
+
+def _tensor_batch(items: Any, input_shape: Sequence[int | str] | None) -> np.ndarray:
+    """Samples (arrays or ``.npy`` paths) and/or batches → one raw batch, checked against the input shape.
+
+    With ``input_shape`` (batch first) an array of the input's rank is a batch and one of rank − 1
+    a single sample; without it, a lone array is a batch and each item of a list one sample.
+    """
+    sample = list(input_shape[1:]) if input_shape is not None else None
+    expected = (f"one sample of shape {_shape_text(sample)} or a batch of shape {_shape_text(input_shape)}"
+                if sample is not None else "")
+
+    def as_batch(a: np.ndarray, lone: bool, where: str) -> np.ndarray:
+        if sample is None:
+            return a if lone else a[None]
+        if _fits(a.shape, sample):
+            return a[None]
+        if a.ndim == len(sample) + 1 and _fits(a.shape[1:], sample):
+            return a
+        raise InputError(f"{where} has shape {a.shape}; the model takes {expected}", code=ErrorCode.INPUT_BAD_SHAPE)
+
+    if isinstance(items, np.ndarray):
+        return as_batch(items, True, "the array")
+    if isinstance(items, (str, os.PathLike)):
+        items = [items]
+    batches = []
+    for i, item in enumerate(items):
+        where = f"input {i}"
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            if path.suffix.lower() != ".npy":
+                raise InputError(f"{path} is not a .npy file; tensor preprocessing reads .npy files or arrays",
+                                 code=ErrorCode.INPUT_UNSUPPORTED)
+            if not path.is_file():
+                raise InputError(f"{path} does not exist", code=ErrorCode.INPUT_MISSING)
+            try:
+                item = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{path} is not a readable .npy file ({exc})",
+                                 code=ErrorCode.INPUT_UNREADABLE) from None
+            where = str(path)
+        elif not isinstance(item, np.ndarray):
+            if isinstance(item, (list, tuple)) or np.isscalar(item):
+                item = np.asarray(item)
+            else:
+                raise InputError(f"cannot preprocess a {type(item).__name__}", code=ErrorCode.INPUT_UNSUPPORTED)
+        batches.append(as_batch(item, False, where))
+    if not batches:
+        raise InputError("no inputs given", code=ErrorCode.INPUT_MISSING)
+    shapes = {b.shape[1:] for b in batches}
+    if len(shapes) > 1:
+        raise InputError(f"the samples have different shapes {sorted(shapes)}; "
+                         f"the model takes {expected or 'one shape'}", code=ErrorCode.INPUT_BAD_SHAPE)
+    return np.concatenate(batches)
+
+
+def preprocess_batch(items: Iterable[str | os.PathLike | np.ndarray] | np.ndarray,
+                     spec: Preprocess | Mapping[str, Any] | None,
+                     input_shape: Sequence[int | str] | None = None) -> np.ndarray:
+    """Inputs → one batch tensor, as ``spec`` says.
+
+    ``image``: image paths and/or decoded images. ``tensor``: raw arrays (one sample each,
+    shaped like the model input without the batch axis), ``.npy`` paths, or one batched
+    array. ``input_shape``: the model input's shape, batch first (symbolic dimensions as
+    strings); tensors of another shape are refused with ``INPUT_BAD_SHAPE`` naming it.
+    """
     if spec is not None:
         spec = as_preprocess(spec)
-    if spec is None or spec.type != "image":
+    if spec is None:
+        raise InputError("this bundle has no preprocessing; pass tensors to run()", code=ErrorCode.INPUT_UNSUPPORTED)
+    if spec.type == "tensor":
+        return preprocess_tensor(_tensor_batch(items, input_shape), spec)
+    if spec.type != "image":
         raise InputError(
-            "this bundle has no image preprocessing; pass tensors to run()",
+            f"this runtime does not know preprocessing of type {spec.type!r} (it applies "
+            f"'image' and 'tensor'); pass preprocessed tensors to run(), or upgrade edgekit-runtime",
             code=ErrorCode.INPUT_UNSUPPORTED,
         )
     out = []

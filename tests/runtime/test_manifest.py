@@ -155,10 +155,13 @@ def test_defaults_live_in_the_contract_and_fill_what_a_bundle_leaves_out():
         "image", "rgb", "stretch", "area", "NCHW", "float32")
     assert pre.scale == 1 / 255 and pre.mean is None and pre.std is None
     assert Postprocess.from_dict({}) == Postprocess(type="classification", softmax=True, top_k=5)
-    assert defaults(Preprocess) == {"type": "image", "color": "rgb", "resize": "stretch", "interpolation": "area",
+    assert defaults(Preprocess) == {"type": "image", "color": "rgb", "size": None, "resize": "stretch",
+                                    "interpolation": "area",
                                     "scale": 1 / 255, "mean": None, "std": None, "layout": "NCHW",
                                     "dtype": "float32"}
-    assert "size" not in defaults(Preprocess)  # required: no default to take
+    # size has no default to take: required for images (1.2: absent for tensors)
+    with pytest.raises(BundleError, match="size is missing"):
+        Preprocess.from_dict({})
     assert defaults(BackendOptions)["performance_hint"] == "LATENCY"
     assert BuildMetrics.from_dict({}) == BuildMetrics()  # 1.0 test bundles wrote "metrics": {}
 
@@ -174,7 +177,7 @@ def test_a_host_built_manifest_round_trips():
                  metrics=BuildMetrics(latency_ms=LatencyReport(figures={"fp32": LatencyFigures(
                      p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, mean_ms=1.0, count=10)})))
     d = m.to_dict()
-    assert d["format_version"] == bundle_spec.FORMAT_VERSION == "1.1"
+    assert d["format_version"] == bundle_spec.FORMAT_VERSION == "1.2"
     assert d["metrics"]["latency_ms"]["fp32"]["count"] == 10  # figures sit under the precision's name
     d["files"] = {n: {"sha256": SHA, "size": 0} for n in ("model.onnx", "in.npy", "out.npy")}
     d["signing"] = {"algorithm": "ed25519", "key_id": "k"}

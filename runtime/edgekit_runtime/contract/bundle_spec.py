@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 FORMAT_NAME = "edgekit-bundle"
 # 1.1 appended optional fields (the build report: fidelity, gates, stages, latency gating,
 # accuracy direction); a 1.0 bundle still parses, a 1.0 reader ignores what 1.1 added.
-FORMAT_VERSION = "1.1"
+# 1.2 added the "tensor" preprocessing kind (preprocess.size is then absent): a 1.1 reader
+# refuses such a bundle (size missing) instead of misreading it; image bundles are unchanged.
+FORMAT_VERSION = "1.2"
 SUPPORTED_MAJOR = 1
 
 MANIFEST_NAME = "manifest.json"

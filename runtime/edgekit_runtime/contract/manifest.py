@@ -372,17 +372,27 @@ class TensorSpec(Section):
 
 
 # ----------------------------------------------------------------------------- processing
+PREPROCESS_TYPES = ("image", "tensor")
+"""The preprocessing kinds this runtime applies (``tensor`` from format 1.2 on)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Preprocess(Section):
-    """Decoded uint8 image → model input: colour, resize, ``(x * scale - mean) / std``, layout, dtype."""
+    """Raw input → model input with ``(x * scale - mean) / std`` per channel, then ``dtype``.
+
+    ``image``: a decoded uint8 image; colour, resize and layout apply first.
+    ``tensor`` (1.2): an array of the model input's shape (sensor window, tabular row,
+    forecasting window); mean/std are per channel along axis 1 of the input; ``size``,
+    ``color``, ``resize``, ``interpolation`` and ``layout`` do not apply.
+    """
 
     PATH: ClassVar[str] = "manifest.preprocess"
-    type: str = "image"  # the only kind in 1.x; the runtime refuses to preprocess others
+    type: str = "image"  # "image" or "tensor" (1.2); the runtime refuses to preprocess other kinds
     color: Literal["gray", "rgb", "bgr"] = "rgb"
-    size: list[int]  # [height, width]
+    size: list[int] | None = None  # [height, width]; required for images
     resize: Literal["stretch", "shorter_center_crop"] = "stretch"
     interpolation: Literal["area", "linear", "nearest", "cubic"] = "area"
-    scale: float = 1 / 255  # images 0-255 → 0-1
+    scale: float = 1 / 255  # images 0-255 → 0-1 (the host writes 1.0 for tensors)
     mean: list[float] | None = None  # per channel (or one value for all)
     std: list[float] | None = None
     layout: Literal["NCHW", "NHWC"] = "NCHW"
@@ -390,18 +400,23 @@ class Preprocess(Section):
 
     @property
     def channels(self) -> int:
-        """Channels of the preprocessed image."""
+        """Channels of the preprocessed image (image kind only; a tensor's come from the model input)."""
         return 1 if self.color == "gray" else 3
 
     def _check(self, path: str) -> None:
-        if len(self.size) != 2 or min(self.size) < 1:
-            raise _bad(f"{path}.size must be [height, width] with positive values, not {self.size}")
+        if self.type == "image":
+            if self.size is None:
+                raise _bad(f"{path}.size is missing; image preprocessing needs size [height, width]")
+            if len(self.size) != 2 or min(self.size) < 1:
+                raise _bad(f"{path}.size must be [height, width] with positive values, not {self.size}")
         _finite(self.scale, f"{path}.scale")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if values is None:
                 continue
-            if len(values) not in (1, self.channels):
+            if not values:
+                raise _bad(f"{path}.{name} is empty; give one value or one per channel")
+            if self.type == "image" and len(values) not in (1, self.channels):
                 raise _bad(f"{path}.{name} has {len(values)} values; {self.color} images have {self.channels} "
                            f"channel(s)")
             for i, v in enumerate(values):
@@ -676,12 +691,16 @@ class Manifest(Section):
         # input_stats entries that name no input are not refused: drift reports them unavailable.
         # Before 1.1 inputs[].layout was guessed from the rank and read by nothing, so only
         # bundles from 1.1 on are held to agree with their preprocessing.
-        if self.preprocess is not None and spec.parse_version(self.format_version) >= (1, 1):
+        if self.preprocess is not None and self.preprocess.type == "tensor":
+            self._check_tensor_preprocess_fits(path, self.preprocess, self.inputs[0])
+        elif self.preprocess is not None and spec.parse_version(self.format_version) >= (1, 1):
             self._check_preprocess_fits(path, self.preprocess, self.inputs[0])
 
     @staticmethod
     def _check_preprocess_fits(path: str, pre: Preprocess, first: TensorSpec) -> None:
         """The images the device preprocesses go to the first input: its layout, channels and size must agree."""
+        if pre.type != "image":
+            return  # a kind this reader does not know: the runtime refuses to preprocess it
         if first.layout is not None and first.layout != pre.layout:
             raise _bad(f"{path}.inputs[0].layout is {first.layout!r} but {path}.preprocess.layout is "
                        f"{pre.layout!r}: the device would feed the model the wrong layout")
@@ -692,6 +711,24 @@ class Manifest(Section):
             if isinstance(dim, int) and dim != want:
                 raise _bad(f"{path}.preprocess makes {pre.layout} images with {what} {want} but "
                            f"{path}.inputs[0].shape {first.shape} has {dim}")
+
+    @staticmethod
+    def _check_tensor_preprocess_fits(path: str, pre: Preprocess, first: TensorSpec) -> None:
+        """Tensor preprocessing normalises axis 1 of the first input: mean/std have one value or one per channel."""
+        if len(first.shape) < 2:
+            raise _bad(f"{path}.preprocess is a tensor kind, which normalises axis 1, but {path}.inputs[0].shape "
+                       f"{first.shape} has no axis after the batch")
+        channels = first.shape[1]
+        for name in ("mean", "std"):
+            values = getattr(pre, name)
+            if values is None or len(values) == 1:
+                continue
+            if not isinstance(channels, int):
+                raise _bad(f"{path}.preprocess.{name} has {len(values)} values but {path}.inputs[0].shape[1] is "
+                           f"{channels!r}, not a fixed channel count; give one value")
+            if len(values) != channels:
+                raise _bad(f"{path}.preprocess.{name} has {len(values)} values but {path}.inputs[0].shape "
+                           f"{first.shape} has {channels} channel(s) on axis 1; give one value or {channels}")
 
 
 SECTIONS: tuple[type[Section], ...] = (
