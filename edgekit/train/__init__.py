@@ -1,0 +1,1 @@
+"""Training: data preparation, models, losses and the training loop behind ``edgekit train``."""
