@@ -196,7 +196,8 @@ class InceptionModule(nn.Module):
         self.bottleneck = nn.Conv1d(cin, bottleneck, 1, bias=False) if use_bottleneck else nn.Identity()
         cb = bottleneck if use_bottleneck else cin
         self.convs = nn.ModuleList(nn.Conv1d(cb, nb_filters, k, padding=k // 2, bias=False) for k in kernel_sizes)
-        self.pool_branch = nn.Sequential(nn.MaxPool1d(3, stride=1, padding=1), nn.Conv1d(cin, nb_filters, 1, bias=False))
+        self.pool_branch = nn.Sequential(nn.MaxPool1d(3, stride=1, padding=1),
+                                         nn.Conv1d(cin, nb_filters, 1, bias=False))
         self.bn = nn.BatchNorm1d(nb_filters * (len(kernel_sizes) + 1))
         self.relu = nn.ReLU(inplace=True)
 
