@@ -596,8 +596,11 @@ def prepare(cfg: DataConfig, split: SplitConfig, seed: int) -> Prepared:
                 times["test"] = (None, None)
     _check_split(parts, loaded.labels, split, own_test, method)
     report = _report(method, loaded, parts, loaded.labels, group_parts, times, own_test)
-    if report.get("group_overlap") and method == "grouped":
-        raise CalibrationError(f"groups {report['group_overlap'][:5]} fall in more than one split")
+    if report.get("group_overlap"):
+        if method == "grouped":
+            raise CalibrationError(f"groups {report['group_overlap'][:5]} fall in more than one split")
+        log.warning("the %s split puts %d group(s) in more than one split; use split.method: grouped to keep "
+                    "them apart", method, len(report["group_overlap"]))
 
     x_train = parts["train"]["x"]
     scale = 1 / 255 if x_train.dtype == np.uint8 else 1.0
