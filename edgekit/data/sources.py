@@ -2,7 +2,9 @@
 
 Images are turned into tensors by the *runtime's* preprocessing with the
 bundle's preprocessing spec, so calibration sees exactly what the device will
-feed the model. The calibration hash recorded in the manifest is the sha256 of
+feed the model. Arrays (``.npy``/``.npz``, factories) are taken as already
+preprocessed (for ``tensor`` preprocessing: normalised with the spec's
+mean/std). The calibration hash recorded in the manifest is the sha256 of
 the resulting float32 tensor (shape and bytes): two builds calibrated on the
 same data have the same hash whatever the source format was.
 """
@@ -46,6 +48,9 @@ def tensor_sha256(x: np.ndarray) -> str:
 def _from_folder(folder: Path, preprocess: dict | None, labels: list[str] | None) -> tuple[np.ndarray, np.ndarray | None]:
     if preprocess is None:
         raise CalibrationError(f"{folder} is an image folder, but the build has no 'preprocess' section")
+    if preprocess.get("type", "image") != "image":
+        raise CalibrationError(f"{folder} is an image folder, but the build's preprocess is type "
+                               f"{preprocess['type']!r}; give a .npz/.npy or 'module:factory' of preprocessed tensors")
     files = list_images(folder)
     if not files:
         raise CalibrationError(f"{folder} holds no images")
