@@ -65,7 +65,8 @@ class TorchPredictor:
 
 
 class BundlePredictor:
-    """A signed bundle (``.ekb``) verified and run by ``edgekit_runtime``, with the bundle's own preprocessing.
+    """A signed bundle (``.ekb``) verified and run by ``edgekit_runtime``, with the bundle's own preprocessing
+    (``image``: raw (N, C, H, W) images become decoded HxW / HxWxC RGB images; ``tensor``: the raw batch).
 
     ``keyring``: a ``Keyring``, a ``.pub`` file or a folder of them; None is the host keyring the CLI
     uses (``$EDGEKIT_KEYRING`` or ``/etc/edgekit/keys``). ``name`` defaults to "<precision> (<backend>)".
@@ -104,10 +105,9 @@ class BundlePredictor:
         return _as_2d(np.concatenate(outs).astype(np.float32, copy=False))
 
     def _preprocess(self, raw: np.ndarray) -> np.ndarray:
-        kind = self.preprocess_spec.get("type", "image")
-        if kind == "image":
+        if self.preprocess_spec.get("type", "image") == "image":
             return self.model.preprocess(image_items(raw))
-        return tensor_preprocess(self.model, self.preprocess_spec, raw)
+        return self.model.preprocess(np.ascontiguousarray(raw))  # "tensor": the raw batch, normalized on axis 1
 
     def close(self) -> None:
         self.model.close()
@@ -132,29 +132,6 @@ def image_items(raw: np.ndarray) -> list[np.ndarray]:
     if raw.shape[1] == 1:
         return [np.ascontiguousarray(img[0]) for img in raw]
     return [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in raw]
-
-
-def tensor_preprocess(model: Any, spec: dict[str, Any], raw: np.ndarray) -> np.ndarray:
-    """Raw (C, L) / (F,) items → the model input, with the bundle's ``tensor`` preprocessing.
-
-    The runtime's own preprocessing is used when it knows the type; otherwise (an older runtime)
-    ``(x * scale - mean) / std`` along axis 1, the same formula, is applied here.
-    """
-    from edgekit_runtime.contract.errors import ErrorCode, InputError
-
-    try:
-        return model.preprocess(list(raw))
-    except InputError as exc:
-        if getattr(exc, "code", None) != ErrorCode.INPUT_UNSUPPORTED:
-            raise
-    log.debug("runtime has no %r preprocessing; normalizing on the host", spec.get("type"))
-    x = raw.astype(np.float32) * np.float32(spec.get("scale", 1.0))
-    shape = [1, -1] + [1] * (raw.ndim - 2)
-    if spec.get("mean") is not None:
-        x -= np.asarray(spec["mean"], dtype=np.float32).reshape(shape)
-    if spec.get("std") is not None:
-        x /= np.asarray(spec["std"], dtype=np.float32).reshape(shape)
-    return np.ascontiguousarray(x, dtype=spec.get("dtype", "float32"))
 
 
 def _as_2d(out: np.ndarray) -> np.ndarray:
