@@ -1,7 +1,8 @@
 """The built-in example, end to end: train → compile INT8 → verify → run → benchmark.
 
-Uses scikit-learn's digits (shipped inside scikit-learn, nothing downloaded)
-and the build file ``examples/digits.yaml``. Every figure in the final table
+Uses scikit-learn's digits (shipped inside scikit-learn, nothing downloaded),
+trained by ``edgekit train`` from ``examples/digits-train.yaml`` into a run folder that
+is then compiled as a model source. Every figure in the final table
 is measured in this run; latency comes from one interleaved FP32/INT8 run per
 target on this machine at batch 1.
 
@@ -19,11 +20,23 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD_FILE = REPO / "examples" / "digits.yaml"
+TRAIN_FILE = REPO / "examples" / "digits-train.yaml"
 TARGETS = ("x86-openvino-cpu", "onnxruntime-cpu")
 
 
-def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0,
+def write_digits_npz(path: Path, seed: int = 0) -> Path:
+    """scikit-learn's digits as uint8 (N, 1, 8, 8) images: x/y = train+validation, x_test/y_test = held out."""
+    from .data import digits
+
+    s = digits.splits(seed)
+    x = np.concatenate([s["train"].images, s["val"].images])[:, None]
+    y = np.concatenate([s["train"].labels, s["val"].labels])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, x=x, y=y, x_test=s["test"].images[:, None], y_test=s["test"].labels)
+    return path
+
+
+def run_demo(workdir: Path, epochs: int = 20, seconds: float = 2.0,
              on_step: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Train, compile, verify, run and benchmark under ``workdir``; returns the summary (also in demo-summary.json).
 
@@ -34,7 +47,6 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0,
             on_step(text)
 
     import cv2
-    import torch
 
     import edgekit_runtime
     from edgekit_runtime.bench import BenchSettings, compare
@@ -42,10 +54,11 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0,
 
     from .build.pipeline import compile_model
     from .config import load_build
+    from .config.train import load_train
     from .data import digits
-    from .models.digits_cnn import build
     from .signing import generate_keypair, load_private_key
-    from .train_minimal import train_classifier
+    from .train.run import train
+    from .train.run_folder import build_settings
 
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -56,26 +69,31 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0,
     keyring = Keyring.from_paths(keydir / "edgekit.pub")
 
     # 1. train ---------------------------------------------------------------------------
-    _say(f"1/4 train: digits CNN on scikit-learn digits ({epochs} epochs, CPU)")
-    torch.manual_seed(0)
+    _say(f"1/4 train: edgekit train {TRAIN_FILE.relative_to(REPO)} (scikit-learn digits, ≤{epochs} epochs, CPU)")
+    data = write_digits_npz(workdir / "digits.npz")
+    run_dir = workdir / "runs" / "digits"
+    if run_dir.exists():  # the demo owns its work folder: a re-run trains afresh
+        import shutil
+
+        shutil.rmtree(run_dir)
+    cfg = load_train(TRAIN_FILE, {"data.path": data, "out": run_dir, "train.epochs": epochs,
+                                  "robustness": False})
+    metrics = train(cfg).metrics
+    _say(f"    {metrics['arch']}: test top-1 {metrics['test']['accuracy']:.2f} % (validation "
+         f"{metrics['val']['accuracy']:.2f} %, best epoch {metrics['best_epoch']})  → {run_dir}")
     s = digits.splits()
-    model, val_acc = train_classifier(build(), digits.to_tensor(s["train"].images), s["train"].labels,
-                                      digits.to_tensor(s["val"].images), s["val"].labels, epochs=epochs)
-    ckpt = workdir / "digits_cnn.pt"
-    torch.save(model.state_dict(), ckpt)
-    _say(f"    validation top-1 {val_acc:.2f} %  → {ckpt}")
 
     # 2. compile -------------------------------------------------------------------------
     reports: dict[str, dict[str, Any]] = {}
     for target in TARGETS:
         for precision in ("int8", "fp32"):
             _say(f"2/4 compile: {precision.upper()} for {target}")
-            overrides: dict[str, Any] = {"target": target, "model.checkpoint": ckpt,
+            overrides: dict[str, Any] = {"target": target, "model.name": "digits",
                                          "output": workdir / f"digits-{target}-{precision}.ekb"}
             if precision == "fp32":
                 overrides["quantize"] = {"enabled": False}
-            cfg = load_build(BUILD_FILE, overrides)
-            reports[f"{target}/{precision}"] = compile_model(cfg, key).report
+            build = load_build(None, overrides, base=build_settings(run_dir))
+            reports[f"{target}/{precision}"] = compile_model(build, key).report
 
     # 3. verify and run on image files through the runtime ------------------------------------
     _say("3/4 verify and run: the INT8 bundles with edgekit_runtime (image files in)")
@@ -132,7 +150,8 @@ def run_demo(workdir: Path, epochs: int = 15, seconds: float = 2.0,
                 "measured_with": acc["fp32_measured_with" if precision == "fp32" else "int8_measured_with"],
             })
     system = bench[TARGETS[0]]["models"]["fp32"]["system"]
-    summary = {"rows": rows, "system": {k: system[k] for k in ("cpu", "cpu_flags", "usable_cores", "os")},
+    summary = {"rows": rows, "train": {k: metrics[k] for k in ("arch", "test", "val", "best_epoch", "epochs_run",
+                                                                "seconds")}, "system": {k: system[k] for k in ("cpu", "cpu_flags", "usable_cores", "os")},
                "test_images": len(paths), "seconds": time.perf_counter() - t0, "reports": reports}
     (workdir / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -1,7 +1,7 @@
 """The ``edgekit`` typer app: the root command, its global options, and every command group mounted once.
 
 Each group lives in its own module (``targets``, ``keys``, ``compile``, ``bundle``, ``run``,
-``bench``, ``demo``, ``fleet``, ``broker``, ``flash``, ``serve``); they import only
+``bench``, ``demo``, ``train``, ``fleet``, ``broker``, ``flash``, ``serve``); they import only
 :mod:`.options`, :mod:`.output` and :mod:`.exits`, never each other or this module.
 """
 
@@ -20,6 +20,7 @@ from .keys import app as keys_app
 from .run import run_cmd
 from .serve import serve_cmd
 from .targets import app as targets_app
+from .train import eval_cmd, train_cmd
 from .exits import JsonAwareGroup
 from .options import VerboseOpt
 from .output import set_verbosity
@@ -41,6 +42,8 @@ app.add_typer(targets_app, name="targets")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(keys_app, name="keys")
 app.add_typer(fleet_app, name="fleet")
+app.command("train")(train_cmd)
+app.command("eval")(eval_cmd)
 app.command("compile")(compile_cmd)
 app.command("run")(run_cmd)
 app.command("bench")(bench_cmd)

@@ -25,7 +25,8 @@ def _shape(text: Optional[str]) -> Optional[list[int]]:
 
 @handle_errors
 def compile_cmd(
-    source: Optional[str] = typer.Argument(None, help="Build file (.yaml), or a model: .onnx, .pt2, module:factory"),
+    source: Optional[str] = typer.Argument(None, help="Build file (.yaml), a run folder (runs/NAME), or a model: "
+                                           ".onnx, .pt2, module:factory"),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Profile name or YAML path"),
     checkpoint: Optional[Path] = typer.Option(None, help="State dict for a factory model"),
     name: Optional[str] = typer.Option(None, help="Model name in the bundle"),
@@ -55,12 +56,26 @@ def compile_cmd(
     from ..config import load_build
     from ..signing import load_private_key
 
+    from ..train.run_folder import build_settings, is_run_folder
+
     build_file = Path(source) if source and source.endswith((".yaml", ".yml")) else None
+    run_dir = Path(source) if is_run_folder(source) else None
+    if source and run_dir is None and Path(source).is_dir():
+        raise ConfigError(f"{source} is a folder without model.pt: give a finished run folder (edgekit train "
+                          f"--out {source}), a build file or a model file")
+    base = build_settings(run_dir) if run_dir is not None else None
+    if base is not None:
+        # a flag names other data: it replaces the run's split, it is not merged into it
+        for section, flag in (("calibration", calibration), ("validation", validation)):
+            if flag is not None:
+                base.pop(section, None)
+        if output is None and target:
+            output = run_dir / f"{base['model']['name']}-{Path(target).stem}.ekb"
     overrides: dict[str, Any] = {
-        "model.source": None if build_file else source,
+        "model.source": None if build_file or run_dir else source,
         "target": target,
         "model.checkpoint": checkpoint,
-        "model.name": name or (Path(source).stem.split(":")[-1] if source and not build_file else None),
+        "model.name": name or (Path(source).stem.split(":")[-1] if source and not (build_file or run_dir) else None),
         "model.version": version,
         "model.release": release,
         "model.input_shape": _shape(input_shape),
@@ -78,7 +93,7 @@ def compile_cmd(
         overrides["accuracy"] = {"max_accuracy_drop": None}
     if no_quantize:
         overrides["quantize.enabled"] = False
-    cfg = load_build(build_file, overrides)
+    cfg = load_build(build_file, overrides, base=base)
     signing_key = load_private_key(cfg.signing_key)
     # Progress goes to stderr; whatever the compilers' libraries print (NNCF's progress bars) too,
     # so that stdout holds only the result.

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from edgekit_runtime.contract import manifest
 
 from ..errors import ConfigError
-from .base import Strict, apply_overrides, merge, parse, partial, read_yaml
+from .base import Strict, apply_overrides, deep_update, merge, parse, partial, read_yaml
 from .target import AccuracyBudget, FidelityGate, LatencyGate, Limits, QuantizeSettings, RuntimeSettings, TargetProfile
 
 # Profile sections a build file (and so a CLI flag) may override.
@@ -124,8 +124,10 @@ class BuildConfig(Strict):
 
 
 
-def load_build(path: Path | None, overrides: dict[str, Any] | None = None) -> BuildConfig:
-    data = read_yaml(path) if path else {}
+def load_build(path: Path | None, overrides: dict[str, Any] | None = None,
+               base: dict[str, Any] | None = None) -> BuildConfig:
+    """A build file (over ``base``, e.g. a run folder's settings) with CLI overrides applied, validated."""
+    data = deep_update(base or {}, read_yaml(path) if path else {})
     data = apply_overrides(data, overrides or {})
     cfg = parse(BuildConfig, data, str(path) if path else "build settings")
     if cfg.model.labels and cfg.model.labels_file:

@@ -1,0 +1,64 @@
+"""A run folder as a model source: ``edgekit compile runs/NAME --target T``.
+
+The run remembers its model (``model.pt``: architecture, shapes, labels, the fitted
+preprocessing) and its data (``train.yaml`` + the data's sha256 in ``metrics.json``). The
+build calibrates on the training split and gates the accuracy budget on the validation
+split; the test split stays untouched for the report. ``--calibration``/``--validation``
+override either.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+CALIBRATION_SAMPLES = 300
+
+
+def is_run_folder(path: str | Path | None) -> bool:
+    return path is not None and Path(path).is_dir() and (Path(path) / "model.pt").is_file()
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    """model.pt's metadata (everything but the weights)."""
+    import torch
+
+    path = run_dir / "model.pt"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a finished run: it has no model.pt (train it with edgekit train)")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict) or ck.get("format") != "edgekit-run/1":
+        raise ConfigError(f"{path} is not an edgekit run checkpoint (format {ck.get('format') if isinstance(ck, dict) else '?'})")
+    return {k: v for k, v in ck.items() if k != "model"}
+
+
+def build_settings(run_dir: Path) -> dict[str, Any]:
+    """Build-file settings for compiling ``run_dir`` (flags and a build file override them)."""
+    run_dir = Path(run_dir).resolve()
+    meta = read_meta(run_dir)
+    classifies = meta["task"] == "classification"
+    labels = meta.get("labels")
+    data = {"source": "edgekit.train.data:split_arrays"}
+    settings: dict[str, Any] = {
+        "model": {
+            "source": "edgekit.train.models:from_checkpoint",
+            "kwargs": {"path": str(run_dir / "model.pt")},
+            "checkpoint": str(run_dir / "model.pt"),
+            "name": meta.get("name") or run_dir.name,
+            "input_shape": [1, *meta["input_shape"]],
+            "labels": labels if classifies else None,
+        },
+        "preprocess": meta["preprocess"],
+        "postprocess": ({"type": "classification", "softmax": True, "top_k": min(5, len(labels or [1]))}
+                        if classifies else {"type": "none"}),
+        "calibration": {**data, "count": CALIBRATION_SAMPLES,
+                        "kwargs": {"run": str(run_dir), "split": "train", "labels": False}},
+    }
+    if classifies:
+        settings["validation"] = {**data, "kwargs": {"run": str(run_dir), "split": "val"}}
+    else:
+        # The accuracy gate measures top-1; a regression/forecast run is gated on fidelity to FP32.
+        settings["accuracy"] = {"max_accuracy_drop": None}
+    return settings
