@@ -267,10 +267,16 @@ class FCN1d(EdgeNet):
 
 
 class GRUNet(EdgeNet):
-    """GRU over the time axis: (N, C, L) → (N, L, C) → GRU → last hidden state → head (e.g. the horizon)."""
+    """GRU over the time axis: (N, C, L) → (N, L, C) → GRU → last hidden state → head (e.g. the horizon).
+
+    ``level=(mean, std)`` (forecasts; the input normalization of the target channel 0) makes the
+    network level-free: it sees each window relative to its last value and predicts the change from
+    it, and the last value (in real units) is added back. A series whose level leaves the training
+    range (a trend) is then still inside what the GRU has seen; everything stays in the graph.
+    """
 
     def __init__(self, input_shape: Sequence[int], out_dim: int, hidden: int = 64, layers: int = 1,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, level: Sequence[float] | None = None):
         super().__init__()
         if not 1 <= layers <= 4 or hidden < 1:
             raise ConfigError("gru needs 1 to 4 layers and hidden >= 1")
@@ -278,10 +284,22 @@ class GRUNet(EdgeNet):
                           dropout=dropout if layers > 1 else 0.0)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, out_dim)
+        self.register_buffer("level", None if level is None else torch.tensor(list(level), dtype=torch.float32))
 
     def features(self, x):
+        if self.level is not None:
+            x = x - x[:, :, -1:]
         _, h = self.gru(x.transpose(1, 2))
         return self.dropout(h[-1])
+
+    def forward(self, x):
+        if self.level is None:
+            return super().forward(x)
+        out = self.head(self.features(x))
+        if self.y_std is not None:
+            out = out * self.y_std
+        last = x[:, 0, -1:] * self.level[1] + self.level[0]
+        return last + out
 
 
 class MLP(EdgeNet):

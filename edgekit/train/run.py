@@ -76,9 +76,13 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> _Setup:
     arch = cfg.model.arch or default_arch(p.kind, task.name)
     out_dim = task.out_dim(p.y["train"], p.labels)
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same initial weights on every rank
+    kwargs = dict(cfg.model.kwargs)
+    if p.kind == "forecast" and arch == "gru" and kwargs.get("level", True) is not None:
+        # level-free forecasting (predict the change from the last value); kwargs level: null turns it off
+        kwargs["level"] = [p.norm.mean[0] / p.norm.scale, p.norm.std[0] / p.norm.scale]
     model = build_model(arch, list(p.input_shape), out_dim, task=task.name, y_stats=p.y_stats,
                         pretrained=cfg.model.pretrained, freeze_backbone=cfg.model.freeze_backbone,
-                        checkpointing=cfg.model.checkpointing, **cfg.model.kwargs)
+                        checkpointing=cfg.model.checkpointing, **kwargs)
     weights = sample_weights = None
     if task.classifies:
         counts = np.bincount(p.y["train"], minlength=out_dim)
@@ -94,7 +98,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> _Setup:
     mixer = None
     if task.classifies and p.kind == "image" and cfg.augment.enabled:
         mixer = batch_mixer(cfg.augment, out_dim)
-    meta = {"arch": arch, "arch_kwargs": dict(cfg.model.kwargs), "task": task.name, "kind": p.kind,
+    meta = {"arch": arch, "task": task.name, "kind": p.kind,
             "input_shape": list(p.input_shape), "out_dim": out_dim, "labels": p.labels,
             "y_stats": [list(map(float, s)) for s in p.y_stats] if p.y_stats is not None else None,
             "preprocess": p.preprocess_manifest(), "name": cfg.run_name}
@@ -301,16 +305,16 @@ def find_lr(cfg: TrainConfig, *, start: float = 1e-6, end: float = 1.0, steps: i
             loss.backward()
             opt.step()
             value = loss.item()
-            smooth = 0.9 * smooth + 0.1 * value if lrs else value
-            corrected = smooth / (1 - 0.9 ** (len(lrs) + 1)) if lrs else value
+            smooth = 0.9 * smooth + 0.1 * value  # exponential average, bias-corrected below
+            corrected = smooth / (1 - 0.9 ** (len(lrs) + 1))
             lrs.append(lr)
             losses.append(corrected)
             best = min(best, corrected)
             for g in opt.param_groups:
                 g["lr"] = lr * factor
-            if len(lrs) >= steps or not np.isfinite(value) or corrected > 4 * best:
+            if len(lrs) >= steps or not np.isfinite(value) or (len(lrs) > 5 and corrected > 4 * best):
                 break
-        if len(lrs) >= steps or not np.isfinite(losses[-1]) or losses[-1] > 4 * best:
+        if len(lrs) >= steps or not np.isfinite(losses[-1]) or (len(lrs) > 5 and losses[-1] > 4 * best):
             break
         epoch += 1
     log_lr = np.log10(np.asarray(lrs))

@@ -347,9 +347,12 @@ class Trainer:
                        **{f"val_{k}": v for k, v in metrics.items()},
                        "lr": self.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
                 value = val_loss if self.monitor == "loss" else metrics[self.monitor]
-                improved = best["value"] is None or (value > best["value"] if self.mode == "max" else value < best["value"])
+                # a tie on the metric (small validation sets saturate: 100 % of 6) goes to the lower loss
+                improved = (best["value"] is None
+                            or (value > best["value"] if self.mode == "max" else value < best["value"])
+                            or (value == best["value"] and val_loss < best.get("loss", math.inf)))
                 if improved:
-                    best.update(value=value, epoch=epoch, bad=0)
+                    best.update(value=value, epoch=epoch, bad=0, loss=val_loss)
                     if self.save_best and self.dist.main:
                         self.save_best(self.eval_model(), {"epoch": epoch + 1, "val": metrics, "val_loss": val_loss})
                 else:
