@@ -275,8 +275,9 @@ class AgentCore:
         """Run the loaded model on images (paths/arrays) or tensors, timed and counted.
 
         Images are preprocessed as the manifest says; a float array or a dict
-        of arrays goes to the model as is. Errors are counted by their stable
-        code and re-raised.
+        of arrays goes to the model as is, except for bundles with ``tensor``
+        preprocessing, whose raw windows/rows are normalized as the manifest
+        says. Errors are counted by their stable code and re-raised.
         """
         model = self.model
         if model is None:
@@ -287,7 +288,11 @@ class AgentCore:
         t0 = time.perf_counter()
         feeds: Mapping[str, np.ndarray] | np.ndarray | None = None
         try:
-            if isinstance(items, dict) or (isinstance(items, np.ndarray) and items.dtype != np.uint8):
+            pre = model.manifest.preprocess
+            if isinstance(items, np.ndarray) and pre is not None and pre.type == "tensor":
+                feeds = model.preprocess(items)
+                outputs = model.run(feeds)
+            elif isinstance(items, dict) or (isinstance(items, np.ndarray) and items.dtype != np.uint8):
                 feeds = items
                 outputs = model.run(feeds)
             else:

@@ -209,3 +209,19 @@ def test_a_simulated_device_reports_a_manifest_and_judges_drift_without_an_engin
         assert [m["body"]["type"] for m in spooled(core) if m["kind"] == "event"] == ["drift_alarm"]
     finally:
         core.close()
+
+
+def test_a_tensor_bundle_normalizes_raw_float_rows(core_of, kit):
+    """Raw float rows to a ``tensor`` bundle go through the manifest's normalization, as Model.predict does."""
+    mean, std = [1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 2.0, 4.0]
+    manifest, members = kit.parts()
+    manifest["preprocess"] = {"type": "tensor", "scale": 1.0, "mean": mean, "std": std}
+    manifest["postprocess"] = {"type": "classification", "softmax": False, "top_k": 4}
+    path = kit.write("tensor.ekb", manifest=manifest, members=members)
+    raw = np.array([[2.0, 4.0, 7.0, 8.0], [1.0, 2.0, 3.0, 4.0]])
+    with edgekit_runtime.load(path, keyring=kit.ring_of(kit.key)) as model:
+        core = core_of(model)
+        got = core.predict(raw)
+        assert got == model.predict(raw)
+        logits = ((raw - mean) / std) @ kit.WEIGHTS
+        assert [t["index"] for t in got[0]["top_k"]] == list(np.argsort(-logits[0], kind="stable"))
