@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     GATE = 3  # an accuracy, fidelity, latency or size gate refused the build
     VERIFY = 4  # a bundle failed verification: signature, tampering, untrusted key, bad manifest
     DEVICE = 5  # a device, runtime, engine, fleet or flash operation failed
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); a training run left last.pt for --resume
 
 
 class EdgekitError(Exception):

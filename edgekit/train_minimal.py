@@ -1,4 +1,6 @@
-"""A minimal supervised training loop for the built-in example (the full trainer is separate).
+"""A minimal supervised loop the test suite uses to make small DigitsCNN state dicts for build tests.
+
+Users train with ``edgekit train`` (:mod:`edgekit.train`), which writes run folders.
 
 AdamW with a cosine schedule, seeded, CPU-friendly. Returns the trained module
 and its accuracy on the validation split.

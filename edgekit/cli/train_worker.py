@@ -16,7 +16,7 @@ from .output import err_console, set_verbosity
 
 def main(argv: list[str] | None = None) -> int:
     from ..config.train import load_train
-    from ..errors import EdgekitError, exit_code_of
+    from ..errors import EdgekitError, ExitCode, exit_code_of
     from ..train.run import train
     from ..train.trainer import DistInfo
     from .train import EpochProgress
@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg.model_copy(update={"nproc": dist.world_size}), resume=resume,
               callbacks=EpochProgress() if dist.main else None, dist=dist)
     except KeyboardInterrupt:
-        return 130
+        return int(ExitCode.INTERRUPTED)
     except EdgekitError as exc:
         if dist.main:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        return 130 if type(exc).__name__ == "TrainingInterrupted" else int(exit_code_of(exc))
+        return int(exit_code_of(exc))
     return 0
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from edgekit_runtime.fileio import atomic_write
 
 from ..config.train import TrainConfig
-from ..errors import ConfigError, EdgekitError
+from ..errors import ConfigError, EdgekitError, ExitCode
 from .tasks import Task, get_task
 from .trainer import Callbacks, DistInfo, FitResult, Trainer, seed_everything
 
@@ -38,6 +38,8 @@ RUN_FILES = ("model.pt", "last.pt", "metrics.json")
 
 class TrainingInterrupted(EdgekitError):
     """Ctrl-C during training: ``last.pt`` holds the last finished epoch."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 @dataclass
@@ -261,8 +263,17 @@ def launch(cfg: TrainConfig, *, resume: bool = False) -> RunResult:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
     log.info("launching %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode == 130 or proc.returncode == -2:
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them write last.pt and stop
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise TrainingInterrupted(f"interrupted; {cfg.out / 'last.pt'} holds the last finished epoch: continue "
+                                  f"with --resume") from None
+    if proc.returncode in (130, -2):
         raise TrainingInterrupted(f"interrupted; {cfg.out / 'last.pt'} holds the last finished epoch: continue "
                                   f"with --resume")
     if proc.returncode != 0:

@@ -201,6 +201,7 @@ class Trainer:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema), use_buffers=True)
+        self._t0, self._seconds_before = time.perf_counter(), 0.0
         self.writer = None
         if self.dist.main:
             try:
@@ -297,7 +298,8 @@ class Trainer:
         return {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "ema": self.ema.state_dict() if self.ema is not None else None, "history": history, "best": best,
-                "world_size": self.dist.world_size, "seed": self.cfg.train.seed}
+                "world_size": self.dist.world_size, "seed": self.cfg.train.seed,
+                "seconds": self._seconds_before + time.perf_counter() - self._t0}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -319,7 +321,8 @@ class Trainer:
     # ------------------------------------------------------------------ fit
     def fit(self, resume: dict[str, Any] | None = None) -> FitResult:
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
+        self._seconds_before = float((resume or {}).get("seconds", 0.0))
         history: list[dict[str, Any]] = []
         best: dict[str, Any] = {"value": None, "epoch": -1, "bad": 0}
         start = 0
