@@ -97,7 +97,8 @@ class Prepared:
 
     def preprocess_manifest(self) -> dict:
         """The bundle's ``preprocess`` section: what the device applies before the model."""
-        if self.kind == "image" and self.color is not None:
+        # The device decodes images as uint8 0-255; float images (any range) go in as raw tensors.
+        if self.kind == "image" and self.color is not None and self.x["train"].dtype == np.uint8:
             return {"type": "image", "color": self.color, "size": list(self.input_shape[1:]), "resize": "stretch",
                     "interpolation": "area", "scale": self.norm.scale, "mean": list(self.norm.mean),
                     "std": list(self.norm.std), "layout": "NCHW", "dtype": "float32"}

@@ -206,3 +206,15 @@ def test_run_folder_round_trip(tmp_path, digits_npz):
     _fake_run(tmp_path / "stale", digits_npz, "0" * 64)
     with pytest.raises(CalibrationError, match="changed since training.*--calibration"):
         load_run_data(tmp_path / "stale")
+
+
+def test_float_images_get_tensor_preprocessing_uint8_images_image(tmp_path):
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, size=(80, 3, 8, 8), dtype=np.uint8)
+    y = np.repeat(np.arange(4), 20)
+    np.savez(tmp_path / "f.npz", x=u8.astype(np.float32) / 255, y=y)
+    np.savez(tmp_path / "u.npz", x=u8, y=y)
+    man = prepare(DataConfig(path=tmp_path / "f.npz"), SplitConfig(), 0).preprocess_manifest()
+    assert man["type"] == "tensor" and man["scale"] == 1.0 and len(man["mean"]) == 3
+    man = prepare(DataConfig(path=tmp_path / "u.npz"), SplitConfig(), 0).preprocess_manifest()
+    assert man["type"] == "image" and man["scale"] == pytest.approx(1 / 255) and man["size"] == [8, 8]
