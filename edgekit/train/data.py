@@ -33,6 +33,11 @@ _STD_FLOOR = 1e-6
 
 
 # ----------------------------------------------------------------------------- normalization
+def _safe_std(std: np.ndarray) -> np.ndarray:
+    """``std`` with values below the floor replaced by 1.0: a constant channel must not amplify device drift."""
+    return np.where(std < _STD_FLOOR, 1.0, std)
+
+
 @dataclass
 class Normalizer:
     """``(raw * scale - mean) / std`` per channel (axis 1)."""
@@ -53,13 +58,13 @@ class Normalizer:
 
     @classmethod
     def fit(cls, raw_train: np.ndarray, scale: float) -> "Normalizer":
-        """Per-channel mean and std (floored at 1e-6) of ``raw_train * scale``."""
+        """Per-channel mean and std of ``raw_train * scale`` (a std below 1e-6, a constant channel, is 1.0)."""
         x = np.asarray(raw_train, dtype=np.float64) * scale
         if x.ndim < 2 or len(x) == 0:
             raise CalibrationError(f"cannot fit a normalization on an array of shape {x.shape}")
         axes = (0,) + tuple(range(2, x.ndim))
         mean = x.mean(axis=axes)
-        std = np.maximum(x.std(axis=axes), _STD_FLOOR)
+        std = _safe_std(x.std(axis=axes))
         return cls(scale=float(scale), mean=[float(v) for v in mean], std=[float(v) for v in std])
 
 
@@ -609,7 +614,7 @@ def prepare(cfg: DataConfig, split: SplitConfig, seed: int) -> Prepared:
     y_stats = None
     if task != "classification":
         yt = parts["train"]["y"].astype(np.float64).reshape(len(parts["train"]["y"]), -1)
-        y_stats = ([float(v) for v in yt.mean(axis=0)], [float(v) for v in np.maximum(yt.std(axis=0), _STD_FLOOR)])
+        y_stats = ([float(v) for v in yt.mean(axis=0)], [float(v) for v in _safe_std(yt.std(axis=0))])
     log.info("data %s: %s, %s split %s", loaded.source.get("path"), loaded.kind, method, report["sizes"])
     return Prepared(kind=loaded.kind, task=task, x={k: v["x"] for k, v in parts.items()},
                     y={k: v["y"] for k, v in parts.items()}, meta={k: v["meta"] for k, v in parts.items()},

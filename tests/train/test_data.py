@@ -61,9 +61,11 @@ def test_normalizer_fitted_on_train_only(digits_npz):
     assert z.dtype == np.float32 and abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3
 
 
-def test_normalizer_floors_std():
-    norm = Normalizer.fit(np.ones((5, 2, 3), dtype=np.float32), 1.0)
-    assert norm.std == [1e-6, 1e-6]
+def test_normalizer_constant_channel_gets_std_one():
+    x = np.ones((5, 2, 3), dtype=np.float32)
+    x[:, 1] = np.arange(15).reshape(5, 3)
+    norm = Normalizer.fit(x, 1.0)
+    assert norm.std[0] == 1.0 and norm.std[1] == pytest.approx(np.arange(15).std())
     assert np.isfinite(norm.apply(np.ones((1, 2, 3)))).all()
 
 
@@ -218,3 +220,11 @@ def test_float_images_get_tensor_preprocessing_uint8_images_image(tmp_path):
     assert man["type"] == "tensor" and man["scale"] == 1.0 and len(man["mean"]) == 3
     man = prepare(DataConfig(path=tmp_path / "u.npz"), SplitConfig(), 0).preprocess_manifest()
     assert man["type"] == "image" and man["scale"] == pytest.approx(1 / 255) and man["size"] == [8, 8]
+
+
+def test_constant_regression_target_gets_std_one(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x, y=np.stack([np.full(60, 3.0), rng.normal(size=60)], axis=1))
+    p = prepare(DataConfig(path=tmp_path / "c.npz", task="regression"), SplitConfig(method="random"), 0)
+    assert p.y_stats[1][0] == 1.0 and p.y_stats[1][1] > 0.5
