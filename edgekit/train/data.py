@@ -209,6 +209,8 @@ def _load_folder(cfg: DataConfig) -> _Loaded:
         size = [int(v) for v in cfg.image_size]
     else:
         size = [int(round(float(np.median([im.shape[i] for im in images])))) for i in (0, 1)]
+    if color != "rgb":  # decode as the device does (its grayscale decode differs from converting RGB)
+        images = [read_image(f, color) for f in files]
     # The runtime's own colour conversion and resize; scale 1 keeps the 0-255 values exact.
     spec = {"type": "image", "color": color, "size": size, "resize": "stretch", "interpolation": "area",
             "scale": 1.0, "layout": "NCHW", "dtype": "float32"}

@@ -228,3 +228,21 @@ def test_constant_regression_target_gets_std_one(tmp_path):
     np.savez(tmp_path / "c.npz", x=x, y=np.stack([np.full(60, 3.0), rng.normal(size=60)], axis=1))
     p = prepare(DataConfig(path=tmp_path / "c.npz", task="regression"), SplitConfig(method="random"), 0)
     assert p.y_stats[1][0] == 1.0 and p.y_stats[1][1] > 0.5
+
+
+def test_gray_image_folder_is_decoded_as_the_device_decodes(tmp_path):
+    import cv2
+    from edgekit_runtime.processing import preprocess_batch
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            size = (16, 20) if i % 2 else (24, 20)  # median: 20 x 20
+            cv2.imwrite(str(tmp_path / "imgs" / cls / f"{i}.png"), rng.integers(0, 256, size + (3,), dtype=np.uint8))
+    p = prepare(DataConfig(path=tmp_path / "imgs", color="gray"), SplitConfig(val=0.2, test=0.2), seed=0)
+    assert p.color == "gray" and p.input_shape == [1, 20, 20]
+    spec = {**p.preprocess_manifest(), "scale": 1.0, "mean": None, "std": None}
+    device = preprocess_batch(sorted((tmp_path / "imgs").rglob("*.png")), spec)
+    ours = np.concatenate([p.x[s] for s in ("train", "val", "test")]).astype(np.float32)
+    assert sorted(r.tobytes() for r in device) == sorted(r.tobytes() for r in ours)
