@@ -183,17 +183,17 @@ def naive_forecasts(raw: np.ndarray, horizon: int, season: int | None = None) ->
     """Baseline forecasts from raw windows (N, C, lookback), target channel 0 (real units).
 
     ``naive``: the last value repeated over the horizon; ``seasonal_naive`` (when ``season`` is given):
-    the last ``season`` values tiled over the horizon.
+    the last ``season`` values tiled over the horizon; left out when the season exceeds the lookback.
     """
     x = np.asarray(raw, np.float64)
     if x.ndim != 3:
         raise CalibrationError(f"forecast inputs must be windows (N, C, lookback), got shape {x.shape}")
     lookback = x.shape[2]
     out = {"naive": np.repeat(x[:, 0, -1:], horizon, axis=1)}
-    if season:
-        if season > lookback:
-            raise ConfigError(f"season {season} is longer than the lookback window {lookback}",
-                              hint="make lookback >= season, or leave season out")
+    if season and season > lookback:
+        log.info("no seasonal-naive baseline: the season (%d) is longer than the lookback window (%d)",
+                 season, lookback)
+    elif season:
         reps = math.ceil(horizon / season)
         out["seasonal_naive"] = np.tile(x[:, 0, -season:], (1, reps))[:, :horizon]
     return out

@@ -104,8 +104,9 @@ def test_seasonal_naive_is_exact_on_a_seasonal_series():
     assert base["naive"]["mae"] > 1.0
     f = naive_forecasts(x, horizon, season)
     assert np.allclose(f["naive"], x[:, 0, -1:])
-    with pytest.raises(ConfigError, match="lookback"):
-        naive_forecasts(x, horizon, season=30)
+    long = naive_forecasts(x, horizon, season=30)  # season > lookback: naive only, no error
+    assert set(long) == {"naive"} and np.array_equal(long["naive"], f["naive"])
+    assert set(baseline_metrics(x, y, season=30)) == {"naive"}
 
 
 def test_slice_metrics():
