@@ -1,7 +1,7 @@
 """The headline metric under input perturbations at three strengths (plus clean), seeded.
 
-Images (raw uint8 0–255 or float 0–1, (N, C, H, W)): Gaussian noise, blur, rotation, brightness,
-contrast. Series (N, C, L), forecast windows and tabular rows (N, F): Gaussian noise and offset in
+Images ((N, C, H, W), uint8 or float in any range): Gaussian noise, blur, rotation, brightness,
+contrast; strengths are fractions of the data's own range (min to max), results stay in that range. Series (N, C, L), forecast windows and tabular rows (N, F): Gaussian noise and offset in
 per-channel standard deviations, and sample dropout (a dropped sample holds the previous value,
 as a sensor that missed a reading does; tabular: the feature is zeroed).
 """
@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 
 # perturbation -> strengths (weakest first), per data family
 IMAGE_LEVELS: dict[str, tuple[float, ...]] = {
-    "gaussian_noise": (0.04, 0.08, 0.16),  # std, fraction of the full range
+    "gaussian_noise": (0.04, 0.08, 0.16),  # std, fraction of the data's range
     "blur": (0.5, 1.0, 1.5),  # Gaussian sigma in pixels
     "rotation": (10.0, 20.0, 30.0),  # degrees
-    "brightness": (0.1, 0.2, 0.3),  # added, fraction of the full range
+    "brightness": (0.1, 0.2, 0.3),  # added, fraction of the data's range
     "contrast": (0.8, 0.6, 0.4),  # factor around each image's mean
 }
 SERIES_LEVELS: dict[str, tuple[float, ...]] = {
@@ -51,9 +51,10 @@ def perturb(raw: np.ndarray, kind: str, perturbation: str, strength: float,
     return _perturb_series(raw, perturbation, strength, rng)
 
 
-def _peak(raw: np.ndarray) -> float:
-    """The full range of the image data: 255 for uint8 (or float data above 1.5), else 1."""
-    return 255.0 if raw.dtype == np.uint8 or float(np.max(raw)) > 1.5 else 1.0
+def _value_range(raw: np.ndarray) -> tuple[float, float, float]:
+    """``lo``, ``hi`` and the span of the image data (span 1.0 when the data is constant)."""
+    lo, hi = float(np.min(raw)), float(np.max(raw))
+    return lo, hi, (hi - lo) or 1.0
 
 
 def _per_plane(raw: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -69,12 +70,12 @@ def _perturb_images(raw: np.ndarray, name: str, s: float, rng: np.random.Generat
 
     if raw.ndim != 4:
         raise CalibrationError(f"images must be (N, C, H, W), got shape {raw.shape}")
-    peak = _peak(raw)
+    lo, hi, span = _value_range(raw)
     x = raw.astype(np.float32)
     if name == "gaussian_noise":
-        x = x + rng.normal(0.0, s * peak, size=x.shape).astype(np.float32)
+        x = x + rng.normal(0.0, s * span, size=x.shape).astype(np.float32)
     elif name == "brightness":
-        x = x + s * peak
+        x = x + s * span
     elif name == "contrast":
         mean = x.mean(axis=(1, 2, 3), keepdims=True)
         x = mean + (x - mean) * s
@@ -84,8 +85,8 @@ def _perturb_images(raw: np.ndarray, name: str, s: float, rng: np.random.Generat
         h, w = x.shape[2:]
         m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), s, 1.0)
         x = _per_plane(x, lambda p: cv2.warpAffine(p, m, (w, h), flags=cv2.INTER_LINEAR,
-                                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0))
-    x = np.clip(x, 0.0, peak)
+                                                   borderMode=cv2.BORDER_CONSTANT, borderValue=lo))
+    x = np.clip(x, lo, hi)
     return np.rint(x).astype(np.uint8) if raw.dtype == np.uint8 else x.astype(raw.dtype)
 
 

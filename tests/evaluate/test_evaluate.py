@@ -154,6 +154,17 @@ def test_perturbations_keep_shape_dtype_and_are_seeded():
     assert np.allclose((off - s).mean(axis=(0, 2)), s.std(axis=(0, 2)), rtol=1e-4)
 
 
+def test_image_perturbations_use_the_data_range():
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images[:40, None].astype(np.float32)  # floats 0..16
+    for name, s in (("gaussian_noise", 0.04), ("brightness", 0.1), ("rotation", 10.0), ("blur", 0.5)):
+        z = perturb(x, "image", name, s, np.random.default_rng(0))
+        assert z.dtype == np.float32 and z.min() >= 0.0 and z.max() <= 16.0, name
+        assert 0 < np.abs(z - x).mean() < 0.15 * 16, name
+    assert np.abs(perturb(x, "image", "brightness", 0.1, np.random.default_rng(0)) - x).max() <= 1.6 + 1e-5
+
+
 def test_noise_lowers_accuracy_of_a_simple_predictor():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
