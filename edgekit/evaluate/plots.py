@@ -131,7 +131,10 @@ def plot_predicted_vs_actual(y: np.ndarray, preds: Mapping[str, np.ndarray], pat
 
 
 def plot_worst_images(raw: np.ndarray, worst: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """A gallery of the highest-loss images, titled true → predicted ({"index", "true", "pred", "loss"})."""
+    """A gallery of the highest-loss images, titled true → predicted ({"index", "true", "pred", "loss"}).
+
+    Three-channel images are shown in colour, others as channel 0 in gray.
+    """
     n = len(worst)
     cols = min(8, max(1, n))
     rows = max(1, math.ceil(n / cols))
@@ -139,7 +142,7 @@ def plot_worst_images(raw: np.ndarray, worst: Sequence[Mapping[str, Any]], path:
     for i, w in enumerate(worst):
         ax = fig.add_subplot(rows, cols, i + 1)
         img = np.asarray(raw[w["index"]])
-        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        img = img.transpose(1, 2, 0) if img.shape[0] == 3 else img[0]  # not RGB: show channel 0
         if img.dtype != np.uint8:
             img = np.clip(img.astype(np.float64) / (255.0 if img.max() > 1.5 else 1.0), 0, 1)
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)

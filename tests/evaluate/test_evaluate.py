@@ -165,6 +165,16 @@ def test_image_perturbations_use_the_data_range():
     assert np.abs(perturb(x, "image", "brightness", 0.1, np.random.default_rng(0)) - x).max() <= 1.6 + 1e-5
 
 
+@pytest.mark.parametrize("channels, dtype", [(2, np.uint8), (4, np.float32)])
+def test_worst_images_gallery_takes_any_channel_count(tmp_path, channels, dtype):
+    from edgekit.evaluate.plots import plot_worst_images
+
+    raw = (np.random.default_rng(0).random((4, channels, 8, 8)) * 200).astype(dtype)
+    worst = [{"index": i, "true": "a", "pred": "b", "loss": 1.0} for i in range(3)]
+    path = plot_worst_images(raw, worst, tmp_path / "worst.png")
+    assert path.is_file() and path.stat().st_size > 0
+
+
 def test_noise_lowers_accuracy_of_a_simple_predictor():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
