@@ -41,13 +41,16 @@ def _cv2():
 
 
 def read_image(path: str | os.PathLike, color: str = "rgb") -> np.ndarray:
-    """Read an image file as uint8 HxW (gray) or HxWx3 in ``color`` order."""
+    """Read an image file as uint8 HxW (gray) or HxWx3 in ``color`` order.
+
+    Gray is converted from the colour decode as :func:`preprocess_image` converts an RGB array (a
+    codec's own grayscale decode differs by ±1), so a file and its decoded array give the same input.
+    """
     cv2 = _cv2()
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image {path} does not exist", code=ErrorCode.INPUT_MISSING)
-    flag = cv2.IMREAD_GRAYSCALE if color == "gray" else cv2.IMREAD_COLOR
-    image = cv2.imread(str(path), flag)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise InputError(
             f"{path} is not a readable image", code=ErrorCode.INPUT_UNREADABLE,
@@ -55,6 +58,8 @@ def read_image(path: str | os.PathLike, color: str = "rgb") -> np.ndarray:
         )
     if color == "rgb":
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif color == "gray":
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     return image
 
 
@@ -231,8 +236,8 @@ def preprocess_batch(items: Iterable[str | os.PathLike | np.ndarray] | np.ndarra
         )
     out = []
     for item in items:
-        if isinstance(item, (str, os.PathLike)):
-            item = read_image(item, spec.color)
+        if isinstance(item, (str, os.PathLike)):  # decoded as arrays are taken to be: gray or RGB
+            item = read_image(item, "gray" if spec.color == "gray" else "rgb")
         elif not isinstance(item, np.ndarray):
             raise InputError(f"cannot preprocess a {type(item).__name__}", code=ErrorCode.INPUT_UNSUPPORTED)
         out.append(preprocess_image(item, spec))

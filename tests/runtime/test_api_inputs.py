@@ -81,6 +81,24 @@ def test_image_of_another_size_and_colour_is_preprocessed(model, tmp_path):
     np.testing.assert_allclose(x[0, 0, :, 0], [255 / 256, 0.0])
 
 
+@pytest.mark.parametrize("color", ["rgb", "bgr", "gray"])
+def test_a_file_and_its_rgb_array_preprocess_alike(tmp_path, color):
+    import cv2
+
+    from edgekit_runtime.processing import preprocess_batch
+
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    rgb[..., 0] = 200  # strongly red, so a swapped channel order shows
+    path = tmp_path / "c.png"
+    cv2.imwrite(str(path), rgb[..., ::-1])  # OpenCV writes BGR
+    spec = {"type": "image", "color": color, "size": [6, 5], "scale": 1.0}
+    from_file, from_array = preprocess_batch([path], spec), preprocess_batch([rgb], spec)
+    np.testing.assert_array_equal(from_file, from_array)
+    if color != "gray":
+        red = 0 if color == "rgb" else 2
+        assert from_file[0, red].min() == 200 and from_file[0, 2 - red].max() < 255
+
+
 def test_every_error_carries_a_telemetry_event(model):
     with pytest.raises(InputError) as e:
         model.run(np.zeros((1, 1, 3, 3), np.float32))
