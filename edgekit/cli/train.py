@@ -51,12 +51,24 @@ class EpochProgress:
 def _overrides(pairs: list[str]) -> dict[str, Any]:
     import yaml
 
+    from ..config.base import deep_update
+
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r} is not KEY=VALUE (e.g. --set optim.lr=0.01)")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if parsed is None:  # a None override means "not given": null goes in as a nested section
+            *parents, leaf = key.strip().split(".")
+            node: dict[str, Any] = {leaf: None}
+            for part in reversed(parents[1:]):
+                node = {part: node}
+            if not parents:
+                raise ConfigError(f"--set {pair!r}: only a field inside a section can be null (e.g. optim.ema=null)")
+            out[parents[0]] = deep_update(out.get(parents[0]) or {}, node)
+        else:
+            out[key.strip()] = parsed
     return out
 
 
@@ -142,7 +154,7 @@ def train_cmd(
     console.print(table)
     console.print(f"best epoch {m['best_epoch']} of {m['epochs_run']}, {m['world_size']} process(es), seed "
                   f"{m['seed']}, {m['seconds']:.0f} s")
-    console.print(f"run: [bold]{result.run_dir}[/]  report: {result.report}")
+    console.print(f"run: [bold]{result.run_dir}[/]" + (f"  report: {result.report}" if result.report else ""))
 
 
 @handle_errors

@@ -15,7 +15,8 @@ from .output import err_console, set_verbosity
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config.train import load_train
+    from ..config.base import parse
+    from ..config.train import TrainConfig, load_train
     from ..errors import EdgekitError, ExitCode, exit_code_of
     from ..train.run import train
     from ..train.trainer import DistInfo
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     dist = DistInfo.from_env()
     try:
         cfg = load_train(Path(paths[0]))
-        train(cfg.model_copy(update={"nproc": dist.world_size}), resume=resume,
+        # validated again: under a user's own torchrun the batch must divide over these processes too
+        cfg = parse(TrainConfig, {**cfg.model_dump(mode="json"), "nproc": dist.world_size}, paths[0])
+        train(cfg, resume=resume,
               callbacks=EpochProgress() if dist.main else None, dist=dist)
     except KeyboardInterrupt:
         return int(ExitCode.INTERRUPTED)

@@ -16,14 +16,23 @@ import numpy as np
 from ..errors import CalibrationError, ConfigError
 
 
-def _load_file(data: Path, like: Any | None, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
-                                                                 list[str] | None, str, int | None]:
-    """Raw inputs, targets, meta, label names, kind and season of every sample in ``data``."""
+def _load_file(data: Path, like: Any | None, task: str, pre: Any | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str] | None, str, int | None]:
+    """Raw inputs, targets, meta, label names, kind and season of every sample in ``data``.
+
+    ``pre`` (the model's preprocessing) fixes what the file must become: an image folder is resized
+    to the model's size and read in its colour, as the device would, not by the folder's own median.
+    """
     from ..config.train import DataConfig
     from ..train.data import _load
 
     fields = like.model_dump() if like is not None else {"task": task}
     fields.update(path=data)
+    spec = pre if isinstance(pre, dict) or pre is None else {"type": pre.type, "size": pre.size, "color": pre.color}
+    if spec is not None and spec.get("type") == "image":
+        # the loader reads RGB arrays (the runtime converts them for a bgr model)
+        color = "gray" if spec.get("color") == "gray" else "rgb"
+        fields.update(kind="image", image_size=list(spec["size"]), color=color)
     loaded = _load(DataConfig(**fields))
     if loaded.x_test is not None:
         return loaded.x_test, loaded.y_test, loaded.meta_test, loaded.labels, loaded.kind, loaded.season
@@ -79,7 +88,7 @@ def evaluate_source(source: Path, *, data: Path | None = None, compare: list[Pat
             raw, y, slices, kind, season = p.x[split], p.y[split], p.meta.get(split), p.kind, p.season
             what = f"{cfg.data.path} ({split} split)"
         else:
-            raw, y, slices, names, kind, season = _load_file(data, cfg.data, task_name)
+            raw, y, slices, names, kind, season = _load_file(data, cfg.data, task_name, meta["preprocess"])
             y = _remap(y, names, labels) if task_name == "classification" else y
             what = str(data)
         out = out or source / "eval"
@@ -92,7 +101,7 @@ def evaluate_source(source: Path, *, data: Path | None = None, compare: list[Pat
         post = m.postprocess
         task_name = task or ("classification" if post is not None and post.type == "classification" else "regression")
         labels = list(first.model.labels) if first.model.labels else None
-        raw, y, slices, names, kind, season = _load_file(data, None, task_name)
+        raw, y, slices, names, kind, season = _load_file(data, None, task_name, m.preprocess)
         y = _remap(y, names, labels) if task_name == "classification" else y
         what = str(data)
         out = out or source.with_name(source.stem + "-eval")

@@ -270,7 +270,7 @@ class GRUNet(EdgeNet):
     """GRU over the time axis: (N, C, L) → (N, L, C) → GRU → last hidden state → head (e.g. the horizon).
 
     ``level=(mean, std)`` (forecasts; the input normalization of the target channel 0) makes the
-    network level-free: it sees each window relative to its last value and predicts the change from
+    network level-free: it sees the target channel relative to its last value and predicts the change from
     it, and the last value (in real units) is added back. A series whose level leaves the training
     range (a trend) is then still inside what the GRU has seen; everything stays in the graph.
     """
@@ -287,8 +287,8 @@ class GRUNet(EdgeNet):
         self.register_buffer("level", None if level is None else torch.tensor(list(level), dtype=torch.float32))
 
     def features(self, x):
-        if self.level is not None:
-            x = x - x[:, :, -1:]
+        if self.level is not None:  # the target channel relative to its last value; other inputs keep their level
+            x = torch.cat([x[:, :1] - x[:, :1, -1:], x[:, 1:]], dim=1)
         _, h = self.gru(x.transpose(1, 2))
         return self.dropout(h[-1])
 

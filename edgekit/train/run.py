@@ -79,7 +79,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> _Setup:
     out_dim = task.out_dim(p.y["train"], p.labels)
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same initial weights on every rank
     kwargs = dict(cfg.model.kwargs)
-    if p.kind == "forecast" and arch == "gru" and kwargs.get("level", True) is not None:
+    if p.kind == "forecast" and arch == "gru" and "level" not in kwargs:
         # level-free forecasting (predict the change from the last value); kwargs level: null turns it off
         kwargs["level"] = [p.norm.mean[0] / p.norm.scale, p.norm.std[0] / p.norm.scale]
     model = build_model(arch, list(p.input_shape), out_dim, task=task.name, y_stats=p.y_stats,
@@ -98,7 +98,10 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> _Setup:
     loss_fn = make_loss(task.name, name=cfg.loss.name, class_weights=weights, focal_gamma=cfg.loss.focal_gamma,
                         label_smoothing=cfg.optim.label_smoothing)
     mixer = None
-    if task.classifies and p.kind == "image" and cfg.augment.enabled:
+    if cfg.augment.enabled and (cfg.augment.mixup or cfg.augment.cutmix):
+        if not (task.classifies and p.kind in ("image", "sequence")):
+            raise ConfigError(f"augment.mixup/cutmix mix classes of images or sequences; this run is {task.name} on "
+                              f"{p.kind} data: set them to 0")
         mixer = batch_mixer(cfg.augment, out_dim)
     meta = {"arch": arch, "task": task.name, "kind": p.kind,
             "input_shape": list(p.input_shape), "out_dim": out_dim, "labels": p.labels,
@@ -107,13 +110,19 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> _Setup:
     return _Setup(p, task, arch, model, meta, loss_fn, sample_weights, mixer)
 
 
-def _init_dist(dist: DistInfo) -> None:
+def _init_dist(dist: DistInfo, device: str) -> None:
+    """Join the process group: NCCL for ranks on GPUs (one GPU per local rank), gloo on CPUs."""
     if dist.world_size > 1:
         import torch
         import torch.distributed as td
 
+        from .trainer import pick_device
+
+        on_gpu = pick_device(device, dist).type == "cuda"
+        if on_gpu:
+            torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
         if not td.is_initialized():
-            td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            td.init_process_group("nccl" if on_gpu else "gloo")
 
 
 def _load_last(run_dir: Path) -> dict[str, Any]:
@@ -152,8 +161,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Callbacks | None
     if dist.main:
         _check_out(cfg, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
-    _init_dist(dist)
+    _init_dist(dist, cfg.train.device)
     try:
+        if resume and dist.main:
+            _warn_changed(cfg, run_dir / "train.yaml")
         s = _setup(cfg, dist)
         if dist.main:
             write_config(cfg, run_dir / "train.yaml")
@@ -170,6 +181,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Callbacks | None
             raise ConfigError(f"last.pt was trained with seed {state.get('seed')}; resume with the same "
                               f"train.seed")
         fit = trainer.fit(state)
+        if fit.interrupted and not fit.history:
+            raise TrainingInterrupted("interrupted before the first epoch finished: there is nothing to resume; "
+                                      "start the run again (without --resume)")
         if fit.interrupted:
             raise TrainingInterrupted(f"interrupted after {fit.epochs_run} epoch(s); {run_dir / 'last.pt'} holds "
                                       f"the last finished epoch: continue with --resume")
@@ -186,6 +200,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Callbacks | None
             torch.distributed.destroy_process_group()
 
 
+def _warn_changed(cfg: TrainConfig, path: Path) -> None:
+    """A resumed run with other settings is a different run: say which settings changed."""
+    import yaml
+
+    if not path.is_file():
+        return
+    before = yaml.safe_load(path.read_text()) or {}
+    now = cfg.model_dump(mode="json")
+    if (before.get("train") or {}).get("epochs", cfg.train.epochs) != cfg.train.epochs and \
+            cfg.optim.schedule == "onecycle":
+        raise ConfigError(f"the run was started with train.epochs {before['train']['epochs']}; a OneCycle schedule "
+                          f"cannot be stretched to {cfg.train.epochs} on --resume: resume with the same epochs")
+    changed = [f"{section}.{k}" for section, values in now.items() if isinstance(values, dict)
+               for k, v in values.items() if (before.get(section) or {}).get(k, v) != v]
+    changed += [k for k, v in now.items() if not isinstance(v, dict) and k != "nproc" and before.get(k, v) != v]
+    if changed:
+        log.warning("resuming with settings that differ from the interrupted run (%s): the result will not be "
+                    "the run it would have been", ", ".join(changed))
+
+
 def _best_model(run_dir: Path):
     import torch
 
@@ -197,7 +231,7 @@ def _best_model(run_dir: Path):
 
 
 def finish(cfg: TrainConfig, s: _Setup, fit: FitResult, run_dir: Path, world_size: int,
-           seconds: float) -> tuple[dict[str, Any], Path]:
+           seconds: float) -> tuple[dict[str, Any], Path | None]:
     """Evaluate the best checkpoint on the test split and write metrics.json and report.md."""
     from ..evaluate import TorchPredictor, evaluate, write_report
 
@@ -206,9 +240,13 @@ def finish(cfg: TrainConfig, s: _Setup, fit: FitResult, run_dir: Path, world_siz
     val_out = TorchPredictor(best, p.norm).predict(p.x["val"])
     val = s.task.metrics(val_out, p.y["val"])
     split = "test" if len(p.x.get("test", ())) else "val"
-    evaluation = evaluate([TorchPredictor(best, p.norm)], p.x[split], p.y[split], task=s.task.name, kind=p.kind,
-                          labels=p.labels, meta=p.meta.get(split), season=p.season, history=fit.history,
-                          out_dir=run_dir, robustness=cfg.robustness, seed=cfg.train.seed)
+    if not cfg.evaluate:  # the headline metrics only: no report, plots or robustness table
+        evaluation = {"primary": s.task.metrics(TorchPredictor(best, p.norm).predict(p.x[split]), p.y[split]),
+                      "baselines": None}
+    else:
+        evaluation = evaluate([TorchPredictor(best, p.norm)], p.x[split], p.y[split], task=s.task.name,
+                              kind=p.kind, labels=p.labels, meta=p.meta.get(split), season=p.season,
+                              history=fit.history, out_dir=run_dir, robustness=cfg.robustness, seed=cfg.train.seed)
     first = evaluation["primary"]
     keys = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc_ovr", "ece") \
         if s.task.classifies else ("rmse", "mae", "mape", "r2")
@@ -233,6 +271,8 @@ def finish(cfg: TrainConfig, s: _Setup, fit: FitResult, run_dir: Path, world_siz
     }
     atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default).encode(),
                  durable=False)
+    if not cfg.evaluate:
+        return metrics, None
     summary = {"run": cfg.run_name, "task": s.task.name, "kind": p.kind, "arch": s.arch, "seed": cfg.train.seed,
                "world_size": world_size, "epochs_run": len(fit.history), "best_epoch": fit.best_epoch,
                "split_report": p.split_report, "evaluation": evaluation, "notes": notes}
@@ -257,6 +297,8 @@ def launch(cfg: TrainConfig, *, resume: bool = False) -> RunResult:
     _check_out(cfg, resume)
     cfg.out.mkdir(parents=True, exist_ok=True)
     spec = cfg.out / "train.yaml"
+    if resume:
+        _warn_changed(cfg, spec)
     write_config(cfg, spec)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
            "-m", "edgekit.cli.train_worker", str(spec)] + (["--resume"] if resume else [])
@@ -280,7 +322,8 @@ def launch(cfg: TrainConfig, *, resume: bool = False) -> RunResult:
         raise EdgekitError(f"distributed training failed (torch.distributed.run exited {proc.returncode}); "
                            f"the workers' errors are above")
     metrics = json.loads((cfg.out / "metrics.json").read_text())
-    return RunResult(cfg.out, metrics, cfg.out / "report.md")
+    report = cfg.out / "report.md"
+    return RunResult(cfg.out, metrics, report if report.is_file() else None)
 
 
 def find_lr(cfg: TrainConfig, *, start: float = 1e-6, end: float = 1.0, steps: int = 100) -> dict[str, Any]:

@@ -18,6 +18,7 @@ CALIBRATION_SAMPLES = 300
 
 
 def is_run_folder(path: str | Path | None) -> bool:
+    """A folder with ``model.pt`` (a finished run also has ``metrics.json``; see :func:`read_meta`)."""
     return path is not None and Path(path).is_dir() and (Path(path) / "model.pt").is_file()
 
 
@@ -28,6 +29,9 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "model.pt"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a finished run: it has no model.pt (train it with edgekit train)")
+    if not (run_dir / "metrics.json").is_file():
+        raise ConfigError(f"{run_dir} has not finished training (no metrics.json): let it finish, or continue "
+                          f"it with edgekit train --resume")
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or ck.get("format") != "edgekit-run/1":
         raise ConfigError(f"{path} is not an edgekit run checkpoint (format {ck.get('format') if isinstance(ck, dict) else '?'})")
@@ -53,8 +57,9 @@ def build_settings(run_dir: Path) -> dict[str, Any]:
         "preprocess": meta["preprocess"],
         "postprocess": ({"type": "classification", "softmax": True, "top_k": min(5, len(labels or [1]))}
                         if classifies else {"type": "none"}),
-        "calibration": {**data, "count": CALIBRATION_SAMPLES,
-                        "kwargs": {"run": str(run_dir), "split": "train", "labels": False}},
+        # evenly spaced over the training split (every class), not its first samples
+        "calibration": {**data, "kwargs": {"run": str(run_dir), "split": "train", "labels": False,
+                                           "count": CALIBRATION_SAMPLES}},
     }
     if classifies:
         settings["validation"] = {**data, "kwargs": {"run": str(run_dir), "split": "val"}}

@@ -115,10 +115,13 @@ class EpochSampler:
         return order[self.dist.rank :: self.dist.world_size]
 
 
-def _batches(dataset, idx: np.ndarray, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for i in range(0, len(idx), batch):
-        items = [dataset[int(j)] for j in idx[i : i + batch]]
-        yield torch.stack([a for a, _ in items]), torch.stack([torch.as_tensor(b) for _, b in items])
+def _batches(dataset, idx: np.ndarray, batch: int, *, workers: int = 0, seed: int = 0):
+    """``dataset[idx]`` in batches, lazily; with ``workers`` > 0 in worker processes seeded from ``seed``."""
+    from torch.utils.data import DataLoader
+
+    chunks = [idx[i : i + batch].tolist() for i in range(0, len(idx), batch)]
+    return DataLoader(dataset, batch_sampler=chunks, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -198,9 +201,17 @@ class Trainer:
         self.sched = make_scheduler(cfg, self.opt, self.steps_per_epoch)
         self.ema = None
         if cfg.optim.ema:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema), use_buffers=True)
+            decay = cfg.optim.ema
+
+            def ema_step(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+                # warm-up (as timm's ModelEmaV2): early averages follow the weights, or a 0.999 average of a
+                # short run would stay near the random initialisation
+                d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+                return avg + (current - avg) * (1.0 - d)
+
+            self.ema = AveragedModel(self.model, avg_fn=ema_step, use_buffers=True)
         self._t0, self._seconds_before = time.perf_counter(), 0.0
         self.writer = None
         if self.dist.main:
@@ -233,19 +244,23 @@ class Trainer:
         idx = self.sampler.indices(epoch)
         acc = self.cfg.train.accumulate
         total, count = 0.0, 0
-        micro_batches = list(_batches(self.train_ds, idx, self.micro))
+        n_micro = math.ceil(len(idx) / self.micro)
         self.opt.zero_grad(set_to_none=True)
-        for i, (xb, yb) in enumerate(micro_batches):
+        batches = _batches(self.train_ds, idx, self.micro, workers=self.cfg.train.num_workers,
+                           seed=epoch_seed(self.cfg.train.seed, epoch, self.dist.rank))
+        for i, (xb, yb) in enumerate(batches):
             xb, yb = xb.to(self.device), yb.to(self.device)
             if self.mixer is not None:
                 xb, yb = self.mixer(xb, yb)
-            last_of_step = (i + 1) % acc == 0 or i + 1 == len(micro_batches)
+            last_of_step = (i + 1) % acc == 0 or i + 1 == n_micro
+            # the last step of an epoch may gather fewer micro-batches: weigh them by how many it has
+            group = acc if (i // acc + 1) * acc <= n_micro else n_micro - (i // acc) * acc
             sync = self.ddp.no_sync() if (self.ddp is not None and not last_of_step) else contextlib.nullcontext()
             with sync:
                 with self._autocast():
                     out = net(xb)
                 loss = self._loss(out, yb)
-                scaled = loss / acc
+                scaled = loss / group
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if last_of_step:
                 if self.scaler:
@@ -271,10 +286,27 @@ class Trainer:
         if self.dist.world_size > 1:
             import torch.distributed as td
 
-            t = torch.tensor([total, float(count)], dtype=torch.float64)
+            t = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
             td.all_reduce(t)
             total, count = float(t[0]), int(t[1])
+            # every rank's last forward updated its own batch-norm statistics: take rank 0's, so all ranks
+            # validate (and save) the same model
+            for buf in self.model.buffers():
+                td.broadcast(buf, 0)
+            if self.ema is not None:
+                for buf in self.ema.module.buffers():
+                    td.broadcast(buf, 0)
         return total / max(1, count)
+
+    def _agree(self, improved: bool, stop: bool) -> tuple[bool, bool]:
+        """Rank 0's early-stopping decision for every rank (they must leave the loop together)."""
+        if self.dist.world_size == 1:
+            return improved, stop
+        import torch.distributed as td
+
+        t = torch.tensor([float(improved), float(stop)], device=self.device)
+        td.broadcast(t, 0)
+        return bool(t[0]), bool(t[1])
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -284,7 +316,7 @@ class Trainer:
         model = model or self.eval_model()
         model.eval()
         outs, ys, total = [], [], 0.0
-        for xb, yb in _batches(dataset, np.arange(len(dataset)), 256):
+        for xb, yb in _batches(dataset, np.arange(len(dataset)), 256, workers=self.cfg.train.num_workers):
             xb, yb = xb.to(self.device), yb.to(self.device)
             with self._autocast():
                 out = model(xb)
@@ -354,6 +386,8 @@ class Trainer:
                 improved = (best["value"] is None
                             or (value > best["value"] if self.mode == "max" else value < best["value"])
                             or (value == best["value"] and val_loss < best.get("loss", math.inf)))
+                bad_after = 0 if improved else best["bad"] + 1
+                improved, stop = self._agree(improved, bad_after >= (cfg.train.early_stopping or math.inf))
                 if improved:
                     best.update(value=value, epoch=epoch, bad=0, loss=val_loss)
                     if self.save_best and self.dist.main:
@@ -371,13 +405,13 @@ class Trainer:
                 self._save_last(epoch, history, best)
                 if self.cb and self.dist.main:
                     self.cb.on_epoch_end(row)
-                if best["bad"] >= (cfg.train.early_stopping or math.inf):
+                if stop:
                     stopped_early = True
                     break
         except KeyboardInterrupt:
+            # last.pt (written after every finished epoch) is what --resume continues from; the epoch in
+            # progress is dropped, never saved half-done
             interrupted = True
-            if self.dist.main and not (self.run_dir / "last.pt").exists():
-                self._save_last(epoch, history, best)
         finally:
             if self.writer is not None:
                 self.writer.close()

@@ -93,3 +93,29 @@ def test_train_cli_errors_are_usage_errors(basic_motions, tmp_path):
 def test_list_archs():
     doc = cli_json("train", "--list-archs")
     assert {"resnet_small", "inception_time", "gru", "mlp"} <= set(doc)
+
+
+def test_ctrl_c_keeps_last_pt_and_resume_finishes(basic_motions, tmp_path):
+    """SIGINT to `edgekit train`: exit 130, last.pt on disk, no metrics; --resume runs the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edgekit.cli", "train", "--data", str(basic_motions), "--out", str(out),
+           "--epochs", "40", "--batch-size", "16", "--set", "evaluate=false", "--set", "train.early_stopping=null",
+           "--set", "model.kwargs={nb_filters: 8, depth: 3}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (out / "last.pt").exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == int(ExitCode.INTERRUPTED), err[-2000:]
+    assert "--resume" in err and (out / "last.pt").exists() and not (out / "metrics.json").exists()
+    done = subprocess.run(cmd + ["--resume", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["epochs_run"] == 40 and (out / "metrics.json").exists()
+    assert not (out / "report.md").exists()  # evaluate=false: the headline metrics only

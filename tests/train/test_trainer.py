@@ -152,3 +152,47 @@ def test_forecast_run_reports_baselines(tmp_path):
     assert "seasonal_naive" in m["test"]["baselines"] and m["split"]["method"] == "temporal"
     # the model outputs passengers (real units), not standardized values
     assert 50 < m["test"]["mae"] + m["test"]["baselines"]["seasonal_naive"]["mae"] < 1000
+
+
+class _StopInFirstEpoch(_StopAt):
+    def on_batch(self, step, loss):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_before_the_first_epoch_ends_leaves_nothing_half_done(small_digits, tmp_path):
+    with pytest.raises(TrainingInterrupted, match="nothing to resume"):
+        train(_cfg(small_digits, tmp_path / "r"), callbacks=_StopInFirstEpoch(0))
+    assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_ema_099_on_a_short_run_is_not_stuck_at_the_initial_weights(small_digits, tmp_path):
+    m = train(_cfg(small_digits, tmp_path / "ema", **{"optim.ema": 0.999, "train.epochs": 3})).metrics
+    assert m["test"]["accuracy"] > 50, m["test"]
+
+
+def test_mixup_on_regression_is_refused(tmp_path):
+    x = np.random.default_rng(0).normal(size=(120, 5)).astype(np.float32)
+    data = tmp_path / "rows.npz"
+    np.savez(data, x=x, y=x.sum(1))
+    with pytest.raises(ConfigError, match="mixup"):
+        train(load_train(None, {"data.path": data, "data.task": "regression", "out": tmp_path / "r",
+                                "augment.mixup": 0.2}))
+
+
+def test_a_run_folder_compiles_only_when_finished_and_calibrates_over_the_whole_train_split(small_digits, tmp_path):
+    from edgekit.train.run_folder import build_settings
+
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(small_digits, tmp_path / "r", **{"train.epochs": 3}), callbacks=_StopAt(1))
+    with pytest.raises(ConfigError, match="has not finished"):
+        build_settings(tmp_path / "r")
+    train(_cfg(small_digits, tmp_path / "r", **{"train.epochs": 3}), resume=True)
+    s = build_settings(tmp_path / "r")
+    assert s["calibration"]["kwargs"] == {"run": str((tmp_path / "r").resolve()), "split": "train", "labels": False,
+                                          "count": 300}
+    assert s["validation"]["kwargs"]["split"] == "val" and s["preprocess"]["type"] == "image"
+    from edgekit.train.data import split_arrays
+
+    x = split_arrays(s["calibration"]["kwargs"]["run"], "train", count=300, labels=False)
+    _, y = split_arrays(s["calibration"]["kwargs"]["run"], "train", count=300)
+    assert len(x) == 300 and len(np.unique(y)) == 10  # every class, not the first few
