@@ -328,6 +328,16 @@ def test_preprocessing_without_a_scale_uses_the_contract_default():
     np.testing.assert_array_equal(typed, image[None, None].astype(np.float32))
 
 
+def test_a_tensor_spec_without_a_scale_is_not_divided_by_255():
+    from edgekit_runtime.processing import preprocess_batch
+
+    assert Preprocess.from_dict({"type": "tensor", "mean": [0.0], "std": [1.0]}).scale == 1.0
+    assert Preprocess.from_dict({"type": "tensor", "scale": 0.5}).scale == 0.5
+    assert Preprocess.from_dict({"type": "image", "size": [2, 2]}).scale == 1 / 255
+    x = np.array([[3.0, -7.5]], dtype=np.float32)
+    np.testing.assert_array_equal(preprocess_batch(x, {"type": "tensor"}), x)
+
+
 def test_a_preprocess_object_that_does_not_fit_is_refused_before_any_image_is_read():
     from edgekit_runtime.processing import preprocess_batch
 

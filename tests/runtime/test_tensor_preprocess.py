@@ -92,9 +92,9 @@ def test_preprocess_tensor_normalises_axis_1_then_casts():
     want = (x * 0.5 - np.array([1, 2, 3])[None, :, None]) / np.array([2, 4, 8])[None, :, None]
     assert got.dtype == np.float32 and got.flags.c_contiguous
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    # one value for all channels; no mean/std: only scale
+    # one value for all channels (no scale: 1.0 for tensors); no mean/std: only scale
     np.testing.assert_allclose(preprocess_tensor(x, {"type": "tensor", "mean": [1.0], "std": [2.0]}),
-                               (x * (1 / 255) - 1) / 2, rtol=1e-6)
+                               (x - 1) / 2, rtol=1e-6)
     np.testing.assert_array_equal(preprocess_tensor(x, {"type": "tensor", "scale": 1.0}), x.astype(np.float32))
 
 

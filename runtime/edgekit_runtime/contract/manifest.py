@@ -392,11 +392,18 @@ class Preprocess(Section):
     size: list[int] | None = None  # [height, width]; required for images
     resize: Literal["stretch", "shorter_center_crop"] = "stretch"
     interpolation: Literal["area", "linear", "nearest", "cubic"] = "area"
-    scale: float = 1 / 255  # images 0-255 → 0-1 (the host writes 1.0 for tensors)
+    scale: float = 1 / 255  # images 0-255 → 0-1; a tensor spec that leaves it out parses as 1.0
     mean: list[float] | None = None  # per channel (or one value for all)
     std: list[float] | None = None
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str | None = None):
+        """As :meth:`Section.from_dict`; a ``tensor`` spec without ``scale`` gets 1.0 (raw arrays are not 0-255)."""
+        if isinstance(data, dict) and data.get("type") == "tensor" and "scale" not in data:
+            data = {**data, "scale": 1.0}
+        return super().from_dict(data, path)
 
     @property
     def channels(self) -> int:
