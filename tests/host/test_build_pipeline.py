@@ -40,10 +40,19 @@ def test_slower_int8_ships_the_faster_fp32_and_says_so(tmp_path, digits_checkpoi
     cfg = build_config(digits_checkpoint, TARGET, out, latency={"min_int8_speedup": 1000.0})
     result = compile_model(cfg, signing_key)
     gate = next(g for g in result.report["gates"] if g["name"] == "latency.int8_speedup")
-    assert gate["status"] == "failed" and "shipping the faster FP32 artifact" in gate["detail"]
-    assert result.report["precision"] == "fp32" and result.report["accuracy"]["deployed"] > 90
+    assert gate["status"] == "failed"
+    # which artifact is faster depends on the host's CPU (an 8x8 model is all per-call overhead): ship_faster
+    # must ship the one the gate measured faster, and say so
+    speedup = result.report["latency_ms"].get("speedup")
+    fp32_faster = "shipping the faster FP32 artifact" in gate["detail"]
+    assert fp32_faster or "FP32 is slower: shipping INT8" in gate["detail"], gate["detail"]
+    shipped = "fp32" if fp32_faster else "int8"
+    acc = result.report["accuracy"]
+    assert result.report["precision"] == shipped and acc.get("deployed", acc.get("int8")) > 90
+    if speedup is not None:
+        assert (speedup < 1.0) == fp32_faster, (speedup, gate["detail"])
     m = edgekit_runtime.open_bundle(out, Keyring.from_paths(keys["public"])).manifest
-    assert m.backend.precision == "fp32" and m.calibration is None
+    assert m.backend.precision == shipped and (m.calibration is None) == fp32_faster
     assert m.metrics.latency_ms.gated is True and m.metrics.latency_ms.speedup < 1000
     assert {g.name: g.status for g in m.metrics.gates}["latency.int8_speedup"] == "failed"
 

@@ -79,7 +79,7 @@ def stop(proc: subprocess.Popen) -> str:
 
 # ----------------------------------------------------------------------------- the exit code table
 def test_every_edgekit_error_has_its_exit_code():
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5]
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 130]
     expected = {ConfigError: ExitCode.USAGE, ModelImportError: ExitCode.USAGE, CalibrationError: ExitCode.USAGE,
                 SigningError: ExitCode.USAGE, VerificationError: ExitCode.VERIFY, DeviceError: ExitCode.DEVICE,
                 GateError: ExitCode.GATE, AccuracyBudgetError: ExitCode.GATE}
