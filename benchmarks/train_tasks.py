@@ -83,6 +83,12 @@ def machine_line(m: dict[str, Any]) -> str:
             f"avx2 {'yes' if m['avx2'] else 'no'}, torch {m['torch']} with {m['torch_threads']} threads")
 
 
+def provenance() -> dict[str, Any]:
+    """The benchmarks' provenance plus a hash of the training and evaluation code."""
+    return {**common.provenance(),
+            "train_sources_sha256": common.sources_sha256("edgekit/train", "edgekit/evaluate", "edgekit/config")}
+
+
 # ----------------------------------------------------------------------------- helpers
 class StopAfter:
     """Training callbacks that press Ctrl-C once epoch ``n`` has finished (last.pt holds it)."""
@@ -457,7 +463,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("nncf").setLevel(logging.WARNING)  # its INFO lines would bury the figures
     mach = machine()
-    prov = common.provenance()  # the code the figures come from: taken before the first run
+    prov = provenance()  # the code the figures come from: taken before the first run
     log(f"machine: {machine_line(mach)}")
     work = args.work or Path(tempfile.mkdtemp(prefix="edgekit-train-tasks-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -479,8 +485,8 @@ def main(argv=None) -> None:
         os.chdir(cwd)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    end = common.provenance()
-    if end != prov:
+    end = provenance()
+    if {k: v for k, v in end.items() if k != "git_commit"} != {k: v for k, v in prov.items() if k != "git_commit"}:
         log("warning: the library changed while the benchmark ran; rerun it on a quiet checkout")
         prov["changed_during_run"] = end
     doc = {"benchmark": "train_tasks", "provenance": prov, "machine": mach,
