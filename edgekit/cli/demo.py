@@ -20,7 +20,7 @@ def demo_cmd(workdir: Path = typer.Option(Path("build/demo"), help="Where everyt
              seconds: float = typer.Option(2.0, help="Benchmark seconds per comparison"),
              verbose: int = VerboseOpt,
              as_json: bool = JsonOpt) -> None:
-    """Train the digits CNN, compile INT8 for both x86 targets, verify, run and benchmark."""
+    """Train on digits with edgekit train, compile INT8 for both x86 targets, verify, run and benchmark."""
     from .._console import redirect_stdout_to_stderr
 
     set_verbosity(verbose)
@@ -39,7 +39,7 @@ def demo_cmd(workdir: Path = typer.Option(Path("build/demo"), help="Where everyt
 
 def print_demo_table(summary: dict[str, Any]) -> None:
     """The demo's FP32 vs INT8 table and how it was measured."""
-    table = Table(title="digits CNN: FP32 vs INT8 (held-out test split, 360 images)")
+    table = Table(title="digits (edgekit train, resnet_small): FP32 vs INT8, held-out test split (360 PNGs)")
     for col in ("target", "precision", "top-1 %", "Δ pt", "size KiB", "p50 ms", "p90 ms", "speed-up"):
         table.add_column(col, justify="right" if col not in ("target", "precision") else "left")
     for r in summary["rows"]:
@@ -50,7 +50,8 @@ def print_demo_table(summary: dict[str, Any]) -> None:
     s = summary["system"]
     console.print(f"Latency: batch 1, single stream, FP32/INT8 interleaved in one process; {s['cpu']} "
                   f"({', '.join(s['cpu_flags']) or 'no AVX-512'}), {s['usable_cores']} cores, default threads. "
-                  f"Accuracy measured through the device runtime; FP32 on OpenVINO with "
+                  f"Accuracy: the test PNGs through the device runtime (the build's gate used the validation "
+                  f"split); FP32 on OpenVINO with "
                   f"INFERENCE_PRECISION_HINT=f32. A model this small (8×8 input) is dominated by per-call "
                   f"overhead, so INT8 gains little in speed here; benchmarks/ has resnet and mobilenet figures.",
                   highlight=False)
