@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python -m benchmarks.runtime_overhead
 	$(BIN)/python benchmarks/telemetry_ingest.py
 	$(BIN)/python benchmarks/fleet_rollout.py
+	$(BIN)/python -m benchmarks.train_tasks
 
 clean:
 	rm -rf build .pytest_cache
