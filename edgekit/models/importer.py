@@ -54,7 +54,8 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         raise ModelImportError(f"{module_name!r} has no attribute {attr!r}") from None
 
 
-def _load_state_dict(path: Path) -> dict:
+def load_state_dict_file(path: Path) -> dict:
+    """The state dict in ``path``: a bare one, or under "model"/"state_dict"/"model_state_dict"."""
     import torch
 
     if not path.is_file():
@@ -86,7 +87,7 @@ def load_torch_model(src: ModelSource):
     if not isinstance(model, torch.nn.Module):
         raise ModelImportError(f"{source} returned a {type(model).__name__}, not a torch.nn.Module")
     if src.checkpoint:
-        sd = _load_state_dict(Path(src.checkpoint))
+        sd = load_state_dict_file(Path(src.checkpoint))
         try:
             missing, unexpected = model.load_state_dict(sd, strict=False)
         except RuntimeError as exc:  # shape mismatches raise even with strict=False

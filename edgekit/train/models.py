@@ -446,17 +446,16 @@ _PREFIXES = ("module.", "_orig_mod.", "net.")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from ..errors import ModelImportError
+    from ..models.importer import load_state_dict_file
+
     if not path.is_file():
         raise ConfigError(f"pretrained weights {path} do not exist (nothing is downloaded: give a local file)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"cannot read pretrained weights {path}: {exc}") from None
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = load_state_dict_file(path)
+    except ModelImportError as exc:
+        raise ConfigError(f"pretrained weights: {exc}") from None
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(f"{path} holds no state dict (a dict of tensors, or a checkpoint with one under 'model')")
     return obj
 

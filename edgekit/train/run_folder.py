@@ -24,18 +24,14 @@ def is_run_folder(path: str | Path | None) -> bool:
 
 def read_meta(run_dir: Path) -> dict[str, Any]:
     """model.pt's metadata (everything but the weights)."""
-    import torch
+    from .models import read_checkpoint
 
-    path = run_dir / "model.pt"
-    if not path.is_file():
+    if not (run_dir / "model.pt").is_file():
         raise ConfigError(f"{run_dir} is not a finished run: it has no model.pt (train it with edgekit train)")
     if not (run_dir / "metrics.json").is_file():
         raise ConfigError(f"{run_dir} has not finished training (no metrics.json): let it finish, or continue "
                           f"it with edgekit train --resume")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or ck.get("format") != "edgekit-run/1":
-        raise ConfigError(f"{path} is not an edgekit run checkpoint (format {ck.get('format') if isinstance(ck, dict) else '?'})")
-    return {k: v for k, v in ck.items() if k != "model"}
+    return {k: v for k, v in read_checkpoint(run_dir / "model.pt").items() if k != "model"}
 
 
 def build_settings(run_dir: Path) -> dict[str, Any]:
