@@ -331,8 +331,6 @@ def find_lr(cfg: TrainConfig, *, start: float = 1e-6, end: float = 1.0, steps: i
 
     Suggests the LR where the smoothed loss falls fastest; writes lr_find.png and lr_find.json.
     """
-    import torch
-
     from .augment import make_dataset
     from .trainer import EpochSampler, _batches
 
