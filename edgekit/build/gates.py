@@ -75,10 +75,26 @@ def top1_percent(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float((outputs.reshape(len(labels), -1).argmax(1) == labels).mean() * 100.0)
 
 
+def mae(outputs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean absolute error in the target's units (lower is better)."""
+    return float(np.mean(np.abs(outputs.reshape(len(targets), -1).astype(np.float64)
+                                - targets.reshape(len(targets), -1))))
+
+
+def rmse(outputs: np.ndarray, targets: np.ndarray) -> float:
+    """Root mean squared error in the target's units (lower is better)."""
+    return float(np.sqrt(np.mean((outputs.reshape(len(targets), -1).astype(np.float64)
+                                  - targets.reshape(len(targets), -1)) ** 2)))
+
+
 METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], Literal["higher", "lower"], str]] = {
-    # name -> (function of (outputs, labels), direction, unit). The task issues add map50, miou, rmse, mae.
+    # name -> (function of (outputs, labels or targets), direction, unit). Detection adds map50, segmentation miou.
     "top1": (top1_percent, "higher", "pt"),
+    "mae": (mae, "lower", ""),
+    "rmse": (rmse, "lower", ""),
 }
+# metrics whose validation data hold values (float targets), not class indices
+REGRESSION_METRICS = frozenset({"mae", "rmse"})
 
 
 def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -110,6 +126,12 @@ class AccuracyCheck:
 
     def check_reference(self, fp32_outputs: np.ndarray, y: np.ndarray, fp32_value: float, source: str) -> None:
         """Refuse a reference that cannot make the budget mean anything."""
+        if self.settings.metric in REGRESSION_METRICS:
+            per_sample = int(np.prod(fp32_outputs.shape[1:]))
+            if y.reshape(len(y), -1).shape[1] != per_sample:
+                raise ConfigError(f"{source} has {y.reshape(len(y), -1).shape[1]} target value(s) per sample but the "
+                                  f"model outputs {per_sample}; give targets shaped like the model's output")
+            return
         classes = int(np.prod(fp32_outputs.shape[1:]))
         check_labels(self.labels, classes)
         if y.size and int(y.max()) >= classes:
@@ -132,9 +154,11 @@ class AccuracyCheck:
         if budget is None:
             return GateResult("accuracy", "not_checked", drop, None, unit, "accuracy.max_accuracy_drop is null")
         status: Status = "passed" if drop <= budget else "failed"
+        word = "drop" if direction == "higher" else "increase"
+        units = f" {unit}" if unit else ""
         return GateResult("accuracy", status, drop, budget, unit,
-                          f"{self.settings.metric} {reference:.2f} → {value:.2f} (drop {drop:.2f} {unit}, "
-                          f"budget {budget} {unit})")
+                          f"{self.settings.metric} {reference:.4g} → {value:.4g} ({word} {drop:.4g}{units}, "
+                          f"budget {budget:.4g}{units})")
 
 
 @dataclass

@@ -111,7 +111,8 @@ def print_compile_summary(report: dict) -> None:
     acc = report.get("accuracy", {})
     lat = report.get("latency_ms", {})
     table = Table(title=f"{report['target']} ({report['backend']} {report['backend_version']})")
-    for col in ("precision", "top-1 %", "size KiB", "p50 ms", "p90 ms"):
+    metric = {"top1_percent": "top-1 %"}.get(acc.get("metric", "top1_percent"), acc.get("metric"))
+    for col in ("precision", metric, "size KiB", "p50 ms", "p90 ms"):
         table.add_column(col, justify="right")
     for prec in ("fp32", "int8"):
         if prec in report.get("sizes", {}):
@@ -140,6 +141,10 @@ def print_compile_summary(report: dict) -> None:
         if g["status"] == "failed":  # gates that failed without refusing changed what ships: say so
             err_console.print(f"[yellow]warning:[/] {g['name']}: {g['detail']}")
     if "drop_pts" in acc:
-        console.print(f"INT8 drop {acc['drop_pts']:.2f} pt (budget {acc.get('budget_pts')} pt) after "
+        top1 = acc.get("metric", "top1_percent") == "top1_percent"
+        what, unit = ("drop", " pt") if top1 else (f"{acc.get('metric', '').upper()} increase", "")
+        budget = acc.get("budget_pts")
+        console.print(f"INT8 {what} {acc['drop_pts']:.4g}{unit} (budget "
+                      f"{'none' if budget is None else f'{budget:.4g}'}{unit}) after "
                       f"{len(acc.get('attempts', []))} attempt(s); latency measured on the host "
                       f"({lat.get('measured_on', {}).get('cpu', '?')}), batch 1")

@@ -66,7 +66,7 @@ def _from_folder(folder: Path, preprocess: dict | None, labels: list[str] | None
     return x, np.array([names.index(f.parent.name) for f in files], dtype=np.int64)
 
 
-def _from_arrays(obj, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _from_arrays(obj, where: str, targets: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     if isinstance(obj, tuple) and len(obj) == 2:
         x, y = obj
     elif isinstance(obj, dict) or hasattr(obj, "files"):
@@ -81,15 +81,25 @@ def _from_arrays(obj, where: str) -> tuple[np.ndarray, np.ndarray | None]:
         if not np.issubdtype(x.dtype, np.floating):
             raise CalibrationError(f"{where}: x has dtype {x.dtype}; give preprocessed float tensors")
         x = x.astype(np.float32)
-    if y is not None:
+    if y is not None and targets:  # regression/forecast values: float, one row per sample
+        y = np.asarray(y, dtype=np.float32)
+        if len(y) != len(x):
+            raise CalibrationError(f"{where}: y has {len(y)} rows for {len(x)} samples")
+        if not np.isfinite(y).all():
+            raise CalibrationError(f"{where}: y holds NaN or infinite values")
+    elif y is not None:
         y = np.asarray(y).astype(np.int64)
         if y.shape != (len(x),):
             raise CalibrationError(f"{where}: y has shape {y.shape}, expected ({len(x)},)")
     return x, y
 
 
-def load_data(src: DataSource, preprocess: dict | None = None, labels: list[str] | None = None) -> Dataset:
-    """Load ``src`` into preprocessed tensors (and labels where the source has them)."""
+def load_data(src: DataSource, preprocess: dict | None = None, labels: list[str] | None = None,
+              targets: bool = False) -> Dataset:
+    """Load ``src`` into preprocessed tensors (and labels where the source has them).
+
+    ``targets``: ``y`` holds regression/forecast values (float, any shape per sample), not class indices.
+    """
     s = src.source
     path = Path(s)
     if path.is_dir():
@@ -99,11 +109,11 @@ def load_data(src: DataSource, preprocess: dict | None = None, labels: list[str]
             raise CalibrationError(f"{path} does not exist")
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
-                x, y = _from_arrays(data, s)
+                x, y = _from_arrays(data, s, targets)
         else:
-            x, y = _from_arrays(np.load(path, allow_pickle=False), s)
+            x, y = _from_arrays(np.load(path, allow_pickle=False), s, targets)
     elif ":" in s and not path.exists():
-        x, y = _from_arrays(resolve_callable(s)(**src.kwargs), s)
+        x, y = _from_arrays(resolve_callable(s)(**src.kwargs), s, targets)
     else:
         raise CalibrationError(
             f"data source {s!r} is neither an image folder, a .npy/.npz file nor 'module:factory'"

@@ -659,8 +659,8 @@ def _cached_run_data(run_dir: str, stamp: tuple) -> Prepared:
 def split_arrays(run: str, split: str = "train", count: int | None = None, labels: bool = True):
     """Build-file factory: normalized ``(x, y)`` of a run's ``split`` (or ``x`` alone).
 
-    ``y`` is int64 class indices; only classification runs return labels. ``count`` takes that many
-    evenly spaced samples.
+    ``y`` is int64 class indices (classification) or float32 targets in real units (regression,
+    forecasts). ``count`` takes that many evenly spaced samples.
     """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -676,8 +676,8 @@ def split_arrays(run: str, split: str = "train", count: int | None = None, label
             raise ConfigError(f"count must be at least 1, not {count}")
         pick = np.unique(np.linspace(0, len(x) - 1, count).round().astype(np.int64))
         x, y = x[pick], y[pick]
-    if labels and p.task == "classification":
-        return np.ascontiguousarray(x), y.astype(np.int64)
+    if labels:  # class indices, or regression/forecast values in real units
+        return np.ascontiguousarray(x), (y.astype(np.int64) if p.task == "classification" else y.astype(np.float32))
     return np.ascontiguousarray(x)
 
 

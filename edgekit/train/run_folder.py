@@ -3,7 +3,9 @@
 The run remembers its model (``model.pt``: architecture, shapes, labels, the fitted
 preprocessing) and its data (``train.yaml`` + the data's sha256 in ``metrics.json``). The
 build calibrates on the training split and gates the accuracy budget on the validation
-split; the test split stays untouched for the report. ``--calibration``/``--validation``
+split (top-1 for classifiers; MAE in the target's units for regression and forecasts, by default
+at most 5 % of the targets' standard deviation worse than FP32); the test split stays untouched
+for the report. ``--calibration``/``--validation``
 override either.
 """
 
@@ -15,6 +17,8 @@ from typing import Any
 from ..errors import ConfigError
 
 CALIBRATION_SAMPLES = 300
+# regression/forecast runs: the MAE budget as a share of the training targets' standard deviation
+REGRESSION_BUDGET = 0.05
 
 
 def is_run_folder(path: str | Path | None) -> bool:
@@ -57,9 +61,10 @@ def build_settings(run_dir: Path) -> dict[str, Any]:
         "calibration": {**data, "kwargs": {"run": str(run_dir), "split": "train", "labels": False,
                                            "count": CALIBRATION_SAMPLES}},
     }
-    if classifies:
-        settings["validation"] = {**data, "kwargs": {"run": str(run_dir), "split": "val"}}
-    else:
-        # The accuracy gate measures top-1; a regression/forecast run is gated on fidelity to FP32.
-        settings["accuracy"] = {"max_accuracy_drop": None}
+    settings["validation"] = {**data, "kwargs": {"run": str(run_dir), "split": "val"}}
+    if not classifies:
+        # gated on the validation MAE in the target's units: INT8 may add at most 5 % of the target's spread
+        std = meta.get("y_stats")[1] if meta.get("y_stats") else [1.0]
+        settings["accuracy"] = {"metric": "mae",
+                                "max_accuracy_drop": round(REGRESSION_BUDGET * float(sum(std) / len(std)), 6)}
     return settings

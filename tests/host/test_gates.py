@@ -174,3 +174,25 @@ def test_attempts_prefer_fewer_failures_then_smaller_drop():
     best = max([attempt("ptq", 3.0, True), attempt("a", 0.4, False), attempt("b", 0.1, False)], key=lambda a: a.score)
     assert best.strategy == "b" and best.passed
     assert max([attempt("ptq", 2.0, True), attempt("x", 5.0, True)], key=lambda a: a.score).strategy == "ptq"
+
+
+@pytest.mark.parametrize("value, status", [(10.5, "passed"), (11.0, "passed"), (11.01, "failed"), (9.0, "passed")])
+def test_mae_budget_is_how_much_the_error_may_grow(value, status):
+    check = AccuracyCheck(AccuracyBudget(metric="mae", max_accuracy_drop=1.0), None)
+    g = check.gate(10.0, value)
+    assert g.status == status and g.value == pytest.approx(value - 10.0)
+    assert "increase" in g.detail
+
+
+def test_mae_and_rmse_are_in_the_targets_units():
+    out = np.array([[1.0, 2.0], [3.0, 6.0]])
+    y = np.array([[1.0, 1.0], [3.0, 3.0]], dtype=np.float32)
+    assert AccuracyCheck(AccuracyBudget(metric="mae"), None).value(out, y) == pytest.approx(1.0)
+    assert AccuracyCheck(AccuracyBudget(metric="rmse"), None).value(out, y) == pytest.approx(np.sqrt(10 / 4))
+
+
+def test_regression_targets_that_do_not_fit_the_outputs_are_refused():
+    check = AccuracyCheck(AccuracyBudget(metric="mae"), None)
+    with pytest.raises(ConfigError, match="target value"):
+        check.check_reference(np.zeros((4, 6)), np.zeros((4, 3), np.float32), 1.0, "val.npz")
+    check.check_reference(np.zeros((4, 6)), np.zeros((4, 6), np.float32), 1.0, "val.npz")  # fits: no error

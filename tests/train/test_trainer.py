@@ -196,3 +196,30 @@ def test_a_run_folder_compiles_only_when_finished_and_calibrates_over_the_whole_
     x = split_arrays(s["calibration"]["kwargs"]["run"], "train", count=300, labels=False)
     _, y = split_arrays(s["calibration"]["kwargs"]["run"], "train", count=300)
     assert len(x) == 300 and len(np.unique(y)) == 10  # every class, not the first few
+
+
+def test_a_forecast_run_compiles_under_an_mae_budget(tmp_path, signing_key):
+    """The build gates a forecast on the validation MAE in real units (cosine to FP32 is blind to level errors)."""
+    pd = pytest.importorskip("pandas")
+    aeon = pytest.importorskip("aeon.datasets")
+    from edgekit.build.pipeline import compile_model
+    from edgekit.config import load_build
+    from edgekit.train.run_folder import build_settings
+
+    series = np.asarray(aeon.load_airline(), dtype=np.float64).ravel()
+    csv = tmp_path / "airline.csv"
+    pd.DataFrame({"month": pd.date_range("1949-01-01", periods=len(series), freq="MS"),
+                  "passengers": series}).to_csv(csv, index=False)
+    run = tmp_path / "f"
+    m = train(load_train(None, {"data.path": csv, "data.task": "forecast", "data.time": "month", "out": run,
+                                "data.lookback": 12, "train.epochs": 3, "evaluate": False})).metrics
+    settings = build_settings(run)
+    assert settings["accuracy"]["metric"] == "mae" and settings["accuracy"]["max_accuracy_drop"] > 0
+    cfg = load_build(None, {"target": "x86-openvino-cpu", "output": tmp_path / "f.ekb"}, base=settings)
+    report = compile_model(cfg, signing_key).report
+    acc = report["accuracy"]
+    assert acc["metric"] == "mae" and acc["direction"] == "lower" and acc["checked"]
+    assert acc["count"] == m["split"]["sizes"]["val"]  # gated on the run's validation windows
+    gate = next(g for g in report["gates"] if g["name"] == "accuracy")
+    assert gate["status"] == "passed" and gate["value"] <= gate["threshold"]
+    assert 10 < acc["fp32"] < 500  # MAE in passengers: the bundle outputs real units

@@ -12,6 +12,7 @@ from edgekit_runtime.contract.errors import BundleError
 
 from ...data.sources import Dataset, load_data
 from ...errors import CalibrationError, ConfigError
+from ..gates import REGRESSION_METRICS
 from ..state import BuildState
 
 
@@ -40,7 +41,8 @@ class DataStage:
             except BundleError as exc:
                 raise ConfigError(f"{exc}; fix the build file's preprocess section") from None
         calib = load_data(cfg.calibration, state.preprocess, state.labels) if cfg.calibration else None
-        val = load_data(cfg.validation, state.preprocess, state.labels) if cfg.validation else None
+        targets = state.profile.accuracy.metric in REGRESSION_METRICS  # y holds values, not classes
+        val = load_data(cfg.validation, state.preprocess, state.labels, targets) if cfg.validation else None
         budget = state.profile.accuracy.max_accuracy_drop
         if state.quantize and calib is None:
             raise ConfigError("INT8 needs calibration data: add a 'calibration' section (or set quantize.enabled: false)")
