@@ -6,15 +6,25 @@ stream manager does; paho-mqtt's own queue lives in memory and is bounded by
 ``max_inflight``. SQLite in WAL mode, ``synchronous=FULL`` by default so a row
 survives a power cut once :meth:`put` returned.
 
-The spool is bounded in *message bytes* (topic + payload; the file itself is a
-little larger and does not shrink). When a new message does not fit, the
-declared policy applies:
+The spool is bounded in *message bytes* (topic + payload + ``ROW_OVERHEAD``).
+When a new message does not fit, the declared policy applies:
 
 * ``drop_oldest``: delete the oldest messages that are not in flight until it fits;
 * ``reject_new``: refuse the new message.
 
 Both are counted (persistently) and reported in telemetry and a ``spool_drop``
-event. Row ids only grow (``AUTOINCREMENT``), so id order is creation order.
+event. Row ids only grow within a process and start above every stored row, so
+id order is creation order.
+
+Its *files* are bounded too, and written as little as the durability allows
+(flash wears): the WAL is checkpointed every ``WAL_AUTOCHECKPOINT_PAGES`` pages and
+truncated to ``WAL_SIZE_LIMIT`` bytes when it restarts; a new spool uses 1 KiB
+pages; a message acknowledged by the broker is forgotten at once but deleted on
+disk in the next :meth:`put`'s transaction (or once ``ACK_BATCH`` are waiting, or
+at :meth:`close`), so a message costs one commit, not two. A crash in between
+re-sends those few acknowledged messages (at most ``ACK_BATCH``): duplicates, which
+QoS 1 allows and the monitor counts, never losses. docs/telemetry.md ("The
+device's spool on disk") has the measured bound and bytes per message.
 """
 
 from __future__ import annotations
@@ -27,10 +37,16 @@ from pathlib import Path
 from typing import Iterable
 
 ROW_OVERHEAD = 64  # bytes counted per message on top of topic and payload
+PAGE_SIZE = 1024  # for a new spool file: a ~1.7 KB telemetry message dirties ~3 KiB, not 8
+WAL_AUTOCHECKPOINT_PAGES = 32  # checkpoint once the WAL holds this many pages
+WAL_SIZE_LIMIT = 64 * 1024  # the WAL file is truncated to this when it restarts
+ACK_BATCH = 32  # acknowledged messages whose on-disk delete may wait for the next write
 
+# (ids are assigned by the spool; spools made before had AUTOINCREMENT, which rewrote
+# the sqlite_sequence page at every insert)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     kind TEXT NOT NULL,
@@ -75,12 +91,18 @@ class Spool:
         self.policy = policy
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        if not self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a new file: only possible before WAL mode
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self._db.executescript(_SCHEMA)
         self._inflight: set[int] = set()
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
-        self._count, self._bytes = int(row[0]), int(row[1])
+        self._acked: set[int] = set()  # acknowledged, still on disk until the next write transaction
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(id), 0) FROM messages"
+                               ).fetchone()
+        self._count, self._bytes, self._last_id = int(row[0]), int(row[1]), int(row[2])
         self._counters = {name: 0 for name in COUNTERS}
         for name, value in self._db.execute("SELECT name, value FROM counters"):
             self._counters[name] = int(value)
@@ -102,7 +124,7 @@ class Spool:
                 need = self._bytes + size - self.max_bytes
                 freed = 0
                 for rid, rsize in self._db.execute("SELECT id, size FROM messages ORDER BY id"):
-                    if rid in self._inflight:
+                    if rid in self._inflight or rid in self._acked:
                         continue
                     dropped_ids.append((rid, rsize))
                     freed += rsize
@@ -112,26 +134,33 @@ class Spool:
                     self._bump("rejected_new")
                     return PutResult(False)
             db = self._db
+            new_id = self._last_id + 1
             db.execute("BEGIN IMMEDIATE")
             try:
+                # one transaction: the deletes acknowledged since the last write, the drops, the message
+                gone = [rid for rid, _ in dropped_ids] + sorted(self._acked)
+                if gone:
+                    db.executemany("DELETE FROM messages WHERE id = ?", [(rid,) for rid in gone])
                 if dropped_ids:
-                    db.executemany("DELETE FROM messages WHERE id = ?", [(rid,) for rid, _ in dropped_ids])
                     self._store_counter(db, "dropped_oldest", self._counters["dropped_oldest"] + len(dropped_ids))
-                cur = db.execute(
-                    "INSERT INTO messages (topic, payload, kind, boot, seq, created, live, size) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (topic, payload, kind, boot, seq, time.time() if created is None else created, live, size))
-                self._store_counter(db, "accepted", self._counters["accepted"] + 1)
+                db.execute(
+                    "INSERT INTO messages (id, topic, payload, kind, boot, seq, created, live, size) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (new_id, topic, payload, kind, boot, seq, time.time() if created is None else created, live,
+                     size))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            self._last_id = new_id
+            self._acked.clear()
             if dropped_ids:
                 self._counters["dropped_oldest"] += len(dropped_ids)
+            # (kept in memory, stored with the next counter write or at close: it is only informative)
             self._counters["accepted"] += 1
             self._count += 1 - len(dropped_ids)
             self._bytes += size - sum(s for _, s in dropped_ids)
-            return PutResult(True, len(dropped_ids), cur.lastrowid)
+            return PutResult(True, len(dropped_ids), new_id)
 
     def _store_counter(self, db: sqlite3.Connection, name: str, value: int) -> None:
         db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
@@ -149,9 +178,9 @@ class Spool:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, topic, payload, kind, boot, seq, created, live FROM messages ORDER BY id LIMIT ?",
-                (limit + len(self._inflight),)).fetchall()
+                (limit + len(self._inflight) + len(self._acked),)).fetchall()
             out = [SpooledMessage(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6], r[7])
-                   for r in rows if r[0] not in self._inflight]
+                   for r in rows if r[0] not in self._inflight and r[0] not in self._acked]
         return out[:limit]
 
     def mark_inflight(self, message_id: int) -> None:
@@ -167,33 +196,39 @@ class Spool:
                 self._inflight.difference_update(message_ids)
 
     def ack(self, message_ids: Iterable[int], *, rejected: int = 0) -> None:
-        """Delete messages the broker acknowledged (one transaction for the lot)."""
+        """Forget messages the broker acknowledged.
+
+        They are deleted on disk in the next write transaction (:meth:`put`), or
+        now once ``ACK_BATCH`` wait or ``rejected`` must be counted.
+        """
         ids = list(message_ids)
         if not ids:
             return
         with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                freed = 0
-                removed = 0
-                for rid in ids:
-                    row = db.execute("SELECT size FROM messages WHERE id = ?", (rid,)).fetchone()
-                    if row is None:
-                        continue
-                    db.execute("DELETE FROM messages WHERE id = ?", (rid,))
-                    freed += int(row[0])
-                    removed += 1
-                if rejected:
-                    self._store_counter(db, "broker_rejected", self._counters["broker_rejected"] + rejected)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            self._counters["broker_rejected"] += rejected
-            self._count -= removed
-            self._bytes -= freed
+            sizes = dict(self._db.execute(
+                f"SELECT id, size FROM messages WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall())
+            fresh = [rid for rid in sizes if rid not in self._acked]
+            self._acked.update(fresh)
+            self._count -= len(fresh)
+            self._bytes -= sum(sizes[rid] for rid in fresh)
             self._inflight.difference_update(ids)
+            self._counters["broker_rejected"] += rejected
+            if rejected or len(self._acked) >= ACK_BATCH:
+                self._flush_acked()
+
+    def _flush_acked(self) -> None:
+        """Delete the acknowledged messages on disk (and store the counters) in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM messages WHERE id = ?", [(rid,) for rid in sorted(self._acked)])
+            for name in ("broker_rejected", "accepted"):
+                self._store_counter(db, name, self._counters[name])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._acked.clear()
 
     def forget_live(self, boot: int, live: int) -> None:
         """Messages made during a connection attempt that failed count as made offline."""
@@ -216,7 +251,9 @@ class Spool:
     def stats(self) -> dict[str, object]:
         """What telemetry reports about the spool."""
         with self._lock:
-            oldest = self._db.execute("SELECT MIN(created) FROM messages").fetchone()[0]
+            oldest = next((created for rid, created in self._db.execute(
+                "SELECT id, created FROM messages ORDER BY id LIMIT ?", (len(self._acked) + 1,))
+                if rid not in self._acked), None)
             return {
                 "pending": self._count,
                 "bytes": self._bytes,
@@ -231,6 +268,7 @@ class Spool:
 
     def close(self) -> None:
         with self._lock:
+            self._flush_acked()
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
@@ -239,7 +277,11 @@ class Spool:
 
 
 def read_stats(path: str | Path) -> dict[str, object] | None:
-    """Spool figures for ``edgekit-agent status``, read-only (the agent may be running)."""
+    """Spool figures for ``edgekit-agent status``, read-only (the agent may be running).
+
+    While the agent runs, ``pending`` may include up to ``ACK_BATCH`` messages already
+    acknowledged but not yet deleted on disk.
+    """
     path = Path(path)
     if not path.exists():
         return None
