@@ -4,7 +4,10 @@
   expiry, so commands published at QoS 1 while the device is away are kept by
   the broker and arrive when it returns.
 * The retained ``state`` "online" is published from ``on_connect``; the last
-  will (retained "offline", this boot, seq 0) is set before connecting.
+  will (retained "offline", this boot, seq 0) is set before connecting. The online
+  is not spooled: it is numbered when the connection comes up, so it goes out
+  before the backlog of lower ``seq`` it follows (the ordering rule consumers rely
+  on is in docs/telemetry.md, "The device's spool on disk").
 * The sender hands the oldest spooled messages to paho, never more than
   ``max_inflight`` at a time, and deletes a message from the spool only when its
   PUBACK came back with a success reason code. paho re-sends what was in flight
