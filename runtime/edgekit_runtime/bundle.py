@@ -3,8 +3,10 @@
 Order of checks (everything happens before a single byte is written to disk):
 
 1. the file is a complete ZIP (a cut download is reported as truncated);
-2. every member name is safe: no absolute path, no ``..``, no link or special
-   file, no duplicate;
+2. every member name is safe and canonical (one name per file: no absolute path,
+   no ``.``/``..``/empty component, no ``\\``, NFC, length limits), no link or special
+   file, no duplicate or alias, no file that is also another member's folder, at
+   most ``MAX_MEMBERS`` members;
 3. ``manifest.json`` declares a format this runtime reads (major version);
 4. ``signature.json`` verifies against a trusted key over the manifest bytes;
 5. the manifest parses into the typed :class:`~.contract.manifest.Manifest`;
@@ -19,12 +21,13 @@ import binascii
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .contract import bundle_spec as spec
@@ -33,6 +36,7 @@ from .contract.manifest import Manifest
 from .keyring import Keyring
 
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+_REBUILD = "the bundle was not written by edgekit's bundle writer: rebuild it with `edgekit build`"
 
 
 @dataclass
@@ -54,37 +58,58 @@ class VerifiedBundle:
         """Write the verified members (and the manifest) under ``dest``."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
         for name, data in self.members.items():
             target = dest / name
+            if not (root / name).resolve().is_relative_to(root):  # names were checked; a symlinked folder was not
+                raise BundleError(f"member {name!r} would be written outside {dest}",
+                                  code=ErrorCode.BUNDLE_UNSAFE_MEMBER)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         (dest / spec.MANIFEST_NAME).write_text(json.dumps(self.manifest_json, indent=2))
         return dest
 
     def extract_temp(self) -> Path:
-        """Extract into a new temporary folder (the caller removes it)."""
-        return self.extract(tempfile.mkdtemp(prefix="edgekit-bundle-"))
+        """Extract into a new temporary folder (the caller removes it; removed here if extracting fails)."""
+        folder = tempfile.mkdtemp(prefix="edgekit-bundle-")
+        try:
+            return self.extract(folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def _check_member_name(info: zipfile.ZipInfo) -> None:
     name = info.filename
-    path = PurePosixPath(name)
     mode = info.external_attr >> 16
-    if (
-        not name
-        or name.startswith("/")
-        or "\\" in name
-        or ".." in path.parts
-        or (len(name) > 1 and name[1] == ":")
-    ):
-        raise BundleError(f"unsafe member path {name!r}", code=ErrorCode.BUNDLE_UNSAFE_MEMBER)
     if info.is_dir():
         raise BundleError(f"directory entry {name!r} not allowed", code=ErrorCode.BUNDLE_UNSAFE_MEMBER)
+    problem = spec.member_name_problem(name)
+    if problem is not None:
+        raise BundleError(f"unsafe member path {name[:300]!r}: the name {problem}",
+                          code=ErrorCode.BUNDLE_UNSAFE_MEMBER, hint=_REBUILD)
     if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
         raise BundleError(
             f"member {name!r} is a link or special file (mode {oct(mode)})",
             code=ErrorCode.BUNDLE_UNSAFE_MEMBER,
         )
+
+
+def _check_members(infos: list[zipfile.ZipInfo]) -> set[str]:
+    """Every member name safe and canonical, no two naming one file, no file also a folder; the names."""
+    if len(infos) > spec.MAX_MEMBERS:
+        raise BundleError(f"the archive has {len(infos)} members (at most {spec.MAX_MEMBERS})",
+                          code=ErrorCode.BUNDLE_UNSAFE_MEMBER, hint=_REBUILD)
+    seen: set[str] = set()
+    for info in infos:
+        _check_member_name(info)
+        if info.filename in seen:
+            raise BundleError(f"duplicate member {info.filename!r}", code=ErrorCode.BUNDLE_UNSAFE_MEMBER)
+        seen.add(info.filename)
+    problem = spec.member_set_problem(seen)
+    if problem is not None:
+        raise BundleError(problem, code=ErrorCode.BUNDLE_UNSAFE_MEMBER, hint=_REBUILD)
+    return seen
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -143,15 +168,7 @@ def open_bundle(path: str | os.PathLike, keyring: Keyring | None = None) -> Veri
     """
     path = Path(path)
     with _open_zip(path) as zf:
-        infos = zf.infolist()
-        seen: set[str] = set()
-        for info in infos:
-            _check_member_name(info)
-            if info.filename in seen:
-                raise BundleError(
-                    f"duplicate member {info.filename!r}", code=ErrorCode.BUNDLE_UNSAFE_MEMBER
-                )
-            seen.add(info.filename)
+        seen = _check_members(zf.infolist())
         if spec.MANIFEST_NAME not in seen:
             raise BundleError("manifest.json is missing", code=ErrorCode.BUNDLE_BAD_MANIFEST)
         manifest_bytes = _read(zf, spec.MANIFEST_NAME)

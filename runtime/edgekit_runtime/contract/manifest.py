@@ -204,6 +204,22 @@ class Section:
         """Checks beyond the types (ranges, agreement between fields); raise :func:`_bad`."""
 
 
+def _at_most(value: int | None, limit: int, path: str, what: str = "") -> None:
+    """Refuse a number that would size memory or work past the format's limit (``bundle_spec.MAX_*``)."""
+    if value is not None and value > limit:
+        raise _bad(f"{path} is {value}{what}; the format allows at most {limit}")
+
+
+def _fixed_elements(dims: list[int | str], path: str) -> None:
+    """Refuse a shape with more than ``MAX_RANK`` dimensions or whose fixed ones multiply past ``MAX_TENSOR_ELEMENTS``."""
+    _at_most(len(dims), spec.MAX_RANK, f"{path} rank")
+    elements = 1
+    for d in dims:
+        if isinstance(d, int):
+            elements *= max(d, 1)
+    _at_most(elements, spec.MAX_TENSOR_ELEMENTS, path, " elements (the product of its fixed dimensions)")
+
+
 def _finite(value: float | None, path: str, *, minimum: float | None = None, positive: bool = False) -> None:
     if value is None:
         return
@@ -258,6 +274,10 @@ class ShapeRange(Section):
     def _check(self, path: str) -> None:
         if not len(self.min) == len(self.opt) == len(self.max):
             raise _bad(f"{path}: min, opt and max must have the same rank")
+        for i, (lo, opt, hi) in enumerate(zip(self.min, self.opt, self.max)):
+            if not 0 <= lo <= opt <= hi:
+                raise _bad(f"{path}: dimension {i} needs 0 <= min <= opt <= max, not {lo}, {opt}, {hi}")
+        _fixed_elements(self.max, f"{path}.max")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,8 +295,9 @@ class TensorRTOptions(Section):
     def _check(self, path: str) -> None:
         if self.workspace_mb < 1:
             raise _bad(f"{path}.workspace_mb must be positive, not {self.workspace_mb}")
-        if self.dla_core is not None and self.dla_core < 0:
-            raise _bad(f"{path}.dla_core must be >= 0, not {self.dla_core}")
+        _at_most(self.workspace_mb, spec.MAX_WORKSPACE_MB, f"{path}.workspace_mb")
+        if self.dla_core is not None and not 0 <= self.dla_core <= 15:
+            raise _bad(f"{path}.dla_core must be 0 to 15, not {self.dla_core}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -295,6 +316,7 @@ class BackendOptions(Section):
     def _check(self, path: str) -> None:
         if self.threads is not None and self.threads < 1:
             raise _bad(f"{path}.threads must be >= 1, not {self.threads}")
+        _at_most(self.threads, spec.MAX_THREADS, f"{path}.threads")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -367,6 +389,7 @@ class TensorSpec(Section):
         for i, d in enumerate(self.shape):
             if isinstance(d, int) and d < 0:
                 raise _bad(f"{path}.shape[{i}] is {d}; a fixed dimension is >= 0")
+        _fixed_elements(self.shape, f"{path}.shape")
         if self.layout is not None and len(self.layout) != len(self.shape):
             raise _bad(f"{path}.layout {self.layout!r} does not fit the {len(self.shape)}-D shape {self.shape}")
 
@@ -416,6 +439,9 @@ class Preprocess(Section):
                 raise _bad(f"{path}.size is missing; image preprocessing needs size [height, width]")
             if len(self.size) != 2 or min(self.size) < 1:
                 raise _bad(f"{path}.size must be [height, width] with positive values, not {self.size}")
+            if max(self.size) > spec.MAX_IMAGE_SIDE or self.size[0] * self.size[1] > spec.MAX_IMAGE_PIXELS:
+                raise _bad(f"{path}.size {self.size} is too large: the format allows each side up to "
+                           f"{spec.MAX_IMAGE_SIDE} and height * width up to {spec.MAX_IMAGE_PIXELS} pixels")
         _finite(self.scale, f"{path}.scale")
         for name in ("mean", "std"):
             values = getattr(self, name)
@@ -446,6 +472,7 @@ class Postprocess(Section):
     def _check(self, path: str) -> None:
         if self.top_k < 1:
             raise _bad(f"{path}.top_k must be >= 1, not {self.top_k}")
+        _at_most(self.top_k, spec.MAX_TOP_K, f"{path}.top_k")
 
 
 # ----------------------------------------------------------------------------- self-test, data
@@ -481,6 +508,10 @@ class Histogram(Section):
     PATH: ClassVar[str] = "manifest.input_stats[...].histogram"
     edges: list[float]
     counts: list[int]
+
+    def _check(self, path: str) -> None:
+        _at_most(len(self.counts), spec.MAX_HISTOGRAM_BINS, f"{path}.counts length")
+        _at_most(len(self.edges), spec.MAX_HISTOGRAM_BINS + 1, f"{path}.edges length")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -686,12 +717,20 @@ class Manifest(Section):
             tensors = getattr(self, group)
             if not tensors:
                 raise _bad(f"{path}.{group} is empty")
+            _at_most(len(tensors), spec.MAX_TENSORS, f"{path}.{group} length")
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
                 raise _bad(f"{path}.{group} names a tensor twice: {names}")
+        _at_most(len(self.input_stats), spec.MAX_TENSORS, f"{path}.input_stats length")
         for name in self.files:
             if name in spec.RESERVED_NAMES:
                 raise _bad(f"{path}.files lists the reserved name {name!r}")
+            problem = spec.member_name_problem(name)
+            if problem is not None:
+                raise _bad(f"{path}.files[{name[:300]!r}]: the member name {problem}")
+        problem = spec.member_set_problem([*self.files, *spec.RESERVED_NAMES])
+        if problem is not None:
+            raise _bad(f"{path}.files: {problem}")
         for where, name in self.referenced_files():
             if name not in self.files:
                 raise _bad(f"{path}.{where} refers to {name!r}, which is not in manifest.files")
