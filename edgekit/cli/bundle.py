@@ -55,7 +55,8 @@ def bundle_verify(bundle: Path = BundleArg, keyring_path: Optional[Path] = Keyri
     """Verify signature and every member's sha256, as a device does; then health-check it.
 
     A bundle that fails verification exits VERIFY; one that verifies but fails its health check prints
-    the result and exits DEVICE.
+    the result and exits DEVICE (health-check members that are not plain .npy arrays: E204, DEVICE).
+    A bundle without a health check says so (``health_check.checked`` false).
     """
     import edgekit_runtime
 
@@ -70,9 +71,17 @@ def bundle_verify(bundle: Path = BundleArg, keyring_path: Optional[Path] = Keyri
         print_json(result)
     else:
         console.print(f"[green]verified[/] {bundle}: signed by {vb.key_id}, {len(vb.members)} files match"
-                      + (f"; health check {'passed' if result['ok'] else 'FAILED'}" if health else ""))
+                      + (f"; {_health_text(result['health_check'])}" if health else ""), highlight=False)
     if not result["ok"]:
         raise fail(ExitCode.DEVICE)
+
+
+def _health_text(hc: dict[str, Any]) -> str:
+    if not hc.get("checked", True):
+        return "the bundle has no health check (nothing was run)"
+    if hc["ok"]:
+        return "health check passed"
+    return f"health check FAILED (max |diff| {hc.get('max_abs_diff')}, finite {hc.get('finite')})"
 
 
 @app.command("sign")

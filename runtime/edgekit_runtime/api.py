@@ -13,7 +13,7 @@ import numpy as np
 
 from . import processing
 from .bundle import VerifiedBundle, open_bundle
-from .contract.errors import ErrorCode, InputError
+from .contract.errors import EngineError, ErrorCode, InputError
 from .contract.manifest import Manifest, Postprocess
 from .engines import Engine, EngineOptions, check_input, create_engine
 from .keyring import Keyring
@@ -44,7 +44,18 @@ class Model:
 
     # -- raw tensors -------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-        """Run on already-preprocessed tensors (checked against the signature)."""
+        """Run on already-preprocessed tensors (checked against the signature).
+
+        ``feeds``: one array (a single-input model) or a dict of arrays by input name;
+        anything else is an :class:`InputError` (``INPUT_MISSING`` for ``None``,
+        ``INPUT_BAD_DTYPE`` for another type).
+        """
+        if feeds is None:
+            raise InputError("no input given: pass a numpy array, or a dict of them by input name",
+                             code=ErrorCode.INPUT_MISSING)
+        if not isinstance(feeds, (np.ndarray, dict)):
+            raise InputError(f"the input is {_type_name(feeds)}, not a numpy array or a dict of them by input name",
+                             code=ErrorCode.INPUT_BAD_DTYPE, hint="convert it with numpy.asarray(x, dtype=...)")
         if isinstance(feeds, np.ndarray):
             if len(self.inputs) != 1:
                 raise InputError(
@@ -53,8 +64,11 @@ class Model:
                 )
             feeds = {self.inputs[0].name: feeds}
         for spec in self.inputs:
-            if spec.name not in feeds:
+            if spec.name not in feeds or feeds[spec.name] is None:
                 raise InputError(f"input {spec.name!r} is missing", code=ErrorCode.INPUT_MISSING)
+            if not isinstance(feeds[spec.name], np.ndarray):
+                raise InputError(f"input {spec.name!r} is {_type_name(feeds[spec.name])}, not a numpy array",
+                                 code=ErrorCode.INPUT_BAD_DTYPE, hint="convert it with numpy.asarray(x, dtype=...)")
         chunks = self._split_batch(feeds)
         if chunks is not None:
             outs = [self.run(chunk) for chunk in chunks]
@@ -108,13 +122,15 @@ class Model:
         """Run the sample input stored in the bundle and compare with its expected output.
 
         Passes when the output is finite and ``allclose(got, expected, atol, rtol)``
-        with the manifest's tolerances.
+        with the manifest's tolerances; ``{"ok": True, "checked": False}`` when the bundle has none.
+        Raises :class:`EngineError` (``ENGINE_HEALTH_CHECK_FAILED``) when the sample members
+        are not plain ``.npy`` arrays (pickled objects are never loaded).
         """
         hc = self.manifest.health_check
         if hc is None:
             return {"ok": True, "checked": False}
-        x = _load_npy(self.bundle.members[hc.input])
-        expected = _load_npy(self.bundle.members[hc.expected_output])
+        x = _health_array(self.bundle.members[hc.input], hc.input)
+        expected = _health_array(self.bundle.members[hc.expected_output], hc.expected_output)
         got = self.run(x)[self.outputs[0].name]
         return compare_health(got, expected, hc.atol, hc.rtol)
 
@@ -163,6 +179,24 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def _health_array(data: bytes, name: str) -> np.ndarray:
+    """A health-check member as a numeric array, or ENGINE_HEALTH_CHECK_FAILED naming the member."""
+    try:
+        a = _load_npy(data)
+    except (ValueError, OSError, EOFError) as exc:  # pickled, not .npy, or cut short
+        raise EngineError(f"the health check's {name!r} is not a .npy array readable without pickle ({exc})",
+                          code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED,
+                          hint="rebuild the bundle with `edgekit build`") from None
+    if not isinstance(a, np.ndarray) or a.dtype.hasobject or a.dtype.kind not in "biuf":
+        raise EngineError(f"the health check's {name!r} holds {getattr(a, 'dtype', type(a))}, not numbers",
+                          code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED, hint="rebuild the bundle with `edgekit build`")
+    return a
+
+
+def _type_name(value: Any) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 def load(
     path: str | os.PathLike,
     *,
@@ -186,10 +220,10 @@ def load(
     bundle = open_bundle(path, keyring)
     owns = workdir is None
     target = Path(tempfile.mkdtemp(prefix="edgekit-model-")) if owns else Path(workdir)
-    bundle.extract(target)
-    options = EngineOptions.from_backend(bundle.manifest.backend.options, threads=threads,
-                                         inference_precision=inference_precision, spin_wait=spin_wait)
     try:
+        bundle.extract(target)
+        options = EngineOptions.from_backend(bundle.manifest.backend.options, threads=threads,
+                                             inference_precision=inference_precision, spin_wait=spin_wait)
         eng = create_engine(target, bundle.manifest, options, order=[engine] if engine else None)
     except Exception:
         if owns:
