@@ -52,9 +52,16 @@ MALFORMED_REASONS = {
     "not_json": "payload is not UTF-8 JSON",
     "newer_schema": "envelope schema is newer than this monitor",
     "bad_envelope": "envelope fields missing or of the wrong type",
+    "out_of_range": "a number outside its range or not finite (boot, seq, ts, counters, latencies, readings)",
+    "too_large": "the payload, a string, a collection or the nesting beyond the contract's limits",
     "topic_mismatch": "envelope's fleet/device/kind differ from the topic's",
     "not_from_device": "a device kind the monitor does not ingest (cmd)",
+    "store_refused": "the store refused the row (the rest of its batch was stored)",
 }
+# a device clock further than this from the monitor's is not trusted: the row is stored at the receive time
+# (the envelope keeps the device's), and counted as `clock_skew`. Replayed (historical) and retained messages
+# may be older: they report the past.
+MAX_CLOCK_SKEW_S = 86400.0
 INGEST_KINDS = ("telemetry", "event", "ack")
 LINGER_S = 0.002  # shared subscription; `state` is read by the monitor
 
@@ -120,11 +127,19 @@ class Ingestor:
     rows: list = field(default_factory=list)
     malformed: dict = field(default_factory=dict)  # reason -> [count, last topic, last error, time]
     refused: int = 0
+    counters: dict = field(default_factory=dict)  # name -> count for the store's `counters` (clock_skew)
     _topics: dict = field(default_factory=dict)  # topic -> (fleet, device, kind) or ProtocolError text
     _logged: dict = field(default_factory=dict)
 
     def add(self, topic: str, payload: bytes, retained: bool = False, received: Optional[float] = None) -> bool:
         """Validate one message and queue its row; a refusal is counted (never raised)."""
+        try:
+            return self._add(topic, payload, retained, received)
+        except Exception as exc:  # a payload nothing above foresaw: refused and counted, ingest goes on
+            log.debug("unforeseen refusal on %s", topic[:300], exc_info=True)
+            return self._refuse("bad_envelope", topic, f"unreadable payload ({type(exc).__name__}: {exc})")
+
+    def _add(self, topic: str, payload: bytes, retained: bool, received: Optional[float]) -> bool:
         parsed = self._topics.get(topic)
         if parsed is None:
             try:
@@ -140,27 +155,53 @@ class Ingestor:
         fleet, device, kind = parsed
         if kind == "cmd":
             return self._refuse("not_from_device", topic, "cmd messages are host → device")
+        if isinstance(payload, str):
+            payload = payload.encode()
+        if len(payload) > fleet_protocol.MAX_PAYLOAD_BYTES:
+            return self._refuse("too_large", topic, f"payload of {len(payload)} bytes "
+                                                    f"(at most {fleet_protocol.MAX_PAYLOAD_BYTES})")
         try:
             msg = _loads(payload)
-        except (UnicodeDecodeError, ValueError) as exc:  # (orjson.JSONDecodeError is a ValueError)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # (orjson.JSONDecodeError is a ValueError)
             return self._refuse("not_json", topic, f"payload is not JSON ({exc})")
         try:
             fleet_protocol.validate(msg)
+            # (cheap proofs first: no string is longer than the payload, no nesting deeper than its brackets)
+            if len(payload) > fleet_protocol.MAX_STRING or \
+                    payload.count(b"{") + payload.count(b"[") > fleet_protocol.MAX_DEPTH:
+                fleet_protocol.check_limits(msg)
+            if kind == "telemetry":
+                fleet_protocol.check_telemetry(msg["body"])
         except ProtocolError as exc:
-            text = str(exc)
-            return self._refuse("newer_schema" if "newer than this reader" in text else "bad_envelope", topic, text)
+            return self._refuse(exc.reason, topic, str(exc))
         if msg["fleet"] != fleet or msg["device"] != device or msg["kind"] != kind:
             return self._refuse("topic_mismatch", topic, f"envelope says {msg['fleet']}/{msg['device']}/"
                                                          f"{msg['kind']}, topic says {fleet}/{device}/{kind}")
         figures = telemetry_figures(msg["body"]) if kind == "telemetry" else _NO_FIGURES
-        text = payload.decode() if isinstance(payload, (bytes, bytearray)) else str(payload)
-        self.rows.append((fleet, device, kind, msg["boot"], msg["seq"], float(msg["ts"]),
-                          time.time() if received is None else received, 1 if msg.get("historical") else 0,
+        text = payload.decode()
+        now = time.time() if received is None else received
+        historical = msg.get("historical") is True
+        ts = float(msg["ts"])
+        skew = ts - now
+        if skew > MAX_CLOCK_SKEW_S or (skew < -MAX_CLOCK_SKEW_S and not (historical or retained)):
+            self._clock_skew(topic, skew)
+            ts = now
+        self.rows.append((fleet, device, kind, msg["boot"], msg["seq"], ts, now, 1 if historical else 0,
                           1 if retained else 0, *figures, text))
         return True
 
+    def _clock_skew(self, topic: str, skew: float) -> None:
+        n = self.counters.get("clock_skew", 0) + 1
+        self.counters["clock_skew"] = n
+        logged = self._logged.get("clock_skew", 0) + 1
+        self._logged["clock_skew"] = logged
+        if logged <= 5 or logged % 1000 == 0:
+            log.warning("%s: the device clock is %+.0f s off the monitor's; stored at the receive time "
+                        "(%d so far)", topic, skew, logged)
+
     def _refuse(self, reason: str, topic: str, error: str) -> bool:
         self.refused += 1
+        topic = topic[:300]
         entry = self.malformed.get(reason)
         if entry is None:
             self.malformed[reason] = [1, topic, error[:500], time.time()]
@@ -177,6 +218,10 @@ class Ingestor:
         rows, bad = self.rows, self.malformed
         self.rows, self.malformed = [], {}
         return rows, bad
+
+    def take_counters(self) -> dict:
+        counters, self.counters = self.counters, {}
+        return counters
 
 
 @dataclass
@@ -275,14 +320,14 @@ class _Committer(threading.Thread):
                 return
             if self.error is not None:
                 continue  # drain: the reader raises the error
-            rows, bad, pids = item
+            rows, bad, pids, counters = item
             try:
-                if rows or bad:
+                if rows or bad or counters:
                     n_received = len(rows) + sum(v[0] for v in bad.values())
-                    new = self.store.insert_batch(rows, bad)
+                    new = self.store.insert_batch(rows, bad, counters)
                     stats.received += n_received
                     stats.stored += new
-                    stats.refused += n_received - len(rows)
+                    stats.refused += n_received - len(rows) + self.store.last_refused
                     stats.batches += 1
                     if self.on_batch:
                         self.on_batch(n_received, new)
@@ -293,10 +338,10 @@ class _Committer(threading.Thread):
             except BaseException as exc:  # raised again in the reader's thread
                 self.error = exc
 
-    def put(self, rows: list, bad: dict, pids: list[int]) -> None:
+    def put(self, rows: list, bad: dict, pids: list[int], counters: Optional[dict] = None) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((rows, bad, pids))
+        self.queue.put((rows, bad, pids, counters or {}))
 
     def finish(self) -> None:
         """Commit and acknowledge what is queued, then end; raises the first error."""
@@ -361,8 +406,9 @@ def _pump(conn: "wire.WireConnection", store: FleetStore, ingestor: Ingestor, sh
                                                         and time.monotonic() - batch_start >= flush_s):
                     break
             rows, bad = ingestor.take()
-            if rows or bad or pids:
-                committer.put(rows, bad, pids)
+            counters = ingestor.take_counters()
+            if rows or bad or pids or counters:
+                committer.put(rows, bad, pids, counters)
                 pids = []
                 last_sent = time.monotonic()
             if time.monotonic() - last_sent > keepalive / 2:

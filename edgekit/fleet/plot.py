@@ -11,7 +11,8 @@ from ..errors import EdgekitError
 
 def plot_device(store, fleet: str, device: str, out: Path, since: Optional[float] = None,
                 psi_threshold: Optional[float] = None, p99_budget_ms: Optional[float] = None) -> dict:
-    """Write ``out``: p50/p99 latency (top) and drift PSI (bottom) per telemetry window; returns what was drawn."""
+    """Write ``out``: p50/p99 latency (top) and drift PSI (bottom) per telemetry window; returns what was drawn
+    (``left_out``: rows an older edgekit stored with a device time out of range)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +38,9 @@ def plot_device(store, fleet: str, device: str, out: Path, since: Optional[float
     if p99_budget_ms:
         ax1.axhline(p99_budget_ms, color="red", ls="--", lw=1, label=f"p99 budget {p99_budget_ms:g} ms")
     ax1.set_ylabel("latency per window (ms)")
-    ax1.set_title(f"{fleet}/{device}: {len(rows)} telemetry windows")
+    left_out = getattr(store, "last_left_out", 0)
+    ax1.set_title(f"{fleet}/{device}: {len(rows)} telemetry windows"
+                  + (f" ({left_out} stored with a device time out of range, not drawn)" if left_out else ""))
     ax1.legend(loc="upper left")
     ax1.grid(alpha=0.3)
     have_psi = any(v is not None for v in psi)
@@ -56,4 +59,5 @@ def plot_device(store, fleet: str, device: str, out: Path, since: Optional[float
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return {"out": str(out), "windows": len(rows), "historical": sum(hist), "with_drift": sum(v is not None for v in psi)}
+    return {"out": str(out), "windows": len(rows), "historical": sum(hist), "with_drift": sum(v is not None for v in psi),
+            "left_out": left_out}

@@ -13,6 +13,12 @@ Tables (schema version in ``PRAGMA user_version``; a newer file is refused):
 * ``malformed`` — payloads refused on the fleet's topics, counted per reason.
 * ``counters`` — fleet-wide counts (duplicates, stale wills, ...).
 
+Rows are checked before they get here (:mod:`.ingest`, the contract's limits);
+if SQLite still refuses one row of a batch, :meth:`FleetStore.insert_batch`
+stores the others row by row and counts the refused one as ``store_refused``.
+Reads skip rows an older edgekit stored out of range (a device time outside
+1970..2242, say) with a logged note, so that ``history`` and ``plot`` always work.
+
 Several processes write at once (one per ingest worker): each batch is one
 ``BEGIN IMMEDIATE`` transaction, and SQLite's busy timeout queues them. Row ids
 are assigned under the write lock, so ``id`` order is commit order and a reader
@@ -22,11 +28,18 @@ can tail the table by id.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from edgekit_runtime.contract.fleet_protocol import MAX_TS
+
 from ..errors import EdgekitError
+
+log = logging.getLogger("edgekit.fleet.store")
 
 SCHEMA_VERSION = 1
 PAGE_SIZE = 16384  # measured: 4 KB pages cost ~20 % more per stored row (insert + checkpoint) than 16 KB
@@ -96,6 +109,24 @@ TAIL_COLUMNS = ("id", "fleet", "device", "kind", "boot", "seq", "ts", "received"
                 "p50_ms", "p99_ms", "inferences", "calls", "errors", "temp_c", "cpu_percent", "drift_psi")
 
 
+# what one row can make SQLite or its driver refuse (an integer beyond 64 bits, a value of no SQL type, a
+# constraint); anything else (a lock, a full disk) fails the whole batch, which the broker then re-delivers
+_ROW_ERRORS = (OverflowError, ValueError, TypeError, sqlite3.IntegrityError, sqlite3.InterfaceError,
+               sqlite3.DataError)
+# device times a reader shows; rows outside were stored by an older edgekit that did not check them
+_TS_SQL = f"ts >= 0 AND ts <= {MAX_TS!r}"
+
+
+def _finite(value: Any) -> Any:
+    """A stored REAL that is inf or NaN (written before values were checked) reads as None."""
+    return None if value.__class__ is float and not math.isfinite(value) else value
+
+
+def _seen(t: Any) -> Any:
+    """A device row's time, None where an older edgekit stored a device time out of range."""
+    return t if t is None or (t.__class__ is float or t.__class__ is int) and 0 <= t <= MAX_TS else None
+
+
 class StoreError(EdgekitError):
     """The fleet store cannot be opened or is of a newer format."""
 
@@ -106,6 +137,8 @@ class FleetStore:
     def __init__(self, path: str | Path, *, create: bool = True, readonly: bool = False,
                  busy_timeout_s: float = 30.0, autocheckpoint: bool = True):
         self.path = Path(path)
+        self.last_left_out = 0  # rows the last history()/series() left out (stored out of range by an older edgekit)
+        self.last_refused = 0  # rows of the last insert_batch that SQLite refused (counted as store_refused)
         if not create and not self.path.exists():
             raise StoreError(f"no fleet store at {self.path}; run `edgekit fleet monitor --db {self.path}` first")
         if create:
@@ -175,14 +208,41 @@ class FleetStore:
 
         Rows whose (fleet, device, boot, seq) is already stored are ignored and
         counted as ``duplicates``. ``malformed``: reason → [count, topic, error, time].
+        A row SQLite refuses does not lose the others: the batch is stored again
+        row by row and the refused rows are counted as malformed ``store_refused``
+        (their number is in :attr:`last_refused`).
         """
+        self.last_refused = 0
+        try:
+            return self._insert(rows, malformed, counters, one_by_one=False)
+        except _ROW_ERRORS as exc:
+            if not rows:
+                raise
+            log.warning("a batch of %d messages was refused by SQLite (%s: %s); storing it row by row",
+                        len(rows), type(exc).__name__, exc)
+        return self._insert(rows, malformed, counters, one_by_one=True)
+
+    def _insert(self, rows: Sequence[tuple], malformed: Optional[dict[str, list]],
+                counters: Optional[dict[str, int]], one_by_one: bool) -> int:
         db = self.db
+        malformed = dict(malformed or {})
         db.execute("BEGIN IMMEDIATE")
         try:
             before = db.total_changes
-            db.executemany(_INSERT, rows)
+            refused = 0
+            if one_by_one:
+                for row in rows:
+                    try:
+                        db.execute(_INSERT, row)
+                    except _ROW_ERRORS as exc:
+                        refused += 1
+                        entry = malformed.get("store_refused") or [0, None, None, None]
+                        malformed["store_refused"] = [entry[0] + 1, f"edgekit/v1/{row[0]}/{row[1]}/{row[2]}",
+                                                      f"{type(exc).__name__}: {exc}"[:500], time.time()]
+            else:
+                db.executemany(_INSERT, rows)
             new = db.total_changes - before
-            dup = len(rows) - new
+            dup = len(rows) - refused - new
             bumps = dict(counters or {})
             if dup:
                 bumps["duplicates"] = bumps.get("duplicates", 0) + dup
@@ -194,6 +254,7 @@ class FleetStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self.last_refused = refused
         return new
 
     def bump(self, name: str, value: int = 1) -> None:
@@ -260,7 +321,7 @@ class FleetStore:
         for f, d, status, boot, seq, model, first, last, info in self.db.execute(sql + " ORDER BY fleet, device",
                                                                                 args):
             out.append({"fleet": f, "device": d, "status": status, "boot": boot, "seq": seq, "model": model,
-                        "first_seen": first, "last_seen": last, **json.loads(info)})
+                        "first_seen": _seen(first), "last_seen": _seen(last), **json.loads(info)})
         return out
 
     def find_device(self, device: str, fleet: Optional[str] = None) -> tuple[str, str]:
@@ -287,7 +348,12 @@ class FleetStore:
 
     def history(self, fleet: str, device: str, since: Optional[float] = None, until: Optional[float] = None,
                 kinds: Optional[Sequence[str]] = None, limit: Optional[int] = None) -> list[dict[str, Any]]:
-        """The device's messages by device time, oldest first (``limit``: the newest N)."""
+        """The device's messages by device time, oldest first (``limit``: the newest N).
+
+        ``device_ts`` is added where the device's own time differs from ``ts``
+        (its clock was off by more than the monitor accepts). Rows stored out of
+        range by an older edgekit are left out, with a logged note.
+        """
         where = ["fleet = ?", "device = ?"]
         args: list[Any] = [fleet, device]
         if since is not None:
@@ -299,29 +365,54 @@ class FleetStore:
         if kinds:
             where.append(f"kind IN ({', '.join('?' * len(kinds))})")
             args.extend(kinds)
-        sql = f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages WHERE {' AND '.join(where)} ORDER BY ts DESC, id DESC"
+        self._note_out_of_range(fleet, device, where, args)
+        sql = (f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages WHERE {' AND '.join(where)} AND {_TS_SQL} "
+               "ORDER BY ts DESC, id DESC")
         if limit:
             sql += f" LIMIT {int(limit)}"
         rows = self.db.execute(sql, args).fetchall()
         out = []
         for row in reversed(rows):
-            rec = dict(zip(MESSAGE_COLUMNS, row))
-            msg = json.loads(rec.pop("payload"))
+            rec = {k: _finite(v) for k, v in zip(MESSAGE_COLUMNS, row)}
+            try:
+                msg = json.loads(rec.pop("payload"))
+            except (ValueError, RecursionError):  # (an older edgekit stored what it could not check)
+                msg = {}
+            if not isinstance(msg, dict):
+                msg = {}
             rec["historical"] = bool(rec["historical"])
             rec["retained"] = bool(rec["retained"])
             rec["body"] = msg.get("body")
+            device_ts = msg.get("ts")
+            if isinstance(device_ts, (int, float)) and device_ts != rec["ts"]:
+                rec["device_ts"] = _finite(float(device_ts)) if abs(device_ts) < 1e308 else None
             out.append(rec)
         return out
 
+    def _note_out_of_range(self, fleet: str, device: str, where: list[str], args: list[Any]) -> int:
+        n = self.db.execute(f"SELECT COUNT(*) FROM messages WHERE {' AND '.join(where)} AND NOT ({_TS_SQL})",
+                            args).fetchone()[0]
+        if n:
+            log.warning("%s/%s: %d stored message(s) have a device time outside 1970..2242 (stored by an older "
+                        "edgekit, which did not check it); they are left out", fleet, device, n)
+        self.last_left_out = n
+        return n
+
     def series(self, fleet: str, device: str, since: Optional[float] = None) -> list[tuple]:
-        """``(ts, p50_ms, p99_ms, drift_psi, historical)`` of every telemetry message, by time."""
-        sql = ("SELECT ts, p50_ms, p99_ms, drift_psi, historical FROM messages "
-               "WHERE fleet = ? AND device = ? AND kind = 'telemetry'")
+        """``(ts, p50_ms, p99_ms, drift_psi, historical)`` of every telemetry message, by time.
+
+        Rows stored out of range by an older edgekit are left out (a logged note);
+        a figure stored as inf or NaN reads as None.
+        """
+        where = ["fleet = ?", "device = ?", "kind = 'telemetry'"]
         args: list[Any] = [fleet, device]
         if since is not None:
-            sql += " AND ts >= ?"
+            where.append("ts >= ?")
             args.append(since)
-        return self.db.execute(sql + " ORDER BY ts", args).fetchall()
+        self._note_out_of_range(fleet, device, where, args)
+        sql = (f"SELECT ts, p50_ms, p99_ms, drift_psi, historical FROM messages WHERE {' AND '.join(where)} "
+               f"AND {_TS_SQL} ORDER BY ts")
+        return [tuple(_finite(v) for v in row) for row in self.db.execute(sql, args)]
 
     def gaps(self, fleet: str, device: str) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT boot, first_seq, last_seq, opened, closed FROM gaps WHERE fleet=? AND device=? "

@@ -161,7 +161,7 @@ class PacketReader:
 def parse_publish(flags: int, body: bytes) -> tuple[str, int, bytes, bool]:
     """PUBLISH body → (topic, packet id or 0, payload, retain); properties are skipped."""
     tlen = (body[0] << 8) | body[1]
-    topic = body[2:2 + tlen].decode()
+    topic = body[2:2 + tlen].decode(errors="replace")  # (not UTF-8: the ingest refuses it as bad_topic)
     pos = 2 + tlen
     pid = 0
     if flags & 0x06:

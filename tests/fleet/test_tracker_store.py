@@ -180,7 +180,7 @@ def test_ingestor_refuses_with_a_reason_and_keeps_going():
         ("edgekit/v1/f1/d1/telemetry", b"\xff\xff", "not_json"),
         ("edgekit/v1/f1/d1/telemetry", b'"a string"', "bad_envelope"),
         ("edgekit/v1/f1/d1/telemetry", json.dumps({**env("telemetry", 1), "schema": 2}).encode(), "newer_schema"),
-        ("edgekit/v1/f1/d1/telemetry", json.dumps({**env("telemetry", 1), "seq": -1}).encode(), "bad_envelope"),
+        ("edgekit/v1/f1/d1/telemetry", json.dumps({**env("telemetry", 1), "seq": -1}).encode(), "out_of_range"),
         ("edgekit/v1/f1/d2/telemetry", good, "topic_mismatch"),
         ("edgekit/v1/f1/d1/event", good, "topic_mismatch"),
         ("edgekit/v1/f2/d1/telemetry", good, "bad_topic"),  # another fleet than the one watched
