@@ -108,7 +108,9 @@ class StateDir:
         except BlockingIOError:
             os.close(fd)
             raise AgentStateError(f"another agent is running on {self.root} (it holds {self.lock_file})",
-                                  hint="stop it first, or give this agent its own state_dir") from None
+                                  code=ErrorCode.AGENT_ALREADY_RUNNING,
+                                  hint="stop it first (systemctl stop edgekit-agent), or give this agent its own "
+                                  "state_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd

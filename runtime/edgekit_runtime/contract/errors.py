@@ -48,6 +48,7 @@ class ErrorCode(enum.IntEnum):
     CONFIG_INVALID = 401
     CONFIG_UNAUTHORIZED = 402  # a fleet command without a valid signature from a trusted key
     DEVICE_STORAGE = 403  # the device's own storage failed (disk full, I/O error) during an install
+    AGENT_ALREADY_RUNNING = 404  # another agent holds the state directory's lock
 
 
 class ExitStatus(enum.IntEnum):
