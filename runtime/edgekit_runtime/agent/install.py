@@ -27,6 +27,7 @@ killed; ``"fail:<step>"`` makes that step fail as if the device had failed it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -302,8 +303,15 @@ class Installer:
             self._step(marker, "prepare")
             try:
                 model = self._load(bundle_path, sd.slot_dir(target) / "model")
-            except OSError:  # the device's storage (extracting the bundle): reported as storage_error
-                raise
+            except OSError as exc:
+                if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ):
+                    # verified names within the format's limits that this filesystem still cannot hold
+                    # (eCryptfs: 143 bytes; a non-UTF-8 filesystem): the bundle's problem, not free space
+                    raise InstallError("prepare_failed", f"a member name of the bundle cannot be written on this "
+                                       f"device's filesystem ({exc.strerror}: {exc.filename})", step="prepare",
+                                       code=ErrorCode.BUNDLE_UNSAFE_MEMBER,
+                                       hint="rebuild the bundle with shorter ASCII member names") from None
+                raise  # the device's storage (extracting the bundle): reported as storage_error
             except RuntimeErrorBase as exc:
                 raise InstallError(_reason_for(exc.code) if int(exc.code) < 200 else "prepare_failed",
                                    exc.message, step="prepare", code=exc.code, hint=exc.hint) from None
