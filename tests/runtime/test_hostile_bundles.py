@@ -14,6 +14,7 @@ import json
 import logging
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ def _member_cases() -> dict[str, list[tuple[str, bytes]]]:
 MEMBER_CASES = _member_cases()
 
 
-def _manifest_cases() -> dict[str, tuple[callable, str]]:
+def _manifest_cases() -> dict[str, tuple[Callable[[dict], None], str]]:
     """Manifest changes (signed) and the manifest path the refusal must name."""
 
     def image(size):
