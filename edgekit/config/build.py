@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from edgekit_runtime.contract import manifest
+from edgekit_runtime.contract import bundle_spec, manifest
 
 from ..errors import ConfigError
 from .base import Strict, apply_overrides, deep_update, merge, parse, partial, read_yaml
@@ -71,6 +71,10 @@ class PreprocessSpec(Strict):
     def _two(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (len(v) != 2 or min(v) < 1):
             raise ValueError("size is [height, width] with positive values")
+        # the bundle format's bounds, checked when the build file is read rather than when the bundle is written
+        if v is not None and (max(v) > bundle_spec.MAX_IMAGE_SIDE or v[0] * v[1] > bundle_spec.MAX_IMAGE_PIXELS):
+            raise ValueError(f"size {v} is over the bundle format's limit (each side ≤ {bundle_spec.MAX_IMAGE_SIDE}, "
+                             f"height × width ≤ {bundle_spec.MAX_IMAGE_PIXELS})")
         return v
 
     @model_validator(mode="after")
@@ -93,7 +97,7 @@ class PreprocessSpec(Strict):
 class PostprocessSpec(Strict):
     type: Literal["classification", "none"] = _POST["type"]
     softmax: bool = _POST["softmax"]
-    top_k: int = Field(_POST["top_k"], ge=1)
+    top_k: int = Field(_POST["top_k"], ge=1, le=bundle_spec.MAX_TOP_K)
 
 
 class ExportSettings(Strict):

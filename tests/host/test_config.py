@@ -144,3 +144,15 @@ def test_an_explicit_null_override_keeps_the_sections_other_keys():
     out = apply_overrides({"accuracy": {"metric": "top1", "max_accuracy_drop": 1.0}},
                           {"accuracy": {"max_accuracy_drop": None}})
     assert out == {"accuracy": {"metric": "top1", "max_accuracy_drop": None}}
+
+
+def test_build_file_sizes_over_the_bundle_format_limits_are_refused_when_read():
+    from edgekit.config import PostprocessSpec, PreprocessSpec
+    from edgekit_runtime.contract import bundle_spec
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="over the bundle format's limit"):
+        PreprocessSpec(size=[100000, 100000])
+    with pytest.raises(ValidationError):
+        PostprocessSpec(top_k=bundle_spec.MAX_TOP_K + 1)
+    assert PreprocessSpec(size=[4096, 4096]).size == [4096, 4096]
