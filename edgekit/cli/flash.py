@@ -34,8 +34,20 @@ def flash_cmd(
     devices: Optional[str] = typer.Option(None, "--devices", "-d",
                                           help="Globs (cam-*,dock-0?) and filters (model=NAME, status=online)"),
     canary: str = typer.Option("10%", "--canary", help="Canary devices first: a share (10%) or a count (2)"),
-    max_failures: int = typer.Option(0, "--max-failures", help="Halt when more devices than this fail"),
-    wave_size: int = typer.Option(0, "--wave-size", help="Devices per wave after the canaries (0: all at once)"),
+    max_failures: Optional[int] = typer.Option(None, "--max-failures", min=0,
+                                               help="Halt when more devices than this fail [default: 0; no count "
+                                                    "rule with --abort-percent]"),
+    abort_percent: Optional[float] = typer.Option(None, "--abort-percent", min=0.0, max=100.0,
+                                                  help="Halt when at least this % of the finished devices failed"),
+    abort_min_devices: int = typer.Option(0, "--abort-min-devices", min=0,
+                                          help="--abort-percent applies once this many devices finished"),
+    wave_size: int = typer.Option(0, "--wave-start", "--wave-size", min=0,
+                                  help="Devices in the first wave after the canaries (0: all the rest at once)"),
+    wave_factor: float = typer.Option(1.0, "--wave-factor", min=1.0,
+                                      help="Each wave is this many times the one before (rounded up)"),
+    wave_max: int = typer.Option(0, "--wave-max", min=0, help="No wave larger than this (0: no cap)"),
+    max_in_flight: int = typer.Option(0, "--max-in-flight", min=0,
+                                      help="At most this many devices installing at once (0: no cap)"),
     rollback_on_halt: bool = typer.Option(True, "--rollback-on-halt/--no-rollback-on-halt",
                                           help="Roll the devices this rollout switched back when it halts"),
     url: Optional[str] = typer.Option(None, "--url", help="Where devices download BUNDLE (e.g. from `edgekit serve`)"),
@@ -48,6 +60,9 @@ def flash_cmd(
     key: Optional[Path] = SigningKeyOpt,
     record_dir: Path = RecordDirOpt,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the rollout in this record file"),
+    pause: Optional[Path] = typer.Option(None, "--pause",
+                                         help="Ask the rollout running from this record file to pause "
+                                              "(continue it with --resume)"),
     broker: str = BrokerOpt, username: Optional[str] = UserOpt, password: Optional[str] = PasswordOpt,
     cafile: Optional[Path] = CaOpt, cert: Optional[Path] = CertOpt, cert_key: Optional[Path] = CertKeyFlashOpt,
     # --host options
@@ -66,6 +81,18 @@ def flash_cmd(
     A device that refuses the bundle, or a rollout that halts or has failures, prints its result and
     exits with the error's code (VERIFY for a bundle the device would not trust, else DEVICE).
     """
+    if pause is not None:
+        from ..flash.fleet_flash import pause_recorded
+
+        if resume is not None or host is not None or fleet is not None or bundle is not None:
+            raise ConfigError("--pause RECORD only asks a running rollout to pause; pass it alone")
+        path = pause_recorded(pause)
+        if as_json:
+            print_json({"pause_requested": str(path), "record": str(pause)})
+        else:
+            console.print(f"pause requested ({path}): the rollout sends nothing more, waits for the devices "
+                          f"installing, then stops; continue with: edgekit flash --resume {pause}", highlight=False)
+        return
     if resume is not None and host is not None:
         raise ConfigError("--resume continues a fleet rollout from its record; it does not go with --host")
     if resume is None and (host is None) == (fleet is None):
@@ -92,19 +119,22 @@ def flash_cmd(
         return
     _flash_fleet(bundle, resume, key, broker_settings(broker, username, password, cafile, cert, cert_key),
                  _fleet_settings(fleet, devices, canary, max_failures, wave_size, rollback_on_halt, device_timeout,
-                                 expiry, allow_downgrade, record_dir),
+                                 expiry, allow_downgrade, record_dir, abort_percent=abort_percent,
+                                 abort_min_devices=abort_min_devices, wave_factor=wave_factor, wave_max=wave_max,
+                                 max_in_flight=max_in_flight),
                  url, serve, advertise, as_json)
 
 
 def _fleet_settings(fleet, devices, canary, max_failures, wave_size, rollback_on_halt, device_timeout, expiry,
-                    allow_downgrade, record_dir):
+                    allow_downgrade, record_dir, **rate):
     from ..flash.fleet_flash import FleetFlashSettings
 
     if fleet is None:  # --resume: the record names the fleet and its settings
         return None
     return FleetFlashSettings(fleet=fleet, devices=devices or "*", canary=canary, max_failures=max_failures,
                               wave_size=wave_size, rollback_on_halt=rollback_on_halt, device_timeout_s=device_timeout,
-                              command_expiry_s=expiry, allow_downgrade=allow_downgrade, record_dir=record_dir)
+                              command_expiry_s=expiry, allow_downgrade=allow_downgrade, record_dir=record_dir,
+                              **rate)
 
 
 def _flash_fleet(bundle, resume, key, broker, settings, url, serve, advertise, as_json: bool) -> None:
@@ -162,6 +192,10 @@ def _print_ssh_result(result: dict[str, Any]) -> None:
 def _print_summary(summary: dict[str, Any]) -> None:
     c = {k: v for k, v in summary["counts"].items() if v}
     line = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in c.items())
+    if summary.get("paused"):
+        console.print(f"[yellow]paused[/]: {line}; continue with: edgekit flash --resume {summary['record']}",
+                      highlight=False)
+        return
     if summary.get("halted"):
         err_console.print(f"[bold red]halted[/]: {escape(str(summary.get('halt_reason')))}; {line}", highlight=False)
     else:

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..fleet.connection import BrokerSettings
 from .commands import FleetClient, select_devices
 from .plan import RolloutPlan
-from .rollout import Rollout, load_record, rollback_from_record
+from .rollout import Rollout, load_record, request_pause, rollback_from_record
 from .server import BundleServer
 
 
@@ -59,8 +59,13 @@ class FleetFlashSettings:
     fleet: str
     devices: str = "*"  # globs and filters, as select_devices reads them
     canary: str = "10%"  # a share ("10%") or a count ("2")
-    max_failures: int = 0
-    wave_size: int = 0  # devices per wave after the canaries; 0: all the rest at once
+    max_failures: Optional[int] = None  # halt when more fail; None: 0, or no count rule with abort_percent
+    abort_percent: Optional[float] = None  # halt when >= this % of the finished devices failed
+    abort_min_devices: int = 0  # ... once this many devices finished
+    wave_size: int = 0  # devices in the first wave after the canaries; 0: all the rest at once
+    wave_factor: float = 1.0  # each wave this many times the one before (rounded up)
+    wave_max: int = 0  # no wave larger than this; 0: no cap
+    max_in_flight: int = 0  # at most this many devices installing at once; 0: no cap
     rollback_on_halt: bool = True
     device_timeout_s: float = 600.0
     command_expiry_s: float = 86400.0
@@ -97,7 +102,11 @@ def plan_for_bundle(info: BundleInfo, devices: list[str], url: str, settings: Fl
         "fleet": settings.fleet, "devices": devices, "url": url, "sha256": info.sha256, "size": info.size,
         "bundle_name": info.path.name, "model": m["name"], "model_version": m["version"],
         "release": m.get("release"), "allow_downgrade": settings.allow_downgrade, "canary": settings.canary,
-        "max_failures": settings.max_failures, "wave_size": settings.wave_size,
+        "max_failures": (settings.max_failures if settings.max_failures is not None
+                         else None if settings.abort_percent is not None else 0),
+        "abort_percent": settings.abort_percent, "abort_min_devices": settings.abort_min_devices,
+        "wave_size": settings.wave_size, "wave_factor": float(settings.wave_factor), "wave_max": settings.wave_max,
+        "max_in_flight": settings.max_in_flight,
         "device_timeout_s": settings.device_timeout_s, "command_expiry_s": settings.command_expiry_s,
         "rollback_canaries_on_halt": settings.rollback_on_halt})
 
@@ -197,6 +206,11 @@ def rollback_recorded(record: Path, broker: BrokerSettings, sign_key: Any, *,
     with FleetClient(broker, fleet) as client:
         client.discover()
         return rollback_from_record(record, client, sign_key=sign_key, reason=reason)
+
+
+def pause_recorded(record: Path) -> Path:
+    """Ask the rollout running from ``record`` to pause (see :func:`~.rollout.request_pause`); the pause file."""
+    return request_pause(record)
 
 
 def rollback_devices(broker: BrokerSettings, fleet: str, devices: str, sign_key: Any, *,

@@ -1,8 +1,11 @@
 """What a rollout installs where, and how carefully: :class:`RolloutPlan` (strict, validated).
 
 A plan names the fleet, the devices in rollout order, the bundle (URL, sha256,
-size), the canary share or count, the wave size, the abort rule
-(``max_failures``), the per-device timeout and the commands' expiry.
+size), the canary share or count, the waves (a first size that grows by
+``wave_factor`` up to ``wave_max``), a cap on installs in flight, the abort rules
+(a failure count ``max_failures`` and a failure percentage ``abort_percent`` once
+``abort_min_devices`` have finished), the per-device timeout and the commands'
+expiry.
 :mod:`.rollout` runs it. Canaries are ``ceil(share * n)`` devices (at least 1)
 for a share such as ``"10%"``, or exactly the count for ``"2"``; they are taken
 from the devices online when the rollout starts (:meth:`RolloutPlan.phases`).
@@ -82,8 +85,17 @@ class RolloutPlan(BaseModel):
     release: Optional[int] = Field(None, ge=0, description="The bundle's release counter (anti-rollback)")
     allow_downgrade: bool = Field(False, description="Let devices install an older release than they run")
     canary: Union[str, int] = Field("10%", description="Canary share ('10%') or count ('2')")
-    max_failures: int = Field(0, ge=0, description="Halt when failed + timed-out devices exceed this")
-    wave_size: int = Field(0, ge=0, description="Devices per wave after the canaries (0: all the rest at once)")
+    max_failures: Optional[int] = Field(0, ge=0, description="Halt when failed + timed-out devices exceed this "
+                                                              "(None: no count rule)")
+    abort_percent: Optional[float] = Field(None, gt=0, le=100, description="Halt when at least this percentage of "
+                                           "the finished devices failed or timed out (None: no percentage rule)")
+    abort_min_devices: int = Field(0, ge=0, description="The percentage rule applies once this many devices finished")
+    wave_size: int = Field(0, ge=0, description="Devices in the first wave after the canaries (0: all the rest at "
+                                                "once)")
+    wave_factor: float = Field(1.0, ge=1, le=100, description="Each wave is this many times the one before "
+                                                                "(rounded up); 1: all waves of wave_size")
+    wave_max: int = Field(0, ge=0, description="No wave is larger than this (0: no cap)")
+    max_in_flight: int = Field(0, ge=0, description="At most this many online devices install at once (0: no cap)")
     device_timeout_s: float = Field(600.0, gt=0, description="Seconds an online device has to answer")
     command_expiry_s: float = Field(86400.0, description="Signed commands expire this long after sending (seconds, "
                                                          "> 0); bounds how long queued installs stay valid")
@@ -152,6 +164,15 @@ class RolloutPlan(BaseModel):
             canary_count(self.canary, len(self.devices))
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+        if not math.isfinite(self.wave_factor):
+            raise ValueError("wave_factor must be a finite number >= 1")
+        if self.wave_factor > 1 and self.wave_size == 0:
+            raise ValueError("wave_factor grows the waves from wave_size (--wave-start): give a first wave size, "
+                             "e.g. --wave-start 2 --wave-factor 2")
+        if self.wave_max and self.wave_size > self.wave_max:
+            raise ValueError(f"the first wave (wave_size {self.wave_size}) is larger than wave_max {self.wave_max}")
+        if self.abort_percent is not None and not math.isfinite(self.abort_percent):
+            raise ValueError("abort_percent must be a percentage above 0 and at most 100")
         return self
 
     @classmethod
@@ -172,8 +193,22 @@ class RolloutPlan(BaseModel):
         first = [d for d in self.devices if d in online] + [d for d in self.devices if d not in online]
         canaries = set(first[:k])
         rest = [d for d in self.devices if d not in canaries]
-        size = self.wave_size or len(rest) or 1
-        return [[d for d in self.devices if d in canaries]] + [rest[i:i + size] for i in range(0, len(rest), size)]
+        return [[d for d in self.devices if d in canaries]] + [rest[i:j] for i, j in self._wave_bounds(len(rest))]
+
+    def wave_sizes(self, n_rest: int) -> list[int]:
+        """The sizes of the waves that follow the canaries, for ``n_rest`` devices."""
+        return [j - i for i, j in self._wave_bounds(n_rest)]
+
+    def _wave_bounds(self, n_rest: int) -> list[tuple[int, int]]:
+        size = self.wave_size or n_rest or 1
+        out, i = [], 0
+        while i < n_rest:
+            out.append((i, min(n_rest, i + size)))
+            i += size
+            size = math.ceil(size * self.wave_factor)
+            if self.wave_max:
+                size = min(size, self.wave_max)
+        return out
 
     def install_args(self, rollout_id: Optional[str]) -> dict[str, Any]:
         return {"url": self.url, "sha256": self.sha256, "size": self.size, "allow_downgrade": self.allow_downgrade,

@@ -15,8 +15,12 @@ Rules (what the code below does):
   that are *online* when the rollout starts, in plan order, and filled up with
   offline ones only if too few are online. A rollout with no online device is
   refused: a canary phase needs answers.
-* **Waves**: the other devices in plan order, ``wave_size`` per wave (0: all of
-  them in one wave).
+* **Waves**: the other devices in plan order; the first wave has ``wave_size``
+  devices (0: all of them in one wave), each next one ``wave_factor`` times the one
+  before (rounded up), at most ``wave_max`` (0: no cap).
+* **In flight**: with ``max_in_flight`` K > 0, at most K devices are ``sent`` (online,
+  installing) at once; the next device of the phase gets its command when one
+  answers or times out. Devices queued offline do not count.
 * **Device outcomes**: ``pending`` (nothing sent) → ``sent`` (the device is
   online and has the command; its clock runs) → ``succeeded`` / ``failed``
   (the agent's error ack: reason, step, code, message) / ``timed_out``. A device
@@ -26,9 +30,13 @@ Rules (what the code below does):
   ``sent`` and its clock starts then. ``timed_out`` therefore only means: online
   with the command, and no answer within ``device_timeout_s``. A late answer still
   updates the outcome (the record says what the device runs).
-* **Abort rule**, checked after the canary phase and after every wave:
-  failures (``failed`` + ``timed_out``, over the whole rollout) ``> max_failures``
-  → halt. The canary phase must also produce at least one success, else it halts
+* **Abort rules**, checked after the canary phase and after every wave, and with
+  ``max_in_flight`` also before every further command of a phase: failures
+  (``failed`` + ``timed_out``, over the whole rollout) ``> max_failures`` (unless
+  None) → halt; with ``abort_percent`` P, once at least ``abort_min_devices`` devices
+  finished (``succeeded``, ``failed`` or ``timed_out``), failures ≥ P % of the
+  finished devices → halt. A rule that trips mid-phase stops the sending, waits for
+  the devices in flight, then halts. The canary phase must also produce at least one success, else it halts
   (canaries that all stay offline prove nothing). A halted rollout sends nothing
   more; with ``rollback_canaries_on_halt`` it sends a signed ``rollback`` to
   every device that this rollout switched and records ``rolled_back`` or
@@ -63,6 +71,12 @@ Rules (what the code below does):
   answers a duplicate from its ack cache, unless it has expired, in which case a
   new request is sent. Before any command is published the record already says
   ``sent`` with its request id, so a crash between the two loses nothing.
+* **Pause**: :func:`request_pause` (``edgekit flash --pause RECORD``) creates
+  ``<record>.pause``. The running rollout sees it before its next command, sends
+  nothing more, waits for the devices in flight, removes the file, and records
+  ``paused`` (phase ``paused``; :meth:`Rollout.run` returns). A resume (``--resume
+  RECORD``) continues it: devices that answered are never sent the install again.
+  A request made while nothing runs pauses the next run at its first command.
 * **Timing**: ``fleet_switch_s`` is the time from the first install command to the
   last successful answer (None for a halted rollout).
 
@@ -89,7 +103,7 @@ from .commands import Received
 from .plan import RolloutPlan
 
 RECORD_FORMAT = "edgekit-rollout"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: plans may carry wave growth, max_in_flight and the percentage rule; records may be paused
 OUTCOMES = ("pending", "sent", "pending_offline", "succeeded", "failed", "timed_out", "rolling_back",
             "rolled_back", "rollback_failed")
 FAILURES = ("failed", "timed_out")
@@ -197,6 +211,26 @@ def new_rollout_id() -> str:
     return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
+def pause_file(record_path: Path) -> Path:
+    """The file whose existence asks the rollout recorded at ``record_path`` to pause."""
+    record_path = Path(record_path)
+    return record_path.with_name(record_path.name + ".pause")
+
+
+def request_pause(record_path: Path) -> Path:
+    """Ask the rollout recorded at ``record_path`` to pause before its next command; returns the pause file.
+
+    Raises :class:`ConfigError` for a rollout that is halted or done (nothing left to pause).
+    """
+    record = load_record(record_path)
+    if record.get("halted") or record.get("phase") == "done":
+        raise ConfigError(f"rollout {record['id']} is {'halted' if record.get('halted') else 'done'}: "
+                          "there is nothing left to pause")
+    path = pause_file(record_path)
+    path.write_text(f"pause requested at {dt.datetime.now().isoformat(timespec='seconds')}\n", encoding="utf-8")
+    return path
+
+
 def phase_label(index: int) -> str:
     return "canary" if index == 0 else f"wave {index}"
 
@@ -255,7 +289,7 @@ class Rollout:
             self.record = {
                 "format": RECORD_FORMAT, "version": RECORD_VERSION, "id": rid, "fleet": plan.fleet,
                 "created_ts": now, "updated_ts": now, "phase": "planned", "phase_index": 0, "phases": None,
-                "halted": False, "halt_reason": None, "first_sent_ts": None, "last_switch_ts": None,
+                "halted": False, "halt_reason": None, "paused": False, "first_sent_ts": None, "last_switch_ts": None,
                 "rollback": None, "plan": plan.model_dump(mode="json"),
                 "devices": {d: {"phase": None, "status": "pending", "model_before": None, "sha_before": None,
                                 "model": None, "install": None, "rollback": None} for d in plan.devices},
@@ -335,6 +369,10 @@ class Rollout:
             self._require_key("install")
             if rec["phases"] is None:
                 self._plan_phases()
+            if rec.get("paused"):
+                rec["paused"] = False
+                self._log("resumed")
+                self._write()
             self._send_install(self._to_resend("install"))
             while rec["phase_index"] < len(rec["phases"]):
                 index = rec["phase_index"]
@@ -342,15 +380,22 @@ class Rollout:
                     rec["phase"] = phase_label(index)
                     self._log(f"{phase_label(index)}: {len(rec['phases'][index])} device(s)")
                     self._write()
-                self._send_install([d for d in rec["phases"][index] if not rec["devices"][d]["install"]])
-                self._wait()
-                reason = self._abort_reason(index)
+                paused = self._run_phase(index)
+                # (a paused phase is not over: only the failure rules apply, not "a canary must succeed")
+                reason = self._rule_reason(index) if paused else self._abort_reason(index)
                 if reason:
                     rec["halted"], rec["halt_reason"], rec["phase"] = True, reason, "halted"
                     self._log(f"halted: {reason}")
                     self._write()
                     if self.plan.rollback_canaries_on_halt:
                         return self._rollback_locked(f"rollout {self.id} halted: {reason}")
+                    return self.summary()
+                if paused:
+                    rec["paused"], rec["phase"] = True, "paused"
+                    self._log(f"paused in the {phase_label(index)} phase; continue with a resume")
+                    self._write()
+                    with contextlib.suppress(FileNotFoundError):
+                        pause_file(self.record_path).unlink()
                     return self.summary()
                 rec["phase_index"] = index + 1
                 self._write()
@@ -379,18 +424,65 @@ class Rollout:
         self._log(f"planned: {len(rec['phases'][0])} canary device(s), {len(rec['phases']) - 1} wave(s)")
         self._write()
 
+    def _run_phase(self, index: int) -> bool:
+        """Send the phase's installs (at most ``max_in_flight`` online at once) and wait; True if paused.
+
+        Stops sending (and waits for the devices in flight) when a pause is requested or,
+        with ``max_in_flight``, when an abort rule trips; the caller decides what follows.
+        """
+        rec = self.record
+        limit = self.plan.max_in_flight
+        pause = pause_file(self.record_path)
+        while True:
+            todo = [d for d in rec["phases"][index] if not rec["devices"][d]["install"]]
+            if not todo:
+                self._wait()
+                return False
+            if pause.exists():
+                self._log(f"pause requested ({pause.name}): waiting for the devices in flight")
+                self._write()
+                self._wait()
+                return True
+            if limit and self._rule_reason(index):
+                self._wait()
+                return False
+            if not limit:
+                self._send_install(todo)
+                continue
+            room = limit - sum(1 for _ in self._attempts("sent"))
+            if room > 0:
+                self._send_install(todo[:room])
+            else:
+                self._wait(max_waiting=limit - 1)
+
     def _to_resend(self, which: str) -> list[str]:
         return [d for d, e in self.record["devices"].items()
                 if e.get(which) and e[which]["status"] in ("sent", "pending_offline")]
 
-    def _abort_reason(self, index: int) -> Optional[str]:
+    def _rule_reason(self, index: int) -> Optional[str]:
+        """Why the failure rules (count, percentage) halt the rollout now, or None."""
         rec = self.record
         failed = failures(rec)
-        if len(failed) > self.plan.max_failures:
-            shown = ", ".join(f"{d} ({(rec['devices'][d]['install'].get('error') or {}).get('reason', '?')})"
-                              for d in failed[:10]) + (", …" if len(failed) > 10 else "")
+        shown = ", ".join(f"{d} ({(rec['devices'][d]['install'].get('error') or {}).get('reason', '?')})"
+                          for d in failed[:10]) + (", …" if len(failed) > 10 else "")
+        plan = self.plan
+        if plan.max_failures is not None and len(failed) > plan.max_failures:
             return (f"{len(failed)} device(s) failed after the {phase_label(index)} phase, more than max_failures "
-                    f"{self.plan.max_failures}: {shown}")
+                    f"{plan.max_failures}: {shown}")
+        if plan.abort_percent is not None:
+            finished = sum(1 for e in rec["devices"].values()
+                           if (e.get("install") or {}).get("status") in ("ok",) + FAILURES)
+            if finished and finished >= plan.abort_min_devices and 100 * len(failed) >= plan.abort_percent * finished:
+                return (f"{len(failed)} of {finished} finished device(s) failed ({100 * len(failed) / finished:.1f} %) "
+                        f"in the {phase_label(index)} phase, at least abort_percent {plan.abort_percent:g} % "
+                        f"(rule active from {plan.abort_min_devices} device(s)): {shown}")
+        return None
+
+    def _abort_reason(self, index: int) -> Optional[str]:
+        rec = self.record
+        reason = self._rule_reason(index)
+        if reason:
+            return reason
         if index == 0:
             canaries = rec["phases"][0]
             if not any((rec["devices"][d]["install"] or {}).get("status") == "ok" for d in canaries):
@@ -449,8 +541,8 @@ class Rollout:
                 if attempt and attempt["status"] == status:
                     yield d, attempt
 
-    def _wait(self) -> None:
-        """Until no device that has its command (online) still owes an answer."""
+    def _wait(self, max_waiting: int = 0) -> None:
+        """Until at most ``max_waiting`` devices that have their command (online) still owe an answer."""
         timeout = self.plan.device_timeout_s
         while True:
             now = self.clock()
@@ -465,7 +557,7 @@ class Rollout:
             if changed:
                 self._write()
             waiting = [a["wait_from_ts"] + timeout for _, a in self._attempts("sent")]
-            if not waiting:
+            if len(waiting) <= max_waiting:
                 return
             events = self.transport.poll(max(0.0, min(self.poll_s, min(waiting) - now)))
             if events and self.apply(events):
@@ -621,6 +713,7 @@ def summarize(record: dict[str, Any], record_path: Optional[Path] = None) -> dic
     return {
         "id": record["id"], "fleet": record["fleet"], "phase": record["phase"], "counts": counts(record),
         "failures": len(failures(record)), "halted": bool(record["halted"]), "halt_reason": record["halt_reason"],
+        "paused": bool(record.get("paused")),
         # a halted rollout did not switch the fleet (its canaries may even be rolled back)
         "fleet_switch_s": None if first is None or last is None or record["halted"] else round(last - first, 3),
         "record": str(record_path) if record_path is not None else None,
@@ -658,6 +751,8 @@ def render(state: dict[str, Any], now: Optional[float] = None):
     title = (f"rollout {state['id']}: {target} → {len(state['devices'])} device(s) of {state['fleet']}"
              f" · {state['phase']}")
     caption = shown + (f" · halted: {state['halt_reason']}" if state.get("halted") else "")
+    if state.get("paused"):
+        caption += " · paused (continue with a resume)"
     if state.get("first_sent_ts") and state.get("last_switch_ts") and not state.get("halted"):
         caption += f" · fleet switch {state['last_switch_ts'] - state['first_sent_ts']:.1f} s"
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
