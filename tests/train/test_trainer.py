@@ -29,6 +29,18 @@ def small_digits(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def airline_csv(tmp_path_factory) -> Path:
+    """aeon's Airline series (144 monthly passenger counts) as a CSV with a date column."""
+    pd = pytest.importorskip("pandas")
+    aeon = pytest.importorskip("aeon.datasets")
+    series = np.asarray(aeon.load_airline(), dtype=np.float64).ravel()
+    csv = tmp_path_factory.mktemp("airline") / "airline.csv"
+    pd.DataFrame({"month": pd.date_range("1949-01-01", periods=len(series), freq="MS"),
+                  "passengers": series}).to_csv(csv, index=False)
+    return csv
+
+
 def _cfg(data: Path, out: Path, **over):
     base = {"data.path": data, "out": out, "train.epochs": 4, "train.batch_size": 32,
             "model.kwargs": {"widths": [8, 16, 32]}, "robustness": False, "evaluate": True,
@@ -137,13 +149,8 @@ def test_find_lr_writes_a_plot_and_suggests_a_rate_in_range(small_digits, tmp_pa
     assert len(result["losses"]) >= 10
 
 
-def test_forecast_run_reports_baselines(tmp_path):
-    pd = pytest.importorskip("pandas")
-    aeon = pytest.importorskip("aeon.datasets")
-    series = np.asarray(aeon.load_airline(), dtype=np.float64).ravel()
-    csv = tmp_path / "airline.csv"
-    pd.DataFrame({"month": pd.date_range("1949-01-01", periods=len(series), freq="MS"),
-                  "passengers": series}).to_csv(csv, index=False)
+def test_forecast_run_reports_baselines(airline_csv, tmp_path):
+    csv = airline_csv
     cfg = load_train(None, {"data.path": csv, "data.task": "forecast", "data.time": "month", "out": tmp_path / "f",
                             "train.epochs": 3, "robustness": False})
     m = train(cfg).metrics
@@ -198,18 +205,13 @@ def test_a_run_folder_compiles_only_when_finished_and_calibrates_over_the_whole_
     assert len(x) == 300 and len(np.unique(y)) == 10  # every class, not the first few
 
 
-def test_a_forecast_run_compiles_under_an_mae_budget(tmp_path, signing_key):
+def test_a_forecast_run_compiles_under_an_mae_budget(airline_csv, tmp_path, signing_key):
     """The build gates a forecast on the validation MAE in real units (cosine to FP32 is blind to level errors)."""
-    pd = pytest.importorskip("pandas")
-    aeon = pytest.importorskip("aeon.datasets")
     from edgekit.build.pipeline import compile_model
     from edgekit.config import load_build
     from edgekit.train.run_folder import build_settings
 
-    series = np.asarray(aeon.load_airline(), dtype=np.float64).ravel()
-    csv = tmp_path / "airline.csv"
-    pd.DataFrame({"month": pd.date_range("1949-01-01", periods=len(series), freq="MS"),
-                  "passengers": series}).to_csv(csv, index=False)
+    csv = airline_csv
     run = tmp_path / "f"
     m = train(load_train(None, {"data.path": csv, "data.task": "forecast", "data.time": "month", "out": run,
                                 "data.lookback": 12, "train.epochs": 3, "evaluate": False})).metrics
