@@ -60,7 +60,7 @@ def evaluate_source(source: Path, *, data: Path | None = None, compare: list[Pat
     from ..config.base import parse
     from ..config.train import TrainConfig
     from ..train.data import Normalizer, load_run_data
-    from ..train.run import _best_model
+    from ..train.models import load_trained
     from ..train.run_folder import is_run_folder, read_meta
     from .predictors import BundlePredictor, TorchPredictor
     from .report import evaluate, write_report
@@ -80,7 +80,7 @@ def evaluate_source(source: Path, *, data: Path | None = None, compare: list[Pat
                     str(source / "train.yaml"))
         pre = meta["preprocess"]
         norm = Normalizer(scale=float(pre.get("scale", 1.0)), mean=list(pre["mean"]), std=list(pre["std"]))
-        predictors.append(TorchPredictor(_best_model(source), norm, name="fp32 (torch)"))
+        predictors.append(TorchPredictor(load_trained(source / "model.pt"), norm, name="fp32 (torch)"))
         task_name, labels = meta["task"], meta.get("labels")
         if data is None:
             p = load_run_data(source)

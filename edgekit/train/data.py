@@ -92,14 +92,6 @@ class Prepared:
         """The model input of ``split`` (float32)."""
         return self.norm.apply(self.x[split])
 
-    @property
-    def out_dim(self) -> int:
-        """Model outputs: classes, or target values per sample."""
-        if self.task == "classification":
-            return len(self.labels or [])
-        y = self.y["train"]
-        return 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
-
     def preprocess_manifest(self) -> dict:
         """The bundle's ``preprocess`` section: what the device applies before the model."""
         # The device decodes images as uint8 0-255; float images (any range) go in as raw tensors.

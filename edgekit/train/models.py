@@ -597,7 +597,18 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
 
 def from_checkpoint(path: str) -> EdgeNet:
     """Factory for build files: the untrained module a run's ``model.pt`` describes (load ``"model"`` into it)."""
+    return _module_of(read_checkpoint(path), path)
+
+
+def load_trained(path: Path | str) -> EdgeNet:
+    """The trained module in a run's ``model.pt`` (one read of the file), in eval mode."""
     ckpt = read_checkpoint(path)
+    model = _module_of(ckpt, path)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def _module_of(ckpt: dict[str, Any], path: Path | str) -> EdgeNet:
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise ModelImportError(f"{path} lacks {missing}; it was not written by edgekit train")

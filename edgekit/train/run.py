@@ -220,23 +220,14 @@ def _warn_changed(cfg: TrainConfig, path: Path) -> None:
                     "the run it would have been", ", ".join(changed))
 
 
-def _best_model(run_dir: Path):
-    import torch
-
-    from .models import from_checkpoint
-
-    model = from_checkpoint(str(run_dir / "model.pt"))
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["model"])
-    return model.eval()
-
-
 def finish(cfg: TrainConfig, s: _Setup, fit: FitResult, run_dir: Path, world_size: int,
            seconds: float) -> tuple[dict[str, Any], Path | None]:
     """Evaluate the best checkpoint on the test split and write metrics.json and report.md."""
     from ..evaluate import TorchPredictor, evaluate, write_report
+    from .models import load_trained
 
     p = s.prepared
-    best = _best_model(run_dir)
+    best = load_trained(run_dir / "model.pt")
     val_out = TorchPredictor(best, p.norm).predict(p.x["val"])
     val = s.task.metrics(val_out, p.y["val"])
     split = "test" if len(p.x.get("test", ())) else "val"

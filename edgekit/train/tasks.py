@@ -45,11 +45,6 @@ class Task:
             return len(labels or [])
         return int(np.prod(y_train.shape[1:])) if y_train.ndim > 1 else 1
 
-    def better(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        return value > best if self.mode == "max" else value < best
-
 
 TASKS: dict[str, Task] = {}
 
