@@ -17,6 +17,7 @@ from rich.markup import escape
 from edgekit_runtime.contract.errors import RuntimeErrorBase
 
 from ..errors import ConfigError, EdgekitError, exit_code_of
+from ..fleet.stores import describe as describe_store
 from .exits import handle_errors
 from .options import (BrokerOpt, CaOpt, CertKeyOpt, CertOpt, DbOpt, FleetOpt, JsonOpt, PasswordOpt, UserOpt,
                       broker_settings)
@@ -38,7 +39,7 @@ def monitor_cmd(
     broker: str = BrokerOpt, username: Optional[str] = UserOpt, password: Optional[str] = PasswordOpt,
     cafile: Optional[Path] = CaOpt, cert: Optional[Path] = CertOpt, key: Optional[Path] = CertKeyOpt,
     fleet: str = typer.Option("+", "--fleet", "-f", help="Fleet to watch ('+': every fleet)"),
-    db: Path = DbOpt,
+    db: str = DbOpt,
     group: str = typer.Option("edgekit-monitor", help="Shared-subscription group: monitors in one group split "
                                                       "the fleet's messages"),
     workers: int = typer.Option(0, min=0, max=64, help="Ingest worker processes (0: one thread in this process)"),
@@ -81,10 +82,10 @@ def monitor_cmd(
     bounded = duration is not None or max_messages is not None
     dashboard = not (no_dashboard or as_json) and sys.stdout.isatty()
     if not dashboard and not as_json:
-        err_console.print(f"monitoring {fleet} on {settings.url} into {db} (Ctrl-C stops)", highlight=False)
+        err_console.print(f"monitoring {fleet} on {settings.url} into {describe_store(db)} (Ctrl-C stops)", highlight=False)
     monitor.start()
     if as_json and not bounded:
-        print_json({"monitoring": True, "broker": settings.url, "fleet": fleet, "store": str(db),
+        print_json({"monitoring": True, "broker": settings.url, "fleet": fleet, "store": describe_store(db),
                     "workers": workers, "pid": os.getpid()})
     try:
         if dashboard:
@@ -126,7 +127,7 @@ def monitor_cmd(
 # ----------------------------------------------------------------------------- store readers
 @app.command("ls")
 @handle_errors
-def ls_cmd(db: Path = DbOpt, fleet: Optional[str] = FleetOpt, as_json: bool = JsonOpt) -> None:
+def ls_cmd(db: str = DbOpt, fleet: Optional[str] = FleetOpt, as_json: bool = JsonOpt) -> None:
     """Devices in the store: status, model, latest figures, open alerts."""
     from ..fleet.queries import list_devices
 
@@ -147,7 +148,7 @@ def ls_cmd(db: Path = DbOpt, fleet: Optional[str] = FleetOpt, as_json: bool = Js
 
 @app.command("show")
 @handle_errors
-def show_cmd(device: str, db: Path = DbOpt, fleet: Optional[str] = FleetOpt, as_json: bool = JsonOpt) -> None:
+def show_cmd(device: str, db: str = DbOpt, fleet: Optional[str] = FleetOpt, as_json: bool = JsonOpt) -> None:
     """One device: status, boot, model, latest figures, gaps and alerts."""
     from ..fleet.queries import device_detail
 
@@ -179,7 +180,7 @@ def show_cmd(device: str, db: Path = DbOpt, fleet: Optional[str] = FleetOpt, as_
 @app.command("history")
 @handle_errors
 def history_cmd(
-    device: str, db: Path = DbOpt, fleet: Optional[str] = FleetOpt,
+    device: str, db: str = DbOpt, fleet: Optional[str] = FleetOpt,
     since: Optional[str] = SinceOpt,
     until: Optional[str] = typer.Option(None, help="Until (same forms)"),
     kind: Optional[list[str]] = typer.Option(None, "--kind", help="Only these kinds (repeatable)"),
@@ -209,7 +210,7 @@ def history_cmd(
 @app.command("plot")
 @handle_errors
 def plot_cmd(
-    device: str, out: Path = typer.Option(..., "--out", "-o", help="PNG to write"), db: Path = DbOpt,
+    device: str, out: Path = typer.Option(..., "--out", "-o", help="PNG to write"), db: str = DbOpt,
     fleet: Optional[str] = FleetOpt, since: Optional[str] = typer.Option(None, help="From (as in history)"),
     p99_ms: Optional[float] = typer.Option(None, "--p99-ms", help="Draw this p99 budget"),
     drift_psi: Optional[float] = typer.Option(0.2, help="Draw this PSI threshold"),

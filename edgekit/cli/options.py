@@ -29,7 +29,8 @@ CertKeyOpt = typer.Option(None, "--key", help="Client certificate's private key 
 CertKeyFlashOpt = typer.Option(None, "--cert-key", help="Private key of --cert (MQTT client certificate)")
 
 # The fleet store
-DbOpt = typer.Option(Path("fleet.db"), "--db", envvar="EDGEKIT_FLEET_DB", help="Fleet store (SQLite)")
+DbOpt = typer.Option("fleet.db", "--db", envvar="EDGEKIT_FLEET_DB",
+                     help="Fleet store: a SQLite file, or a PostgreSQL server as postgresql://USER@HOST/DB")
 FleetOpt = typer.Option(None, "--fleet", "-f", help="Fleet name (when a device name is in several)")
 
 

@@ -35,6 +35,7 @@ from edgekit_runtime.contract.fleet_protocol import ProtocolError
 from . import wire
 from .connection import BrokerSettings
 from .store import FleetStore
+from .stores import open_store
 
 log = logging.getLogger("edgekit.fleet.ingest")
 
@@ -253,7 +254,7 @@ def run_ingest(settings: BrokerSettings, store_path: str, fleet: str, *, client_
     with backoff.
     """
     stats = stats or IngestStats()
-    store = FleetStore(store_path, autocheckpoint=False)
+    store = open_store(store_path, autocheckpoint=False)
     ingestor = Ingestor(fleet=fleet)
     filters = subscription_filters(fleet, group, kinds)
     first = True

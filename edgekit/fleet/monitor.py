@@ -30,6 +30,7 @@ from ..errors import DeviceError, EdgekitError
 from .connection import BrokerSettings, FleetConnectionError
 from .ingest import INGEST_KINDS, IngestStats, run_ingest
 from .store import FleetStore
+from .stores import open_store
 from .tracker import FleetTracker, Thresholds
 
 log = logging.getLogger("edgekit.fleet.monitor")
@@ -48,6 +49,8 @@ class MonitorOptions:
     tick_s: float = 0.25
     persist_every_s: float = 1.0  # how often device rows are written (alerts and gaps: at once)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    # called with each alert opened/closed by this monitor's tracker (see FleetTracker.listeners)
+    alert_listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
 
 
 def _worker_main(settings: BrokerSettings, store_path: str, fleet: str, client_id: str, group: Optional[str],
@@ -77,6 +80,7 @@ class Monitor:
         self.store_path = str(store_path)
         self.options = options or MonitorOptions()
         self.tracker = FleetTracker(self.options.thresholds)
+        self.tracker.listeners.extend(self.options.alert_listeners)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._procs: list[mp.Process] = []
@@ -124,7 +128,7 @@ class Monitor:
 
     def _checkpoints(self, every_s: float = 0.5) -> None:
         """Copy the WAL into the database in the background, so that no writer's commit waits for it."""
-        store = FleetStore(self.store_path, autocheckpoint=False)
+        store = open_store(self.store_path, autocheckpoint=False)
         try:
             while not self._stop.wait(every_s):
                 store.checkpoint()
@@ -140,7 +144,7 @@ class Monitor:
     def start(self) -> None:
         """Connect (errors such as refused credentials are raised here), then start ingesting."""
         opts = self.options
-        with FleetStore(self.store_path) as store:
+        with open_store(self.store_path) as store:
             self.tracker.restore(store)
         self.started_at = time.time()
         group = opts.group if opts.share else None
@@ -218,7 +222,7 @@ class Monitor:
         """
         if self.started_at is None:
             self.start()
-        store = FleetStore(self.store_path, autocheckpoint=False)  # (the checkpointer thread does it)
+        store = open_store(self.store_path, autocheckpoint=False)  # (the checkpointer thread does it)
         t_end = None if duration is None else time.monotonic() + duration
         try:
             while True:
@@ -264,7 +268,7 @@ class Monitor:
                                 "malformed": {k: v["count"] for k, v in store.malformed().items()}}
 
     def summary(self) -> dict[str, Any]:
-        with FleetStore(self.store_path) as store:
+        with open_store(self.store_path) as store:
             counters = store.counters()
             malformed = store.malformed()
         devices = self.tracker.devices.values()

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError
 from .store import FleetStore
+from .stores import open_store as _open_store
 
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
@@ -41,18 +42,18 @@ def parse_time(text: Optional[str], now: Optional[float] = None, option: str = "
     return value.timestamp()
 
 
-def open_store(db: Path) -> FleetStore:
+def open_store(db: str | Path) -> FleetStore:
     """The store at ``db``, read-only (a monitor may be writing it)."""
-    return FleetStore(db, create=False, readonly=True)
+    return _open_store(db, create=False, readonly=True)
 
 
-def list_devices(db: Path, fleet: Optional[str] = None) -> list[dict[str, Any]]:
+def list_devices(db: str | Path, fleet: Optional[str] = None) -> list[dict[str, Any]]:
     """Every device in the store: status, boot, model, latest figures, missing seq, open alerts."""
     with open_store(db) as store:
         return store.devices(fleet)
 
 
-def device_detail(db: Path, device: str, fleet: Optional[str] = None) -> dict[str, Any]:
+def device_detail(db: str | Path, device: str, fleet: Optional[str] = None) -> dict[str, Any]:
     """One device: ``device`` (as in :func:`list_devices`), ``gaps``, ``alerts`` and ``messages`` per kind."""
     with open_store(db) as store:
         fleet_name, name = store.find_device(device, fleet)
@@ -62,7 +63,7 @@ def device_detail(db: Path, device: str, fleet: Optional[str] = None) -> dict[st
                 "messages": store.message_counts(fleet_name, name)}
 
 
-def device_history(db: Path, device: str, fleet: Optional[str] = None, since: Optional[float] = None,
+def device_history(db: str | Path, device: str, fleet: Optional[str] = None, since: Optional[float] = None,
                    until: Optional[float] = None, kinds: Optional[Sequence[str]] = None,
                    limit: Optional[int] = None) -> list[dict[str, Any]]:
     """A device's stored messages by device time, oldest first (``limit``: only the newest N)."""
@@ -71,7 +72,7 @@ def device_history(db: Path, device: str, fleet: Optional[str] = None, since: Op
         return store.history(fleet_name, name, since, until, kinds, limit)
 
 
-def plot_device_history(db: Path, device: str, out: Path, fleet: Optional[str] = None,
+def plot_device_history(db: str | Path, device: str, out: Path, fleet: Optional[str] = None,
                         since: Optional[float] = None, drift_psi: Optional[float] = 0.2,
                         p99_ms: Optional[float] = None) -> dict[str, Any]:
     """Write a PNG of the device's p50/p99 latency and drift PSI over time; returns what was drawn."""

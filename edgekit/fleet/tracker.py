@@ -25,7 +25,7 @@ import bisect
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import Field
 
@@ -150,6 +150,9 @@ class FleetTracker:
         self.messages = 0
         self.stale_wills = 0
         self.alert_log: list[dict[str, Any]] = []  # opened/closed, newest last (bounded)
+        # called with each opened/closed entry, in order (alert sinks: webhook, MQTT alert topic); a listener
+        # must not block or raise: it queues the entry and delivers from its own thread
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._dirty: set[tuple[str, str]] = set()
         self._alerts_new: list[tuple] = []
         self._alerts_closed: list[tuple] = []
@@ -316,6 +319,8 @@ class FleetTracker:
     def _log(self, entry: dict[str, Any]) -> None:
         self.alert_log.append(entry)
         del self.alert_log[:-200]
+        for listener in self.listeners:
+            listener(entry)
 
     def check_silence(self) -> None:
         """Open ``silent`` alerts for online devices quiet longer than ``silent_s``."""
