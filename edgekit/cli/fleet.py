@@ -54,6 +54,15 @@ def monitor_cmd(
     drift_psi: Optional[float] = typer.Option(0.2, help="Alert when an input's drift PSI is above (0: off)"),
     silent_s: Optional[float] = typer.Option(None, help="Alert when an online device sends nothing this long (s)"),
     gap_grace: float = typer.Option(2.0, help="Seconds a seq gap must stay open before it is reported"),
+    alert_webhook: Optional[list[str]] = typer.Option(None, "--alert-webhook", metavar="URL",
+                                                      help="POST each opened/resolved alert as JSON here "
+                                                           "(repeatable)"),
+    alert_webhook_token: Optional[str] = typer.Option(None, envvar="EDGEKIT_ALERT_TOKEN",
+                                                      help="Bearer token for --alert-webhook "
+                                                           "[env: EDGEKIT_ALERT_TOKEN]", show_envvar=False),
+    alert_topic: bool = typer.Option(False, "--alert-topic/--no-alert-topic",
+                                     help="Publish alerts to edgekit/v1/<fleet>/alerts/<device>/<kind> (retained "
+                                          "while open; the broker's ACL must let the monitor write there)"),
     duration: Optional[float] = typer.Option(None, help="Stop after this many seconds"),
     max_messages: Optional[int] = typer.Option(None, help="Stop after storing this many messages"),
     no_dashboard: bool = typer.Option(False, "--no-dashboard", help="No live view (headless; logs alerts)"),
@@ -76,17 +85,64 @@ def monitor_cmd(
     thresholds = parse(Thresholds, {"p99_ms": p99_ms or None, "error_rate": error_rate or None,
                                     "drift_psi": drift_psi or None, "silent_s": silent_s or None,
                                     "gap_grace_s": gap_grace}, "monitor thresholds")
+    dispatcher = _alert_dispatcher(settings, fleet, client_id, alert_webhook or [], alert_webhook_token,
+                                   alert_topic)
     monitor = Monitor(settings, db, MonitorOptions(fleet=fleet, group=group, workers=workers, share=not no_share,
                                                    client_id=client_id, session_expiry=session_expiry,
-                                                   thresholds=thresholds))
+                                                   thresholds=thresholds,
+                                                   alert_listeners=[dispatcher.listener] if dispatcher else []))
     bounded = duration is not None or max_messages is not None
     dashboard = not (no_dashboard or as_json) and sys.stdout.isatty()
     if not dashboard and not as_json:
         err_console.print(f"monitoring {fleet} on {settings.url} into {describe_store(db)} (Ctrl-C stops)", highlight=False)
-    monitor.start()
-    if as_json and not bounded:
-        print_json({"monitoring": True, "broker": settings.url, "fleet": fleet, "store": describe_store(db),
-                    "workers": workers, "pid": os.getpid()})
+    try:
+        if dispatcher is not None:
+            dispatcher.start()
+        monitor.start()
+        if dispatcher is not None:  # open alerts restored from the store are known: never sent again as new
+            dispatcher.restored([a for d in monitor.tracker.devices.values() for a in d.alerts.values()])
+        if as_json and not bounded:
+            print_json({"monitoring": True, "broker": settings.url, "fleet": fleet, "store": describe_store(db),
+                        "workers": workers, "pid": os.getpid()})
+        summary = _run_monitor(monitor, duration, max_messages, dashboard, as_json, bounded)
+    finally:
+        if dispatcher is not None:
+            dispatcher.close(ALERT_CLOSE_S)
+    if dispatcher is not None:
+        summary["alert_sinks"] = dispatcher.stats()
+    if as_json:
+        if bounded:
+            print_json(summary)
+        return
+    console.print(f"stored {summary['stored']} messages from {summary['devices']} devices "
+                  f"({summary['online']} online, {summary['offline']} offline); duplicates "
+                  f"{summary['duplicates']}, stale wills {summary['stale_wills']}, malformed "
+                  f"{sum(summary['malformed'].values())}, missing seq {summary['missing']}, "
+                  f"open alerts {len(summary['alerts_open'])}", highlight=False)
+
+
+ALERT_CLOSE_S = 5.0  # at exit, how long queued alerts may still take to go out
+
+
+def _alert_dispatcher(settings, fleet: str, client_id: Optional[str], webhooks: list[str], token: Optional[str],
+                      topic: bool):
+    """The monitor's alert sinks (None when there are none)."""
+    import socket
+
+    from ..fleet.alerts import AlertDispatcher, MqttAlertSink, WebhookSink
+
+    if token and not webhooks and token != os.environ.get("EDGEKIT_ALERT_TOKEN"):
+        raise ConfigError("--alert-webhook-token is for --alert-webhook URL; give one")
+    sinks = [WebhookSink(url, token=token) for url in webhooks]
+    prefix = client_id or f"edgekit-monitor-{socket.gethostname()}-{os.getpid()}"
+    if topic:
+        sinks.append(MqttAlertSink(settings, f"{prefix}-alerts", fleet=fleet))
+    return AlertDispatcher(sinks, monitor=client_id or socket.gethostname()) if sinks else None
+
+
+def _run_monitor(monitor, duration: Optional[float], max_messages: Optional[int], dashboard: bool, as_json: bool,
+                 bounded: bool) -> dict:
+    """Run until a bound or Ctrl-C; the summary."""
     try:
         if dashboard:
             from rich.live import Live
@@ -113,15 +169,7 @@ def monitor_cmd(
         # the start document is this run's one JSON document: the failure goes to stderr and the exit code
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(int(exit_code_of(exc))) from None
-    if as_json:
-        if bounded:
-            print_json(summary)
-        return
-    console.print(f"stored {summary['stored']} messages from {summary['devices']} devices "
-                  f"({summary['online']} online, {summary['offline']} offline); duplicates "
-                  f"{summary['duplicates']}, stale wills {summary['stale_wills']}, malformed "
-                  f"{sum(summary['malformed'].values())}, missing seq {summary['missing']}, "
-                  f"open alerts {len(summary['alerts_open'])}", highlight=False)
+    return summary
 
 
 # ----------------------------------------------------------------------------- store readers
