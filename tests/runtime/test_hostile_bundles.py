@@ -1,20 +1,21 @@
-"""Hostile bundles signed with the *trusted* key (crafted past the writer's checks): each is refused at
-verification with a stable code on the host (`edgekit bundle verify`, `edgekit-runtime verify`, ``load``)
-and on the device (`edgekit-agent install`), with no traceback and no temporary folder left behind.
+"""Hostile bundles built in code, for what the committed goldens (tests/golden/hostile/, checked by
+test_golden_hostile.py: names, paths, links, duplicates, manifest bounds, pickled health input, no
+health check) do not hold: an archive of more than MAX_MEMBERS members (too big to commit), the name
+rules and manifest bounds themselves, bounds that still fit real models, a name the device's
+filesystem cannot hold. Each refusal: a stable code on the host (`edgekit bundle verify`,
+`edgekit-runtime verify`, ``load``) and the device (`edgekit-agent install`), no traceback, no
+temporary folder left behind.
 
-Also: manifest numbers that size memory or work are bounded, a bundle without a health check does not
-claim to pass one, ``Model.run`` refuses non-arrays with an InputError, and a second agent on one state
-directory is AGENT_ALREADY_RUNNING.
+Also: ``Model.run`` refuses non-arrays with an InputError, and a second agent on one state directory
+is AGENT_ALREADY_RUNNING.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import zipfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -28,30 +29,21 @@ from edgekit_runtime.agent.state import AgentStateError, StateDir
 from edgekit_runtime.bundle import open_bundle
 from edgekit_runtime.cli import main as runtime_cli
 from edgekit_runtime.contract import bundle_spec
-from edgekit_runtime.contract.errors import BundleError, EngineError, ErrorCode, ExitStatus, InputError
+from edgekit_runtime.contract.errors import BundleError, ErrorCode, ExitStatus, InputError
 from edgekit_runtime.contract.manifest import Manifest
 
 runner = CliRunner()
 UNSAFE = ErrorCode.BUNDLE_UNSAFE_MEMBER
 BAD_MANIFEST = ErrorCode.BUNDLE_BAD_MANIFEST
-LABELS = b"a\nb\nc\n"
 
 
 # ----------------------------------------------------------------------------- the hostile cases
 def _member_cases() -> dict[str, list[tuple[str, bytes]]]:
-    """Extra members added to a valid bundle (all listed in its validly signed manifest)."""
+    """Extra members added to a valid bundle (all listed in its validly signed manifest).
+
+    The other name cases are committed goldens (tests/golden/hostile/); this one would be ~90 KB.
+    """
     return {
-        "file-and-folder": [("labels.txt", LABELS), ("labels.txt/x", b"x")],
-        "300-character-name": [("n" * 300, b"x")],
-        "long-path": [("/".join(["d" * 200] * 6), b"x")],
-        "dot-alias": [("labels.txt", LABELS), ("./labels.txt", b"evil\n")],
-        "dot-component": [("health/./extra.npy", b"x")],
-        "empty-component": [("health//extra.npy", b"x")],
-        "trailing-dot-dot": [("health/..", b"x")],
-        "case-alias": [("labels.txt", LABELS), ("Labels.txt", b"evil\n")],
-        "not-nfc": [("e\u0301.txt", b"x")],
-        "nfc-alias": [("\u00e9.txt", b"x"), ("e\u0301.txt", b"y")],
-        "control-character": [("a\nb.txt", b"x")],
         "too-many-members": [(f"m/{i}", b"") for i in range(bundle_spec.MAX_MEMBERS)],
     }
 
@@ -59,87 +51,17 @@ def _member_cases() -> dict[str, list[tuple[str, bytes]]]:
 MEMBER_CASES = _member_cases()
 
 
-def _manifest_cases() -> dict[str, tuple[Callable[[dict], None], str]]:
-    """Manifest changes (signed) and the manifest path the refusal must name."""
-
-    def image(size):
-        def change(m):
-            m["preprocess"] = {"type": "image", "color": "rgb", "size": size}
-        return change
-
-    def first_input(shape):
-        def change(m):
-            m["inputs"][0]["shape"] = shape
-        return change
-
-    def set_(section, key, value):
-        def change(m):
-            m[section] = {**(m.get(section) or {}), key: value}
-        return change
-
-    def options(key, value):
-        def change(m):
-            m["backend"]["options"][key] = value
-        return change
-
-    def histogram(bins):
-        def change(m):
-            m["input_stats"] = {"x": {"histogram": {"edges": [float(i) for i in range(bins + 1)],
-                                                    "counts": [1] * bins}}}
-        return change
-
-    return {
-        "image-size-100000": (image([100000, 100000]), "manifest.preprocess.size"),
-        "image-side-over-limit": (image([bundle_spec.MAX_IMAGE_SIDE + 1, 1]), "manifest.preprocess.size"),
-        "image-pixels-over-limit": (image([bundle_spec.MAX_IMAGE_SIDE, bundle_spec.MAX_IMAGE_SIDE]),
-                                    "manifest.preprocess.size"),
-        "input-elements": (first_input(["batch", 100000, 100000]), "manifest.inputs[0].shape"),
-        "input-rank": (first_input(["batch"] + [1] * bundle_spec.MAX_RANK), "manifest.inputs[0].shape"),
-        "top-k": (set_("postprocess", "top_k", 10**9), "manifest.postprocess.top_k"),
-        "threads": (options("threads", 10**6), "manifest.backend.options.threads"),
-        "tensorrt-workspace": (options("tensorrt", {"workspace_mb": 10**9}),
-                               "manifest.backend.options.tensorrt.workspace_mb"),
-        "tensorrt-shapes": (options("tensorrt", {"shapes": {"x": {"min": [1, 4], "opt": [1, 4],
-                                                                   "max": [10**6, 10**6]}}}),
-                            "manifest.backend.options.tensorrt.shapes['x'].max"),
-        "histogram-bins": (histogram(bundle_spec.MAX_HISTOGRAM_BINS + 1), "manifest.input_stats['x'].histogram"),
-    }
-
-
-MANIFEST_CASES = _manifest_cases()
-
-
 def hostile_member_bundle(kit, case: str) -> Path:
     manifest, members = kit.parts()
-    extra = MEMBER_CASES[case]
-    if any(name == "labels.txt" for name, _ in extra):
-        manifest["labels"] = "labels.txt"
-    return kit.craft_signed(f"{case}.ekb", manifest=manifest, entries=[*members.items(), *extra])
-
-
-def hostile_manifest_bundle(kit, case: str) -> Path:
-    manifest, _ = kit.parts()
-    MANIFEST_CASES[case][0](manifest)
-    return kit.craft_signed(f"{case}.ekb", manifest=manifest)
-
-
-def pickled_health_bundle(kit) -> Path:
-    manifest, members = kit.parts()
-    buf = io.BytesIO()
-    np.save(buf, np.array([{"boom": 1}], dtype=object), allow_pickle=True)
-    members["health/input.npy"] = buf.getvalue()
-    return kit.craft_signed("pickled.ekb", manifest=manifest, entries=list(members.items()))
+    return kit.craft_signed(f"{case}.ekb", manifest=manifest, entries=[*members.items(), *MEMBER_CASES[case]])
 
 
 # ----------------------------------------------------------------------------- host and device checks
-def host_refuses(path: Path, ring, keyfile: Path, code: ErrorCode, capsys, no_temp_leftovers, tmp_path,
-                 match: str | None = None) -> None:
+def host_refuses(path: Path, ring, keyfile: Path, code: ErrorCode, capsys, no_temp_leftovers, tmp_path) -> None:
     """``open_bundle``, ``load``, `edgekit-runtime verify` and `edgekit bundle verify` all refuse with ``code``."""
     with pytest.raises(BundleError) as info:
         open_bundle(path, ring)
     assert info.value.code == code, info.value
-    if match:
-        assert match in info.value.message
     with pytest.raises(BundleError):
         edgekit_runtime.load(path, keyring=ring)
     workdir = tmp_path / "workdir"
@@ -208,15 +130,10 @@ def test_hostile_member_names_are_refused_on_host(kit, ring, keyfile, case, caps
     host_refuses(path, ring, keyfile, UNSAFE, capsys, no_temp_leftovers, tmp_path)
 
 
-@pytest.mark.parametrize("case", ["file-and-folder", "300-character-name", "dot-alias", "too-many-members"])
+@pytest.mark.parametrize("case", list(MEMBER_CASES))
 def test_hostile_member_names_are_refused_on_the_device(kit, case, tmp_path, capsys, caplog):
     device_refuses(kit, hostile_member_bundle(kit, case), tmp_path, capsys, caplog, UNSAFE, "verify_failed",
                    "verify")
-
-
-def test_dot_alias_never_overwrites_the_listed_file(kit, ring):
-    with pytest.raises(BundleError, match=r"'\./labels\.txt'"):
-        open_bundle(hostile_member_bundle(kit, "dot-alias"), ring)
 
 
 def test_member_name_rules():
@@ -242,18 +159,6 @@ def test_the_manifest_refuses_what_the_reader_refuses(kit):
 
 
 # ----------------------------------------------------------------------------- manifest bounds
-@pytest.mark.parametrize("case", list(MANIFEST_CASES))
-def test_manifest_numbers_are_bounded(kit, ring, keyfile, case, capsys, no_temp_leftovers, tmp_path):
-    host_refuses(hostile_manifest_bundle(kit, case), ring, keyfile, BAD_MANIFEST, capsys, no_temp_leftovers,
-                 tmp_path, match=MANIFEST_CASES[case][1])
-
-
-def test_image_size_100000_is_refused_on_the_device(kit, tmp_path, capsys, caplog):
-    error = device_refuses(kit, hostile_manifest_bundle(kit, "image-size-100000"), tmp_path, capsys, caplog,
-                           BAD_MANIFEST, "verify_failed", "verify")
-    assert "manifest.preprocess.size" in error["message"]
-
-
 def test_bounds_leave_room_for_real_models(kit, ring):
     manifest, _ = kit.parts()
     manifest["preprocess"] = {"type": "image", "color": "rgb", "size": [4096, 4096]}
@@ -262,41 +167,6 @@ def test_bounds_leave_room_for_real_models(kit, ring):
     open_bundle(kit.craft_signed("big-but-fine.ekb", manifest=manifest), ring)
     manifest["preprocess"]["size"] = [bundle_spec.MAX_IMAGE_SIDE, 1024]
     open_bundle(kit.craft_signed("wide.ekb", manifest=manifest), ring)
-
-
-# ----------------------------------------------------------------------------- health check
-def test_pickled_health_input_is_refused_with_e204(kit, ring, keyfile, no_temp_leftovers):
-    path = pickled_health_bundle(kit)
-    open_bundle(path, ring)  # the signature and hashes are fine: the member is what it was signed as
-    with edgekit_runtime.load(path, keyring=ring) as model:
-        with pytest.raises(EngineError) as info:
-            model.health_check()
-    assert info.value.code == ErrorCode.ENGINE_HEALTH_CHECK_FAILED and "pickle" in info.value.message
-    result = runner.invoke(app, ["bundle", "verify", str(path), "--keyring", str(keyfile), "--json"])
-    assert result.exit_code == ExitCode.DEVICE, result.output
-    assert json.loads(result.stdout)["error"]["runtime"]["code"] == 204
-    result = runner.invoke(app, ["bundle", "verify", str(path), "--keyring", str(keyfile)])
-    assert result.exit_code == ExitCode.DEVICE and "Traceback" not in result.output and "E204" in result.output
-    assert list(no_temp_leftovers.iterdir()) == []
-
-
-def test_pickled_health_input_is_refused_on_the_device_with_e204(kit, tmp_path, capsys, caplog):
-    device_refuses(kit, pickled_health_bundle(kit), tmp_path, capsys, caplog,
-                   ErrorCode.ENGINE_HEALTH_CHECK_FAILED, "health_check_failed", "health_check")
-
-
-def test_verify_says_when_a_bundle_has_no_health_check(kit, keyfile):
-    manifest, members = kit.parts()
-    manifest["health_check"] = None
-    del members["health/input.npy"], members["health/expected_output.npy"]
-    path = kit.write("nohealth.ekb", manifest=manifest, members=members)
-    result = runner.invoke(app, ["bundle", "verify", str(path), "--keyring", str(keyfile)])
-    assert result.exit_code == 0, result.output
-    assert "no health check" in result.output and "passed" not in result.output
-    doc = json.loads(runner.invoke(app, ["bundle", "verify", str(path), "--keyring", str(keyfile), "--json"]).stdout)
-    assert doc["health_check"] == {"ok": True, "checked": False}
-    result = runner.invoke(app, ["bundle", "verify", str(kit.write()), "--keyring", str(keyfile)])
-    assert result.exit_code == 0 and "health check passed" in result.output
 
 
 # ----------------------------------------------------------------------------- run() inputs, agent lock

@@ -30,7 +30,7 @@ import struct
 import sys
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,7 +93,6 @@ class Case:
     code: tuple[int, str] | None  # None: it verifies (a control case)
     message: str  # a fragment of the refusal's message, or of `edgekit bundle verify`'s output
     refused_at: str | None = "verify"  # "verify" (open_bundle), "health_check", or None (it is accepted)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- the base bundle
@@ -305,7 +304,8 @@ CASES: list[Case] = [
          "manifest.backend.options.tensorrt.workspace_mb"),
     Case("tensorrt-shapes.ekb", "a TensorRT optimisation profile max of [1, 1, 100000, 100000]",
          manifest_change(setter("backend", "options", "tensorrt",
-                                {"shapes": {"x": {"min": [1, 1, 2, 2], "opt": [1, 1, 2, 2], "max": [1, 1, 10**5, 10**5]}}})),
+                                {"shapes": {"x": {"min": [1, 1, 2, 2], "opt": [1, 1, 2, 2],
+                                                  "max": [1, 1, 10**5, 10**5]}}})),
          BAD_MANIFEST, "manifest.backend.options.tensorrt.shapes['x'].max"),
     Case("histogram-bins.ekb", f"an input_stats histogram of {MAX_HISTOGRAM_BINS + 1} bins",
          manifest_change(histogram(MAX_HISTOGRAM_BINS + 1)), BAD_MANIFEST, "manifest.input_stats['x'].histogram"),
@@ -333,11 +333,13 @@ def sign(manifest: dict[str, Any], listed: dict[str, bytes], key: Ed25519Private
     """``manifest.json`` (listing ``listed``) and ``signature.json``, validly signed by ``key``."""
     manifest = copy.deepcopy(manifest)
     kid = key_id(key)
-    manifest["files"] = {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in sorted(listed.items())}
+    manifest["files"] = {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                         for n, d in sorted(listed.items())}
     manifest["signing"] = {"algorithm": "ed25519", "key_id": kid}
     # compact: the signature covers whatever bytes are there, and the histogram case stays small
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    signature = {"algorithm": "ed25519", "key_id": kid, "signature": base64.b64encode(key.sign(manifest_bytes)).decode()}
+    signature = {"algorithm": "ed25519", "key_id": kid,
+                 "signature": base64.b64encode(key.sign(manifest_bytes)).decode()}
     return manifest_bytes, json.dumps(signature, sort_keys=True).encode()
 
 
