@@ -209,8 +209,6 @@ def test_the_agent_installs_the_control_cases(file, tmp_path, capsys):
     assert sd.read_pointer() is not None
 
 
-@pytest.mark.xfail(strict=True, reason="defect: `edgekit-agent install` prints 'health check passed' for a bundle "
-                                       "without one (runtime/edgekit_runtime/agent/cli.py, cmd_install)")
 def test_the_agent_says_when_an_installed_bundle_has_no_health_check(tmp_path, capsys):
     rc, out, _, _ = agent_install(tmp_path, "no-health-check.ekb", capsys, as_json=False)
     assert rc == ExitStatus.OK

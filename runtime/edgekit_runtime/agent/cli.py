@@ -179,6 +179,12 @@ def _via_agent(sd: StateDir, request: dict[str, Any], timeout: float) -> dict[st
     return {**out, **reply["result"]} if reply["ok"] else {**out, "error": reply["error"]}
 
 
+def _health_words(reply: dict) -> str:
+    """What the install's health check did: a bundle without one is said so, never "passed"."""
+    health = reply.get("health") or {}
+    return "the bundle has no health check (nothing was run)" if health.get("checked") is False else "health check passed"
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     config = AgentConfig.load(args.config)
     if not args.bundle.is_file():
@@ -190,7 +196,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         text = (f"{m['name']} {m['version']} (release {m['release']}) is already active in slot {reply['slot']}"
                 if reply.get("already_active") else
                 f"installed {m['name']} {m['version']} (release {m['release']}) in slot {reply['slot']}; "
-                f"health check passed; it serves now" + ("" if reply["agent_running"] else
+                f"{_health_words(reply)}; it serves now" + ("" if reply["agent_running"] else
                                                           " (the agent loads it when it starts)"))
     else:
         text = ""
