@@ -121,6 +121,7 @@ class AlertSink:
         self._closing = False
         self._give_up_at: Optional[float] = None  # monotonic; set by close()
         self._thread: Optional[threading.Thread] = None
+        self._overflow_logged_at = 0.0
 
     # -- producer side (the tracker's thread): never blocks -----------------------------------
     def submit(self, event: AlertEvent) -> None:
@@ -131,8 +132,9 @@ class AlertSink:
             if len(self._queue) >= self.queue_size:
                 dropped = self._queue.popleft()
                 self.stats.overflow += 1
-                n = self.stats.overflow
-                if n <= 5 or n % 100 == 0:
+                n, now = self.stats.overflow, time.monotonic()
+                if n <= 5 or now - self._overflow_logged_at >= 60.0:  # a receiver down for hours: one line a minute
+                    self._overflow_logged_at = now
                     log.warning("alert sink %s: %d alerts waiting, dropped the oldest (%s %s); %d dropped so far "
                                 "— is the receiver down?", self.name, len(self._queue), dropped.event,
                                 dropped.payload.get("id", ""), n)

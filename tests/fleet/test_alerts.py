@@ -12,7 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 from edgekit.cli import app
 from edgekit.fleet.alerts import (AlertDispatcher, MqttAlertSink, WebhookSink, alert_filter, alert_id,
                                   alert_topic)
-from edgekit.fleet.connection import BrokerSettings
 from edgekit.fleet.tracker import FleetTracker, Thresholds
 from tests.polling import wait_until
 
@@ -285,8 +284,8 @@ def test_restart_sends_nothing_new_and_reconciles_the_retained_alerts(fleet, rec
 SIMULATED_DEVICE = """
 import sys
 from pathlib import Path
-from edgekit.fleet.connection import BrokerSettings
 from edgekit.fleet.simulate import SimulatedFleet, SimulationPlan
+from edgekit.fleet.connection import BrokerSettings
 sim = SimulatedFleet(BrokerSettings(host=sys.argv[1], port=int(sys.argv[2])),
                      SimulationPlan(fleet="f1", devices=1, rate=4, duration_s=120, device_prefix="cam",
                                     state_dir=Path(sys.argv[3]), keepalive_s=2))
@@ -327,15 +326,17 @@ def test_monitor_sends_a_killed_devices_offline_alert_to_both_sinks_and_resolves
         fleet.wait_device("cam0000", lambda x: x["status"] == "online" and x["boot"] > first["boot"], timeout=20,
                           what="cam0000 back online")
         wait_until(lambda: len(r.events()) == 2, 15, "the resolution at the webhook")
+        # (checked while the device runs: killing it at the end opens the next offline alert)
+        assert r.events() == [("opened", "cam0000", "offline"), ("resolved", "cam0000", "offline")]
+        assert r.delivered()[1]["id"] == opened["id"]
+        _, resolved, cleared = sub.wait(3, "the resolution on the alert topic")
+        assert json.loads(resolved[1])["event"] == "resolved" and cleared[1] == b""
+        fleet.wait(lambda: fleet.query(lambda s: [(a["kind"], a["closed"] is not None)
+                                                  for a in s.alerts("f1", "cam0000")]) == [("offline", True)],
+                   what="the store's alert closed too")
     finally:
         proc.kill()
         proc.wait(10)
-    assert r.events() == [("opened", "cam0000", "offline"), ("resolved", "cam0000", "offline")]
-    assert r.delivered()[1]["id"] == opened["id"]
-    _, resolved, cleared = sub.wait(3, "the resolution on the alert topic")
-    assert json.loads(resolved[1])["event"] == "resolved" and cleared[1] == b""
-    assert fleet.query(lambda s: [(a["kind"], a["closed"] is not None) for a in s.alerts("f1", "cam0000")]) == \
-        [("offline", True)]
 
 
 def test_monitor_command_alert_flags(fleet, receiver):
