@@ -119,6 +119,134 @@ def telemetry_figures(body: dict[str, Any]) -> tuple:
 
 _NO_FIGURES = (None,) * 8
 
+_MAX_INT = fleet_protocol.MAX_INT
+_MAX_TS = fleet_protocol.MAX_TS
+_MAX_COUNT = fleet_protocol.MAX_COUNT
+_MAX_WINDOW_S = fleet_protocol.MAX_WINDOW_S
+_MAX_LATENCY_MS = fleet_protocol.MAX_LATENCY_MS
+_MAX_TEMP_C = fleet_protocol.MAX_TEMP_C
+_MAX_CPU_PERCENT = fleet_protocol.MAX_CPU_PERCENT
+_MAX_PSI = fleet_protocol.MAX_PSI
+
+
+def _in(v: Any, low: float, high: float) -> bool:
+    """``v`` is a JSON number in ``[low, high]`` (NaN and infinities compare False)."""
+    cls = v.__class__
+    return (cls is float or cls is int) and low <= v <= high
+
+
+def _count(v: Any) -> bool:
+    return v.__class__ is int and 0 <= v <= _MAX_COUNT
+
+
+def _counts(v: Any) -> Optional[int]:
+    """A valid ``errors``/``errors_by_code`` value's total (0 when absent), or -1 when it may not be valid."""
+    if v is None:
+        return 0
+    if v.__class__ is int:
+        return v if 0 <= v <= _MAX_COUNT else -1
+    if v.__class__ is not dict:
+        return -1
+    total = 0
+    for x in v.values():
+        if x.__class__ is not int or not 0 <= x <= _MAX_COUNT:
+            return -1
+        total += x
+    return total if total <= _MAX_COUNT else -1
+
+
+def fast_telemetry(msg: Any, fleet: str, device: str) -> Optional[tuple]:
+    """The figures (as :func:`telemetry_figures`) of a telemetry envelope from ``fleet``/``device`` that is
+    certainly valid, or None when it may not be.
+
+    Why: the contract's checks (``validate`` + ``check_telemetry``) and the
+    figures' reading walk the same few fields; done in one pass on exact JSON
+    types they cost a third as much, and telemetry is nearly all a fleet sends.
+    This only ever accepts less than the contract: anything unusual (a bool, a
+    missing field, a value at a limit, another schema) returns None, and the
+    contract then decides, with its own refusal reason and message.
+    """
+    if msg.__class__ is not dict:
+        return None
+    get = msg.get
+    schema, boot, seq, ts, body = get("schema"), get("boot"), get("seq"), get("ts"), get("body")
+    if not (schema.__class__ is int and schema == 1 and get("kind") == "telemetry" and get("fleet") == fleet
+            and get("device") == device and boot.__class__ is int and 0 <= boot <= _MAX_INT
+            and seq.__class__ is int and 0 <= seq <= _MAX_INT and _in(ts, 0.0, _MAX_TS)
+            and get("historical", False).__class__ is bool and body.__class__ is dict):
+        return None
+    get = body.get
+    inferences, calls = get("inferences"), get("calls")
+    if not (_in(get("window_s"), 0.0, _MAX_WINDOW_S) and _count(inferences) and (calls is None or _count(calls))):
+        return None
+    errors = _counts(get("errors"))
+    if errors < 0 or _counts(get("errors_by_code")) < 0:
+        return None
+    if get("errors") is None:
+        errors = None
+    p50 = p99 = temp = cpu = psi = None
+    lat = get("latency_ms")
+    if lat is not None:
+        if lat.__class__ is not dict:
+            return None
+        for k, v in lat.items():
+            cls = v.__class__
+            if (cls is float or cls is int) and k != "count":
+                if not 0.0 <= v <= _MAX_LATENCY_MS:
+                    return None
+            elif k == "count":
+                if v is not None and not _count(v):
+                    return None
+            elif v is not None and k != "sketch":
+                return None
+        p50, p99 = lat.get("p50"), lat.get("p99")
+        if p50 is not None:
+            p50 = float(p50)
+        if p99 is not None:
+            p99 = float(p99)
+    system = get("system")
+    if system is not None:
+        if system.__class__ is not dict:
+            return None
+        cpu = system.get("cpu_percent")
+        if cpu is not None:
+            if not _in(cpu, 0.0, _MAX_CPU_PERCENT):
+                return None
+            cpu = float(cpu)
+        t = system.get("temperature_c")
+        if t.__class__ is dict:
+            for v in t.values():
+                if v is not None:
+                    if not _in(v, -273.15, _MAX_TEMP_C):
+                        return None
+                    temp = float(v) if temp is None else max(temp, float(v))
+        elif t is not None:
+            if not _in(t, -273.15, _MAX_TEMP_C):
+                return None
+            temp = float(t)
+    drift = get("drift")
+    if drift is not None:
+        if drift.__class__ is not dict:
+            return None
+        psi = drift.get("psi")
+        if psi is not None:
+            if not _in(psi, 0.0, _MAX_PSI):
+                return None
+            psi = float(psi)
+        inputs = drift.get("inputs")
+        if inputs is not None:
+            if inputs.__class__ is not dict:
+                return None
+            psi = None  # (per input, when there are inputs)
+            for v in inputs.values():
+                if v.__class__ is dict:
+                    x = v.get("psi")
+                    if x is not None:
+                        if not _in(x, 0.0, _MAX_PSI):
+                            return None
+                        psi = float(x) if psi is None else max(psi, float(x))
+    return (p50, p99, inferences, calls, errors, temp, cpu, psi)
+
 
 @dataclass
 class Ingestor:
@@ -165,20 +293,23 @@ class Ingestor:
             msg = _loads(payload)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # (orjson.JSONDecodeError is a ValueError)
             return self._refuse("not_json", topic, f"payload is not JSON ({exc})")
+        figures = fast_telemetry(msg, fleet, device) if kind == "telemetry" else None
         try:
-            fleet_protocol.validate(msg)
+            if figures is None:
+                fleet_protocol.validate(msg)
             # (cheap proofs first: no string is longer than the payload, no nesting deeper than its brackets)
             if len(payload) > fleet_protocol.MAX_STRING or \
                     payload.count(b"{") + payload.count(b"[") > fleet_protocol.MAX_DEPTH:
                 fleet_protocol.check_limits(msg)
-            if kind == "telemetry":
+            if figures is None and kind == "telemetry":
                 fleet_protocol.check_telemetry(msg["body"])
         except ProtocolError as exc:
             return self._refuse(exc.reason, topic, str(exc))
-        if msg["fleet"] != fleet or msg["device"] != device or msg["kind"] != kind:
-            return self._refuse("topic_mismatch", topic, f"envelope says {msg['fleet']}/{msg['device']}/"
-                                                         f"{msg['kind']}, topic says {fleet}/{device}/{kind}")
-        figures = telemetry_figures(msg["body"]) if kind == "telemetry" else _NO_FIGURES
+        if figures is None:
+            if msg["fleet"] != fleet or msg["device"] != device or msg["kind"] != kind:
+                return self._refuse("topic_mismatch", topic, f"envelope says {msg['fleet']}/{msg['device']}/"
+                                                             f"{msg['kind']}, topic says {fleet}/{device}/{kind}")
+            figures = telemetry_figures(msg["body"]) if kind == "telemetry" else _NO_FIGURES
         text = payload.decode()
         now = time.time() if received is None else received
         historical = msg.get("historical") is True
