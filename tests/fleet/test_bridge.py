@@ -1,0 +1,318 @@
+"""Site brokers bridged to a central one (``edgekit broker``'s bridge config), agent and monitor unchanged.
+
+Every broker here is a real Mosquitto started from :class:`BrokerConfig` on a free port;
+the devices are the agent's own code (:class:`SimulatedDevice`: its core, spool and
+MQTT link) connected to a *site* broker, and the monitor is connected to the *central*
+one. Nothing in either knows a bridge is in between.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import pytest
+
+from edgekit.fleet.broker import (BridgeConfig, BrokerConfig, BrokerError, RunningBroker, find_mosquitto, free_port,
+                                  start_broker)
+from edgekit.fleet.connection import BrokerSettings
+from edgekit.fleet.simulate import SimulatedDevice, SimulationPlan
+
+pytestmark = pytest.mark.timeout(90)
+
+FIRMWARE = Path(__file__).resolve().parents[2] / "firmware" / "mosquitto"
+
+
+# ----------------------------------------------------------------------------- the config itself
+def test_bridge_section_carries_device_topics_out_and_commands_in(tmp_path):
+    bridge = BridgeConfig("central.example", 8883, name="site-a", fleets=("factory-a",), tls=True,
+                          cafile=tmp_path / "ca.crt", username="site-a", password_file=tmp_path / "pw")
+    (tmp_path / "pw").write_text("s3cret\n")
+    path = BrokerConfig(dir=tmp_path / "b", bridges=[bridge]).write()
+    text = path.read_text()
+    section = text[text.index("connection site-a"):].splitlines()
+    assert "address central.example:8883" in section
+    assert {"cleansession false", "local_cleansession false", "bridge_protocol_version mqttv311",
+            "remote_clientid site-a", "remote_username site-a", "remote_password s3cret",
+            f"bridge_cafile {(tmp_path / 'ca.crt').resolve()}"} <= set(section)
+    assert [line for line in section if line.startswith("topic ")] == [
+        "topic edgekit/v1/factory-a/+/state out 1", "topic edgekit/v1/factory-a/+/telemetry out 1",
+        "topic edgekit/v1/factory-a/+/event out 1", "topic edgekit/v1/factory-a/+/ack out 1",
+        "topic edgekit/v1/factory-a/+/cmd in 1"]
+    # the queue limits that decide how long a central outage the site absorbs are the broker's own
+    assert "max_queued_messages 1000000" in text and "persistence true" in text
+    assert text.index("listener ") < text.index("connection site-a")  # every line after it belongs to the bridge
+    assert os.stat(path).st_mode & 0o777 == 0o600  # the bridge's password is in there
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"qos": 0}, "QoS 1 end to end"),
+    ({"name": "site a"}, "bridge name"),
+    ({"fleets": ("bad/fleet",)}, "not a fleet name"),
+    ({"cafile": Path("ca.crt")}, "use mqtts://"),
+    ({"password_file": Path("pw")}, "needs a username"),
+    ({"tls": True, "certfile": Path("c.crt")}, "both certfile and keyfile"),
+])
+def test_bridge_settings_that_would_lose_messages_or_cannot_work_are_refused(tmp_path, change, message):
+    bridge = BridgeConfig("central", **change)
+    with pytest.raises(BrokerError, match=message):
+        BrokerConfig(dir=tmp_path, bridges=[bridge]).render()
+
+
+def test_a_bridge_needs_persistence(tmp_path):
+    with pytest.raises(BrokerError, match="keep persistence on"):
+        BrokerConfig(dir=tmp_path, persistence=False, bridges=[BridgeConfig("central")]).render()
+
+
+# ----------------------------------------------------------------------------- real brokers
+def need_mosquitto() -> None:
+    try:
+        find_mosquitto()
+    except BrokerError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))  # CI must run the broker tests, never skip them
+        pytest.skip(str(exc))
+
+
+class Topology:
+    """One central broker and named site brokers, each bridged to it (fast link settings for tests)."""
+
+    def __init__(self, root: Path, sites: tuple[str, ...], central_extra: tuple[str, ...] = ()):
+        need_mosquitto()
+        self.root = root
+        self.central_config = BrokerConfig(dir=root / "central", port=free_port(), extra=list(central_extra),
+                                           log_connections=True)  # the log says when a bridge (re)connected
+        self.central: RunningBroker = start_broker(self.central_config)
+        self.sites: dict[str, RunningBroker] = {}
+        for name in sites:
+            bridge = BridgeConfig("127.0.0.1", self.central_config.port, name=name, keepalive_s=5, restart_s=(1, 2))
+            self.sites[name] = start_broker(BrokerConfig(dir=root / name, port=free_port(), bridges=[bridge]))
+        self.wait_bridges()
+
+    def bridge_connections(self) -> dict[str, int]:
+        """How often each site's bridge has connected to the central broker (its log survives restarts)."""
+        log = self.central.log()
+        return {n: log.count(f" as {n} (") for n in self.sites}
+
+    def wait_bridges(self, more_than: Optional[dict[str, int]] = None, timeout: float = 15.0) -> None:
+        from tests.polling import wait_until
+
+        floor = more_than or {n: 0 for n in self.sites}
+        wait_until(lambda: all(c > floor[n] for n, c in self.bridge_connections().items()), timeout,
+                   "every site's bridge connected to the central broker")
+
+    def restart_central(self, down_s: float, while_down=None) -> None:
+        """Stop the central broker (it saves its sessions), stay down ``down_s``, start it on the same port."""
+        self.central.stop()
+        end = time.monotonic() + down_s
+        while time.monotonic() < end:
+            if while_down is not None:
+                while_down()
+            time.sleep(0.05)
+        self.central = start_broker(self.central_config)
+
+    def settings(self, site: Optional[str] = None) -> BrokerSettings:
+        broker = self.sites[site] if site else self.central
+        return BrokerSettings(host="127.0.0.1", port=broker.config.port, keepalive=5)
+
+    def as_fixture_broker(self) -> SimpleNamespace:
+        """What tests/fleet/conftest.py's FleetHelper wants of a broker (the central one)."""
+        return SimpleNamespace(host="127.0.0.1", port=self.central_config.port)
+
+    def close(self) -> None:
+        for broker in [*self.sites.values(), self.central]:
+            broker.stop()
+
+
+class Devices:
+    """Simulated devices (the agent's own code) on their sites, stepped by one background thread."""
+
+    def __init__(self, topology: Topology, per_site: dict[str, int], root: Path, rate: float = 10.0):
+        self.devices: list[SimulatedDevice] = []
+        for site, count in per_site.items():
+            plan = SimulationPlan(fleet="f1", devices=count, rate=rate, duration_s=60, device_prefix=f"{site}-",
+                                  inferences_per_s=20, keepalive_s=5)
+            self.devices += [SimulatedDevice(plan, i, topology.settings(site), root / site, None)
+                             for i in range(count)]
+        self._stop = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.lock = threading.Lock()  # held around each round: a test may act on a device between rounds
+        for dev in self.devices:
+            dev.start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.monotonic()
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self.lock:
+                    for dev in self.devices:
+                        dev.step(time.monotonic() - self._t0)
+                time.sleep(0.02)
+        except BaseException as exc:  # re-raised by stop()
+            self.error = exc
+
+    def by_name(self, name: str) -> SimulatedDevice:
+        return next(d for d in self.devices if d.name == name)
+
+    def stop(self) -> dict[str, int]:
+        """Stop stepping, then each agent's own shutdown (last window, flush, "offline"); device -> last seq."""
+        self._stop.set()
+        self._thread.join(10)
+        if self.error is not None:
+            raise self.error
+        return {d["device"]: d["messages"] for d in (dev.stop() for dev in self.devices)}
+
+
+@pytest.fixture
+def topology(tmp_path):
+    made: list[Topology] = []
+
+    def make(sites=("site-a", "site-b"), central_extra=()) -> Topology:
+        made.append(Topology(tmp_path / f"brokers{len(made)}", sites, central_extra))
+        return made[-1]
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def cut_connection(dev: SimulatedDevice) -> None:
+    """The device's network drops: its TCP connection ends without an MQTT DISCONNECT (the broker sends its will)."""
+    dev.link.client.socket().shutdown(socket.SHUT_RDWR)
+
+
+def test_two_sites_through_bridges_to_one_monitor(topology, fleet_tools, tmp_path):
+    from edgekit.flash.commands import FleetClient
+
+    topo = topology()
+    fleet = fleet_tools.FleetHelper(topo.as_fixture_broker(), tmp_path)
+    try:
+        fleet.start_monitor(fleet="f1")
+        devices = Devices(topo, {"site-a": 2, "site-b": 2}, tmp_path / "devices")
+        names = [d.name for d in devices.devices]
+        for name in names:
+            fleet.wait_device(name, lambda d: d["status"] == "online" and d["seq"] >= 3, what=f"{name} via its site")
+
+        # the retained "online" crossed as retained: a newcomer at the central broker finds every device
+        with FleetClient(topo.settings(), "f1").connect() as host:
+            known = host.discover(timeout=5, quiet_s=0.5)
+            assert sorted(known) == sorted(names) and {d["status"] for d in known.values()} == {"online"}
+            # a command published at the central broker reaches the device at its site; its ack comes back
+            rid = host.send("site-b-0001", "ping")
+            ack = host.wait_ack(rid, 10)
+        assert ack is not None and ack["ok"] is True
+        fleet.wait(lambda: any(r["body"].get("request_id") == rid for r in fleet.query(
+            lambda s: s.history("f1", "site-b-0001", kinds=["ack"]))), what="the ack in the monitor's store")
+
+        # the device's network drops: its site publishes the last will, which crosses to the monitor
+        with devices.lock:
+            cut_connection(devices.by_name("site-a-0000"))
+        dev = fleet.wait_device("site-a-0000", lambda d: d["status"] == "offline", what="the will at the monitor")
+        assert dev["offline_reason"] == "last will" and dev["boot"] == 1
+        # ... and its reconnection's "online" too (the agent republishes it on every connection)
+        fleet.wait_device("site-a-0000", lambda d: d["status"] == "online", what="online again after the will")
+
+        last = devices.stop()
+        for name in names:
+            fleet.wait_device(name, lambda d: d["status"] == "offline" and d["seq"] == last[name], timeout=15,
+                              what=f"{name} stopped, every message through")
+        total = sum(last.values()) + 1  # + the will (seq 0)
+        fleet.wait(lambda: fleet.query(lambda s: s.message_count()) == total, timeout=15, what=f"{total} stored")
+        for name in names:  # every device's seq 1..N stored: nothing lost on the way through two brokers
+            dev = fleet.device(name)
+            assert dev["missing"] == 0 and dev["messages"] == last[name] + (name == "site-a-0000")
+            assert dev["offline_reason"] == "stopped"
+    finally:
+        fleet.close()
+
+
+def test_a_central_outage_loses_no_telemetry(topology, fleet_tools, tmp_path):
+    """The central broker stops for a few seconds: each site queues for its bridge, the monitor's session
+    (fixed client id, session expiry) survives the central restart in its persistence, 0 lost."""
+    topo = topology()
+    fleet = fleet_tools.FleetHelper(topo.as_fixture_broker(), tmp_path)
+    try:
+        run = fleet.start_monitor(fleet="f1", client_id="central-monitor", session_expiry=3600)
+        devices = Devices(topo, {"site-a": 2, "site-b": 1}, tmp_path / "devices", rate=20.0)
+        names = [d.name for d in devices.devices]
+        for name in names:
+            fleet.wait_device(name, lambda d: d["seq"] >= 3, what=f"{name} via its site")
+        before = {name: fleet.device(name)["seq"] for name in names}
+        made_while_down = {}
+
+        def note_progress():
+            made_while_down.update({d.name: d.core.seq for d in devices.devices})
+
+        connected = topo.bridge_connections()
+        topo.restart_central(3.0, while_down=note_progress)
+        # the devices never noticed: their site broker acknowledged everything while the central one was away
+        assert all(made_while_down[n] > before[n] + 20 for n in names), (before, made_while_down)
+        assert all(d.link.connected for d in devices.devices)
+        topo.wait_bridges(more_than=connected)
+        last = devices.stop()
+        total = sum(last.values())
+        fleet.wait(lambda: fleet.query(lambda s: s.message_count()) >= total, timeout=30,
+                   what=f"{total} messages stored after the outage")
+        assert fleet.query(lambda s: s.message_count()) == total
+        for name in names:
+            dev = fleet.wait_device(name, lambda d: d["seq"] == last[name] and d["missing"] == 0, timeout=10,
+                                    what=f"{name}: every seq up to {last[name]}")
+            assert dev["messages"] == last[name] and dev["status"] == "offline"
+        run.check()
+    finally:
+        fleet.close()
+
+
+def test_the_bridge_link_with_tls_and_a_password(tmp_path, fleet_tools):
+    """The central broker wants TLS and a password from each site's bridge, and its ACL lets a site only
+    publish device topics and read commands."""
+    need_mosquitto()
+    certs = tmp_path / "certs"
+    subprocess.run([str(FIRMWARE / "make-certs.sh"), str(certs)], capture_output=True, text=True, check=True)
+    passwd = tmp_path / "central.passwd"
+    for user, password in (("site-a", "site-a-pw"), ("edgekit-monitor", "monitor-pw")):
+        subprocess.run([str(FIRMWARE / "add-user.sh"), str(passwd), user, password], capture_output=True,
+                       text=True, check=True)
+    acl = tmp_path / "central.acl"
+    acl.write_text("user edgekit-monitor\ntopic read edgekit/v1/#\ntopic write edgekit/v1/+/+/cmd\n\n"
+                   "user site-a\n" + "".join(f"topic write edgekit/v1/+/+/{k}\n"
+                                             for k in ("state", "telemetry", "event", "ack"))
+                   + "topic read edgekit/v1/+/+/cmd\n")
+    central_cfg = BrokerConfig(dir=tmp_path / "central", port=free_port(), tls_port=free_port(),
+                               allow_anonymous=False, password_file=passwd, acl_file=acl, log_connections=True,
+                               cafile=certs / "ca.crt", certfile=certs / "server.crt", keyfile=certs / "server.key")
+    (tmp_path / "bridge.pw").write_text("site-a-pw\n")
+    (tmp_path / "wrong.pw").write_text("not-it\n")
+    brokers: list[RunningBroker] = []
+    try:
+        brokers.append(start_broker(central_cfg))
+        for name, pw in (("site-a", "bridge.pw"), ("site-x", "wrong.pw")):
+            bridge = BridgeConfig("localhost", central_cfg.tls_port, name=name, tls=True, cafile=certs / "ca.crt",
+                                  username="site-a", password_file=tmp_path / pw, keepalive_s=5, restart_s=(1, 2))
+            brokers.append(start_broker(BrokerConfig(dir=tmp_path / name, port=free_port(), bridges=[bridge])))
+        central, good, bad = brokers
+        fleet = fleet_tools.FleetHelper(SimpleNamespace(host="127.0.0.1", port=central_cfg.port), tmp_path)
+        fleet.settings = BrokerSettings(host="127.0.0.1", port=central_cfg.port, username="edgekit-monitor",
+                                        password="monitor-pw", keepalive=10)
+        fleet.start_monitor(fleet="f1")
+        fleet_tools.wait_until(lambda: "as site-a (" in central.log(), 15, "the good bridge connected over TLS")
+        for site, device in ((good, "dev-good"), (bad, "dev-bad")):
+            fleet.client(f"pub-{device}", port=site.config.port)
+            fleet._pub = fleet._clients[-1]
+            fleet.publish("state", device, 1, {"status": "online"}, retain=True)
+            fleet.publish("telemetry", device, 2, {"window_s": 1.0, "inferences": 3})
+        fleet.wait_device("dev-good", lambda d: d["seq"] == 2, what="dev-good through the TLS bridge")
+        fleet.close()
+        assert fleet.device("dev-bad") is None  # the site with the wrong password never got through
+        assert "not authori" in central.log() or "bad user name or password" in central.log().lower()
+    finally:
+        for b in brokers:
+            b.stop()
