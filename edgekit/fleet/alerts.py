@@ -315,7 +315,6 @@ class MqttAlertSink(AlertSink):
         self._acked = threading.Condition()
         self._retained: Optional[dict[str, bytes]] = None  # collecting during a sync
         self._suback = threading.Event()
-        self._refusals_logged = 0
         self._client = None
 
     def start(self) -> None:
@@ -376,7 +375,6 @@ class MqttAlertSink(AlertSink):
                 self._acked.wait(0.1)
             reason = self._acks.pop(info.mid)
         if reason >= 0x80:
-            self._refusals_logged += 1
             raise AlertDeliveryError(refusal_message(self.settings.url, reason, "publish") + (
                 " — the monitor's user needs `topic write edgekit/v1/+/alerts/#` in the broker's ACL"
                 if reason == 0x87 else ""), retryable=False)

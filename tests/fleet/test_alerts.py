@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from edgekit.cli import app
 from edgekit.fleet.alerts import (AlertDispatcher, MqttAlertSink, WebhookSink, alert_filter, alert_id,
                                   alert_topic)
+from edgekit.fleet.connection import BrokerSettings
 from edgekit.fleet.tracker import FleetTracker, Thresholds
 from tests.polling import wait_until
 
@@ -366,3 +367,21 @@ def test_alert_flags_refuse_what_cannot_work():
     assert bad.exit_code == 2 and "http:// or https://" in bad.output
     lone = runner.invoke(app, ["fleet", "monitor", "--alert-webhook-token", "t", "--duration", "1"])
     assert lone.exit_code == 2 and "--alert-webhook" in lone.output
+
+
+def test_alert_topic_refused_by_the_shipped_acl_says_what_to_change(firmware_broker, caplog):
+    """firmware/mosquitto's ACL lets the monitor read the fleet and write commands, not alerts: the refusal
+    (PUBACK 0x87) is reported once per alert with the ACL line to add, and never retried."""
+    settings = BrokerSettings(host=firmware_broker.host, port=firmware_broker.port, username="edgekit-monitor",
+                              password=firmware_broker.users["edgekit-monitor"])
+    sink = MqttAlertSink(settings, "alerts-acl", fleet="f1", backoff_s=0.01)
+    d = AlertDispatcher([sink], "mon-acl")
+    d.start()
+    try:
+        d.listener({"event": "opened", "fleet": "f1", "device": "dev-a", "kind": "offline", "value": None,
+                    "threshold": None, "message": "dev-a went offline", "opened": time.time(), "closed": None})
+        assert d.flush(15)
+    finally:
+        d.close(1.0)
+    assert (sink.stats.delivered, sink.stats.failed, sink.stats.retries) == (0, 1, 0)
+    assert "topic write edgekit/v1/+/alerts/#" in caplog.text and "not authorized" in caplog.text.lower()
