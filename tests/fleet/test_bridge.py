@@ -8,6 +8,7 @@ one. Nothing in either knows a bridge is in between.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -63,6 +64,28 @@ def test_bridge_settings_that_would_lose_messages_or_cannot_work_are_refused(tmp
     bridge = BridgeConfig("central", **change)
     with pytest.raises(BrokerError, match=message):
         BrokerConfig(dir=tmp_path, bridges=[bridge]).render()
+
+
+def test_broker_command_writes_a_site_broker(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+
+    (tmp_path / "pw").write_text("site-a-pw\n")
+    result = CliRunner().invoke(app, [
+        "broker", "--dir", str(tmp_path / "b"), "--port", "18998", "--max-queued-bytes", "0",
+        "--bridge-to", "mqtts://central.example:8883", "--bridge-name", "site-a", "--bridge-fleet", "f1",
+        "--bridge-fleet", "f2", "--bridge-username", "site-a", "--bridge-password-file", str(tmp_path / "pw"),
+        "--bridge-cafile", str(tmp_path / "ca.crt"), "--print-config", "--json"])
+    assert result.exit_code == 0, result.output
+    text = json.loads(result.output)["text"]
+    assert "max_queued_bytes 0" in text and "address central.example:8883" in text
+    assert "remote_password site-a-pw" in text and "try_private true" in text
+    assert "topic edgekit/v1/f2/+/cmd in 1" in text and "topic edgekit/v1/f1/+/telemetry out 1" in text
+    # a broken bridge is refused with the reason, before anything runs
+    bad = CliRunner().invoke(app, ["broker", "--dir", str(tmp_path / "c"), "--bridge-to", "mqtt://central",
+                                   "--bridge-cafile", str(tmp_path / "ca.crt"), "--print-config"])
+    assert bad.exit_code != 0 and "use mqtts://" in bad.output
 
 
 def test_a_bridge_needs_persistence(tmp_path):
@@ -316,3 +339,74 @@ def test_the_bridge_link_with_tls_and_a_password(tmp_path, fleet_tools):
     finally:
         for b in brokers:
             b.stop()
+
+
+# ----------------------------------------------------------------------------- late wills
+def agent_like_client(client_id: str, port: int, name: str, keepalive: int = 2):
+    """A paho client connected as the agent connects (MQTT v5, clean_start false, a session expiry, a
+    retained will), publishing a retained ``name``-online on connect; its will says ``name``-will."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from tests.polling import wait_until
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.will_set(STATE, f"{name}-will".encode(), qos=1, retain=True)
+    published = []
+    c.on_connect = lambda cl, *a: published.append(cl.publish(STATE, f"{name}-online".encode(), qos=1, retain=True))
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c.connect("127.0.0.1", port, keepalive, clean_start=False, properties=props)
+    c.loop_start()
+    wait_until(lambda: published and published[0].is_published(), 10, f"{name}-online published")
+    return c
+
+
+def go_half_open(client) -> None:
+    """The device stops talking but its TCP connection stays open (a network path that died silently)."""
+    client._thread_terminate = True
+    client.loop_stop()
+
+
+STATE = "edgekit/v1/f1/dev-1/state"
+
+
+def test_an_earlier_connections_will_never_follows_the_online_on_one_broker_but_can_across_sites(topology,
+                                                                                                 fleet_tools):
+    topo = topology()
+    wait_until = fleet_tools.wait_until
+    seen: list[str] = []
+    FleetHelperClient = fleet_tools.FleetHelper(topo.as_fixture_broker(), topo.root)
+    watcher = FleetHelperClient.client("watcher")
+    watcher.on_message = lambda c, u, m: seen.append(m.payload.decode())
+    watcher.subscribe(STATE, qos=1)
+    site_a, site_b = (topo.sites[n].config.port for n in ("site-a", "site-b"))
+    try:
+        # the same client id at the same site while the old connection is half-open: the broker hands the
+        # session over and drops the old connection's will (v5, clean_start false, session expiry > 0)
+        first = agent_like_client("edgekit-f1-dev-1", site_a, "c1")
+        go_half_open(first)
+        second = agent_like_client("edgekit-f1-dev-1", site_a, "c2")
+        time.sleep(2 * 1.5 + 1)  # past the old connection's keepalive deadline
+        wait_until(lambda: "c2-online" in seen, 10, "c2-online at the central broker")
+        assert seen == ["c1-online", "c2-online"]
+        second.disconnect()  # a clean stop: no will (paho would otherwise take the session back below)
+        second.loop_stop()
+        # the device comes back through ANOTHER site while site A still holds its half-open connection:
+        # site A publishes that connection's will only at its keepalive deadline, after the new online
+        third = agent_like_client("edgekit-f1-dev-1", site_a, "c3")
+        go_half_open(third)
+        agent_like_client("edgekit-f1-dev-1", site_b, "c4")
+        wait_until(lambda: "c3-will" in seen, 10, "the half-open connection's will")
+        assert seen[2:] == ["c3-online", "c4-online", "c3-will"]
+        # ... and it is what the central broker now retains for a device that is online at site B
+        late = []
+        newcomer = FleetHelperClient.client("newcomer")
+        newcomer.on_message = lambda c, u, m: late.append((m.payload.decode(), m.retain))
+        newcomer.subscribe(STATE, qos=1)
+        wait_until(lambda: late, 5, "the retained state")
+        assert late == [("c3-will", True)]
+    finally:
+        FleetHelperClient.close()
