@@ -60,7 +60,7 @@ def monitor_cmd(
     alert_webhook_token: Optional[str] = typer.Option(None, envvar="EDGEKIT_ALERT_TOKEN",
                                                       help="Bearer token for --alert-webhook "
                                                            "[env: EDGEKIT_ALERT_TOKEN]", show_envvar=False),
-    alert_topic: bool = typer.Option(False, "--alert-topic/--no-alert-topic",
+    alert_topic: bool = typer.Option(True, "--alert-topic/--no-alert-topic",
                                      help="Publish alerts to edgekit/v1/<fleet>/alerts/<device>/<kind> (retained "
                                           "while open; the broker's ACL must let the monitor write there)"),
     duration: Optional[float] = typer.Option(None, help="Stop after this many seconds"),

@@ -369,13 +369,9 @@ def test_alert_flags_refuse_what_cannot_work():
     assert lone.exit_code == 2 and "--alert-webhook" in lone.output
 
 
-def test_alert_topic_refused_by_the_shipped_acl_says_what_to_change(firmware_broker, caplog):
-    """firmware/mosquitto's ACL lets the monitor read the fleet and write commands, not alerts: the refusal
-    (PUBACK 0x87) is reported once per alert with the ACL line to add, and never retried."""
-    settings = BrokerSettings(host=firmware_broker.host, port=firmware_broker.port, username="edgekit-monitor",
-                              password=firmware_broker.users["edgekit-monitor"])
-    sink = MqttAlertSink(settings, "alerts-acl", fleet="f1", backoff_s=0.01)
-    d = AlertDispatcher([sink], "mon-acl")
+def _publish_one_alert(settings: BrokerSettings, client_id: str) -> MqttAlertSink:
+    sink = MqttAlertSink(settings, client_id, fleet="f1", backoff_s=0.01)
+    d = AlertDispatcher([sink], client_id)
     d.start()
     try:
         d.listener({"event": "opened", "fleet": "f1", "device": "dev-a", "kind": "offline", "value": None,
@@ -383,5 +379,18 @@ def test_alert_topic_refused_by_the_shipped_acl_says_what_to_change(firmware_bro
         assert d.flush(15)
     finally:
         d.close(1.0)
-    assert (sink.stats.delivered, sink.stats.failed, sink.stats.retries) == (0, 1, 0)
+    return sink
+
+
+def test_the_shipped_acl_lets_the_monitor_publish_alerts_and_refuses_devices(firmware_broker, caplog):
+    """firmware/mosquitto's ACL lets the monitor account write alerts; a device account may not forge one: the
+    refusal (PUBACK 0x87) is reported with the ACL line that grants it, and never retried."""
+    monitor = _publish_one_alert(BrokerSettings(host=firmware_broker.host, port=firmware_broker.port,
+                                                username="edgekit-monitor",
+                                                password=firmware_broker.users["edgekit-monitor"]), "alerts-acl-mon")
+    assert (monitor.stats.delivered, monitor.stats.failed) == (1, 0)
+    device = _publish_one_alert(BrokerSettings(host=firmware_broker.host, port=firmware_broker.port,
+                                               username="dev-a", password=firmware_broker.users["dev-a"]),
+                                "alerts-acl-dev")
+    assert (device.stats.delivered, device.stats.failed, device.stats.retries) == (0, 1, 0)
     assert "topic write edgekit/v1/+/alerts/#" in caplog.text and "not authorized" in caplog.text.lower()
