@@ -493,6 +493,7 @@ def _pump(conn: "wire.WireConnection", store: FleetStore, ingestor: Ingestor, sh
     pids: list[int] = []
     add = ingestor.add
     pending = reader.pending
+    feed = reader.feed_split
     reader.pending = []
     send_lock = threading.Lock()
     committer = _Committer(store, sock, send_lock, stats, on_batch)
@@ -502,9 +503,9 @@ def _pump(conn: "wire.WireConnection", store: FleetStore, ingestor: Ingestor, sh
             batch_start = None
             # read until the batch is full, the socket is drained, or flush_s passed
             while True:
-                packets = pending
+                publishes, others = [], pending
                 pending = []
-                if not packets:
+                if not others:
                     # TLS: bytes already decrypted wait inside the SSL object, invisible to select()
                     if not (tls and sock.pending()):
                         # once a batch has begun, linger only briefly: the broker stops sending when its
@@ -520,15 +521,17 @@ def _pump(conn: "wire.WireConnection", store: FleetStore, ingestor: Ingestor, sh
                         continue
                     if not data:
                         raise wire.WireError("the broker closed the connection")
-                    packets = reader.feed(data)
+                    publishes, others = feed(data)
+                else:  # what arrived with the handshake
+                    publishes = [wire.parse_publish(f, b) for t, f, b in others if t == wire.PUBLISH]
+                    others = [p for p in others if p[0] != wire.PUBLISH]
                 now = time.time()
-                for ptype, flags, body in packets:
-                    if ptype == wire.PUBLISH:
-                        topic, pid, payload, retained = wire.parse_publish(flags, body)
-                        add(topic, payload, retained, now)
-                        if pid:
-                            pids.append(pid)
-                    elif ptype == wire.DISCONNECT:
+                for topic, pid, payload, retained in publishes:
+                    add(topic, payload, retained, now)
+                    if pid:
+                        pids.append(pid)
+                for ptype, flags, body in others:
+                    if ptype == wire.DISCONNECT:
                         code = body[0] if body else 0
                         raise wire.WireError(f"the broker disconnected us: {wire.reason_text(code)}", code)
                     # PINGRESP, SUBACK: nothing to do
