@@ -52,3 +52,15 @@ def test_a_publish_whose_fields_overrun_the_packet_is_a_wire_error():
         wire.PacketReader().feed_split(bad + wire.PINGREQ_PACKET * 10)
     with pytest.raises(wire.WireError, match="malformed packet length"):
         wire.PacketReader().feed_split(b"\x30\xff\xff\xff\xff\x01")
+
+
+def test_the_load_generator_counts_whole_success_pubacks_without_parsing():
+    from edgekit.fleet.loadgen import _pubacks
+
+    four = b"".join(wire.puback_packet(p) for p in (1, 0x4002, 7))
+    five = b"".join(b"\x40\x03" + p.to_bytes(2, "big") + b"\x10" for p in (1, 0x4003, 0x4002, 9))
+    assert _pubacks(four) == 3 and _pubacks(five) == 4
+    assert _pubacks(four[:-1]) == 0  # a partial packet: parsed the slow way
+    assert _pubacks(four + five) == 0  # mixed forms: parsed
+    assert _pubacks(b"\x40\x03\x00\x01\x80" * 4) == 0  # a failure reason: counted as refused by the parser
+    assert _pubacks(wire.PINGREQ_PACKET * 2) == 0
