@@ -233,11 +233,32 @@ def history_cmd(
     until: Optional[str] = typer.Option(None, help="Until (same forms)"),
     kind: Optional[list[str]] = typer.Option(None, "--kind", help="Only these kinds (repeatable)"),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the newest N messages"),
+    hourly: bool = typer.Option(False, "--hourly", help="The hours `fleet prune` rolled up (telemetry older than "
+                                                        "its raw retention) instead of raw messages"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """A device's stored messages, oldest first, by device time."""
-    from ..fleet.queries import device_history, parse_time
+    """A device's stored messages, oldest first, by device time (--hourly: its rolled-up hours)."""
+    from ..fleet.queries import device_history, device_hours, parse_time
 
+    if hourly:
+        if kind or limit:
+            raise ConfigError("--hourly shows rolled-up telemetry hours: it takes no --kind or --limit")
+        hours = device_hours(db, device, fleet, parse_time(since), parse_time(until, option="--until"))
+        if as_json:
+            print_json(hours)
+            return
+        table = Table("hour", "messages", "inferences", "errors", "p50 ms", "p99 ms", "worst window p99",
+                      "max PSI")
+
+        def ms(v: Optional[float]) -> str:
+            return "" if v is None else f"{v:.2f}"
+
+        for h in hours:
+            table.add_row(_ts(h["hour"]), str(h["messages"]), str(h["inferences"]), str(h["errors"]),
+                          ms(h["p50_ms"]), ms(h["p99_ms"]), ms(h["worst_window_p99_ms"]),
+                          "" if h["drift_psi_max"] is None else f"{h['drift_psi_max']:.3f}")
+        console.print(table)
+        return
     rows = device_history(db, device, fleet, parse_time(since), parse_time(until, option="--until"), kind, limit)
     if as_json:
         print_json(rows)
@@ -322,3 +343,9 @@ def simulate_cmd(
     else:
         console.print(f"{summary['devices']} devices made {summary['messages']} messages in {summary['seconds']} s "
                       f"(boot {', '.join(map(str, summary['boots']))})", highlight=False)
+
+
+# `fleet prune`: retention and hourly rollups (edgekit/fleet/retention.py)
+from .fleet_retention import prune_cmd  # noqa: E402  (registered last: it reuses this module's options)
+
+app.command("prune")(prune_cmd)

@@ -72,6 +72,16 @@ def device_history(db: str | Path, device: str, fleet: Optional[str] = None, sin
         return store.history(fleet_name, name, since, until, kinds, limit)
 
 
+def device_hours(db: str | Path, device: str, fleet: Optional[str] = None, since: Optional[float] = None,
+                 until: Optional[float] = None) -> list[dict[str, Any]]:
+    """A device's telemetry rolled up per hour by ``fleet prune`` (older than its raw retention), oldest first."""
+    from .retention import hourly
+
+    with open_store(db) as store:
+        fleet_name, name = store.find_device(device, fleet)
+        return hourly(store, fleet_name, name, since, until)
+
+
 def plot_device_history(db: str | Path, device: str, out: Path, fleet: Optional[str] = None,
                         since: Optional[float] = None, drift_psi: Optional[float] = 0.2,
                         p99_ms: Optional[float] = None) -> dict[str, Any]:

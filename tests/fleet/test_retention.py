@@ -332,3 +332,29 @@ def test_postgresql_engine(pg_url):
         assert hourly(store, "f1", "d1") == [] and store.message_count("telemetry") == 1
     finally:
         store.close()
+
+
+def test_edgekit_fleet_prune_then_history_hourly(tmp_path):
+    """Through `edgekit fleet`: prune rolls up old telemetry, `history --hourly` shows the hour it made and
+    raw `history` keeps only what is inside the raw retention."""
+    from edgekit.cli.app import app as root
+
+    db = tmp_path / "fleet.db"
+    with FleetStore(db) as s:
+        store_messages(s, [tele(i + 1, T0 + i * 60.0, window([0.004] * 10)) for i in range(30)]
+                       + [tele(100, T0 + 5 * HOUR_S, window([0.004]))])
+    runner = CliRunner()
+    res = runner.invoke(root, ["fleet", "prune", "--db", str(db), "--keep-raw", "2h", "--json",
+                               "--now", str(T0 + 5 * HOUR_S)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["rolled_up"] == 30
+    hours = runner.invoke(root, ["fleet", "history", "d1", "--db", str(db), "--hourly", "--json"])
+    assert hours.exit_code == 0, hours.output
+    (hour,) = json.loads(hours.stdout)
+    assert hour["messages"] == 30 and hour["inferences"] == 300 and math.isclose(hour["p50_ms"], 4.0, rel_tol=0.011)
+    raw = runner.invoke(root, ["fleet", "history", "d1", "--db", str(db), "--json"])
+    assert [r["seq"] for r in json.loads(raw.stdout)] == [100]
+    table = runner.invoke(root, ["fleet", "history", "d1", "--db", str(db), "--hourly"])
+    assert table.exit_code == 0 and "300" in table.output
+    bad = runner.invoke(root, ["fleet", "history", "d1", "--db", str(db), "--hourly", "--limit", "3"])
+    assert bad.exit_code != 0 and "--hourly" in bad.output
