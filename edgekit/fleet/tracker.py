@@ -184,8 +184,34 @@ class FleetTracker:
     # -- consume -------------------------------------------------------------------------
     def consume(self, rows: list[tuple]) -> None:
         now = self.clock()
+        devices = self.devices
+        dirty = self._dirty
+        one = self._one
+        telemetry = self._telemetry
+        n = 0
         for row in rows:
-            self._one(row, now)
+            # the common row, handled inline: live telemetry of a known device's current boot, next in seq
+            # order (what _one does with it, without its general cases; the tracker spends ~1 µs per row here)
+            if row[3] == "telemetry" and not row[8] and not row[9]:
+                key = (row[1], row[2])
+                dev = devices.get(key)
+                if dev is not None and row[4] == dev.boot:
+                    seq = row[5]
+                    tracker = dev.seqs.get(dev.boot)
+                    if tracker is not None and seq == tracker.high + 1:
+                        tracker.high = seq
+                        dirty.add(key)
+                        n += 1
+                        dev.messages += 1
+                        if seq > dev.seq:
+                            dev.seq = seq
+                        dev.last_seen = row[7]
+                        if (dev.boot, seq) > dev.figures_from:
+                            dev.figures_from = (dev.boot, seq)
+                            telemetry(dev, *row[10:18], now)
+                        continue
+            one(row, now)
+        self.messages += n
         if rows:
             self.last_id = rows[-1][0]
 
@@ -271,29 +297,32 @@ class FleetTracker:
     def _telemetry(self, dev: DeviceView, p50, p99, inferences, calls, errors, temp, cpu, psi, now: float) -> None:
         th = self.thresholds
         rate = (errors / calls) if (errors is not None and calls) else None
-        new = {"p50_ms": p50, "p99_ms": p99, "inferences": inferences, "calls": calls, "errors": errors,
-               "error_rate": rate, "temp_c": temp, "cpu_percent": cpu, "drift_psi": psi}
         # a window without inferences has no latency, and drift is judged only every few windows:
         # keep the last known value of those rather than blanking the row
-        kept = {k: dev.figures.get(k) for k in ("p50_ms", "p99_ms", "temp_c", "cpu_percent", "drift_psi")
-                if new[k] is None}
-        dev.figures = {**new, **kept, "at": now}
+        old = dev.figures
+        dev.figures = {"p50_ms": old.get("p50_ms") if p50 is None else p50,
+                       "p99_ms": old.get("p99_ms") if p99 is None else p99,
+                       "inferences": inferences, "calls": calls, "errors": errors, "error_rate": rate,
+                       "temp_c": old.get("temp_c") if temp is None else temp,
+                       "cpu_percent": old.get("cpu_percent") if cpu is None else cpu,
+                       "drift_psi": old.get("drift_psi") if psi is None else psi, "at": now}
+        alerts = dev.alerts
         if th.p99_ms is not None and p99 is not None:
             if p99 > th.p99_ms:
                 self._open(dev, "p99", p99, th.p99_ms, f"{dev.device} p99 {p99:.1f} ms > budget {th.p99_ms:g} ms", now)
-            else:
+            elif "p99" in alerts:
                 self._close(dev, "p99", now)
         if th.error_rate is not None and rate is not None and calls >= th.min_calls:
             if rate > th.error_rate:
                 self._open(dev, "error_rate", rate, th.error_rate,
                            f"{dev.device} error rate {rate:.1%} > {th.error_rate:.1%} ({errors}/{calls} calls)", now)
-            else:
+            elif "error_rate" in alerts:
                 self._close(dev, "error_rate", now)
         if th.drift_psi is not None and psi is not None:
             if psi > th.drift_psi:
                 self._open(dev, "drift", psi, th.drift_psi, f"{dev.device} input drift PSI {psi:.3f} > "
                                                             f"{th.drift_psi:g}", now)
-            else:
+            elif "drift" in alerts:
                 self._close(dev, "drift", now)
 
     # -- alerts --------------------------------------------------------------------------
