@@ -367,14 +367,41 @@ class FleetClient:
             expires_ts = time.time() + DEFAULT_SIGNED_EXPIRY_S
         body = command_body(self.fleet, device, command, args, request_id=request_id, expires_ts=expires_ts,
                             sign_key=sign_key)
-        rid = body["request_id"]
+        info = self._publish(device, body)
+        self._confirm(device, command, info, time.monotonic() + self.publish_timeout_s)
+        return body["request_id"]
+
+    def send_many(self, command: str, args: Optional[dict[str, Any]], requests: list[tuple[str, str, float]], *,
+                  sign_key: Any = None) -> None:
+        """Publish ``command`` to many devices at once, then wait for every PUBACK.
+
+        ``requests``: ``(device, request_id, expires_ts)`` each, as :meth:`send` takes them.
+        A wave of a rollout goes out this way: the commands are pipelined to the broker
+        instead of one PUBACK round trip each. Raises :class:`FleetConnectionError` like
+        :meth:`send`, naming the first device whose command the broker did not take.
+        """
+        if self._client is None:
+            raise FleetConnectionError("not connected to the broker: call connect() first")
+        published = []
+        for device, request_id, expires_ts in requests:
+            body = command_body(self.fleet, device, command, args, request_id=request_id, expires_ts=expires_ts,
+                                sign_key=sign_key)
+            published.append((device, self._publish(device, body)))
+        deadline = time.monotonic() + self.publish_timeout_s
+        for device, info in published:
+            self._confirm(device, command, info, deadline)
+
+    def _publish(self, device: str, body: dict[str, Any]) -> Any:
         msg = fleet_protocol.envelope("cmd", self.fleet, device, boot=0, seq=0, body=body)
         with self._cond:
-            self._sent.add(rid)
-        info = self._client.publish(fleet_protocol.topic(self.fleet, device, "cmd"), fleet_protocol.encode(msg),
+            self._sent.add(body["request_id"])
+        return self._client.publish(fleet_protocol.topic(self.fleet, device, "cmd"), fleet_protocol.encode(msg),
                                     qos=1, retain=False)
+
+    def _confirm(self, device: str, command: str, info: Any, deadline: float) -> None:
+        """Wait (until ``deadline``, monotonic) for the broker's PUBACK of ``info``; raise if it refused or is silent."""
         try:
-            info.wait_for_publish(self.publish_timeout_s)
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
         except (RuntimeError, ValueError) as exc:
             raise FleetConnectionError(f"could not publish {command} to {device} via {self.settings.url} ({exc}); "
                                        "check the connection to the broker") from None
@@ -387,7 +414,6 @@ class FleetClient:
             cmd_topic = fleet_protocol.topic(self.fleet, device, "cmd")
             raise FleetConnectionError(refusal_message(self.settings.url, code, "publication")
                                        + f" — may this user publish on {cmd_topic}?", code)
-        return rid
 
 
 # ----------------------------------------------------------------------------- device selection

@@ -26,6 +26,11 @@ from .plan import RolloutPlan
 from .rollout import Rollout, load_record, request_pause, rollback_from_record
 from .server import BundleServer
 
+# answers that arrive while a rollout waits are written to its record at most this often: every write is the
+# whole record, fsync'd (~100 KB and tens of ms at a hundred devices), and one per answer grows with the square
+# of the fleet; what a crash loses before the next write is asked for again on resume (see rollout.Rollout)
+RECORD_WRITE_INTERVAL_S = 0.5
+
 
 @dataclass(frozen=True)
 class BundleInfo:
@@ -165,12 +170,13 @@ class FleetFlash:
             known = client.discover()
             if self.resume_from is not None:
                 self.rollout = Rollout.resume(self.resume_from, client, sign_key=self.sign_key,
-                                              on_change=self.on_change)
+                                              on_change=self.on_change, write_interval_s=RECORD_WRITE_INTERVAL_S)
             else:
                 devices = select_devices(known, self.settings.devices or "*", None)  # type: ignore[union-attr]
                 plan = plan_for_bundle(self.info, devices, self.url, self.settings)  # type: ignore[arg-type]
                 self.rollout = Rollout(plan, client, record_dir=self.settings.record_dir,  # type: ignore[union-attr]
-                                       sign_key=self.sign_key, on_change=self.on_change)
+                                       sign_key=self.sign_key, on_change=self.on_change,
+                                       write_interval_s=RECORD_WRITE_INTERVAL_S)
         except BaseException:
             self._stack.close()
             raise

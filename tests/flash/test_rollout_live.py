@@ -23,7 +23,7 @@ import pytest
 
 from edgekit.flash.commands import FleetClient
 from edgekit.flash.fleet_flash import BundleSource, FleetFlash, FleetFlashSettings
-from edgekit.flash.rollout import load_record, request_pause
+from edgekit.flash.rollout import Rollout, load_record, request_pause
 from edgekit.flash.server import BundleServer
 from edgekit.fleet.connection import BrokerSettings
 
@@ -253,3 +253,39 @@ def test_abort_at_10_percent_after_20_devices_halts_and_rolls_back_live(live_fle
     for d in fleet.names:  # the whole fleet serves release 1 again, the refusing devices never left it
         _wait(lambda: fleet.serves(d, 1), 20, f"{d} serving release 1")
         assert len(fleet.installs_run(d)) == (1 if d in sent else 0), d
+
+
+# ----------------------------------------------------------------------------- batched record writes
+def test_answers_held_back_from_the_record_are_asked_for_again_after_a_crash(key, keyring, tmp_path):
+    """FleetFlash writes answers to the record at most every RECORD_WRITE_INTERVAL_S (a hundred answers, each
+    a write of the whole fsync'd record, cost more than the rollout's waves). A crash before the next write
+    loses them from the record only: the resume sends the same request ids, and nobody installs twice."""
+    from tests.flash.fleet_doubles import Crash, FakeAgent, FakeClock, FakeFleet, make_plan, names, start, statuses
+
+    def fleet_of(clock, **kw):
+        return FakeFleet([FakeAgent(d, delay=1.0 + 0.5 * i) for i, d in enumerate(names(8))], keyring, clock, **kw)
+
+    plan = make_plan(names(8), canary="2")
+    every = start(plan, fleet_of(FakeClock()), key, tmp_path / "every", FakeClock())
+    batched = start(plan, fleet_of(FakeClock()), key, tmp_path / "batched", FakeClock(), write_interval_s=3600.0)
+    assert every.run()["counts"]["succeeded"] == batched.run()["counts"]["succeeded"] == 8
+    # written before each phase's commands and when done, not once per answer
+    assert batched.writes < every.writes / 2, (batched.writes, every.writes)
+    assert statuses(load_record(batched.record_path)) == {d: "succeeded" for d in names(8)}
+
+    clock = FakeClock()
+    fleet = fleet_of(clock, crash_on_poll=12)
+    rollout = start(plan, fleet, key, tmp_path / "crash", clock, write_interval_s=3600.0)
+    with pytest.raises(Crash):
+        rollout.run()
+    in_memory, on_disk = statuses(rollout.record), statuses(load_record(rollout.record_path))
+    held = [d for d in names(8) if in_memory[d] == "succeeded" and on_disk[d] == "sent"]
+    assert held, (in_memory, on_disk)  # answered, but the record still says "sent"
+    ids = {d: rollout.record["devices"][d]["install"]["request_id"] for d in held}
+    again = FakeFleet(list(fleet.agents.values()), keyring, clock)
+    summary = Rollout.resume(rollout.record_path, again, sign_key=key, clock=clock, poll_s=1.0,
+                             write_interval_s=3600.0).run()
+    assert summary["counts"]["succeeded"] == 8
+    assert {b["device"]: b["request_id"] for b in again.sent if b["device"] in held} == ids
+    assert all(len(a.executed) == 1 for a in fleet.agents.values())
+    assert statuses(load_record(rollout.record_path)) == {d: "succeeded" for d in names(8)}
