@@ -4,9 +4,10 @@ Like AWS IoT Jobs / Greengrass deployments: a plan (:class:`~.plan.RolloutPlan`)
 the devices, a canary share or count, a wave size and an abort rule; a
 :class:`Rollout` sends the signed ``install`` command to the canaries, checks the
 rule, then goes wave by wave, and records every device's outcome in
-``<dir>/rollouts/<id>.json`` (rewritten atomically after every change) so an
-interrupted rollout can be resumed (:meth:`Rollout.resume`) or rolled back
-(:func:`rollback_from_record`).
+``<dir>/rollouts/<id>.json`` (rewritten atomically before every command it sends,
+at every decision, and after answers: at once, or at most every ``write_interval_s``,
+0.5 s under ``edgekit flash``) so an interrupted rollout can be resumed
+(:meth:`Rollout.resume`) or rolled back (:func:`rollback_from_record`).
 
 Rules (what the code below does):
 
@@ -70,7 +71,8 @@ Rules (what the code below does):
   ``request_id`` and expiry, the same deterministic signature) so the agent
   answers a duplicate from its ack cache, unless it has expired, in which case a
   new request is sent. Before any command is published the record already says
-  ``sent`` with its request id, so a crash between the two loses nothing.
+  ``sent`` with its request id, so a crash between the two loses nothing; an
+  answer that came in after the last write is asked for again the same way.
 * **Pause**: :func:`request_pause` (``edgekit flash --pause RECORD``) creates
   ``<record>.pause``. The running rollout sees it before its next command, sends
   nothing more, waits for the devices in flight, removes the file, and records
