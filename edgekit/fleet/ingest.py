@@ -451,6 +451,7 @@ class _Committer(threading.Thread):
             if item is None:
                 return
             if self.error is not None:
+                self.queue.task_done()
                 continue  # drain: the reader raises the error
             rows, bad, pids, counters = item
             try:
@@ -469,6 +470,13 @@ class _Committer(threading.Thread):
                         self.sock.sendall(acks)
             except BaseException as exc:  # raised again in the reader's thread
                 self.error = exc
+            finally:
+                self.queue.task_done()
+
+    @property
+    def busy(self) -> bool:
+        """A batch is queued or being stored/acknowledged (the reader lets its next batch grow meanwhile)."""
+        return self.queue.unfinished_tasks > 0
 
     def put(self, rows: list, bad: dict, pids: list[int], counters: Optional[dict] = None) -> None:
         if self.error is not None:
@@ -514,6 +522,11 @@ def _pump(conn: "wire.WireConnection", store: FleetStore, ingestor: Ingestor, sh
                             max(0.0, min(LINGER_S, flush_s - (time.monotonic() - batch_start)))
                         readable, _, _ = select.select([sock], [], [], wait)
                         if not readable:
+                            if batch_start is not None and committer.busy and \
+                                    time.monotonic() - batch_start < flush_s:
+                                # the store is still busy with the previous batch: this one may as well grow
+                                # meanwhile (fewer, larger transactions when the store is the bottleneck)
+                                continue
                             break
                     try:
                         data = sock.recv(1 << 20)
