@@ -560,9 +560,18 @@ def run_scenario(name: str, args: argparse.Namespace, bundles: dict[int, Path], 
             f"{args.wave_start} x{args.wave_factor:g}" + (f", {len(refusing)} refusing, abort at "
                                                           f"{args.abort_percent:g} % after {args.abort_min_devices}"
                                                           if abort else ""))
-        busy = CpuMonitor().start()
+        busy, mon_t0 = CpuMonitor().start(), time.time()
         flash = run_flash(cmd, root, sampler, args.flash_timeout)
-        result["machine_during_rollout"] = {k: round(v, 1) for k, v in busy.stop().items()}
+        machine, mon_t1 = busy.stop(), time.time()
+        agent_cpu = {d: proc_cpu_s(p.pid) for d, p in fleet.procs.items()}
+        agents_cpu_s = sum(agent_cpu[d] - agent_cpu0[d] for d in fleet.names
+                           if agent_cpu[d] is not None and agent_cpu0[d] is not None)
+        # the machine's other work: all CPU time but this benchmark's own processes (agents, broker, flash, itself)
+        ours_s = agents_cpu_s + (sampler.between("broker", mon_t0, mon_t1) or 0.0) + flash["cpu_s"]
+        machine["benchmark_processes_pct"] = 100 * ours_s / ((mon_t1 - mon_t0) * (os.cpu_count() or 1))
+        machine["other_work_pct"] = max(0.0, machine.get("other_processes_pct", 0.0)
+                                        - machine["benchmark_processes_pct"])
+        result["machine_during_rollout"] = {k: round(v, 1) for k, v in machine.items()}
         summary = flash["summary"]
         record = json.loads(Path(summary["record"]).read_text())
         first, last = record["first_sent_ts"], record.get("last_switch_ts")
@@ -604,7 +613,6 @@ def run_scenario(name: str, args: argparse.Namespace, bundles: dict[int, Path], 
 
         # load during the rollout: first command -> the rollout's end
         t_end = flash["ended_ts"]
-        agent_cpu = {d: proc_cpu_s(p.pid) for d, p in fleet.procs.items()}
         mem = {d: proc_memory(p.pid) for d, p in fleet.procs.items()}
         rss = [m["rss_mib"] for m in mem.values() if m["rss_mib"]]
         pss = [m["pss_mib"] for m in mem.values() if m["pss_mib"]]
@@ -615,8 +623,7 @@ def run_scenario(name: str, args: argparse.Namespace, bundles: dict[int, Path], 
                       "peak_rss_mib": flash["peak_rss_mib"]},
             "broker": {"cpu_s_rollout": sampler.between("broker", first, end),
                        "peak_rss_mib": broker_mem["peak_rss_mib"], "rss_mib": broker_mem["rss_mib"]},
-            "agents": {"cpu_s_sum": round(sum(agent_cpu[d] - agent_cpu0[d] for d in fleet.names
-                                              if agent_cpu[d] is not None and agent_cpu0[d] is not None), 2),
+            "agents": {"cpu_s_sum": round(agents_cpu_s, 2),
                        "rss_mib": _stats(rss), "rss_mib_sum": round(sum(rss), 1),
                        "pss_mib": _stats(pss), "pss_mib_sum": round(sum(pss), 1),
                        "peak_rss_mib_max": max((m["peak_rss_mib"] or 0) for m in mem.values()),
@@ -661,6 +668,10 @@ def check(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- output
+def _label(r: dict[str, Any]) -> str:
+    return r["scenario"] + (f" #{r['run']}" if r.get("repeats", 1) > 1 else "")
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     return "–" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
@@ -669,11 +680,11 @@ def print_table(report: dict[str, Any]) -> None:
     print()
     for r in report["runs"]:
         if "error" in r:
-            print(f"{r['scenario']}: ERROR {r['error'].splitlines()[0][:200]}")
+            print(f"{_label(r)}: ERROR {r['error'].splitlines()[0][:200]}")
             continue
         c = {k: v for k, v in r["summary"]["counts"].items() if v}
         ld = r["load"]
-        print(f"== {r['scenario']}: {r['devices']} agents ({len(r['refusing'])} refusing) ==")
+        print(f"== {_label(r)}: {r['devices']} agents ({len(r['refusing'])} refusing) ==")
         if r["scenario"] == "waves":
             print(f"  command -> fleet switched: {_fmt(r['fleet_switch_s'])} s   (target <= {report['target_s']:g} s)")
         else:
@@ -701,19 +712,27 @@ def print_table(report: dict[str, Any]) -> None:
               f"{_fmt(ld['broker']['peak_rss_mib'], 1)} MiB; agents CPU {_fmt(ld['agents']['cpu_s_sum'])} s in all, "
               f"RSS median {_fmt(ld['agents']['rss_mib'].get('median'), 1)} MiB (sum "
               f"{_fmt(ld['agents']['rss_mib_sum'], 0)} MiB, PSS sum {_fmt(ld['agents']['pss_mib_sum'], 0)} MiB)")
+        m = r["machine_during_rollout"]
+        print(f"  machine: {m.get('machine_busy_pct', 0):.0f} % busy; other work than this benchmark's: "
+              f"{m.get('other_work_pct', 0):.0f} % of the machine (the figures are noisy when that is high)")
         print(f"  done-means: {'MET' if not r['missing'] else 'NOT MET: ' + '; '.join(r['missing'])}")
+    switched = [r["fleet_switch_s"] for r in report["runs"] if r["scenario"] == "waves" and "error" not in r]
+    if switched:
+        print(f"\nCOMMAND -> FLEET SWITCHED ({report['devices']} agents): median "
+              f"{_fmt(statistics.median([v for v in switched if v is not None] or [float('nan')]))} s over "
+              f"{len(switched)} run(s) ({', '.join(_fmt(v) for v in switched)}); target <= {report['target_s']:g} s")
     print()
 
 
 def markdown(report: dict[str, Any]) -> str:
     s = report["system"]
     lines = [
-        "# Fleet rollout rate control: 100 local agents, real Mosquitto, `edgekit flash --fleet`",
+        f"# Fleet rollout rate control: {report['devices']} local agents, real Mosquitto, `edgekit flash --fleet`",
         "",
         f"- **Machine**: {s['cpu']}, {s['usable_cores']} usable cores, {s['os']}; Python {s['python']}; "
-        f"{report['mosquitto']}. Machine busy during the rollouts: "
-        + ", ".join(f"{r['scenario']} {r['machine_during_rollout'].get('machine_busy_pct', 0):.0f} % "
-                    f"(other processes {r['machine_during_rollout'].get('other_processes_pct', 0):.0f} %)"
+        f"{report['mosquitto']}. Machine busy while `edgekit flash` ran: "
+        + ", ".join(f"{_label(r)} {r['machine_during_rollout'].get('machine_busy_pct', 0):.0f} % (other work than "
+                    f"this benchmark's: {r['machine_during_rollout'].get('other_work_pct', 0):.0f} % of the machine)"
                     for r in report["runs"] if "error" not in r) + ".",
         f"- **Fleet**: {report['devices']} `edgekit-agent run` processes, each with its own state directory and "
         f"persistent MQTT session, one Mosquitto, all on this machine. Lean agent config: 1 inference thread, "
@@ -741,11 +760,11 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {r['scenario']} | error: {r['error'].splitlines()[0][:120]} |" + " |" * 8)
+            lines.append(f"| {_label(r)} | error: {r['error'].splitlines()[0][:120]} |" + " |" * 8)
             continue
         c = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in r["summary"]["counts"].items() if v)
         lines.append(
-            f"| {r['scenario']} ({len(r['refusing'])} refusing) | {'met' if not r['missing'] else 'NOT met'} | "
+            f"| {_label(r)} ({len(r['refusing'])} refusing) | {'met' if not r['missing'] else 'NOT met'} | "
             f"**{_fmt(r['fleet_switch_s'])}** | {_fmt(r['time_to_halt_s'])} | {_fmt(r['time_to_rollback_done_s'])} | "
             f"{c} | {r['after']['on_expected_release']}/{r['devices']} on r{r['after']['expected_release']} | "
             f"**{len(r['after']['lost'])}** | **{r['messages']['lost']}** of {r['messages']['messages']} | "
@@ -753,7 +772,7 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["runs"]:
         if "error" in r:
             continue
-        lines += ["", f"**{r['scenario']}** waves (seconds from the first command):", "",
+        lines += ["", f"**{_label(r)}** waves (seconds from the first command):", "",
                   "| phase | devices | sent | failed | start | end | took | host gap before | sending took |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for w in r["waves"]:
@@ -770,7 +789,7 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         t = r["times"]
         cell = (lambda v: f"{v['median']:.3f} / {v['max']:.3f}" if v["n"] else "–")
-        lines.append(f"| {r['scenario']} | " + " | ".join(cell(t[k]) for k in ("command_to_answer_s", "delivery_s",
+        lines.append(f"| {_label(r)} | " + " | ".join(cell(t[k]) for k in ("command_to_answer_s", "delivery_s",
                                                                                  "agent_s", "answer_back_s"))
                      + " | " + " | ".join(cell(t["steps_s"][s]) for s in STEPS) + " |")
     lines += ["", "Load during the rollout (first command → its end; CPU seconds from /proc, peak RSS from the "
@@ -783,15 +802,15 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         ld = r["load"]
         a = ld["agents"]
-        lines.append(f"| {r['scenario']} | {_fmt(ld['window_s'])} | {_fmt(ld['flash']['cpu_s_rollout'])} / "
+        lines.append(f"| {_label(r)} | {_fmt(ld['window_s'])} | {_fmt(ld['flash']['cpu_s_rollout'])} / "
                      f"{_fmt(ld['flash']['cpu_s_total'])} | {_fmt(ld['flash']['peak_rss_mib'], 1)} | "
                      f"{_fmt(ld['broker']['cpu_s_rollout'])} | {_fmt(ld['broker']['peak_rss_mib'], 1)} | "
                      f"{_fmt(a['cpu_s_sum'])} | {_fmt(a['rss_mib'].get('median'), 1)} / "
                      f"{_fmt(a['rss_mib'].get('max'), 1)} | {_fmt(a['rss_mib_sum'], 0)} | "
                      f"{_fmt(a['pss_mib_sum'], 0)} |")
     lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
-    lines += ["", f"Generated {report['generated']} by `python benchmarks/fleet_rollout.py "
-                  f"{' '.join(report['argv'])}` in {report['seconds']:.0f} s."]
+    command = " ".join(["python benchmarks/fleet_rollout.py"] + list(report["argv"]))
+    lines += ["", f"Generated {report['generated']} by `{command}` in {report['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -803,10 +822,12 @@ def notes(report: dict[str, Any]) -> list[str]:
         if "error" in r:
             continue
         gaps = [w["gap_before_s"] for w in r["waves"] if w.get("gap_before_s") is not None]
+        sends = [w["send_spread_s"] for w in r["waves"] if w.get("send_spread_s") is not None]
         if gaps:
-            out.append(f"{r['scenario']}: the host's gaps between a wave's last answer and the next wave's first "
-                       f"command sum to {sum(gaps):.3f} s over {len(gaps)} waves; the rest of the time is the "
-                       "devices' installs.")
+            out.append(f"{_label(r)}: the host's own time between waves, from a wave's last answer to the next "
+                       f"wave's first command, sums to {sum(gaps):.3f} s over {len(gaps)} waves; sending the "
+                       f"waves' commands (the record written before them, then the signed commands) "
+                       f"{sum(sends):.3f} s over {len(sends)} phases; the rest is the devices' installs.")
     return out
 
 
@@ -823,6 +844,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--abort-percent", type=float, default=10.0)
     ap.add_argument("--abort-min-devices", type=int, default=20)
     ap.add_argument("--refuse-every", type=int, default=10, help="abort scenario: every Nth device refuses")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per scenario, each on a fresh broker and fleet")
     ap.add_argument("--telemetry-s", type=float, default=10.0, help="agents' telemetry interval")
     ap.add_argument("--device-timeout", type=float, default=120.0)
     ap.add_argument("--target-s", type=float, default=5.0, help="done-means: fleet switched within this")
@@ -835,8 +857,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if set(scenarios) - set(SCENARIOS):
         ap.error(f"--scenarios: unknown {sorted(set(scenarios) - set(SCENARIOS))}; choose from {', '.join(SCENARIOS)}")
-    if args.devices < 1 or args.refuse_every < 2:
-        ap.error("--devices must be at least 1 and --refuse-every at least 2")
+    if args.devices < 1 or args.refuse_every < 2 or args.repeats < 1:
+        ap.error("--devices and --repeats must be at least 1, --refuse-every at least 2")
 
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the cleanup in run_scenario stops every process
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -859,13 +881,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         bundles = matmul_bundles(work / "bundles")
         report["bundles"] = {r: {"size_bytes": p.stat().st_size, "sha256": file_sha256(p)} for r, p in bundles.items()}
         for name in scenarios:
-            try:
-                r = run_scenario(name, args, bundles, work / name)
-                r["missing"] = check(r, args)
-            except (RuntimeError, TimeoutError) as exc:
-                log(f"{name}: FAILED: {exc}")
-                r = {"scenario": name, "devices": args.devices, "error": str(exc)}
-            report["runs"].append(r)
+            for run in range(1, args.repeats + 1):
+                try:
+                    r = run_scenario(name, args, bundles, work / f"{name}-{run}")
+                    r["missing"] = check(r, args)
+                except (RuntimeError, TimeoutError) as exc:
+                    log(f"{name} #{run}: FAILED: {exc}")
+                    r = {"scenario": name, "devices": args.devices, "error": str(exc)}
+                r.update(run=run, repeats=args.repeats)
+                report["runs"].append(r)
     finally:
         if args.keep:
             log(f"kept {work}")
