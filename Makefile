@@ -22,19 +22,22 @@ demo: install
 	$(BIN)/edgekit demo
 
 # The fleet tests start their own Mosquitto (Debian `mosquitto`; `mosquitto_passwd` comes with it)
-# and make TLS certificates with openssl; the `edgekit flash --host` tests start their own sshd
-# (Debian `openssh-server`); the firmware scripts are linted with Debian `shellcheck`. Installed here
-# when missing and we are root (CI); otherwise say what to install (those tests skip without them,
-# except under CI=true where they fail).
+# and PostgreSQL (Debian `postgresql`: initdb/postgres in /usr/lib/postgresql/<version>/bin; the tests
+# run a throwaway cluster in a temp dir, as the `postgres` account when we are root) and make TLS
+# certificates with openssl; the `edgekit flash --host` tests start their own sshd (Debian
+# `openssh-server`); the firmware scripts are linted with Debian `shellcheck`. Installed here when
+# missing and we are root (CI); otherwise say what to install (those tests skip without them, except
+# under CI=true where they fail).
 test-deps:
 	@if { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 \
-	    && test -x /usr/sbin/sshd && command -v ssh-keygen >/dev/null 2>&1 && command -v shellcheck >/dev/null 2>&1; then :; \
+	    && test -x /usr/sbin/sshd && command -v ssh-keygen >/dev/null 2>&1 && command -v shellcheck >/dev/null 2>&1 \
+	    && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-	    mosquitto mosquitto-clients openssl openssh-server openssh-client shellcheck; \
+	    mosquitto mosquitto-clients openssl openssh-server openssh-client shellcheck postgresql; \
 	else \
-	  echo "make test: the fleet and flash tests need Mosquitto, openssl and sshd, the firmware lint shellcheck:" \
-	    "sudo apt-get install mosquitto mosquitto-clients openssl openssh-server shellcheck" >&2; \
+	  echo "make test: the fleet and flash tests need Mosquitto, PostgreSQL, openssl and sshd, the firmware lint" \
+	    "shellcheck: sudo apt-get install mosquitto mosquitto-clients postgresql openssl openssh-server shellcheck" >&2; \
 	fi
 
 test: install test-deps

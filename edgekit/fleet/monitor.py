@@ -12,6 +12,15 @@ Layout of one monitor::
 Several monitors with the same ``--group`` split the fleet's messages (MQTT v5
 shared subscriptions); each one still reads every ``state`` message, and the
 store's unique key drops the copies.
+
+With a PostgreSQL store (``--db postgresql://…``) those monitors may run on
+several machines, all writing one store; only one of them runs the tracker
+(devices, gaps, alerts and their notifications): the one holding the store's
+leader lock (:meth:`.store_pg.PgFleetStore.try_lead`). The others ingest and ask
+for the lock every tick; when the leader's process or connection dies, the next
+to ask takes over and restores the tracker from the store at the position the
+old leader saved with its device rows. A SQLite store has one tracker per
+monitor, as it always had.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from ..errors import DeviceError, EdgekitError
 from .connection import BrokerSettings, FleetConnectionError
 from .ingest import INGEST_KINDS, IngestStats, run_ingest
 from .store import FleetStore
-from .stores import open_store
+from .stores import describe, open_store
 from .tracker import FleetTracker, Thresholds
 
 log = logging.getLogger("edgekit.fleet.monitor")
@@ -79,8 +88,8 @@ class Monitor:
         self.settings = settings
         self.store_path = str(store_path)
         self.options = options or MonitorOptions()
-        self.tracker = FleetTracker(self.options.thresholds)
-        self.tracker.listeners.extend(self.options.alert_listeners)
+        self.tracker = self._new_tracker()
+        self.leader = False  # runs the tracker (always, for a SQLite store; the lock holder for PostgreSQL)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._procs: list[mp.Process] = []
@@ -92,6 +101,24 @@ class Monitor:
         self.ingest_stats: list[IngestStats] = []  # of the in-process threads
         self.last_counts: dict[str, Any] = {}  # duplicates and malformed, from the store (for the dashboard)
         self._counts_at = 0.0
+
+    def _new_tracker(self) -> FleetTracker:
+        tracker = FleetTracker(self.options.thresholds)
+        tracker.listeners.extend(self.options.alert_listeners)
+        return tracker
+
+    def _try_lead(self, store: FleetStore) -> None:
+        """Become the tracker if the store's leader lock is free: restore from the store, go on from there."""
+        if not store.try_lead():
+            return
+        if store.engine != "sqlite":
+            # (what this process restored at start() is stale: the previous leader went on writing)
+            self.tracker = self._new_tracker()
+            self.tracker.restore(store)
+            self.tracker.last_id = store.tracker_position() or 0
+            log.warning("this monitor now runs the fleet tracker for %s (from message id %d)",
+                        describe(self.store_path), self.tracker.last_id)
+        self.leader = True
 
     # -- lifecycle -----------------------------------------------------------------------
     def _client_prefix(self) -> str:
@@ -145,12 +172,15 @@ class Monitor:
         """Connect (errors such as refused credentials are raised here), then start ingesting."""
         opts = self.options
         with open_store(self.store_path) as store:
-            self.tracker.restore(store)
+            engine = store.engine
+            if engine == "sqlite":  # (a PostgreSQL tracker restores when it takes the lead, in run())
+                self.tracker.restore(store)
         self.started_at = time.time()
         group = opts.group if opts.share else None
-        checkpointer = threading.Thread(target=self._checkpoints, name="edgekit-checkpoint", daemon=True)
-        checkpointer.start()
-        self._threads.append(checkpointer)
+        if engine == "sqlite":  # (a server checkpoints on its own)
+            checkpointer = threading.Thread(target=self._checkpoints, name="edgekit-checkpoint", daemon=True)
+            checkpointer.start()
+            self._threads.append(checkpointer)
         self._start_thread("state", ("state",), None)
         if opts.workers <= 0:
             self._start_thread("ingest", INGEST_KINDS, group)
@@ -218,7 +248,9 @@ class Monitor:
         """Start (unless started), track until ``duration`` s passed or ``max_messages`` were stored.
 
         ``max_messages`` counts messages stored by this run (duplicates and
-        refused payloads excluded). Returns :meth:`summary`.
+        refused payloads excluded): those the tracker read, or, while another
+        monitor leads a PostgreSQL store, those this monitor's ingest threads stored.
+        Returns :meth:`summary`.
         """
         if self.started_at is None:
             self.start()
@@ -231,7 +263,12 @@ class Monitor:
                 dead = [p for p in self._procs if not p.is_alive()]
                 if dead:
                     raise DeviceError(f"ingest worker {dead[0].name} exited ({dead[0].exitcode}); see its log above")
-                self._step(store)
+                if not self.leader:
+                    self._try_lead(store)
+                if self.leader:
+                    self._step(store)
+                else:
+                    self.stored = sum(s.stored for s in self.ingest_stats)
                 if on_tick:
                     on_tick(self)
                 if max_messages is not None and self.stored >= max_messages:
@@ -241,10 +278,11 @@ class Monitor:
                 time.sleep(self.options.tick_s)
         finally:
             self._join()
-            self._step(store)  # what the workers committed while stopping
-            self.tracker.flush(store)
-            store.checkpoint()
-            store.close()
+            if self.leader:
+                self._step(store)  # what the workers committed while stopping
+                self.tracker.flush(store)
+                store.checkpoint()
+            store.close()  # (a PostgreSQL leader's lock goes with it: another monitor takes over)
         return self.summary()
 
     def _step(self, store: FleetStore) -> None:
@@ -254,6 +292,7 @@ class Monitor:
             self.stored += len(rows)
             if len(rows) < 50000:
                 break
+        store.position = self.tracker.last_id  # (saved with the device rows, where the engine keeps it)
         self.tracker.flush(store, self.options.persist_every_s)
         now = time.monotonic()
         self._rate_window.append((now, self.stored))
@@ -273,7 +312,8 @@ class Monitor:
             malformed = store.malformed()
         devices = self.tracker.devices.values()
         return {
-            "broker": self.settings.url, "fleet": self.options.fleet, "store": self.store_path,
+            "broker": self.settings.url, "fleet": self.options.fleet, "store": describe(self.store_path),
+            "tracker": "leader" if self.leader else "follower",
             "seconds": round(time.time() - (self.started_at or time.time()), 3),
             "stored": self.stored, "duplicates": counters.get("duplicates", 0),
             "stale_wills": counters.get("stale_wills", 0),

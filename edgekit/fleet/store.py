@@ -23,6 +23,11 @@ Several processes write at once (one per ingest worker): each batch is one
 ``BEGIN IMMEDIATE`` transaction, and SQLite's busy timeout queues them. Row ids
 are assigned under the write lock, so ``id`` order is commit order and a reader
 can tail the table by id.
+
+The SQL here is written once for both engines: :class:`.store_pg.PgFleetStore`
+(a ``postgresql://`` URL) subclasses :class:`FleetStore` and replaces only the
+hooks marked *engine* (connection, schema bookkeeping, the batch insert, how a
+write transaction begins and how a new row's id is read back).
 """
 
 from __future__ import annotations
@@ -100,10 +105,12 @@ MESSAGE_COLUMNS = ("fleet", "device", "kind", "boot", "seq", "ts", "received", "
                    "payload")
 _INSERT = (f"INSERT OR IGNORE INTO messages ({', '.join(MESSAGE_COLUMNS)}) "
            f"VALUES ({', '.join('?' * len(MESSAGE_COLUMNS))})")
-_BUMP = "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
+# (the target table is named in DO UPDATE: PostgreSQL finds a bare `value` ambiguous with excluded's)
+_BUMP = ("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
+         "SET value = counters.value + excluded.value")
 _MALFORMED = ("INSERT INTO malformed(reason, count, last_topic, last_error, last_seen) VALUES (?, ?, ?, ?, ?) "
-              "ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count, last_topic = excluded.last_topic, "
-              "last_error = excluded.last_error, last_seen = excluded.last_seen")
+              "ON CONFLICT(reason) DO UPDATE SET count = malformed.count + excluded.count, "
+              "last_topic = excluded.last_topic, last_error = excluded.last_error, last_seen = excluded.last_seen")
 # what the tracker reads back; telemetry payloads stay in the file (their figures are columns)
 TAIL_COLUMNS = ("id", "fleet", "device", "kind", "boot", "seq", "ts", "received", "historical", "retained",
                 "p50_ms", "p99_ms", "inferences", "calls", "errors", "temp_c", "cpu_percent", "drift_psi")
@@ -134,11 +141,16 @@ class StoreError(EdgekitError):
 class FleetStore:
     """One connection to the store file; use one per thread or process."""
 
+    engine = "sqlite"
+
     def __init__(self, path: str | Path, *, create: bool = True, readonly: bool = False,
                  busy_timeout_s: float = 30.0, autocheckpoint: bool = True):
         self.path = Path(path)
         self.last_left_out = 0  # rows the last history()/series() left out (stored out of range by an older edgekit)
         self.last_refused = 0  # rows of the last insert_batch that SQLite refused (counted as store_refused)
+        # the tracker's position (id of the last message it consumed), written with its device rows by
+        # save_tracker where the engine keeps it (PostgreSQL: a new leader resumes there); set by the monitor
+        self.position: Optional[int] = None
         if not create and not self.path.exists():
             raise StoreError(f"no fleet store at {self.path}; run `edgekit fleet monitor --db {self.path}` first")
         if create:
@@ -215,33 +227,33 @@ class FleetStore:
         self.last_refused = 0
         try:
             return self._insert(rows, malformed, counters, one_by_one=False)
-        except _ROW_ERRORS as exc:
-            if not rows:
+        except Exception as exc:
+            if not rows or not self._is_row_error(exc):
                 raise
-            log.warning("a batch of %d messages was refused by SQLite (%s: %s); storing it row by row",
-                        len(rows), type(exc).__name__, exc)
+            log.warning("a batch of %d messages was refused by %s (%s: %s); storing it row by row",
+                        len(rows), self.engine, type(exc).__name__, exc)
         return self._insert(rows, malformed, counters, one_by_one=True)
 
     def _insert(self, rows: Sequence[tuple], malformed: Optional[dict[str, list]],
                 counters: Optional[dict[str, int]], one_by_one: bool) -> int:
         db = self.db
         malformed = dict(malformed or {})
-        db.execute("BEGIN IMMEDIATE")
+        self._begin_insert()
         try:
-            before = db.total_changes
-            refused = 0
+            new = refused = 0
             if one_by_one:
                 for row in rows:
                     try:
-                        db.execute(_INSERT, row)
-                    except _ROW_ERRORS as exc:
+                        new += self._insert_row(row)
+                    except Exception as exc:
+                        if not self._is_row_error(exc):
+                            raise
                         refused += 1
                         entry = malformed.get("store_refused") or [0, None, None, None]
                         malformed["store_refused"] = [entry[0] + 1, f"edgekit/v1/{row[0]}/{row[1]}/{row[2]}",
                                                       f"{type(exc).__name__}: {exc}"[:500], time.time()]
             else:
-                db.executemany(_INSERT, rows)
-            new = db.total_changes - before
+                new = self._insert_rows(rows)
             dup = len(rows) - refused - new
             bumps = dict(counters or {})
             if dup:
@@ -252,10 +264,52 @@ class FleetStore:
                 db.executemany(_MALFORMED, [(reason, *v) for reason, v in malformed.items()])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         self.last_refused = refused
         return new
+
+    # -- engine: how rows go in ----------------------------------------------------------------
+    def _is_row_error(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is one row's fault (the batch is then stored row by row), not the store's."""
+        return isinstance(exc, _ROW_ERRORS)
+
+    def _begin_insert(self) -> None:
+        """Begin a batch's transaction so that its ids are drawn in commit order (SQLite: the write lock)."""
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def _begin_write(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def _rollback(self) -> None:
+        self.db.execute("ROLLBACK")
+
+    def _insert_rows(self, rows: Sequence[tuple]) -> int:
+        """Insert rows, ignoring stored keys; returns how many were new."""
+        before = self.db.total_changes
+        self.db.executemany(_INSERT, rows)
+        return self.db.total_changes - before
+
+    def _insert_row(self, row: tuple) -> int:
+        """One row (the fallback after a refused batch): 1 if stored, 0 if its key was; raises if refused."""
+        before = self.db.total_changes
+        self.db.execute(_INSERT, row)
+        return self.db.total_changes - before
+
+    def _insert_id(self, sql: str, row: tuple) -> int:
+        """Run an INSERT of one row and return the new row's id."""
+        return self.db.execute(sql, row).lastrowid
+
+    def _save_position(self, devices: list) -> None:
+        """(engine) Keep the tracker's :attr:`position` with its device rows; SQLite's single tracker needs not."""
+
+    def tracker_position(self) -> Optional[int]:
+        """Id of the last message whose effects the stored device rows include (None: not kept by this engine)."""
+        return None
+
+    def try_lead(self) -> bool:
+        """Whether this connection may run the tracker: always for a SQLite file (one monitor per file)."""
+        return True
 
     def bump(self, name: str, value: int = 1) -> None:
         self.db.execute(_BUMP, (name, value))
@@ -282,7 +336,8 @@ class FleetStore:
         ``gaps_closed``: ``(closed_time, gap_id)``; ``alerts_closed``: ``(closed_time, fleet, device, kind)``.
         """
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        devices = list(devices)
+        self._begin_write()
         try:
             db.executemany("INSERT INTO devices(fleet, device, status, boot, seq, model, first_seen, last_seen, info) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(fleet, device) DO UPDATE SET "
@@ -290,8 +345,8 @@ class FleetStore:
                            "last_seen=excluded.last_seen, info=excluded.info", devices)
             gap_ids = []
             for row in gaps_new:
-                gap_ids.append(db.execute("INSERT INTO gaps(fleet, device, boot, first_seq, last_seq, opened) "
-                                          "VALUES (?, ?, ?, ?, ?, ?)", row).lastrowid)
+                gap_ids.append(self._insert_id("INSERT INTO gaps(fleet, device, boot, first_seq, last_seq, opened) "
+                                               "VALUES (?, ?, ?, ?, ?, ?)", row))
             db.executemany("UPDATE gaps SET closed=? WHERE id=?", gaps_closed)
             for row in alerts_new:
                 db.execute("INSERT INTO alerts(fleet, device, kind, value, threshold, message, opened) "
@@ -300,9 +355,10 @@ class FleetStore:
                            alerts_closed)
             if counters:
                 db.executemany(_BUMP, [(k, v) for k, v in counters.items() if v])
+            self._save_position(devices)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         return gap_ids
 

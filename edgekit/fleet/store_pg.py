@@ -1,0 +1,288 @@
+"""The fleet store on a PostgreSQL server (``--db postgresql://…``): several monitors on several machines, one store.
+
+Same tables, columns, keys and queries as the SQLite store (:mod:`.store`; the
+DDL is derived from its schema, the SQL is its own, run through :class:`PgConnection`
+which reads SQLite's ``?`` placeholders). What differs, and why:
+
+* **Schema version** — PostgreSQL has no ``user_version``: it is the row
+  ``schema_version`` of ``store_meta``; a newer one is refused as SQLite's is.
+  Creating the schema takes an advisory lock, so monitors starting together on
+  an empty database create it once.
+* **Tailing by id** — a ``BIGSERIAL`` id is drawn when a row is inserted, not
+  when its transaction commits, so two concurrent batches can commit out of id
+  order and a reader tailing ``id > last`` would step over the later-committing
+  one's rows for good. Each batch's transaction therefore takes one advisory
+  transaction lock (:data:`ORDER_LOCK`) *before* it draws ids and keeps it until
+  its commit is visible: batches commit one at a time, ids are commit order, as
+  under SQLite's write lock.
+* **One tracker** — several monitors ingest into one store, but only one may
+  run the tracker (devices, gaps, alerts, and alert notifications), or they
+  would overwrite each other's device rows. :meth:`PgFleetStore.try_lead` takes
+  a session advisory lock (:data:`LEADER_LOCK`): whoever holds it tracks; when
+  its process or connection dies the server drops the lock and the next monitor
+  to ask takes over. The tracker's position (id of the last message it
+  consumed) is written in the same transaction as its device rows, so the new
+  leader restores the device rows and continues right after them.
+* **A batch is one statement** — ``INSERT … SELECT * FROM unnest(<one array per
+  column>) ON CONFLICT DO NOTHING``: one round trip for thousands of rows; the
+  row count says how many were new, the rest are duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Optional, Sequence
+
+from ..errors import EdgekitError
+from .store import _SCHEMA, MESSAGE_COLUMNS, SCHEMA_VERSION, FleetStore, StoreError
+
+try:
+    import psycopg
+except ImportError:  # (a main dependency; only a broken install lacks it)
+    psycopg = None  # type: ignore[assignment]
+
+log = logging.getLogger("edgekit.fleet.store_pg")
+
+# advisory lock keys: (namespace, what); one store per database, so the keys need not name it
+LOCK_NAMESPACE = 0x65646B74  # "edkt"
+ORDER_LOCK = 1  # held by a batch's transaction from before its ids are drawn until it commits
+LEADER_LOCK = 2  # held by the session of the monitor that runs the tracker
+SCHEMA_LOCK = 3  # held while the schema is checked or created
+
+# the SQLite schema with PostgreSQL's types (ids: BIGSERIAL; numbers: 64-bit integers and doubles)
+PG_SCHEMA = re.sub(r"\bREAL\b", "DOUBLE PRECISION", re.sub(r"\bINTEGER\b", "BIGINT", _SCHEMA.replace(
+    "INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))) + """;
+CREATE TABLE store_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)
+"""
+
+_ARRAY_TYPES = {"fleet": "text", "device": "text", "kind": "text", "boot": "int8", "seq": "int8", "ts": "float8",
+                "received": "float8", "historical": "int8", "retained": "int8", "p50_ms": "float8",
+                "p99_ms": "float8", "inferences": "int8", "calls": "int8", "errors": "int8", "temp_c": "float8",
+                "cpu_percent": "float8", "drift_psi": "float8", "payload": "text"}
+_FLOAT_COLUMNS = tuple(i for i, c in enumerate(MESSAGE_COLUMNS) if _ARRAY_TYPES[c] == "float8")
+_INSERT_UNNEST = (f"INSERT INTO messages ({', '.join(MESSAGE_COLUMNS)}) SELECT * FROM unnest("
+                  + ", ".join(f"%s::{_ARRAY_TYPES[c]}[]" for c in MESSAGE_COLUMNS)
+                  + ") ON CONFLICT (fleet, device, boot, seq) DO NOTHING")
+_INSERT_ONE = (f"INSERT INTO messages ({', '.join(MESSAGE_COLUMNS)}) VALUES "
+               f"({', '.join('%s' for _ in MESSAGE_COLUMNS)}) ON CONFLICT (fleet, device, boot, seq) DO NOTHING")
+# server errors that are one value's fault: data exceptions (22: out of range, bad text), integrity (23: a NULL),
+# and a value of the wrong type (42804 datatype mismatch, 42846 cannot coerce)
+_ROW_SQLSTATES = ("22", "23", "42804", "42846")
+
+CONNECT_HINT = ("check that the PostgreSQL server is running and reachable at that host and port, that the URL's "
+                "user, password and database name are right, and that the database exists (on the server: "
+                "`createuser -P edgekit && createdb -O edgekit edgekit_fleet`)")
+
+
+def _float(v: Any) -> Any:
+    return v if v is None or v.__class__ is float else float(v)
+
+
+class PgConnection:
+    """The store's connection as the shared SQL uses it: ``?`` placeholders; ``execute``/``executemany``
+    return a cursor (``fetchone``, ``fetchall``, ``rowcount``, iteration). Autocommit unless the SQL
+    says ``BEGIN`` (``BEGIN IMMEDIATE``, SQLite's write transaction, is read as ``BEGIN``)."""
+
+    def __init__(self, conn: "psycopg.Connection", where: str):
+        self.conn = conn
+        self.where = where
+        self._sql: dict[tuple[str, bool], str] = {}
+
+    def _translate(self, sql: str, has_params: bool) -> str:
+        key = (sql, has_params)
+        out = self._sql.get(key)
+        if out is None:
+            out = sql
+            if out.strip().upper() == "BEGIN IMMEDIATE":
+                out = "BEGIN"
+            if has_params:  # (psycopg reads %: a literal one is doubled; SQL without parameters is sent as is)
+                out = out.replace("%", "%%").replace("?", "%s")
+            if len(self._sql) < 1000:
+                self._sql[key] = out
+        return out
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "psycopg.Cursor":
+        has = bool(params)
+        try:
+            return self.conn.execute(self._translate(sql, has), params if has else None)
+        except psycopg.OperationalError as exc:
+            raise self.lost(exc) from None
+
+    def executemany(self, sql: str, seq: Any) -> "psycopg.Cursor":
+        cur = self.conn.cursor()
+        try:
+            cur.executemany(self._translate(sql, True), list(seq))
+        except psycopg.OperationalError as exc:
+            raise self.lost(exc) from None
+        return cur
+
+    def lost(self, exc: BaseException) -> BaseException:
+        """A connection failure as a :class:`StoreError` (other operational errors unchanged)."""
+        if self.conn.closed or getattr(exc, "sqlstate", None) in (None, "57P01", "57P02", "57P03") or \
+                str(getattr(exc, "sqlstate", "")).startswith("08"):
+            return StoreError(f"lost the connection to the fleet store at {self.where}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}; "
+                              "is the PostgreSQL server still running?")
+        return exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PgFleetStore(FleetStore):
+    """One connection to a PostgreSQL fleet store; use one per thread or process."""
+
+    engine = "postgresql"
+
+    def __init__(self, url: str, *, create: bool = True, readonly: bool = False, busy_timeout_s: float = 30.0,
+                 autocheckpoint: bool = True, connect_timeout_s: float = 10.0):
+        from .stores import describe
+
+        if psycopg is None:
+            raise EdgekitError("a postgresql:// store needs psycopg: pip install 'psycopg[binary]'")
+        self.url = url
+        self.path = describe(url)  # (what messages show: never the password)
+        self.last_left_out = 0
+        self.last_refused = 0
+        self.position = None
+        self.leader = False
+        try:
+            conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)),
+                                   application_name="edgekit-fleet")
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open the fleet store at {self.path}: {self._scrub(exc)}; {CONNECT_HINT}",
+                             hint=CONNECT_HINT) from None
+        self.db = PgConnection(conn, self.path)
+        try:
+            # a statement stuck behind a lock longer than this fails instead of hanging the monitor
+            conn.execute(f"SET lock_timeout = {int(busy_timeout_s * 1000)}")
+            if readonly:
+                conn.execute("SET default_transaction_read_only = on")
+            if create and not readonly:
+                self._init()
+            elif self._check_version() == 0:
+                raise StoreError(f"no fleet store in {self.path}; run `edgekit fleet monitor --db {self.path}` "
+                                 "first")
+        except BaseException:
+            conn.close()
+            raise
+
+    def _scrub(self, exc: BaseException) -> str:
+        """The driver's message, first line, with the URL's password (if it were echoed) masked."""
+        from urllib.parse import urlsplit
+
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        password = urlsplit(self.url).password
+        return text.replace(password, "***") if password else text
+
+    # -- schema (engine) -----------------------------------------------------------------------
+    def _check_version(self) -> int:
+        if self.db.execute("SELECT to_regclass('store_meta')").fetchone()[0] is None:
+            if self.db.execute("SELECT to_regclass('messages')").fetchone()[0] is not None:
+                raise StoreError(f"{self.path} has a `messages` table but no `store_meta`: it is not a fleet "
+                                 "store; name an empty database")
+            return 0
+        row = self.db.execute("SELECT value FROM store_meta WHERE name = 'schema_version'").fetchone()
+        version = row[0] if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has store schema {version}, newer than this edgekit "
+                             f"({SCHEMA_VERSION}); upgrade edgekit to read it")
+        return version
+
+    def _init(self) -> None:
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            db.execute("SELECT pg_advisory_xact_lock(?, ?)", (LOCK_NAMESPACE, SCHEMA_LOCK))
+            if self._check_version() == 0:
+                for stmt in PG_SCHEMA.split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute("INSERT INTO store_meta(name, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            db.execute("COMMIT")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            self._rollback()
+            raise StoreError(f"cannot create the fleet store's tables in {self.path}: {self._scrub(exc)}; give "
+                             "the monitor's user its own database (`createdb -O <user> <database>`) or CREATE on "
+                             "its schema") from None
+        except BaseException:
+            self._rollback()
+            raise
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Nothing to do: the server checkpoints on its own (kept so that callers need not ask the engine)."""
+        return (0, 0, 0)
+
+    def close(self) -> None:
+        self.db.close()  # (a session lock, the tracker's leadership, goes with the session)
+
+    # -- writes (engine) -----------------------------------------------------------------------
+    def _is_row_error(self, exc: BaseException) -> bool:
+        if isinstance(exc, (OverflowError, ValueError, TypeError)):
+            return True
+        if not isinstance(exc, psycopg.DatabaseError) or isinstance(exc, psycopg.OperationalError):
+            return False
+        state = exc.sqlstate
+        if state is None:  # refused by the driver before it was sent (a NUL in text, a value of no SQL type)
+            return isinstance(exc, (psycopg.DataError, psycopg.ProgrammingError))
+        return state.startswith(_ROW_SQLSTATES)
+
+    def _begin_insert(self) -> None:
+        self.db.execute("BEGIN")
+        # before any id is drawn: the batches' commits, hence their ids, go one at a time (see the module doc)
+        self.db.execute("SELECT pg_advisory_xact_lock(?, ?)", (LOCK_NAMESPACE, ORDER_LOCK))
+
+    def _begin_write(self) -> None:
+        self.db.execute("BEGIN")
+
+    def _rollback(self) -> None:
+        try:
+            self.db.conn.execute("ROLLBACK")
+        except psycopg.Error:  # the connection is gone: the server rolled it back
+            log.debug("rollback failed", exc_info=True)
+
+    def _insert_rows(self, rows: Sequence[tuple]) -> int:
+        if not rows:
+            return 0
+        columns = [list(c) for c in zip(*rows)]
+        for i in _FLOAT_COLUMNS:  # (psycopg refuses a list mixing int and float)
+            columns[i] = [_float(v) for v in columns[i]]
+        try:
+            return self.db.conn.execute(_INSERT_UNNEST, columns).rowcount
+        except psycopg.OperationalError as exc:
+            raise self.db.lost(exc) from None
+
+    def _insert_row(self, row: tuple) -> int:
+        conn = self.db.conn
+        conn.execute("SAVEPOINT edgekit_row")  # a refused row must not abort the batch's transaction
+        try:
+            n = conn.execute(_INSERT_ONE, row).rowcount
+        except BaseException:
+            conn.execute("ROLLBACK TO SAVEPOINT edgekit_row")
+            raise
+        conn.execute("RELEASE SAVEPOINT edgekit_row")
+        return n
+
+    def _insert_id(self, sql: str, row: tuple) -> int:
+        return self.db.execute(sql + " RETURNING id", row).fetchone()[0]
+
+    # -- tracker (engine) ----------------------------------------------------------------------
+    def _save_position(self, devices: list) -> None:
+        # only with device rows: they then include every message up to the position (all changed devices
+        # are written at once), so a new leader neither skips nor counts twice
+        if devices and self.position is not None:
+            self.db.execute("INSERT INTO store_meta(name, value) VALUES ('tracker_position', ?) "
+                            "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (self.position,))
+
+    def tracker_position(self) -> Optional[int]:
+        """Id of the last message the stored device rows include (0: none yet)."""
+        row = self.db.execute("SELECT value FROM store_meta WHERE name = 'tracker_position'").fetchone()
+        return row[0] if row else 0
+
+    def try_lead(self) -> bool:
+        """Take the tracker's lock if no other session holds it; True while this connection holds it."""
+        if not self.leader:
+            self.leader = bool(self.db.execute("SELECT pg_try_advisory_lock(?, ?)",
+                                               (LOCK_NAMESPACE, LEADER_LOCK)).fetchone()[0])
+        return self.leader
