@@ -106,7 +106,8 @@ def need_mosquitto() -> None:
 class Topology:
     """One central broker and named site brokers, each bridged to it (fast link settings for tests)."""
 
-    def __init__(self, root: Path, sites: tuple[str, ...], central_extra: tuple[str, ...] = ()):
+    def __init__(self, root: Path, sites: tuple[str, ...], central_extra: tuple[str, ...] = (),
+                 site_settings: Optional[dict] = None):
         need_mosquitto()
         self.root = root
         self.central_config = BrokerConfig(dir=root / "central", port=free_port(), extra=list(central_extra),
@@ -115,7 +116,8 @@ class Topology:
         self.sites: dict[str, RunningBroker] = {}
         for name in sites:
             bridge = BridgeConfig("127.0.0.1", self.central_config.port, name=name, keepalive_s=5, restart_s=(1, 2))
-            self.sites[name] = start_broker(BrokerConfig(dir=root / name, port=free_port(), bridges=[bridge]))
+            self.sites[name] = start_broker(BrokerConfig(dir=root / name, port=free_port(), bridges=[bridge],
+                                                         **(site_settings or {})))
         self.wait_bridges()
 
     def bridge_connections(self) -> dict[str, int]:
@@ -130,10 +132,12 @@ class Topology:
         wait_until(lambda: all(c > floor[n] for n, c in self.bridge_connections().items()), timeout,
                    "every site's bridge connected to the central broker")
 
-    def restart_central(self, down_s: float, while_down=None) -> None:
+    def restart_central(self, down_s: float, while_down=None, once_down=None) -> None:
         """Stop the central broker (it saves its sessions), stay down ``down_s``, start it on the same port."""
         self.central.stop()
         end = time.monotonic() + down_s
+        if once_down is not None:
+            once_down()
         while time.monotonic() < end:
             if while_down is not None:
                 while_down()
@@ -182,6 +186,17 @@ class Devices:
         except BaseException as exc:  # re-raised by stop()
             self.error = exc
 
+    def settled(self, timeout: float = 30.0) -> dict[str, int]:
+        """Wait until every device's spool is empty and nothing is in flight: everything each one numbered so
+        far was acknowledged by its site broker. Returns device -> its last seq at that moment."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(d.link.connected and not len(d.core.spool) and not d.link.pending for d in self.devices):
+                    return {d.name: d.core.seq for d in self.devices}
+            time.sleep(0.02)
+        raise AssertionError(f"the devices' spools did not drain within {timeout:g} s")
+
     def by_name(self, name: str) -> SimulatedDevice:
         return next(d for d in self.devices if d.name == name)
 
@@ -194,12 +209,22 @@ class Devices:
         return {d["device"]: d["messages"] for d in (dev.stop() for dev in self.devices)}
 
 
+def stored_seqs(fleet, device: str) -> set[int]:
+    return {r["seq"] for r in fleet.query(lambda s: s.history("f1", device))}
+
+
+def wait_all_stored(fleet, acked: dict[str, int], timeout: float = 45.0) -> None:
+    """Every seq 1..N each device's site acknowledged is in the monitor's store (0 lost)."""
+    fleet.wait(lambda: all(set(range(1, n + 1)) <= stored_seqs(fleet, d) for d, n in acked.items()), timeout,
+               f"every acknowledged message of {len(acked)} devices stored")
+
+
 @pytest.fixture
 def topology(tmp_path):
     made: list[Topology] = []
 
-    def make(sites=("site-a", "site-b"), central_extra=()) -> Topology:
-        made.append(Topology(tmp_path / f"brokers{len(made)}", sites, central_extra))
+    def make(sites=("site-a", "site-b"), central_extra=(), **site_settings) -> Topology:
+        made.append(Topology(tmp_path / f"brokers{len(made)}", sites, central_extra, site_settings))
         return made[-1]
 
     yield make
@@ -243,27 +268,27 @@ def test_two_sites_through_bridges_to_one_monitor(topology, fleet_tools, tmp_pat
         # ... and its reconnection's "online" too (the agent republishes it on every connection)
         fleet.wait_device("site-a-0000", lambda d: d["status"] == "online", what="online again after the will")
 
+        acked = devices.settled()
+        wait_all_stored(fleet, acked)
+        assert fleet.query(lambda s: s.counters()).get("stale_wills", 0) == 0
         last = devices.stop()
+        for name in names:  # the agent's clean stop crosses too (a slow machine may leave it for the next start)
+            fleet.wait_device(name, lambda d: d["status"] == "offline" and d["missing"] == 0, timeout=30,
+                              what=f"{name} stopped")
         for name in names:
-            fleet.wait_device(name, lambda d: d["status"] == "offline" and d["seq"] == last[name], timeout=15,
-                              what=f"{name} stopped, every message through")
-        total = sum(last.values()) + 1  # + the will (seq 0)
-        fleet.wait(lambda: fleet.query(lambda s: s.message_count()) == total, timeout=15, what=f"{total} stored")
-        for name in names:  # every device's seq 1..N stored: nothing lost on the way through two brokers
-            dev = fleet.device(name)
-            assert dev["missing"] == 0 and dev["messages"] == last[name] + (name == "site-a-0000")
-            assert dev["offline_reason"] == "stopped"
+            assert stored_seqs(fleet, name) == set(range(1 - (name == "site-a-0000"), last[name] + 1))
     finally:
         fleet.close()
 
 
 def test_a_central_outage_loses_no_telemetry(topology, fleet_tools, tmp_path):
     """The central broker stops for a few seconds: each site queues for its bridge, the monitor's session
-    (fixed client id, session expiry) survives the central restart in its persistence, 0 lost."""
+    (fixed client id, session expiry, plain subscriptions) survives the central restart in its persistence,
+    0 lost. (Mosquitto 2.0 does not keep *shared* subscriptions over its restart: see the test below.)"""
     topo = topology()
     fleet = fleet_tools.FleetHelper(topo.as_fixture_broker(), tmp_path)
     try:
-        run = fleet.start_monitor(fleet="f1", client_id="central-monitor", session_expiry=3600)
+        run = fleet.start_monitor(fleet="f1", client_id="central-monitor", session_expiry=3600, share=False)
         devices = Devices(topo, {"site-a": 2, "site-b": 1}, tmp_path / "devices", rate=20.0)
         names = [d.name for d in devices.devices]
         for name in names:
@@ -277,19 +302,128 @@ def test_a_central_outage_loses_no_telemetry(topology, fleet_tools, tmp_path):
         connected = topo.bridge_connections()
         topo.restart_central(3.0, while_down=note_progress)
         # the devices never noticed: their site broker acknowledged everything while the central one was away
-        assert all(made_while_down[n] > before[n] + 20 for n in names), (before, made_while_down)
+        assert all(made_while_down[n] > before[n] + 5 for n in names), (before, made_while_down)
         assert all(d.link.connected for d in devices.devices)
         topo.wait_bridges(more_than=connected)
-        last = devices.stop()
-        total = sum(last.values())
-        fleet.wait(lambda: fleet.query(lambda s: s.message_count()) >= total, timeout=30,
-                   what=f"{total} messages stored after the outage")
-        assert fleet.query(lambda s: s.message_count()) == total
-        for name in names:
-            dev = fleet.wait_device(name, lambda d: d["seq"] == last[name] and d["missing"] == 0, timeout=10,
-                                    what=f"{name}: every seq up to {last[name]}")
-            assert dev["messages"] == last[name] and dev["status"] == "offline"
+        acked = devices.settled()
+        wait_all_stored(fleet, acked)
+        devices.stop()
         run.check()
+    finally:
+        fleet.close()
+
+
+def test_mosquitto_forgets_shared_subscriptions_over_its_restart(tmp_path, fleet_tools):
+    """Why a monitor that must not lose what arrives while the central broker restarts uses plain
+    subscriptions there: Mosquitto restores a persistent session's plain subscription from its persistence,
+    but not a shared one, so messages that arrive before the monitor is back are gone."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    need_mosquitto()
+    config = BrokerConfig(dir=tmp_path / "central", port=free_port())
+    broker = start_broker(config)
+    received: dict[str, list[str]] = {"plain": [], "shared": []}
+    clients = []
+
+    def session(kind: str, topic_filter: str):
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"monitor-{kind}", protocol=mqtt.MQTTv5)
+        c.on_message = lambda cl, u, m: received[kind].append(m.payload.decode())
+        subscribed = threading.Event()
+        c.on_connect = lambda cl, *a: cl.subscribe(topic_filter, qos=1)  # every connection, as the monitor does
+        c.on_subscribe = lambda *a: subscribed.set()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        c.connect("127.0.0.1", config.port, 10, clean_start=False, properties=props)
+        c.loop_start()
+        fleet_tools.wait_until(subscribed.is_set, 10, f"{kind} subscribed")
+        clients.append(c)
+        return c
+
+    def publish(payload: str) -> None:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="device", protocol=mqtt.MQTTv5)
+        c.connect("127.0.0.1", config.port)
+        c.loop_start()
+        c.publish(STATE, payload.encode(), qos=1).wait_for_publish(10)
+        c.loop_stop()
+        c.disconnect()
+
+    try:
+        for kind, topic_filter in (("plain", STATE), ("shared", f"$share/g/{STATE}")):
+            session(kind, topic_filter)
+        publish("before")
+        fleet_tools.wait_until(lambda: all(received.values()), 10, "both got the first message")
+        for c in clients:  # away, the session kept by the broker
+            c.loop_stop()
+            c.disconnect(reasoncode=None)
+        clients.clear()
+        broker.stop()
+        broker = start_broker(config)
+        publish("while-away")  # the broker restarted; the monitors are not back yet
+        for kind, topic_filter in (("plain", STATE), ("shared", f"$share/g/{STATE}")):
+            session(kind, topic_filter)
+        publish("after")
+        fleet_tools.wait_until(lambda: all(r[-1:] == ["after"] for r in received.values()), 10, "the last message")
+        assert received["plain"] == ["before", "while-away", "after"]
+        assert received["shared"] == ["before", "after"]  # Mosquitto 2.0: lost with the shared subscription
+    finally:
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
+        broker.stop()
+
+
+def test_a_site_queue_below_the_outage_drops_messages_silently(topology, fleet_tools, tmp_path):
+    """Why the site's max_queued_* matter: the bridge is one client of the site broker, and past its queue
+    limit Mosquitto drops QoS 1 messages that the devices already had PUBACKs for."""
+    topo = topology(sites=("site-a",), max_queued_messages=50)
+    fleet = fleet_tools.FleetHelper(topo.as_fixture_broker(), tmp_path)
+    try:
+        fleet.start_monitor(fleet="f1", client_id="central-monitor", session_expiry=3600, share=False)
+        fleet._pub = fleet.client("device-at-site", port=topo.sites["site-a"].config.port)
+        fleet.publish("telemetry", "cam-1", 1, {"window_s": 1.0, "inferences": 1})
+        fleet.wait_device("cam-1", lambda d: d["seq"] == 1, what="cam-1 through the bridge")
+        connected = topo.bridge_connections()
+
+        def publish_backlog():
+            for seq in range(2, 202):  # each acknowledged by the site broker
+                fleet.publish("telemetry", "cam-1", seq, {"window_s": 1.0, "inferences": 1})
+
+        topo.restart_central(0.5, once_down=publish_backlog)
+        topo.wait_bridges(more_than=connected)
+        fleet.publish("telemetry", "cam-1", 202, {"window_s": 1.0, "inferences": 1})  # after the backlog, in order
+        fleet.wait_device("cam-1", lambda d: d["seq"] == 202, timeout=45, what="the last message")
+        stored = fleet.query(lambda s: s.message_count())
+        assert stored < 150, stored  # ~50 queued (+ what was in flight) of 200
+        assert fleet.device("cam-1")["missing"] == 202 - stored
+        assert "Outgoing messages are being dropped for client local.site-a" in topo.sites["site-a"].log()
+    finally:
+        fleet.close()
+
+
+@pytest.mark.xfail(strict=True, reason="every will of a boot is (boot, seq 0): the store keeps the first and drops "
+                                       "the next as a duplicate (docs/telemetry.md, 'one boot, two wills')")
+def test_a_second_will_in_one_boot_marks_the_device_offline(topology, fleet_tools, tmp_path):
+    topo = topology(sites=("site-a",))
+    fleet = fleet_tools.FleetHelper(topo.as_fixture_broker(), tmp_path)
+    try:
+        fleet.start_monitor(fleet="f1")
+        devices = Devices(topo, {"site-a": 1}, tmp_path / "devices")
+        dev = devices.devices[0]
+        fleet.wait_device(dev.name, lambda d: d["status"] == "online", what="online")
+        with devices.lock:
+            cut_connection(dev)
+        fleet.wait_device(dev.name, lambda d: d["status"] == "offline", what="the first will")
+        fleet.wait_device(dev.name, lambda d: d["status"] == "online", what="reconnected")
+        with devices.lock:  # the network goes for good this time: no reconnection
+            dev.link.client.loop_stop()
+            cut_connection(dev)
+        try:
+            fleet.wait_device(dev.name, lambda d: d["status"] == "offline", timeout=5, what="the second will")
+        finally:
+            devices.stop()
     finally:
         fleet.close()
 
