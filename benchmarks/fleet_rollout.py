@@ -491,8 +491,9 @@ def device_times(record: dict[str, Any], watcher: Watcher) -> dict[str, Any]:
         ins = e.get("install") or {}
         if not ins.get("finished_ts"):
             continue
-        total.append(ins.get("seconds"))
-        rid, sent = ins["request_id"], ins.get("last_send_ts")
+        # from the host deciding to send (the record written, then the wave's commands published together)
+        rid, sent = ins["request_id"], ins.get("first_sent_ts")
+        total.append(ins["finished_ts"] - sent)
         first, acked = watcher.progress.get(rid), watcher.acks.get(rid)
         if first is not None and sent is not None:
             delivery.append(first - sent)
@@ -779,9 +780,10 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {w['phase']} | {w['devices']} | {w['sent']} | {w.get('failed', 0)} | "
                          f"{_fmt(w.get('start_s'))} | {_fmt(w.get('end_s'))} | {_fmt(w.get('seconds'))} | "
                          f"{_fmt(w.get('gap_before_s'), 3)} | {_fmt(w.get('send_spread_s'), 3)} |")
-    lines += ["", "Where a device's time goes (median / max s over the devices that answered): command sent → the "
-                  "agent's first `install_progress` (delivery), → its ack (the agent), → recorded by the host "
-                  "(answer back); the agent's own step timings:", "",
+    lines += ["", "Where a device's time goes (median / max s over the devices that answered): the host starts "
+                  "sending its wave (record written, commands published) → the agent's first `install_progress` "
+                  "(delivery), → its ack (the agent), → received by the host (answer back); the agent's own step "
+                  "timings:", "",
               "| scenario | command → answer | delivery | agent | answer back | " + " | ".join(STEPS) + " |",
               "|---|---|---|---|---|" + "---|" * len(STEPS)]
     for r in report["runs"]:
