@@ -8,6 +8,6 @@
   commands over MQTT; what a rollout installs where (canaries, waves, abort rule);
   running it, and its on-disk record.
 * :mod:`.fleet_flash` — ``edgekit flash --fleet`` and ``edgekit rollback`` as library calls
-  (typed settings; the CLI and ``benchmarks/fleet_rollout.py`` use them).
+  (typed settings; the CLI uses them, ``benchmarks/fleet_rollout.py`` runs the CLI).
 * :mod:`.remote_bench` — ``edgekit bench --device``: the agent's ``bench`` command.
 """

@@ -3,7 +3,7 @@
 :class:`FleetFlash` puts the pieces of :mod:`.plan`, :mod:`.rollout`, :mod:`.commands`
 and :mod:`.server` together: read the bundle, serve it (or use a given URL), connect
 to the fleet, select the devices, plan and run the rollout, and stop what it started.
-The CLI and ``benchmarks/fleet_rollout.py`` both use it; neither builds a plan by hand.
+The CLI uses it (``benchmarks/fleet_rollout.py`` runs the CLI, the live tests call it); nobody builds a plan by hand.
 
     settings = FleetFlashSettings(fleet="f1", devices="cam-*", canary="10%")
     with FleetFlash(broker, sign_key, settings, bundle=Path("m.ekb"), source=BundleSource(url=...)) as job:
