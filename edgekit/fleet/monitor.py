@@ -60,6 +60,10 @@ class MonitorOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
     # called with each alert opened/closed by this monitor's tracker (see FleetTracker.listeners)
     alert_listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    # called with the monitor when it takes over the tracker of a PostgreSQL store from another monitor's
+    # (after restoring it: e.g. tell the alert sinks which alerts are open); not called for a SQLite store,
+    # whose tracker is restored in start()
+    lead_listeners: list[Callable[["Monitor"], None]] = field(default_factory=list)
 
 
 def _worker_main(settings: BrokerSettings, store_path: str, fleet: str, client_id: str, group: Optional[str],
@@ -118,6 +122,9 @@ class Monitor:
             self.tracker.last_id = store.tracker_position() or 0
             log.warning("this monitor now runs the fleet tracker for %s (from message id %d)",
                         describe(self.store_path), self.tracker.last_id)
+            self.leader = True
+            for listener in self.options.lead_listeners:
+                listener(self)
         self.leader = True
 
     # -- lifecycle -----------------------------------------------------------------------

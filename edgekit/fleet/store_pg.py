@@ -31,7 +31,9 @@ which reads SQLite's ``?`` placeholders). What differs, and why:
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 from typing import Any, Optional, Sequence
 
 from ..errors import EdgekitError
@@ -49,6 +51,11 @@ LOCK_NAMESPACE = 0x65646B74  # "edkt"
 ORDER_LOCK = 1  # held by a batch's transaction from before its ids are drawn until it commits
 LEADER_LOCK = 2  # held by the session of the monitor that runs the tracker
 SCHEMA_LOCK = 3  # held while the schema is checked or created
+
+# which monitor (host, pid) runs the tracker: its session holds LEADER_LOCK
+LEADER_QUERY = ("SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                f"WHERE l.locktype = 'advisory' AND l.classid = {LOCK_NAMESPACE} AND l.objid = {LEADER_LOCK} "
+                "AND l.objsubid = 2 AND l.granted")
 
 # the SQLite schema with PostgreSQL's types (ids: BIGSERIAL; numbers: 64-bit integers and doubles)
 PG_SCHEMA = re.sub(r"\bREAL\b", "DOUBLE PRECISION", re.sub(r"\bINTEGER\b", "BIGINT", _SCHEMA.replace(
@@ -148,8 +155,9 @@ class PgFleetStore(FleetStore):
         self.position = None
         self.leader = False
         try:
+            # (the name says which process holds a session: LEADER_QUERY shows who runs the tracker)
             conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)),
-                                   application_name="edgekit-fleet")
+                                   application_name=f"edgekit-fleet {socket.gethostname()} {os.getpid()}"[:63])
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the fleet store at {self.path}: {self._scrub(exc)}; {CONNECT_HINT}",
                              hint=CONNECT_HINT) from None

@@ -255,6 +255,33 @@ def test_one_leader_at_a_time_and_the_next_takes_over(pg_url):
         b.close()
 
 
+def test_a_new_leader_resumes_where_the_old_ones_device_rows_end(pg_url):
+    """Rows the dead leader consumed but whose device rows it never wrote are tracked by the next leader, once."""
+    from edgekit.fleet.connection import BrokerSettings
+    from edgekit.fleet.monitor import Monitor, MonitorOptions
+
+    old = PgFleetStore(pg_url)
+    assert old.try_lead()
+    tracker = FleetTracker(Thresholds(gap_grace_s=0))
+    feed(old, tracker, env("state", 1), env("telemetry", 2), env("telemetry", 3))  # device rows: 3 messages
+    ing = Ingestor(fleet="f1")
+    for msg in (env("telemetry", 4), env("telemetry", 5)):
+        ing.add(fp.topic("f1", "d1", "telemetry"), fp.encode(msg), False, 2000.0)
+    old.insert_batch(*ing.take())
+    tracker.consume(old.tail(tracker.last_id))  # consumed, then the process dies before it writes them
+    old.close()
+    monitor = Monitor(BrokerSettings(host="127.0.0.1", port=1), pg_url, MonitorOptions(persist_every_s=0))
+    taken: list = []
+    monitor.options.lead_listeners.append(taken.append)
+    with PgFleetStore(pg_url) as store:
+        wait_until(lambda: (monitor._try_lead(store), monitor.leader)[1], 10, "the lock to be free")
+        assert taken == [monitor]
+        monitor._step(store)
+    with PgFleetStore(pg_url, create=False, readonly=True) as store:
+        (dev,) = store.devices()
+    assert (dev["seq"], dev["messages"], dev["missing"]) == (5, 5, 0)
+
+
 def test_a_follower_monitor_takes_over_when_the_leader_stops(fleet, pg_url):
     fleet.db = pg_url
     leader = fleet.start_monitor()
@@ -280,3 +307,115 @@ def test_a_follower_monitor_takes_over_when_the_leader_stops(fleet, pg_url):
     assert dev["messages"] == 19 and dev["missing"] == 0 and dev["status"] == "online"
     with open_store(pg_url, create=False, readonly=True) as s:
         assert s.message_count() == 19 and s.counters().get("duplicates", 0) == 1  # (the follower's state copy)
+
+
+# ----------------------------------------------------------------------------- two monitor processes, one store
+MONITOR_PROCESS = r"""
+import json, signal, sys
+from edgekit.fleet.connection import BrokerSettings
+from edgekit.fleet.monitor import Monitor, MonitorOptions
+host, port, db, client = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+monitor = Monitor(BrokerSettings(host=host, port=port, keepalive=10), db,
+                  MonitorOptions(fleet="bench", group="monitors", client_id=client, tick_s=0.1, persist_every_s=0.2))
+signal.signal(signal.SIGTERM, lambda *a: monitor.stop())
+monitor.start()
+print(json.dumps({"ready": True}), flush=True)
+print(json.dumps(monitor.run()), flush=True)
+"""
+
+
+def _leaders(pg_url: str) -> list[str]:
+    from edgekit.fleet.store_pg import LEADER_QUERY
+
+    with open_store(pg_url, create=False, readonly=True) as s:
+        return [r[0] for r in s.db.execute(LEADER_QUERY).fetchall()]
+
+
+def _publish(broker, devices: int, messages: int, boot: int) -> int:
+    """``devices`` publisher connections, each its state then ``messages`` telemetry; all must be acknowledged."""
+    from edgekit.fleet.connection import BrokerSettings
+    from edgekit.fleet.loadgen import LoadGenerator, LoadPlan
+
+    plan = LoadPlan(fleet="bench", devices=devices, messages_per_device=messages, processes=2, window=8,
+                    boot=boot, timeout_s=120)
+    load = LoadGenerator(BrokerSettings(host=broker.host, port=broker.port, keepalive=30), plan)
+    load.ready(timeout=120)
+    load.go()
+    result = load.wait(150)
+    assert (result.acked, result.refused) == (load.expected, 0)
+    return load.expected
+
+
+def _wait_tracked(pg_url: str, devices: int, boot: int, seq: int, messages: int, stored: int) -> None:
+    def count() -> int:
+        with open_store(pg_url, create=False, readonly=True) as s:
+            return s.message_count()
+
+    wait_until(lambda: count() >= stored, 60, f"{stored} stored messages")
+
+    def tracked() -> bool:
+        with open_store(pg_url, create=False, readonly=True) as s:
+            rows = s.devices("bench")
+        return len(rows) == devices and all((d["boot"], d["seq"], d["messages"]) == (boot, seq, messages)
+                                            for d in rows)
+
+    wait_until(tracked, 60, f"all {devices} devices tracked to boot {boot} seq {seq}")
+
+
+def test_two_monitor_processes_ingest_1000_devices_none_lost_none_twice(mqtt_broker, pg_url):
+    """Two monitor processes (same shared-subscription group, one PostgreSQL store), 1,000 device connections:
+    every acknowledged message stored once, one tracker; then the tracker's process is killed and the other
+    monitor takes over, restores, and tracks a second round of every device without counting anything twice."""
+    import signal
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+
+    devices, messages = 1000, 5
+    PgFleetStore(pg_url).close()  # (created once here; the monitors would race harmlessly for it)
+    procs = [subprocess.Popen([sys.executable, "-c", MONITOR_PROCESS, mqtt_broker.host, str(mqtt_broker.port),
+                               pg_url, f"monitor-{i}"], stdout=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        for p in procs:
+            assert json.loads(p.stdout.readline()) == {"ready": True}
+        first = _publish(mqtt_broker, devices, messages, boot=1)
+        _wait_tracked(pg_url, devices, 1, messages + 1, messages + 1, first)
+        leaders = _leaders(pg_url)
+        assert len(leaders) == 1  # exactly one tracker
+        leader = next(p for p in procs if leaders[0].endswith(f" {p.pid}"))
+        follower = next(p for p in procs if p is not leader)
+        with open_store(pg_url, create=False, readonly=True) as s:
+            assert s.message_count() == first  # 0 lost: every acknowledged message is a row
+            # 0 duplicates: the unique key kept one row per message; what it dropped is exactly each state
+            # message's second copy (every monitor reads every device's state), no telemetry twice
+            assert s.counters().get("duplicates", 0) == devices
+
+        leader.send_signal(signal.SIGKILL)  # no goodbye: its session's lock goes when the server sees it gone
+        leader.wait(10)
+        wait_until(lambda: len(_leaders(pg_url)) == 1 and _leaders(pg_url)[0].endswith(f" {follower.pid}"), 30,
+                   "the surviving monitor to take the tracker")
+        second = _publish(mqtt_broker, devices, messages, boot=2)  # (every device restarted)
+        _wait_tracked(pg_url, devices, 2, messages + 1, 2 * (messages + 1), first + second)
+        follower.terminate()
+        out, _ = follower.communicate(timeout=60)
+        assert follower.returncode == 0
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["tracker"] == "leader" and summary["devices"] == devices
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    with open_store(pg_url, create=False, readonly=True) as s:
+        assert s.message_count() == first + second
+        assert s.counters().get("duplicates", 0) == devices
+        assert s.malformed() == {}
+        assert all(d["missing"] == 0 and d["status"] == "online" for d in s.devices())
+    listed = CliRunner().invoke(app, ["fleet", "ls", "--db", pg_url, "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.output)
+    rows = rows["devices"] if isinstance(rows, dict) else rows
+    assert len(rows) == devices
