@@ -22,8 +22,8 @@ def broker_cmd(
     max_inflight: int = typer.Option(1000, help="QoS 1 messages in flight per client (v5 Receive Maximum)"),
     password_file: Optional[Path] = typer.Option(None, help="mosquitto_passwd file (disables anonymous access)"),
     acl_file: Optional[Path] = typer.Option(None, help="ACL file (firmware/mosquitto/acl)"),
-    max_queued_bytes: int = typer.Option(1 << 30, help="... and in bytes per client (0: no byte limit); on a site "
-                                                       "broker this bounds what it keeps while the central link is down"),
+    max_queued_bytes: int = typer.Option(1 << 30, help="... and in bytes per client (0: no byte limit); on a "
+                                         "site broker this bounds what it keeps while the central link is down"),
     bridge_to: Optional[str] = typer.Option(None, "--bridge-to", help="Make this a site broker: bridge the fleet's "
                                             "device topics to this central broker (mqtt[s]://host[:port]) and its "
                                             "commands back"),
@@ -65,10 +65,13 @@ def broker_cmd(
                           bridges=bridges)
     path = config.write()
     if print_config:
+        # the file holds the bridge's password (mode 0600); what is printed does not
+        text = "".join("remote_password ********\n" if line.startswith("remote_password ") else line
+                       for line in path.read_text().splitlines(keepends=True))
         if as_json:
-            print_json({"config": str(path), "text": path.read_text()})
+            print_json({"config": str(path), "text": text})
         else:
-            console.print(path.read_text(), highlight=False, markup=False)
+            console.print(text, highlight=False, markup=False)
         return
 
     def starting(config_path: Path) -> None:

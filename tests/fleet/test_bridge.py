@@ -80,7 +80,8 @@ def test_broker_command_writes_a_site_broker(tmp_path):
     assert result.exit_code == 0, result.output
     text = json.loads(result.output)["text"]
     assert "max_queued_bytes 0" in text and "address central.example:8883" in text
-    assert "remote_password site-a-pw" in text and "try_private true" in text
+    assert "remote_password ********" in text and "site-a-pw" not in text and "try_private true" in text
+    assert "remote_password site-a-pw" in (tmp_path / "b" / "mosquitto.conf").read_text()
     assert "topic edgekit/v1/f2/+/cmd in 1" in text and "topic edgekit/v1/f1/+/telemetry out 1" in text
     # a broken bridge is refused with the reason, before anything runs
     bad = CliRunner().invoke(app, ["broker", "--dir", str(tmp_path / "c"), "--bridge-to", "mqtt://central",
