@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
 from edgekit.fleet.ingest import Ingestor
-from edgekit.fleet.store import MESSAGE_COLUMNS, SCHEMA_VERSION, FleetStore, StoreError
+from edgekit.fleet.store import MESSAGE_COLUMNS, SCHEMA_VERSION, StoreError
 from edgekit.fleet.store_pg import PgFleetStore
 from edgekit.fleet.stores import open_store
 from edgekit.fleet.tracker import FleetTracker, Thresholds
@@ -69,9 +68,11 @@ def scenario(db: str) -> dict:
     clock = Clock()
     with open_store(db) as store:
         tracker = FleetTracker(Thresholds(gap_grace_s=5.0, p99_ms=10.0), clock=clock)
-        tel = lambda seq, p99=5.0, **kw: env("telemetry", seq, {"window_s": 1.0, "inferences": 5, "calls": 5,  # noqa: E731
-                                                                "errors": 0, "latency_ms": {"p50": 1.0, "p99": p99}},
-                                              **kw)
+
+        def tel(seq, p99=5.0, **kw):
+            return env("telemetry", seq, {"window_s": 1.0, "inferences": 5, "calls": 5, "errors": 0,
+                                          "latency_ms": {"p50": 1.0, "p99": p99}}, **kw)
+
         feed(store, tracker, env("state", 1), tel(2), tel(2), tel(5, p99=50.0), env("event", 6, {"type": "x"}))
         feed(store, tracker, env("state", 1, device="d2"), tel(2, device="d2"))
         clock.t += 6
