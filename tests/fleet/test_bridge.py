@@ -441,7 +441,7 @@ def test_the_bridge_link_with_tls_and_a_password(tmp_path, fleet_tools):
                        text=True, check=True)
     acl = tmp_path / "central.acl"
     acl.write_text("user edgekit-monitor\ntopic read edgekit/v1/#\ntopic write edgekit/v1/+/+/cmd\n\n"
-                   "user site-a\n" + "".join(f"topic write edgekit/v1/+/+/{k}\n"
+                   "user site-a\n" + "".join(f"topic write edgekit/v1/f1/+/{k}\n"
                                              for k in ("state", "telemetry", "event", "ack"))
                    + "topic read edgekit/v1/+/+/cmd\n")
     central_cfg = BrokerConfig(dir=tmp_path / "central", port=free_port(), tls_port=free_port(),
@@ -545,3 +545,57 @@ def test_an_earlier_connections_will_never_follows_the_online_on_one_broker_but_
         assert late == [("c3-will", True)]
     finally:
         FleetHelperClient.close()
+
+
+def test_a_site_bridged_to_the_firmware_central_broker_with_its_certificate(tmp_path, fleet_tools):
+    """The documented production path: the central broker runs firmware/mosquitto/edgekit.conf (TLS with a
+    client certificate per client, CN = user name, ACL), the site's bridge presents a certificate whose CN is
+    the site's name, and the ACL gives that user the site's block from docs/telemetry.md."""
+    need_mosquitto()
+    certs = tmp_path / "certs"
+    subprocess.run([str(FIRMWARE / "make-certs.sh"), str(certs), "site-a"], capture_output=True, text=True,
+                   check=True)
+    passwd = tmp_path / "edgekit.passwd"
+    subprocess.run([str(FIRMWARE / "add-user.sh"), str(passwd), "edgekit-monitor", "monitor-pw"],
+                   capture_output=True, text=True, check=True)
+    acl = tmp_path / "edgekit.acl"
+    acl.write_text((FIRMWARE / "edgekit.acl").read_text() + "\nuser site-a\n"
+                   + "".join(f"topic write edgekit/v1/f1/+/{k}\n" for k in ("state", "telemetry", "event", "ack"))
+                   + "topic read edgekit/v1/f1/+/cmd\n")
+    port, tls_port = free_port(), free_port()
+    lines = []
+    for line in (FIRMWARE / "edgekit.conf").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = (line.replace("/etc/mosquitto/edgekit.passwd", str(passwd))
+                .replace("/etc/mosquitto/edgekit.acl", str(acl)).replace("/etc/mosquitto/certs/", f"{certs}/"))
+        lines.append({"listener 1883 127.0.0.1": f"listener {port} 127.0.0.1",
+                      "listener 8883": f"listener {tls_port} 127.0.0.1"}.get(line, line))
+    central = start_broker(BrokerConfig(dir=tmp_path / "central", port=free_port(), extra=lines,
+                                        allow_anonymous=False, log_connections=True))
+    brokers = [central]
+    try:
+        bridge = BridgeConfig("localhost", tls_port, name="site-a", fleets=("f1",), tls=True,
+                              cafile=certs / "ca.crt", certfile=certs / "devices" / "site-a.crt",
+                              keyfile=certs / "devices" / "site-a.key", keepalive_s=5, restart_s=(1, 2))
+        site = start_broker(BrokerConfig(dir=tmp_path / "site-a", port=free_port(), bridges=[bridge]))
+        brokers.append(site)
+        fleet = fleet_tools.FleetHelper(SimpleNamespace(host="127.0.0.1", port=port), tmp_path)
+        fleet.settings = BrokerSettings(host="127.0.0.1", port=port, username="edgekit-monitor",
+                                        password="monitor-pw", keepalive=10)
+        try:
+            fleet.start_monitor(fleet="+")  # every fleet: what does not arrive was not bridged
+            fleet._pub = fleet.client("dev-at-site", port=site.config.port)
+            fleet.publish("state", "cam-1", 1, {"status": "online"}, retain=True)
+            fleet.publish("telemetry", "cam-1", 2, {"window_s": 1.0, "inferences": 3})
+            fleet.publish("telemetry", "cam-2", 1, {"window_s": 1.0, "inferences": 3}, fleet="f2")  # not its fleet
+            fleet.publish("telemetry", "cam-1", 3, {"window_s": 1.0, "inferences": 3})
+            fleet.wait_device("cam-1", lambda d: d["seq"] == 3, timeout=20, what="cam-1 through the certificate link")
+            assert fleet.query(lambda s: s.devices("f2")) == []  # never bridged: --bridge-fleet f1 only
+            assert fleet.query(lambda s: s.malformed()) == {}
+        finally:
+            fleet.close()
+    finally:
+        for b in brokers:
+            b.stop()
