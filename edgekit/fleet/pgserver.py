@@ -15,6 +15,7 @@ import glob
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -48,6 +49,12 @@ def find_bindir() -> Optional[Path]:
         return Path(found[-1]).parent
     on_path = shutil.which("initdb")
     return Path(on_path).parent if on_path else None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _unprivileged_user() -> Optional[str]:
@@ -110,8 +117,6 @@ class TempPostgres:
                               stdin=subprocess.DEVNULL)
 
     def start(self, timeout: float = 60.0) -> "TempPostgres":
-        from .broker import free_port
-
         # (not pytest's tmp_path: its parents are private to root, the server's account could not enter them)
         self.root = Path(tempfile.mkdtemp(prefix="edgekit-pg-"))
         if os.geteuid() == 0:
@@ -150,11 +155,10 @@ class TempPostgres:
         return self
 
     def _create_database(self) -> None:
-        import psycopg
-
-        with psycopg.connect(host=self.host, port=self.port, user=self.user, dbname="postgres",
-                             autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.dbname}"')
+        out = self._run(str(self.bindir / "createdb"), "-h", self.host, "-p", str(self.port), "-U", self.user,
+                        self.dbname, check=False)
+        if out.returncode != 0:
+            raise PostgresNotFound(f"createdb {self.dbname} failed: {out.stderr.strip()}")
 
     def stop(self) -> None:
         """Stop the server (fast shutdown) and remove the folder."""

@@ -83,6 +83,10 @@ _INSERT_ONE = (f"INSERT INTO messages ({', '.join(MESSAGE_COLUMNS)}) VALUES "
 # and a value of the wrong type (42804 datatype mismatch, 42846 cannot coerce)
 _ROW_SQLSTATES = ("22", "23", "42804", "42846")
 
+# a half-open connection (a machine or network gone, no FIN) is noticed in ~25 s on both ends
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+SERVER_KEEPALIVES = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
+
 CONNECT_HINT = ("check that the PostgreSQL server is running and reachable at that host and port, that the URL's "
                 "user, password and database name are right, and that the database exists (on the server: "
                 "`createuser -P edgekit && createdb -O edgekit edgekit_fleet`)")
@@ -160,7 +164,8 @@ class PgFleetStore(FleetStore):
         try:
             # (the name says which process holds a session: LEADER_QUERY shows who runs the tracker)
             conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)),
-                                   application_name=f"edgekit-fleet {socket.gethostname()} {os.getpid()}"[:63])
+                                   application_name=f"edgekit-fleet {socket.gethostname()} {os.getpid()}"[:63],
+                                   **KEEPALIVES)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the fleet store at {self.path}: {self._scrub(exc)}; {CONNECT_HINT}",
                              hint=CONNECT_HINT) from None
@@ -168,6 +173,10 @@ class PgFleetStore(FleetStore):
         try:
             # a statement stuck behind a lock longer than this fails instead of hanging the monitor
             conn.execute(f"SET lock_timeout = {int(busy_timeout_s * 1000)}")
+            # the server side of the same: a leader whose machine vanished without closing its connection
+            # loses the tracker's lock in ~25 s, not after the system's TCP keepalive (2 hours)
+            for name, value in SERVER_KEEPALIVES.items():
+                conn.execute(f"SET {name} = {value}")
             if readonly:
                 conn.execute("SET default_transaction_read_only = on")
             if create and not readonly:

@@ -420,3 +420,20 @@ def test_two_monitor_processes_ingest_1000_devices_none_lost_none_twice(mqtt_bro
     rows = json.loads(listed.output)
     rows = rows["devices"] if isinstance(rows, dict) else rows
     assert len(rows) == devices
+
+
+def test_temp_postgres_serves_its_database_and_leaves_nothing(pg_server):
+    import os
+
+    import psycopg
+
+    from edgekit.fleet.pgserver import TempPostgres
+
+    with TempPostgres(dbname="other") as pg:
+        root = pg.root
+        if os.geteuid() == 0:  # (initdb refuses root: the cluster belongs to an unprivileged account)
+            assert root.stat().st_uid != 0
+        with psycopg.connect(pg.url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("other",)
+        assert pg.url != pg_server.url
+    assert not root.exists()
