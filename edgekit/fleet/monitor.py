@@ -116,12 +116,12 @@ class Monitor:
         if not store.try_lead():
             return
         if store.engine != "sqlite":
-            # (what this process restored at start() is stale: the previous leader went on writing)
+            # (a fresh tracker, from what the previous leader stored: it may have gone on writing for hours)
             self.tracker = self._new_tracker()
             self.tracker.restore(store)
             self.tracker.last_id = store.tracker_position() or 0
-            log.warning("this monitor now runs the fleet tracker for %s (from message id %d)",
-                        describe(self.store_path), self.tracker.last_id)
+            log.info("this monitor now runs the fleet tracker for %s (from message id %d)",
+                     describe(self.store_path), self.tracker.last_id)
             self.leader = True
             for listener in self.options.lead_listeners:
                 listener(self)

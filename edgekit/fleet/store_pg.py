@@ -95,7 +95,8 @@ CONNECT_HINT = ("check that the PostgreSQL server is running and reachable at th
 class PgConnection:
     """The store's connection as the shared SQL uses it: ``?`` placeholders; ``execute``/``executemany``
     return a cursor (``fetchone``, ``fetchall``, ``rowcount``, iteration). Autocommit unless the SQL
-    says ``BEGIN`` (``BEGIN IMMEDIATE``, SQLite's write transaction, is read as ``BEGIN``)."""
+    says ``BEGIN`` (``BEGIN IMMEDIATE``, SQLite's write transaction, is read as ``BEGIN``). Every ``?``
+    of a statement with parameters is a placeholder, so keep literal question marks out of the SQL text."""
 
     def __init__(self, conn: "psycopg.Connection", where: str):
         self.conn = conn
