@@ -121,6 +121,9 @@ class AgentCore:
             self.state_dir.unlock()
             raise
         self._seq = WILL_SEQ
+        # MQTT connections made in this boot (the link counts them before each attempt): every `state` carries
+        # it, so a monitor can tell an earlier connection's will from the current one (Sparkplug's bdSeq)
+        self.connection = 0
         self.state = AgentState.STARTING
         self.started_at = time.time()
         self.window = MetricsWindow(clock)
@@ -207,8 +210,9 @@ class AgentCore:
                                        self.next_seq() if seq is None else seq, body)
 
     def state_envelope(self, status: str, *, seq: int | None = None) -> dict[str, Any]:
-        """The retained ``state`` message: "online" with what runs, or "offline" (the will)."""
-        body: dict[str, Any] = {"status": status}
+        """The retained ``state`` message: "online" with what runs, or "offline" (the will), with the number
+        of the MQTT connection it belongs to."""
+        body: dict[str, Any] = {"status": status, "connection": self.connection}
         if status == "online":
             model = self.model_info()
             body.update({
@@ -226,7 +230,8 @@ class AgentCore:
         return self.envelope("state", body, seq=seq)
 
     def will_envelope(self) -> dict[str, Any]:
-        """The last will: "offline" with this boot and seq 0, so a monitor can tell it is stale."""
+        """The last will: "offline" with this boot, seq 0 and the connection it is registered for, so a monitor
+        can tell it is stale (an older boot, or an earlier connection than the last "online")."""
         return self.state_envelope("offline", seq=WILL_SEQ)
 
     def publish(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,9 @@
   expiry, so commands published at QoS 1 while the device is away are kept by
   the broker and arrive when it returns.
 * The retained ``state`` "online" is published from ``on_connect``; the last
-  will (retained "offline", this boot, seq 0) is set before connecting. The online
+  will (retained "offline", this boot, seq 0) is set before each connection attempt,
+  and both carry that connection's number (``body.connection``, counted per boot), so
+  a will that arrives after a later connection's "online" reads as stale. The online
   is not spooled: it is numbered when the connection comes up, so it goes out
   before the backlog of lower ``seq`` it follows (the ordering rule consumers rely
   on is in docs/telemetry.md, "The device's spool on disk").
@@ -98,8 +100,9 @@ class MqttLink:
                                             "certificate and its unencrypted private key") from None
             if cfg.tls_insecure:
                 client.tls_insecure_set(True)
-        will = core.will_envelope()
-        client.will_set(core.topic("state"), fleet_protocol.encode(will), qos=1, retain=True)
+        # the will is armed before every connection attempt (on_pre_connect runs in connect and each reconnect)
+        # with that connection's number, which the "online" sent on it carries too
+        client.on_pre_connect = self._on_pre_connect
         client.reconnect_delay_set(cfg.reconnect_min_s * random.uniform(0.8, 1.2), cfg.reconnect_max_s)
         # our own window bounds what we hand over; a few more for the state messages
         client.max_inflight_messages_set(cfg.max_inflight + 4)
@@ -116,6 +119,11 @@ class MqttLink:
         self._started = False
 
     # -- paho callbacks (network thread): queue only ---------------------------------------
+    def _on_pre_connect(self, client, userdata) -> None:
+        core = self.core
+        core.connection += 1
+        client.will_set(core.topic("state"), fleet_protocol.encode(core.will_envelope()), qos=1, retain=True)
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self.events.put(("connect_failed", str(reason_code)))

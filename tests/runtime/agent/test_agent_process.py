@@ -42,7 +42,9 @@ def test_kill_restart_boot_counter_last_will_and_spool_replay(agent_env, broker,
     will = sub.wait(lambda s: [m for m in _states(s) if m["boot"] == 2 and m["body"]["status"] == "offline"],
                     timeout=2 * 1.5 + 2, what="last will")[0]
     assert time.monotonic() - killed_at < 2 * 1.5 + 2
-    assert will["seq"] == 0 and will["body"] == {"status": "offline"}
+    # the will names the connection it was armed for: the one whose "online" came before it
+    assert will["seq"] == 0 and will["body"] == {"status": "offline", "connection": online2["body"]["connection"]}
+    assert online2["body"]["connection"] == 1
     assert agent_env.fresh_state(broker, "edgekit/v1/f1/dev1/state")["body"]["status"] == "offline"
 
     # boot 3: the counter survived the kill; the retained state is online again, newer than the will

@@ -77,7 +77,7 @@ def test_boot_increments_per_core_and_the_state_dir_is_exclusive(agent_env):
     a = AgentCore(cfg, system_stats=False)
     with pytest.raises(AgentStateError, match="another agent"):
         AgentCore(cfg, system_stats=False)
-    assert a.boot == 1 and a.will_envelope()["seq"] == 0 and a.will_envelope()["body"] == {"status": "offline"}
+    assert a.boot == 1 and a.will_envelope()["seq"] == 0 and a.will_envelope()["body"] == {"status": "offline", "connection": 0}
     a.close()
     b = AgentCore(cfg, system_stats=False)
     assert b.boot == 2 and b.tick()["seq"] == 1
