@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 from ..errors import DeviceError, EdgekitError
 from .connection import BrokerSettings, FleetConnectionError
 from .ingest import INGEST_KINDS, IngestStats, run_ingest
-from .store import FleetStore
+from .store import FleetStore, StoreConnectionLost, StoreError
 from .stores import describe, open_store
 from .tracker import FleetTracker, Thresholds
 
@@ -270,12 +270,17 @@ class Monitor:
                 dead = [p for p in self._procs if not p.is_alive()]
                 if dead:
                     raise DeviceError(f"ingest worker {dead[0].name} exited ({dead[0].exitcode}); see its log above")
-                if not self.leader:
-                    self._try_lead(store)
-                if self.leader:
-                    self._step(store)
-                else:
-                    self.stored = sum(s.stored for s in self.ingest_stats)
+                try:
+                    if not self.leader:
+                        self._try_lead(store)
+                    if self.leader:
+                        self._step(store)
+                    else:
+                        self.stored = sum(s.stored for s in self.ingest_stats)
+                except StoreConnectionLost as exc:  # (a server store: restarted, failed over, network)
+                    log.warning("%s; reconnecting (another monitor may take over the tracker meanwhile)", exc)
+                    self.leader = False  # (the lock went with the session)
+                    store.reconnect()
                 if on_tick:
                     on_tick(self)
                 if max_messages is not None and self.stored >= max_messages:
@@ -285,10 +290,13 @@ class Monitor:
                 time.sleep(self.options.tick_s)
         finally:
             self._join()
-            if self.leader:
-                self._step(store)  # what the workers committed while stopping
-                self.tracker.flush(store)
-                store.checkpoint()
+            try:
+                if self.leader:
+                    self._step(store)  # what the workers committed while stopping
+                    self.tracker.flush(store)
+                    store.checkpoint()
+            except StoreError as exc:  # (the next leader goes on from what was saved)
+                log.warning("could not save the tracker's last changes: %s", exc)
             store.close()  # (a PostgreSQL leader's lock goes with it: another monitor takes over)
         return self.summary()
 

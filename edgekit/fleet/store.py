@@ -138,6 +138,10 @@ class StoreError(EdgekitError):
     """The fleet store cannot be opened or is of a newer format."""
 
 
+class StoreConnectionLost(StoreError):
+    """The connection to a store's server broke (it restarted, the network went): reconnect and try again."""
+
+
 class FleetStore:
     """One connection to the store file; use one per thread or process."""
 

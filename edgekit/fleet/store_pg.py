@@ -37,10 +37,11 @@ import logging
 import os
 import re
 import socket
+import time
 from typing import Any, Optional, Sequence
 
 from ..errors import EdgekitError
-from .store import _SCHEMA, MESSAGE_COLUMNS, SCHEMA_VERSION, FleetStore, StoreError
+from .store import _SCHEMA, MESSAGE_COLUMNS, SCHEMA_VERSION, FleetStore, StoreConnectionLost, StoreError
 
 try:
     import psycopg
@@ -87,6 +88,9 @@ _ROW_SQLSTATES = ("22", "23", "42804", "42846")
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 SERVER_KEEPALIVES = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
 
+# how long a broken connection is retried (server restart, failover) before the error is the monitor's
+RECONNECT_S = 120.0
+
 CONNECT_HINT = ("check that the PostgreSQL server is running and reachable at that host and port, that the URL's "
                 "user, password and database name are right, and that the database exists (on the server: "
                 "`createuser -P edgekit && createdb -O edgekit edgekit_fleet`)")
@@ -120,22 +124,23 @@ class PgConnection:
         has = bool(params)
         try:
             return self.conn.execute(self._translate(sql, has), params if has else None)
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise self.lost(exc) from None
 
     def executemany(self, sql: str, seq: Any) -> "psycopg.Cursor":
         cur = self.conn.cursor()
         try:
             cur.executemany(self._translate(sql, True), list(seq))
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise self.lost(exc) from None
         return cur
 
     def lost(self, exc: BaseException) -> BaseException:
-        """A connection failure as a :class:`StoreError` (other operational errors unchanged)."""
+        """A connection failure as :class:`StoreConnectionLost` (other errors unchanged)."""
+        # (no SQLSTATE: the driver lost the socket; 57P0x: the server shut down; 08xxx: connection exceptions)
         if self.conn.closed or getattr(exc, "sqlstate", None) in (None, "57P01", "57P02", "57P03") or \
                 str(getattr(exc, "sqlstate", "")).startswith("08"):
-            return StoreError(f"lost the connection to the fleet store at {self.where}: "
+            return StoreConnectionLost(f"lost the connection to the fleet store at {self.where}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}; "
                               "is the PostgreSQL server still running?")
         return exc
@@ -160,34 +165,82 @@ class PgFleetStore(FleetStore):
         self.last_left_out = 0
         self.last_refused = 0
         self.position = None
-        self.leader = False
-        self._staged = False  # the session's staging table exists
+        self._readonly = readonly
+        self._busy_timeout_s = busy_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._connect()
         try:
-            # (the name says which process holds a session: LEADER_QUERY shows who runs the tracker)
-            conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)),
-                                   application_name=f"edgekit-fleet {socket.gethostname()} {os.getpid()}"[:63],
-                                   **KEEPALIVES)
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot open the fleet store at {self.path}: {self._scrub(exc)}; {CONNECT_HINT}",
-                             hint=CONNECT_HINT) from None
-        self.db = PgConnection(conn, self.path)
-        try:
-            # a statement stuck behind a lock longer than this fails instead of hanging the monitor
-            conn.execute(f"SET lock_timeout = {int(busy_timeout_s * 1000)}")
-            # the server side of the same: a leader whose machine vanished without closing its connection
-            # loses the tracker's lock in ~25 s, not after the system's TCP keepalive (2 hours)
-            for name, value in SERVER_KEEPALIVES.items():
-                conn.execute(f"SET {name} = {value}")
-            if readonly:
-                conn.execute("SET default_transaction_read_only = on")
             if create and not readonly:
                 self._init()
             elif self._check_version() == 0:
                 raise StoreError(f"no fleet store in {self.path}; run `edgekit fleet monitor --db {self.path}` "
                                  "first")
         except BaseException:
+            self.db.close()
+            raise
+
+    def _connect(self) -> None:
+        try:
+            # (the name says which process holds a session: LEADER_QUERY shows who runs the tracker)
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self._connect_timeout_s)),
+                                   application_name=f"edgekit-fleet {socket.gethostname()} {os.getpid()}"[:63],
+                                   **KEEPALIVES)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open the fleet store at {self.path}: {self._scrub(exc)}; {CONNECT_HINT}",
+                             hint=CONNECT_HINT) from None
+        try:
+            # a statement stuck behind a lock longer than this fails instead of hanging the monitor
+            conn.execute(f"SET lock_timeout = {int(self._busy_timeout_s * 1000)}")
+            # the server side of the same: a leader whose machine vanished without closing its connection
+            # loses the tracker's lock in ~25 s, not after the system's TCP keepalive (2 hours)
+            for name, value in SERVER_KEEPALIVES.items():
+                conn.execute(f"SET {name} = {value}")
+            if self._readonly:
+                conn.execute("SET default_transaction_read_only = on")
+        except BaseException:
             conn.close()
             raise
+        self.db = PgConnection(conn, self.path)
+        self.leader = False  # (a new session holds no lock)
+        self._staged = False  # the session's staging table exists
+
+    def reconnect(self, within_s: float = RECONNECT_S) -> None:
+        """A new session after the old one broke, retried with backoff for ``within_s`` seconds.
+
+        The old session's locks went with it: the tracker's leadership must be
+        asked for again (:meth:`try_lead`).
+        """
+        try:
+            self.db.close()
+        except psycopg.Error:
+            pass
+        deadline = time.monotonic() + within_s
+        delay = 0.25
+        while True:
+            try:
+                self._connect()
+            except StoreError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreConnectionLost(f"{exc} (retried for {within_s:g} s)") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            log.warning("reconnected to the fleet store at %s", self.path)
+            return
+
+    def insert_batch(self, rows: Sequence[tuple], malformed: Optional[dict[str, list]] = None,
+                     counters: Optional[dict[str, int]] = None) -> int:
+        """As :meth:`FleetStore.insert_batch`; a broken connection is opened again and the batch stored again.
+
+        (Its messages are not acknowledged to the broker yet. Had the lost commit
+        gone through, the second try finds every row stored: they count as duplicates.)
+        """
+        try:
+            return super().insert_batch(rows, malformed, counters)
+        except StoreConnectionLost as exc:
+            log.warning("%s; reconnecting to store the batch of %d messages again", exc, len(rows))
+        self.reconnect()
+        return super().insert_batch(rows, malformed, counters)
 
     def _scrub(self, exc: BaseException) -> str:
         """The driver's message, first line, with the URL's password (if it were echoed) masked."""
@@ -278,18 +331,20 @@ class PgFleetStore(FleetStore):
                     for row in rows:
                         write(row)
                 return cur.execute(_INSERT_STAGED).rowcount
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise self.db.lost(exc) from None
 
     def _insert_row(self, row: tuple) -> int:
-        conn = self.db.conn
-        conn.execute("SAVEPOINT edgekit_row")  # a refused row must not abort the batch's transaction
+        db = self.db
+        db.execute("SAVEPOINT edgekit_row")  # a refused row must not abort the batch's transaction
         try:
-            n = conn.execute(_INSERT_ONE, row).rowcount
+            n = db.conn.execute(_INSERT_ONE, row).rowcount
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise db.lost(exc) from None
         except BaseException:
-            conn.execute("ROLLBACK TO SAVEPOINT edgekit_row")
+            db.execute("ROLLBACK TO SAVEPOINT edgekit_row")
             raise
-        conn.execute("RELEASE SAVEPOINT edgekit_row")
+        db.execute("RELEASE SAVEPOINT edgekit_row")
         return n
 
     def _insert_id(self, sql: str, row: tuple) -> int:

@@ -437,3 +437,34 @@ def test_temp_postgres_serves_its_database_and_leaves_nothing(pg_server):
             assert conn.execute("SELECT current_database()").fetchone() == ("other",)
         assert pg.url != pg_server.url
     assert not root.exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_server_restart_loses_nothing(fleet, pg_server):
+    """The server restarts under a running monitor: ingest reconnects and stores the batch again (it was not
+    acknowledged), the tracker reconnects, leads again and goes on; every message once, nothing missing."""
+    from edgekit.fleet.pgserver import TempPostgres
+
+    with TempPostgres(dbname="restart") as pg:  # (its own server: a restart cuts every session on it)
+        fleet.db = pg.url
+        run = fleet.start_monitor()
+        fleet.wait(lambda: run.monitor.leader, what="the monitor to lead")
+        fleet.online("cam-1", seq=1)
+        for seq in range(2, 11):
+            fleet.publish("telemetry", "cam-1", seq, {"window_s": 1.0, "inferences": seq})
+
+        def device():
+            with open_store(pg.url, create=False, readonly=True) as s:
+                return next((d for d in s.devices() if d["device"] == "cam-1"), None)
+
+        fleet.wait(lambda: (device() or {}).get("seq") == 10, what="cam-1 at seq 10")
+        pg.restart()
+        for seq in range(11, 21):
+            fleet.publish("telemetry", "cam-1", seq, {"window_s": 1.0, "inferences": seq})
+        dev = fleet.wait(lambda: (lambda d: d if d and d["seq"] == 20 else None)(device()), timeout=60,
+                         what="cam-1 at seq 20 after the restart")
+        assert dev["messages"] == 20 and dev["missing"] == 0
+        assert run.monitor.leader
+        with open_store(pg.url, create=False, readonly=True) as s:
+            assert s.message_count() == 20
+        run.stop()
