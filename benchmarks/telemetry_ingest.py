@@ -430,6 +430,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--db: one run only (each run needs an empty database); use --pg for several")
     if args.pg and args.db:
         ap.error("--pg and --db: choose one")
+    if args.db:
+        from edgekit.fleet.stores import is_pg_url, open_store
+
+        if not is_pg_url(args.db):
+            ap.error("--db: a postgresql:// URL (the SQLite runs use a fresh file of their own)")
+        with open_store(args.db) as store:
+            if store.message_count():
+                ap.error(f"--db: {args.db} already holds messages; give the benchmark an empty database")
     temp_pg = None
     if args.pg:
         try:
@@ -438,8 +446,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             ap.error(f"--pg needs edgekit.fleet.pgserver and psycopg ({exc})")
         temp_pg = TempPostgres
     t0 = time.time()
-    report: dict[str, Any] = {"system": system_info(), "runs": [],
-                              "argv": argv if argv is not None else sys.argv[1:]}
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if args.db:  # (no password in the results)
+        from edgekit.fleet.stores import describe
+
+        shown = [describe(a) if a == args.db else a.replace(args.db, describe(args.db)) for a in shown]
+    report: dict[str, Any] = {"system": system_info(), "runs": [], "argv": shown}
     if args.pg:
         bindir = find_bindir()
         version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout \
