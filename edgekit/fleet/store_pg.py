@@ -23,6 +23,10 @@ which reads SQLite's ``?`` placeholders). What differs, and why:
   to ask takes over. The tracker's position (id of the last message it
   consumed) is written in the same transaction as its device rows, so the new
   leader restores the device rows and continues right after them.
+* **A server restart** — a broken connection raises :class:`.store.StoreConnectionLost`;
+  an ingest batch reconnects and is stored again (its messages were not
+  acknowledged to the broker yet), the monitor's tracker reconnects and asks for
+  the lead again (:meth:`PgFleetStore.reconnect`, retried for :data:`RECONNECT_S`).
 * **A batch is one COPY** — binary ``COPY`` into a session's temporary table,
   then one ``INSERT … SELECT … ON CONFLICT DO NOTHING`` whose row count says how
   many were new (the rest are duplicates). Measured on agent telemetry rows
