@@ -68,7 +68,7 @@ def monitor_cmd(
     no_dashboard: bool = typer.Option(False, "--no-dashboard", help="No live view (headless; logs alerts)"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Subscribe to a fleet, store every message in SQLite, track devices and raise alerts.
+    """Subscribe to a fleet, store every message (SQLite file or PostgreSQL), track devices, raise alerts.
 
     With --json: a bounded run (--duration or --max-messages) prints its summary at the end; an
     unbounded one prints what it started (broker, store, pid) once it is subscribed, then nothing
@@ -87,20 +87,31 @@ def monitor_cmd(
                                     "gap_grace_s": gap_grace}, "monitor thresholds")
     dispatcher = _alert_dispatcher(settings, fleet, client_id, alert_webhook or [], alert_webhook_token,
                                    alert_topic)
-    monitor = Monitor(settings, db, MonitorOptions(fleet=fleet, group=group, workers=workers, share=not no_share,
-                                                   client_id=client_id, session_expiry=session_expiry,
-                                                   thresholds=thresholds,
-                                                   alert_listeners=[dispatcher.listener] if dispatcher else []))
     bounded = duration is not None or max_messages is not None
     dashboard = not (no_dashboard or as_json) and sys.stdout.isatty()
+    listeners, on_lead = [], []
+    if dispatcher is not None:
+        listeners.append(dispatcher.listener)
+
+        def restored(m) -> None:  # open alerts a new tracker restored from the store are never sent again as new
+            dispatcher.restored([a for d in m.tracker.devices.values() for a in d.alerts.values()])
+
+        on_lead.append(restored)  # (a PostgreSQL store's tracker is restored when this monitor takes the lead)
+    if not dashboard:  # headless: each alert on stderr as it opens or closes
+        listeners.append(lambda entry: err_console.print(f"alert {entry['event']}: {entry['message']}",
+                                                         highlight=False))
+    monitor = Monitor(settings, db, MonitorOptions(fleet=fleet, group=group, workers=workers, share=not no_share,
+                                                   client_id=client_id, session_expiry=session_expiry,
+                                                   thresholds=thresholds, alert_listeners=listeners,
+                                                   lead_listeners=on_lead))
     if not dashboard and not as_json:
         err_console.print(f"monitoring {fleet} on {settings.url} into {describe_store(db)} (Ctrl-C stops)", highlight=False)
     try:
         if dispatcher is not None:
             dispatcher.start()
         monitor.start()
-        if dispatcher is not None:  # open alerts restored from the store are known: never sent again as new
-            dispatcher.restored([a for d in monitor.tracker.devices.values() for a in d.alerts.values()])
+        if dispatcher is not None:  # a SQLite store's tracker was restored in start()
+            restored(monitor)
         if as_json and not bounded:
             print_json({"monitoring": True, "broker": settings.url, "fleet": fleet, "store": describe_store(db),
                         "workers": workers, "pid": os.getpid()})
@@ -152,14 +163,7 @@ def _run_monitor(monitor, duration: Optional[float], max_messages: Optional[int]
             with Live(render(monitor), console=console, refresh_per_second=4, screen=False) as live:
                 summary = monitor.run(duration, max_messages, on_tick=lambda m: live.update(render(m)))
         else:
-            seen = [0]
-
-            def log_alerts(m) -> None:
-                for entry in m.tracker.alert_log[seen[0]:]:
-                    err_console.print(f"alert {entry['event']}: {entry['message']}", highlight=False)
-                seen[0] = len(m.tracker.alert_log)
-
-            summary = monitor.run(duration, max_messages, on_tick=log_alerts)
+            summary = monitor.run(duration, max_messages)
     except KeyboardInterrupt:
         monitor.stop()
         summary = monitor.summary()

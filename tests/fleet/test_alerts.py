@@ -359,6 +359,8 @@ def test_monitor_command_alert_flags(fleet, receiver):
     assert [s["sink"].split()[0] for s in sinks] == ["webhook", "webhook", "mqtt"]
     assert all(s["delivered"] == 1 and s["failed"] == 0 and s["abandoned"] == 0 for s in sinks), sinks
     assert not nothing_retained(fleet, alert_topic("f1", "cam-6", "offline"), "check-cli")
+    # headless, each alert is also said on stderr as it opens (the JSON on stdout stays one document)
+    assert "alert opened: cam-6 went offline (stopped)" in proc.stderr, proc.stderr
 
 
 def test_alert_flags_refuse_what_cannot_work():
