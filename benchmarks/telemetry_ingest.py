@@ -376,8 +376,14 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{sum(u.values()):.1f} |")
     lines.append("")
     lines += analysis(report) + [""] + report.get("notes", [])
+    argv, skip = [], False
+    for a in report["argv"]:  # (the notes are above)
+        if not skip and a != "--note" and not a.startswith("--note="):
+            argv.append(a)
+        skip = a == "--note"
     lines += ["", f"Generated {report['generated']} by `python benchmarks/telemetry_ingest.py "
-                  f"{' '.join(report['argv'])}` in {report['seconds']:.0f} s."]
+                  f"{' '.join(argv)}`" + (" with the notes above" if "--note" in report["argv"] else "")
+              + f" in {report['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -409,8 +415,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="run each configuration again on a throwaway PostgreSQL server (needs the postgresql "
                          "package and psycopg)")
     ap.add_argument("--pg-commit", choices=("off", "on"), default="off",
-                    help="the throwaway server's synchronous_commit: off (default) is SQLite's WAL + "
-                         "synchronous=NORMAL guarantee (fsync at checkpoints, not per commit); on fsyncs each commit")
+                    help="the throwaway server's synchronous_commit: off (default; like SQLite's WAL at "
+                         "synchronous=NORMAL, a power loss can lose the last commits, never corrupt the store); "
+                         "on fsyncs each commit")
     ap.add_argument("--db", help="run each configuration again on this PostgreSQL database (postgresql://..., "
                                  "empty; one run only)")
     ap.add_argument("--quick", action="store_true", help="200 devices x 50 messages, live with 1 worker")
