@@ -318,7 +318,14 @@ class Ingestor:
         if skew > MAX_CLOCK_SKEW_S or (skew < -MAX_CLOCK_SKEW_S and not (historical or retained)):
             self._clock_skew(topic, skew)
             ts = now
-        self.rows.append((fleet, device, kind, msg["boot"], msg["seq"], ts, now, 1 if historical else 0,
+        seq = msg["seq"]
+        if seq == 0 and kind == "state":
+            # a will: every connection of a boot has one, all with seq 0; the store keeps each under -connection
+            # (the unique key would drop a second death in one boot as a duplicate of the first)
+            connection = msg["body"].get("connection")
+            if connection.__class__ is int and 0 < connection <= fleet_protocol.MAX_INT:
+                seq = -connection
+        self.rows.append((fleet, device, kind, msg["boot"], seq, ts, now, 1 if historical else 0,
                           1 if retained else 0, *figures, text))
         return True
 

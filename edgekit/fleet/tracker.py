@@ -9,7 +9,13 @@ Rules (Sparkplug B's, with our envelope's ``boot`` as its bdSeq):
   Any *live* message of a newer boot also means online. After an "offline" of
   the current boot, only the device's next "online" brings it back (the agent
   republishes it on every reconnect).
-* ``seq`` counts a boot's messages from 1 (0 is the will). Missing numbers
+* Within a boot, ``state`` carries the MQTT connection it belongs to (``body.connection``,
+  from agents that send it): a ``state`` of an earlier connection than the latest one seen
+  is stale too — a will a broker the device had left published after the device's next
+  "online" through another broker.
+* ``seq`` counts a boot's messages from 1 (0 is the will; the store keeps a will that names
+  its connection N under ``seq`` −N, so each connection's will is kept, not dropped as a
+  duplicate of the boot's first). Missing numbers
   between the lowest and highest seen open a gap; a gap that is filled within
   ``gap_grace_s`` was only reordering between ingest workers and is never
   reported, a later fill (the device's spool replaying after an outage) closes it.
@@ -120,6 +126,7 @@ class DeviceView:
     gaps_reported: int = 0
     alerts: dict[str, dict[str, Any]] = field(default_factory=dict)  # open alerts by kind
     state_body: dict[str, Any] = field(default_factory=dict)
+    connection: int = 0  # the latest MQTT connection of the current boot a `state` came from (body.connection)
 
     @property
     def missing(self) -> int:
@@ -130,7 +137,7 @@ class DeviceView:
                 "historical": self.historical, "stale_wills": self.stale_wills, "events": self.events,
                 "last_event": self.last_event, "missing": self.missing, "gaps_reported": self.gaps_reported,
                 "alerts": sorted(self.alerts), "runtime_version": self.state_body.get("runtime_version"),
-                "agent_state": self.state_body.get("agent_state")}
+                "agent_state": self.state_body.get("agent_state"), "connection": self.connection}
 
 
 def _model_name(model: Any) -> Optional[str]:
@@ -170,7 +177,8 @@ class FleetTracker:
                              offline_reason=row.get("offline_reason"), figures=row.get("figures") or {},
                              messages=row.get("messages", 0), historical=row.get("historical", 0),
                              stale_wills=row.get("stale_wills", 0), events=row.get("events", 0),
-                             last_event=row.get("last_event"), gaps_reported=row.get("gaps_reported", 0))
+                             last_event=row.get("last_event"), gaps_reported=row.get("gaps_reported", 0),
+                             connection=row.get("connection") or 0)
             top = store.max_seq(row["fleet"], row["device"], row["boot"])
             if top:
                 dev.seqs[row["boot"]] = SeqTracker(top, self.clock())
@@ -267,12 +275,21 @@ class FleetTracker:
     def _state(self, dev: DeviceView, boot: int, seq: int, ts: float, received: float, retained: bool,
                body: Optional[dict], now: float) -> None:
         status = (body or {}).get("status")
-        if boot < dev.boot:
+        connection = (body or {}).get("connection")
+        if connection.__class__ is not int:
+            connection = None  # (an agent before per-connection state: arrival order decides, as before)
+        if boot < dev.boot or (boot == dev.boot and connection is not None and connection < dev.connection):
+            # an older boot's, or an earlier connection's of this boot (a will a broker published late, after the
+            # device had connected again, through another broker): stale, counted, never applied
             if status == "offline":
                 dev.stale_wills += 1
                 self.stale_wills += 1
                 self._stale_new += 1
             return
+        if boot > dev.boot:
+            dev.connection = 0
+        if connection is not None:
+            dev.connection = connection
         dev.boot = boot
         dev.seq = max(dev.seq, seq)
         dev.last_seen = ts if retained else received
@@ -281,7 +298,7 @@ class FleetTracker:
             dev.model = _model_name(dev.state_body.get("model")) or dev.model
             self._set_status(dev, "online", None, now)
         elif status == "offline":
-            reason = (body or {}).get("reason") or ("last will" if seq == 0 else "offline")
+            reason = (body or {}).get("reason") or ("last will" if seq <= 0 else "offline")
             self._set_status(dev, "offline", reason, now)
 
     def _set_status(self, dev: DeviceView, status: str, reason: Optional[str], now: float) -> None:

@@ -404,8 +404,6 @@ def test_a_site_queue_below_the_outage_drops_messages_silently(topology, fleet_t
         fleet.close()
 
 
-@pytest.mark.xfail(strict=True, reason="every will of a boot is (boot, seq 0): the store keeps the first and drops "
-                                       "the next as a duplicate (docs/telemetry.md, 'one boot, two wills')")
 def test_a_second_will_in_one_boot_marks_the_device_offline(topology, fleet_tools, tmp_path):
     topo = topology(sites=("site-a",))
     fleet = fleet_tools.FleetHelper(topo.as_fixture_broker(), tmp_path)

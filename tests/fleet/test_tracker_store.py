@@ -130,6 +130,40 @@ def test_status_rules_stale_will_and_new_boot(world):
     assert kinds == [("offline", False), ("offline", True)]
 
 
+def test_wills_are_kept_per_connection_and_an_earlier_connections_will_is_stale(world, tmp_path):
+    """Agents name the MQTT connection of each `state` (body.connection): every connection's will is stored (under
+    seq -connection; the boot's wills all have seq 0 on the wire), so a second death in one boot shows, and a will
+    of an earlier connection arriving after a later connection's "online" (a broker the device left published it
+    late) is stale, counted, never applied. The figure survives a monitor restart."""
+    store, tracker, clock = world
+    will = lambda c: env("state", 0, {"status": "offline", "connection": c})  # noqa: E731
+    online = lambda seq, c: env("state", seq, {"status": "online", "connection": c})  # noqa: E731
+    feed(store, tracker, online(1, 1))
+    dev = tracker.devices[("f1", "d1")]
+    feed(store, tracker, will(1))
+    assert (dev.status, dev.offline_reason) == ("offline", "last will")
+    feed(store, tracker, online(5, 2), will(1))  # back on connection 2; connection 1's will re-delivered (QoS 1)
+    assert dev.status == "online" and dev.stale_wills == 0
+    feed(store, tracker, will(2))  # the second death in this boot
+    assert (dev.status, dev.offline_reason) == ("offline", "last will")
+    feed(store, tracker, online(9, 4), will(3))  # connection 3's will, published late by another broker
+    assert dev.status == "online" and dev.stale_wills == 1
+    assert [(r["seq"], r["body"]["connection"]) for r in store.history("f1", "d1", kinds=["state"])
+            if r["body"]["status"] == "offline"] == [(-1, 1), (-2, 2), (-3, 3)]
+    assert store.counters().get("duplicates") == 1  # connection 1's will, delivered twice
+    assert [a["closed"] is not None for a in store.alerts("f1", "d1")] == [True, True]
+    feed(store, tracker, online(12, 6))
+    restarted = FleetTracker(Thresholds(), clock=clock)  # the monitor restarts: the connection is in the store
+    restarted.restore(store)
+    assert restarted.devices[("f1", "d1")].connection == 6
+    feed(store, restarted, will(5))
+    assert restarted.devices[("f1", "d1")].status == "online" and restarted.devices[("f1", "d1")].stale_wills == 2
+    # an agent that does not name its connection: seq 0 as before, arrival order decides
+    feed(store, tracker, env("state", 0, {"status": "offline"}, device="old"))
+    assert [r["seq"] for r in store.history("f1", "old")] == [0]
+    assert tracker.devices[("f1", "old")].status == "offline"
+
+
 def test_historical_messages_do_not_move_live_figures(world):
     store, tracker, _ = world
     body = lambda p99: {"window_s": 1.0, "inferences": 5, "latency_ms": {"p50": 1.0, "p99": p99}}  # noqa: E731
