@@ -49,7 +49,7 @@ test-fast: install test-deps
 bench: install
 	$(BIN)/python -m benchmarks.int8_vs_fp32
 	$(BIN)/python -m benchmarks.runtime_overhead
-	$(BIN)/python benchmarks/telemetry_ingest.py
+	$(BIN)/python benchmarks/telemetry_ingest.py --pg
 	$(BIN)/python benchmarks/fleet_rollout.py
 	$(BIN)/python -m benchmarks.train_tasks
 

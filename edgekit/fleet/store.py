@@ -165,6 +165,10 @@ class FleetStore:
                                       check_same_thread=False)
             self.db.execute("PRAGMA synchronous=NORMAL")
             if not readonly:
+                # a writer's page cache: 64 MiB (at most; filled as used). A batch touches an index leaf per device
+                # per index, and SQLite's default 2 MiB (125 pages of 16 KiB) re-read them from the OS each batch:
+                # measured 21.5 -> 19.6 CPU µs per ingested message (1,000 devices, 4,000-row batches)
+                self.db.execute("PRAGMA cache_size=-65536")
                 self._init()
                 if not autocheckpoint:
                     # an ingest worker: the monitor's checkpointer (checkpoint()) copies the WAL into the
