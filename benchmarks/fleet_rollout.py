@@ -70,7 +70,7 @@ import numpy as np
 if __name__ == "__main__":  # `python benchmarks/fleet_rollout.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, CpuMonitor, ensure_keys, file_sha256, log, provenance, usable_cores
+from benchmarks.common import REPO, CpuMonitor, ensure_keys, file_sha256, log, provenance
 
 RESULTS = REPO / "benchmarks" / "results"
 FLEET = "bench"

@@ -38,7 +38,7 @@ import math
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from edgekit_runtime.contract.fleet_protocol import MAX_TS
 
@@ -518,3 +518,26 @@ class FleetStore:
         if kind:
             return self.db.execute("SELECT COUNT(*) FROM messages WHERE kind = ?", (kind,)).fetchone()[0]
         return self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+
+# ----------------------------------------------------------------------------- naming a store
+# (here rather than in .stores, which opens the engines: store_pg uses them too)
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_pg_url(db: Union[str, Path]) -> bool:
+    """True when ``db`` names a PostgreSQL server rather than a SQLite file."""
+    return isinstance(db, str) and db.startswith(PG_SCHEMES)
+
+
+def describe(db: Union[str, Path]) -> str:
+    """``db`` for messages and JSON output, without a password."""
+    if not is_pg_url(db):
+        return str(db)
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(str(db))
+    if parts.password is None:
+        return str(db)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

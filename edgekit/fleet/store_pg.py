@@ -45,7 +45,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from ..errors import EdgekitError
-from .store import _SCHEMA, MESSAGE_COLUMNS, SCHEMA_VERSION, FleetStore, StoreConnectionLost, StoreError
+from .store import _SCHEMA, MESSAGE_COLUMNS, SCHEMA_VERSION, FleetStore, StoreConnectionLost, StoreError, describe
 
 try:
     import psycopg
@@ -160,8 +160,6 @@ class PgFleetStore(FleetStore):
 
     def __init__(self, url: str, *, create: bool = True, readonly: bool = False, busy_timeout_s: float = 30.0,
                  autocheckpoint: bool = True, connect_timeout_s: float = 10.0):
-        from .stores import describe
-
         if psycopg is None:
             raise EdgekitError("a postgresql:// store needs psycopg: pip install 'psycopg[binary]'")
         self.url = url

@@ -10,14 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Union
 
-from .store import FleetStore
+from .store import PG_SCHEMES, FleetStore, describe, is_pg_url
 
-PG_SCHEMES = ("postgresql://", "postgres://")
-
-
-def is_pg_url(db: Union[str, Path]) -> bool:
-    """True when ``db`` names a PostgreSQL server rather than a SQLite file."""
-    return isinstance(db, str) and db.startswith(PG_SCHEMES)
+__all__ = ["PG_SCHEMES", "describe", "is_pg_url", "open_store"]
 
 
 def open_store(db: Union[str, Path], **kwargs: Any) -> FleetStore:
@@ -27,16 +22,3 @@ def open_store(db: Union[str, Path], **kwargs: Any) -> FleetStore:
 
         return PgFleetStore(str(db), **kwargs)
     return FleetStore(db, **kwargs)
-
-
-def describe(db: Union[str, Path]) -> str:
-    """``db`` for messages and JSON output, without a password."""
-    if not is_pg_url(db):
-        return str(db)
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(str(db))
-    if parts.password is None:
-        return str(db)
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
