@@ -164,7 +164,7 @@ def test_two_ingest_processes_split_the_fleet_and_store_everything_once(fleet):
     # other worker committed later are not tracked yet (a loaded machine showed 12 "missing" that way).
     # Wait for the state the claim is about, every seq tracked once and none missing, not for a clock.
     fleet.wait_device("dev-a", lambda d: d["seq"] == n + 1 and d["messages"] == n + 1 and d["missing"] == 0,
-                            timeout=45, what=f"dev-a with all {n + 1} seqs tracked and none missing")
+                      timeout=45, what=f"dev-a with all {n + 1} seqs tracked and none missing")
     assert fleet.query(lambda s: s.message_count()) == n + 1
     assert fleet.query(lambda s: s.counters()).get("duplicates", 0) == 0
 
