@@ -111,6 +111,18 @@ class TrainLoop(Strict):
     num_workers: int = Field(0, ge=0)
 
 
+class DistillConfig(Strict):
+    """Knowledge distillation from a frozen teacher (docs/train.md, "Distillation")."""
+
+    teacher: str = Field(description="A run folder written by edgekit train (runs/NAME), or "
+                                      "package.module:factory returning an nn.Module; it must predict the same "
+                                      "classes (or outputs) from the same inputs")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the soft targets (loss scaled by T²)")
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the teacher's term; 1 - alpha weighs the labels")
+    features: bool = Field(False, description="Also match the student's features() to the teacher's through a "
+                                              "learned projection (models built by edgekit train)")
+
+
 class TrainConfig(Strict):
     data: DataConfig
     split: SplitConfig = SplitConfig()
@@ -124,6 +136,7 @@ class TrainConfig(Strict):
     nproc: int = Field(1, ge=1, description="DDP processes on this machine (torch.distributed.run)")
     evaluate: bool = Field(True, description="Evaluate on the test split at the end (report.md, PNGs)")
     robustness: bool = Field(True, description="Robustness table in the evaluation")
+    distill: DistillConfig | None = Field(None, description="Distil from a teacher (default: no teacher)")
 
     @model_validator(mode="after")
     def _batch_fits(self) -> "TrainConfig":

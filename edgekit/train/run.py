@@ -59,6 +59,8 @@ class _Setup:
     loss_fn: Any
     sample_weights: np.ndarray | None
     mixer: Any
+    teacher: Any = None  # the frozen distillation teacher (train.distill), or None
+    kd: Any = None
 
 
 def write_config(cfg: TrainConfig, path: Path) -> None:
@@ -107,7 +109,17 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> _Setup:
             "input_shape": list(p.input_shape), "out_dim": out_dim, "labels": p.labels,
             "y_stats": [list(map(float, s)) for s in p.y_stats] if p.y_stats is not None else None,
             "preprocess": p.preprocess_manifest(), "name": cfg.run_name}
-    return _Setup(p, task, arch, model, meta, loss_fn, sample_weights, mixer)
+    teacher = kd = None
+    if cfg.distill is not None:
+        from .distill import KD, load_teacher
+
+        d = cfg.distill
+        kd = KD(temperature=d.temperature, alpha=d.alpha, features=d.features)
+        teacher = load_teacher(d.teacher, p.input_shape, out_dim, labels=p.labels if task.classifies else None,
+                               preprocess=meta["preprocess"])
+        meta["distill"] = {"teacher": d.teacher, "teacher_params": sum(v.numel() for v in teacher.parameters()),
+                           **kd.as_dict()}
+    return _Setup(p, task, arch, model, meta, loss_fn, sample_weights, mixer, teacher, kd)
 
 
 def _init_dist(dist: DistInfo, device: str) -> None:
@@ -175,7 +187,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Callbacks | None
             make_dataset(s.prepared, "val", None), loss_fn=s.loss_fn, y_stats=s.prepared.y_stats,
             sample_weights=s.sample_weights, mixer=s.mixer, run_dir=run_dir,
             save_best=lambda m, info: save_checkpoint(run_dir / "model.pt", m, {**s.meta, **info}),
-            callbacks=callbacks, dist=dist)
+            callbacks=callbacks, dist=dist, teacher=s.teacher, distill=s.kd)
         state = _load_last(run_dir) if resume else None
         if state is not None and state.get("seed") != cfg.train.seed:
             raise ConfigError(f"last.pt was trained with seed {state.get('seed')}; resume with the same "
@@ -260,6 +272,8 @@ def finish(cfg: TrainConfig, s: _Setup, fit: FitResult, run_dir: Path, world_siz
         "split": p.split_report, "data_sha256": p.source.get("sha256"), "history": fit.history,
         "evaluation": evaluation,
     }
+    if s.meta.get("distill"):
+        metrics["distill"] = s.meta["distill"]
     atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default).encode(),
                  durable=False)
     if not cfg.evaluate:

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config.train import TrainConfig
 from ..errors import ConfigError
+from .distill import KD, Distiller
 from .tasks import Task, monitor_mode
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ class Trainer:
                  loss_fn: nn.Module, y_stats: tuple[list[float], list[float]] | None = None,
                  sample_weights: np.ndarray | None = None, mixer=None, run_dir: Path,
                  save_best: Callable[[nn.Module, dict[str, Any]], None] | None = None,
-                 callbacks: Callbacks | None = None, dist: DistInfo | None = None):
+                 callbacks: Callbacks | None = None, dist: DistInfo | None = None,
+                 teacher: nn.Module | None = None, distill: KD | None = None):
         self.cfg, self.task = cfg, task
         self.dist = dist or DistInfo()
         self.device = pick_device(cfg.train.device, self.dist)
@@ -191,13 +193,31 @@ class Trainer:
         self.sampler = EpochSampler(len(train_ds), cfg.train.seed, self.dist, sample_weights)
         micro_steps = math.ceil(self.sampler.per_rank / self.micro)
         self.steps_per_epoch = math.ceil(micro_steps / cfg.train.accumulate)
+        self.distiller: Distiller | None = None
+        projection = None
+        if distill is not None and teacher is None:
+            raise ConfigError("distillation settings without a teacher: give distill.teacher (a run folder or "
+                              "package.module:factory)")
+        if teacher is not None:
+            if teacher is model:
+                raise ConfigError("the distillation teacher is the student itself; pass a frozen copy (e.g. the "
+                                  "unpruned model) as the teacher")
+            # the teacher is never wrapped in DDP: it takes no gradient, each rank runs its own copy
+            self.distiller = Distiller(teacher.to(self.device), distill or KD(), classifies=task.classifies,
+                                       standardize=self._standardize)
+            if self.distiller.kd.features:
+                probe = train_ds[0][0].unsqueeze(0).to(self.device)
+                projection = self.distiller.setup(self.model, probe)
         self.ddp = None
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(self.model, device_ids=ids)
-        self.opt = make_optimizer(cfg, self.model)
+        # the feature projection trains with the student (the teacher's parameters are frozen)
+        trained = self.model if projection is None else nn.ModuleList([self.model, projection])
+        self.projection = projection
+        self.opt = make_optimizer(cfg, trained)
         self.sched = make_scheduler(cfg, self.opt, self.steps_per_epoch)
         self.ema = None
         if cfg.optim.ema:
@@ -223,6 +243,13 @@ class Trainer:
                 log.warning("tensorboard is not installed; no event files")
 
     # ------------------------------------------------------------------ steps
+    def _standardize(self, out: torch.Tensor) -> torch.Tensor:
+        """Regression/forecast outputs in standard units (what the loss compares); others as they are."""
+        if self.y_std is None:
+            return out
+        shape = (1, -1) if out.ndim > 1 else (-1,)
+        return (out - self.y_mean.view(shape)) / self.y_std.view(shape)
+
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = out.float()
         if self.y_std is not None:
@@ -257,16 +284,26 @@ class Trainer:
             group = acc if (i // acc + 1) * acc <= n_micro else n_micro - (i // acc) * acc
             sync = self.ddp.no_sync() if (self.ddp is not None and not last_of_step) else contextlib.nullcontext()
             with sync:
-                with self._autocast():
-                    out = net(xb)
-                loss = self._loss(out, yb)
+                if self.distiller is None:
+                    with self._autocast():
+                        out = net(xb)
+                    loss = self._loss(out, yb)
+                else:
+                    d = self.distiller
+                    with self._autocast():
+                        with d.capture(self.model, "student", "student"):
+                            out = net(xb)
+                        t_out = d.teacher_out(xb)  # on the same (augmented, mixed) batch
+                    loss = d.loss(self._loss(out, yb), out, t_out)
                 scaled = loss / group
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if last_of_step:
+                if self.projection is not None and self.ddp is not None:
+                    self._average_projection_grads()
                 if self.scaler:
                     self.scaler.unscale_(self.opt)
                 if self.cfg.train.clip_grad_norm:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+                    nn.utils.clip_grad_norm_(self._trained_parameters(), self.cfg.train.clip_grad_norm)
                 if self.scaler:
                     self.scaler.step(self.opt)
                     self.scaler.update()
@@ -297,6 +334,19 @@ class Trainer:
                 for buf in self.ema.module.buffers():
                     td.broadcast(buf, 0)
         return total / max(1, count)
+
+    def _trained_parameters(self) -> list[nn.Parameter]:
+        params = list(self.model.parameters())
+        return params + list(self.projection.parameters()) if self.projection is not None else params
+
+    def _average_projection_grads(self) -> None:
+        """DDP averages the student's gradients; the projection is outside it, so average its gradients here."""
+        import torch.distributed as td
+
+        for p in self.projection.parameters():
+            if p.grad is not None:
+                td.all_reduce(p.grad)
+                p.grad /= self.dist.world_size
 
     def _agree(self, improved: bool, stop: bool) -> tuple[bool, bool]:
         """Rank 0's early-stopping decision for every rank (they must leave the loop together)."""
@@ -331,6 +381,7 @@ class Trainer:
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "ema": self.ema.state_dict() if self.ema is not None else None, "history": history, "best": best,
                 "world_size": self.dist.world_size, "seed": self.cfg.train.seed,
+                "projection": self.projection.state_dict() if self.projection is not None else None,
                 "seconds": self._seconds_before + time.perf_counter() - self._t0}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -341,6 +392,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+        if self.projection is not None and state.get("projection"):
+            self.projection.load_state_dict(state["projection"])
 
     def _save_last(self, epoch: int, history: list, best: dict) -> None:
         if not self.dist.main:
