@@ -1,6 +1,6 @@
 """The build as a short list of typed stages over one build state; the bundle appears only if all pass.
 
-data → import → export → quantize → evaluate → package. Each stage has its own config
+data → import → optimize → export → quantize → evaluate → package. Each stage has its own config
 section, reports what it did and what it cost, and may be refused only by a gate
 (:mod:`edgekit.build.gates`). The bundle is written under a temporary name and renamed
 to the output only after every gate and the bundle's own health check passed; a failed
@@ -31,6 +31,7 @@ from .stages.data import DataStage
 from .stages.evaluate import EvaluateStage
 from .stages.export import ExportStage
 from .stages.import_model import ImportStage
+from .stages.optimize import OptimizeStage
 from .stages.package import PackageStage
 from .stages.quantize import QuantizeStage
 from .state import BuildState, Progress, Stage
@@ -38,8 +39,8 @@ from .state import BuildState, Progress, Stage
 log = logging.getLogger(__name__)
 
 # Adding a stage: one module in stages/, its config section, and one entry here.
-STAGES: tuple[Stage, ...] = (DataStage(), ImportStage(), ExportStage(), QuantizeStage(), EvaluateStage(),
-                             PackageStage())
+STAGES: tuple[Stage, ...] = (DataStage(), ImportStage(), OptimizeStage(), ExportStage(), QuantizeStage(),
+                             EvaluateStage(), PackageStage())
 
 
 @dataclass

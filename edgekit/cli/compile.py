@@ -39,6 +39,12 @@ def compile_cmd(
     no_accuracy_check: bool = typer.Option(False, "--no-accuracy-check",
                                            help="Ship INT8 without an accuracy budget (no labelled data)"),
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Ship FP32 (no INT8)"),
+    prune_ratio: Optional[float] = typer.Option(None, help="Structured pruning: share of channels removed "
+                                                "(adds or updates the build's prune pass)"),
+    prune_iterations: Optional[int] = typer.Option(None, help="Prune in N steps, fine-tuning between them"),
+    finetune_epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of the prune pass (0: none)"),
+    distill_from: Optional[str] = typer.Option(None, help="Distil from TEACHER: 'self' (the model before "
+                                               "pruning), a run folder or module:factory"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle path (.ekb)"),
     key: Optional[Path] = typer.Option(None, help="Signing key [default: $EDGEKIT_SIGNING_KEY]"),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the work folder (intermediate files)"),
@@ -93,7 +99,17 @@ def compile_cmd(
         overrides["accuracy"] = {"max_accuracy_drop": None}
     if no_quantize:
         overrides["quantize.enabled"] = False
-    cfg = load_build(build_file, overrides, base=base)
+    prune = {"ratio": prune_ratio, "iterations": prune_iterations, "finetune_epochs": finetune_epochs}
+    passes = {"prune": prune, "distill": {"teacher": distill_from}}
+    if prune_ratio is None and (prune_iterations is not None or finetune_epochs is not None):
+        # these flags tune a prune pass: the build file must have one, or --prune-ratio adds it
+        from ..config.base import read_yaml
+
+        steps = (read_yaml(build_file).get("optimize") or []) if build_file else []
+        if not any(isinstance(s, dict) and "prune" in s for s in steps):
+            raise ConfigError("--prune-iterations/--finetune-epochs tune a prune pass: add --prune-ratio R "
+                              "(or a '- prune:' entry under optimize: in the build file)")
+    cfg = load_build(build_file, overrides, base=base, passes=passes)
     signing_key = load_private_key(cfg.signing_key)
     # Progress goes to stderr; whatever the compilers' libraries print (NNCF's progress bars) too,
     # so that stdout holds only the result.

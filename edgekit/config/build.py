@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from edgekit_runtime.contract import bundle_spec, manifest
 
@@ -106,6 +106,67 @@ class ExportSettings(Strict):
     atol: float = Field(1e-4, gt=0, description="Max |torch - onnx| allowed after export")
 
 
+class PrunePass(Strict):
+    """Structured pruning (Torch-Pruning DepGraph): whole channels go, so dense INT8 kernels get faster."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    ratio: float = Field(0.5, gt=0, lt=1, description="Share of channels removed (per layer, or over the model "
+                                                      "with global: true)")
+    iterations: int = Field(1, ge=1, le=100, description="Prune in this many steps, fine-tuning between them")
+    importance: Literal["magnitude", "taylor"] = Field(
+        "magnitude", description="Channel ranking: weight magnitude, or Taylor (|weight × gradient|, needs the run's "
+                                 "training data)")
+    global_pruning: bool = Field(False, alias="global", description="Rank channels over the whole model instead "
+                                                                    "of per layer (uneven widths)")
+    round_to: int | None = Field(None, ge=1, description="Channel counts kept multiples of this (default: the "
+                                                         "profile's optimize.round_to)")
+    ignore: list[str] = Field(default_factory=list, description="Module names never pruned (the head always is)")
+    finetune_epochs: int = Field(3, ge=0, description="Fine-tuning epochs in all, split over the iterations")
+
+
+class DistillPass(Strict):
+    """Knowledge distillation into the model being compiled (soft targets at a temperature)."""
+
+    teacher: str = Field("self", description="'self' (the model before the optimize passes), a run folder, "
+                                             "or 'package.module:factory'")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the soft-target loss (1 - alpha: the labels)")
+    features: bool = Field(False, description="Also match pooled features (through a learned projection)")
+    epochs: int = Field(3, ge=1)
+
+
+class OptimizePass(Strict):
+    """One entry of ``optimize:``: a one-key mapping naming the pass and its settings."""
+
+    prune: PrunePass | None = None
+    distill: DistillPass | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "OptimizePass":
+        named = [k for k in ("prune", "distill") if getattr(self, k) is not None]
+        if len(named) != 1:
+            raise ValueError("each optimize entry names one pass: '- prune: {ratio: 0.5}' or "
+                             "'- distill: {teacher: self}'")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "prune" if self.prune is not None else "distill"
+
+    @property
+    def settings(self) -> PrunePass | DistillPass:
+        return self.prune if self.prune is not None else self.distill
+
+
+class FinetuneSettings(Strict):
+    """The training run whose splits and recipe (train.yaml) the optimize passes fine-tune with."""
+
+    run: Path | None = Field(None, description="Run folder (edgekit train --out); set when compiling a run folder")
+    lr_scale: float = Field(0.1, gt=0, description="Fine-tuning learning rate = the run's optim.lr × this")
+    batch_size: int | None = Field(None, ge=1, description="Fine-tuning batch (default: the run's)")
+
+
 class BuildConfig(Strict):
     model: ModelSource
     target: str = Field(description="Profile name (targets/NAME.yaml) or a path to a profile YAML")
@@ -114,6 +175,9 @@ class BuildConfig(Strict):
     preprocess: PreprocessSpec | None = None
     postprocess: PostprocessSpec = PostprocessSpec()
     export: ExportSettings = ExportSettings()
+    optimize: list[OptimizePass] = Field(default_factory=list,
+                                         description="Compression passes run on the torch model before export")
+    finetune: FinetuneSettings = FinetuneSettings()
     # Overrides of the profile's sections: typed, so a typo fails here and not after the export.
     quantize: partial(QuantizeSettings) | None = Field(None, description="Overrides of the profile's quantize")
     accuracy: partial(AccuracyBudget) | None = Field(None, description="Overrides of the profile's accuracy gate")
@@ -128,11 +192,38 @@ class BuildConfig(Strict):
 
 
 
+def apply_pass_overrides(data: dict[str, Any], passes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``data`` with flag settings laid over the first pass of each kind (a pass is added if there is none).
+
+    ``passes`` maps a pass name to the settings its flags set; a pass that is added goes in pass order
+    (prune before distill, so "self" distils a pruned student from its unpruned model).
+    """
+    out = dict(data)
+    steps = [dict(s) if isinstance(s, dict) else s for s in (out.get("optimize") or [])]
+    for kind in ("prune", "distill"):
+        settings = {k: v for k, v in (passes.get(kind) or {}).items() if v is not None}
+        if not settings:
+            continue
+        for step in steps:
+            if isinstance(step, dict) and kind in step:
+                step[kind] = {**(step[kind] or {}), **settings}
+                break
+        else:
+            steps.append({kind: settings})
+    out["optimize"] = steps
+    return out
+
+
 def load_build(path: Path | None, overrides: dict[str, Any] | None = None,
-               base: dict[str, Any] | None = None) -> BuildConfig:
-    """A build file (over ``base``, e.g. a run folder's settings) with CLI overrides applied, validated."""
+               base: dict[str, Any] | None = None, passes: dict[str, dict[str, Any]] | None = None) -> BuildConfig:
+    """A build file (over ``base``, e.g. a run folder's settings) with CLI overrides applied, validated.
+
+    ``passes``: optimize-pass settings from flags (``{"prune": {"ratio": 0.5}}``), see :func:`apply_pass_overrides`.
+    """
     data = deep_update(base or {}, read_yaml(path) if path else {})
     data = apply_overrides(data, overrides or {})
+    if passes:
+        data = apply_pass_overrides(data, passes)
     cfg = parse(BuildConfig, data, str(path) if path else "build settings")
     if cfg.model.labels and cfg.model.labels_file:
         raise ConfigError("give model.labels or model.labels_file, not both")

@@ -107,6 +107,13 @@ class Limits(Strict):
     max_model_mb: float | None = Field(None, gt=0, description="Size gate: largest model artifact allowed")
 
 
+class OptimizeDefaults(Strict):
+    """What the optimize passes (pruning) must respect on this device."""
+
+    round_to: int = Field(1, ge=1, description="Pruned channel counts are kept multiples of this: the channel "
+                                               "block the device's INT8 kernels work in (VNNI 16, NEON/TensorRT 8)")
+
+
 class TargetProfile(Strict):
     name: str
     description: str = ""
@@ -119,3 +126,4 @@ class TargetProfile(Strict):
     fidelity: FidelityGate = FidelityGate()
     latency: LatencyGate = LatencyGate()
     limits: Limits = Limits()
+    optimize: OptimizeDefaults = OptimizeDefaults()

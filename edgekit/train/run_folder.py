@@ -62,6 +62,8 @@ def build_settings(run_dir: Path) -> dict[str, Any]:
                                            "count": CALIBRATION_SAMPLES}},
     }
     settings["validation"] = {**data, "kwargs": {"run": str(run_dir), "split": "val"}}
+    # the optimize passes (pruning, distillation) fine-tune with this run's splits and recipe
+    settings["finetune"] = {"run": str(run_dir)}
     if not classifies:
         # gated on the validation MAE in the target's units: INT8 may add at most 5 % of the target's spread
         std = meta.get("y_stats")[1] if meta.get("y_stats") else [1.0]

@@ -1,0 +1,189 @@
+"""Optimize stage: compression passes (pruning, distillation) from the torch model to a smaller torch model.
+
+Runs only when the build names passes (``optimize:`` or ``--prune-ratio``/``--distill-from``). Each
+pass changes ``state.src``; the pruned model is exported to ONNX again (checked against torch),
+saved whole as ``<output stem>.optimized.pt2`` next to the bundle, and the rest of the build
+(export, INT8, gates, package) runs on it as on any model. The report records, per pass, what it
+did and measured: parameters, MACs, ONNX size, the task metric on the run's validation split and
+FP32 p50 latency on the target's evaluation engine, before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ...compress.prune import save_program
+from ...config.build import DistillPass, PrunePass
+from ...errors import ConfigError
+from ...models.importer import check_onnx, compare_with_torch, export_onnx
+from ..backends.base import SourceModel, onnx_signature
+from ..measure import Measurer
+from ..state import BuildState
+from .export import evaluation_engine
+
+log = logging.getLogger(__name__)
+
+
+def optimized_program_path(output: Path) -> Path:
+    """``build/model.ekb`` → ``build/model.optimized.pt2``: the optimized model, kept after the build."""
+    return output.with_name(f"{output.stem}.optimized.pt2")
+
+
+class OptimizeStage:
+    name = "optimize"
+
+    def run(self, state: BuildState) -> dict[str, Any]:
+        cfg = state.cfg
+        if not cfg.optimize:
+            return {"passes": []}
+        import torch
+
+        model = state.src.torch if state.src is not None else None
+        if model is None:
+            raise ConfigError(f"the optimize passes ({', '.join(p.kind for p in cfg.optimize)}) need the torch model; "
+                              f"{cfg.model.source} is an ONNX file: compile the run folder, a module:factory or "
+                              f"the model's .pt2 instead")
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"the optimize passes need a trainable torch module; {cfg.model.source} is a "
+                              f"torch.export program: compile the run folder or a module:factory instead")
+        work = state.workdir / "optimize"
+        work.mkdir(parents=True, exist_ok=True)
+        original = copy.deepcopy(model).eval()  # "self" teacher, and the before-figures of the first pass
+        model = copy.deepcopy(model)  # the user's module (a factory's) stays as it was
+        example = torch.zeros(list(cfg.model.input_shape), dtype=torch.float32)
+        ctx = self._context(state, work)
+        passes = []
+        src = state.src
+        for i, step in enumerate(cfg.optimize):
+            t0 = time.perf_counter()
+            state.progress(f"optimize: {step.kind}")
+            before = self._figures(state, model, example, src.onnx, ctx)
+            if step.kind == "prune":
+                did = self._prune(state, model, example, step.prune, ctx, work / f"pass{i}")
+            else:
+                did = self._distill(state, model, original, step.distill, ctx, work / f"pass{i}")
+            onnx_path = work / f"pass{i}" / "model.onnx"
+            export_onnx(model, cfg.model, onnx_path)
+            check_onnx(onnx_path)
+            diff = compare_with_torch(model, onnx_path, state.probe, cfg.export.atol)
+            new_src = SourceModel(onnx_path, model, list(cfg.model.input_shape))
+            after = self._figures(state, model, example, onnx_path, ctx)
+            latency = self._latency(state, src, new_src, work / f"pass{i}")
+            passes.append({"pass": step.kind, "settings": step.settings.model_dump(mode="json", by_alias=True),
+                           **did, "before": {**before, "fp32_p50_ms": latency["before"]},
+                           "after": {**after, "fp32_p50_ms": latency["after"]},
+                           "max_abs_diff_vs_torch": diff, "seconds": round(time.perf_counter() - t0, 3)})
+            src = new_src
+        pt2 = save_program(model, example, optimized_program_path(cfg.output), cfg.model.dynamic_batch)
+        state.src = src
+        state.sig = onnx_signature(src.onnx)
+        first, last = passes[0]["before"], passes[-1]["after"]
+        summary = {
+            "passes": passes, "program": str(pt2),
+            "macs_reduction": round(first["macs"] / max(1, last["macs"]), 3),
+            "params_reduction": round(first["params"] / max(1, last["params"]), 3),
+        }
+        state.report["optimize"] = {"passes": [{"pass": p["pass"], **p["settings"]} for p in passes],
+                                    "program": str(pt2), "macs_reduction": summary["macs_reduction"],
+                                    "params_reduction": summary["params_reduction"],
+                                    "metric": {"name": first.get("metric_name"), "before": first.get("metric"),
+                                               "after": last.get("metric")}}
+        return summary
+
+    # ------------------------------------------------------------------ passes
+    def _context(self, state: BuildState, work: Path):
+        """The run to fine-tune with, when some pass needs it (None otherwise)."""
+        from ...compress.finetune import FinetuneContext
+
+        needs = []
+        for step in state.cfg.optimize:
+            s = step.settings
+            if isinstance(s, PrunePass) and (s.finetune_epochs > 0 or s.importance == "taylor"):
+                needs.append("prune (finetune_epochs > 0" + (", importance: taylor)" if s.importance == "taylor"
+                                                             else ")"))
+            elif isinstance(s, DistillPass):
+                needs.append("distill")
+        if not needs:
+            return FinetuneContext.load(state.cfg.finetune, work) if state.cfg.finetune.run else None
+        if state.cfg.finetune.run is None:
+            raise ConfigError(f"{', '.join(needs)} fine-tunes with the training run: add 'finetune: {{run: "
+                              f"runs/NAME}}' to the build file (compiling a run folder sets it), or set "
+                              f"finetune_epochs: 0")
+        return FinetuneContext.load(state.cfg.finetune, work)
+
+    def _prune(self, state: BuildState, model, example, s: PrunePass, ctx, work: Path) -> dict[str, Any]:
+        from ...compress.finetune import finetune
+        from ...compress.prune import channel_counts, prune
+
+        round_to = s.round_to or state.profile.optimize.round_to
+        epochs = _split(s.finetune_epochs, s.iterations)
+
+        def between(step: int, steps: int) -> dict[str, Any] | None:
+            if ctx is None or epochs[step] == 0:
+                return None
+            return finetune(ctx, model, epochs[step], name=f"{work.name}-step{step + 1}")
+
+        result = prune(model, example, s, round_to,
+                       gradients=ctx.accumulate_gradients if ctx is not None else None, between_steps=between)
+        return {"round_to": round_to, "head": result.head, "ignored": result.ignored,
+                "finetune_epochs": epochs, "steps": result.steps, "channels": channel_counts(model)}
+
+    def _distill(self, state: BuildState, model, original, s: DistillPass, ctx, work: Path) -> dict[str, Any]:
+        from ...compress.finetune import distill_supported, finetune
+
+        why = distill_supported()
+        if why:
+            raise ConfigError(f"the distill pass cannot run: {why}; remove it (or --distill-from) for now")
+        from ...train.distill import KD, load_teacher  # noqa: PLC0415 (present only with distillation)
+
+        if s.teacher == "self":
+            teacher = copy.deepcopy(original).eval()
+        else:
+            teacher = load_teacher(s.teacher, ctx.run, list(state.cfg.model.input_shape))
+        kd = KD(temperature=s.temperature, alpha=s.alpha, features=s.features)
+        ran = finetune(ctx, model, s.epochs, teacher=teacher, distill=kd, name=work.name)
+        return {"teacher": s.teacher, "finetune": ran}
+
+    # ------------------------------------------------------------------ figures
+    def _figures(self, state: BuildState, model, example, onnx_path: Path, ctx) -> dict[str, Any]:
+        from ...compress.prune import count
+
+        figures: dict[str, Any] = {**count(model, example), "onnx_bytes": Path(onnx_path).stat().st_size}
+        if ctx is not None:
+            figures.update(metric_name=ctx.metric, metric=round(ctx.evaluate(model), 4),
+                           metric_on=f"{ctx.run.name} validation split (torch)")
+        elif state.val is not None and state.profile.accuracy.metric == "top1":
+            import torch
+
+            with torch.no_grad():
+                out = model.eval()(torch.from_numpy(state.val.x)).numpy()
+            figures.update(metric_name="accuracy", metric=round(float((out.argmax(1) == state.val.y).mean() * 100), 4),
+                           metric_on=f"{state.val.source} (torch)")
+        return figures
+
+    def _latency(self, state: BuildState, before: SourceModel, after: SourceModel, work: Path) -> dict[str, Any]:
+        """FP32 p50 of both models on the target's evaluation engine, interleaved in one run."""
+        compiler, profile = state.compiler, state.profile
+        engine = evaluation_engine(profile, state.backend.engine)
+        sig = onnx_signature(after.onnx)
+        arts = {"before": compiler.fp32(before, _fresh(work / "fp32-before")),
+                "after": compiler.fp32(after, _fresh(work / "fp32-after"))}
+        measurer = Measurer(compiler, sig, engine, compiler.reference_options(profile.runtime),
+                            compiler.deploy_options(profile.runtime, sig))
+        res = measurer.latency({k: (a, True) for k, a in arts.items()}, state.probe, queries=50)
+        return {k: round(v["p50_ms"], 4) for k, v in res.items()}
+
+
+def _split(total: int, steps: int) -> list[int]:
+    """``total`` epochs over ``steps`` steps, the remainder to the last ones (5 over 2: [2, 3])."""
+    base, extra = divmod(total, steps)
+    return [base + (1 if i >= steps - extra else 0) for i in range(steps)]
+
+
+def _fresh(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,1 @@
+"""Compression passes run by the build's optimize stage: structured pruning and fine-tuning with the run's recipe."""
