@@ -147,6 +147,14 @@ def print_compile_summary(report: dict) -> None:
         threshold = "—" if g["threshold"] is None else f"{g['threshold']:g}"
         gates.add_row(g["name"], f"[{style[g['status']]}]{g['status']}[/]", value, threshold, g["detail"])
     console.print(gates)
+    opt = report.get("optimize")
+    if opt:
+        passes = ", ".join(f"{p['pass']} {p.get('ratio', p.get('teacher', ''))}" for p in opt["passes"])
+        metric = opt.get("metric") or {}
+        figure = (f"; {metric['name']} {metric['before']:.4g} → {metric['after']:.4g} (validation, torch)"
+                  if metric.get("before") is not None else "")
+        console.print(f"optimized ({passes}): {opt['macs_reduction']:.2f}× fewer MACs, "
+                      f"{opt['params_reduction']:.2f}× fewer parameters{figure}; program: {opt['program']}")
     fid = report.get("fidelity")
     if fid:
         console.print(f"fidelity: cosine {fid['cosine']:.4f} (min {fid['cosine_min']:.4f}), top-1 agreement "

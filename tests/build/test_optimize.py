@@ -168,3 +168,18 @@ def test_epochs_are_split_over_the_steps():
     from edgekit.build.stages.optimize import _split
 
     assert _split(5, 2) == [2, 3] and _split(3, 1) == [3] and _split(1, 2) == [0, 1] and _split(0, 3) == [0, 0, 0]
+
+
+@pytest.mark.slow
+def test_distill_pass_is_refused_clearly_until_the_training_loop_takes_a_teacher(run_dir, signing_key, tmp_path):
+    from edgekit.build.pipeline import compile_model
+    from edgekit.compress.finetune import distill_supported
+    from edgekit.config import load_build
+    from edgekit.train.run_folder import build_settings
+
+    if distill_supported() is None:
+        pytest.skip("the training loop takes a teacher: the distill pass runs (tested with distillation)")
+    cfg = load_build(None, {"target": TARGET, "output": tmp_path / "x.ekb"}, base=build_settings(run_dir),
+                     passes={"distill": {"teacher": "self"}})
+    with pytest.raises(ConfigError, match="the distill pass cannot run"):
+        compile_model(cfg, signing_key)
