@@ -214,6 +214,11 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(self.model, device_ids=ids)
+            if projection is not None:  # DDP broadcasts the student's weights; the projection starts equal too
+                import torch.distributed as td
+
+                for p in projection.parameters():
+                    td.broadcast(p.data, 0)
         # the feature projection trains with the student (the teacher's parameters are frozen)
         trained = self.model if projection is None else nn.ModuleList([self.model, projection])
         self.projection = projection

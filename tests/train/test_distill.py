@@ -41,6 +41,15 @@ def test_kd_loss_matches_a_hand_computed_value():
     assert d.loss(task, s, t).item() == pytest.approx(0.75 * task.item() + 0.25 * expected, rel=1e-5)
 
 
+def test_regression_students_match_the_teachers_standardized_outputs():
+    mean, std = torch.tensor([10.0, 20.0]), torch.tensor([2.0, 4.0])
+    d = Distiller(nn.Linear(3, 2), KD(alpha=0.4), classifies=False, standardize=lambda t: (t - mean) / std)
+    s = torch.tensor([[12.0, 24.0], [10.0, 16.0]])
+    t = torch.tensor([[10.0, 20.0], [14.0, 20.0]])
+    # standardized: s = [[1, 1], [0, -1]], t = [[0, 0], [2, 0]] -> squared errors 1, 1, 4, 1 -> MSE 1.75
+    assert d.loss(torch.tensor(2.0), s, t).item() == pytest.approx(0.6 * 2.0 + 0.4 * 1.75)
+
+
 def test_kd_settings_are_validated():
     with pytest.raises(ConfigError, match="temperature"):
         KD(temperature=0)
