@@ -213,3 +213,38 @@ def test_edgekit_train_with_a_distill_section_runs_and_records_the_teacher(digit
 
 def wrong_teacher() -> nn.Module:
     return build_model("resnet_small", [1, 8, 8], 3, task="classification", widths=[8])
+
+
+class _StopAt:
+    """Callbacks that press Ctrl-C when epoch ``n`` has finished."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_epoch_start(self, epoch, epochs, steps):
+        pass
+
+    def on_batch(self, step, loss):
+        pass
+
+    def on_epoch_end(self, row):
+        if row["epoch"] == self.n:
+            raise KeyboardInterrupt
+
+
+def test_a_distilled_run_resumes_to_the_same_losses_with_mixup(digits, tmp_path):
+    """last.pt carries the feature projection: Ctrl-C + --resume gives the uninterrupted run's curve."""
+    from edgekit.train.run import TrainingInterrupted, train
+
+    torch.set_num_threads(1)
+    teacher = tmp_path / "teacher"
+    train(_cfg(digits, teacher, **{"model.kwargs": {"widths": [16, 32]}}))
+    over = {"train.epochs": 2, "augment.mixup": 0.2, "augment.cutmix": 1.0,
+            "distill": {"teacher": str(teacher), "features": True, "alpha": 0.5}}
+    full = train(_cfg(digits, tmp_path / "full", **over)).metrics
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(digits, tmp_path / "cut", **over), callbacks=_StopAt(1))
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["projection"]["weight"].shape == (32, 16)
+    resumed = train(_cfg(digits, tmp_path / "cut", **over), resume=True).metrics
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in full["history"]]
+    assert all(math.isfinite(r["train_loss"]) for r in full["history"])
