@@ -171,15 +171,25 @@ def test_epochs_are_split_over_the_steps():
 
 
 @pytest.mark.slow
-def test_distill_pass_is_refused_clearly_until_the_training_loop_takes_a_teacher(run_dir, signing_key, tmp_path):
+def test_prune_then_distill_from_the_unpruned_self(run_dir, signing_key, tmp_path):
     from edgekit.build.pipeline import compile_model
     from edgekit.compress.finetune import distill_supported
     from edgekit.config import load_build
     from edgekit.train.run_folder import build_settings
 
-    if distill_supported() is None:
-        pytest.skip("the training loop takes a teacher: the distill pass runs (tested with distillation)")
-    cfg = load_build(None, {"target": TARGET, "output": tmp_path / "x.ekb"}, base=build_settings(run_dir),
-                     passes={"distill": {"teacher": "self"}})
-    with pytest.raises(ConfigError, match="the distill pass cannot run"):
-        compile_model(cfg, signing_key)
+    cfg = load_build(None, {"target": TARGET, "output": tmp_path / "x.ekb", "accuracy.max_accuracy_drop": 50},
+                     base=build_settings(run_dir),
+                     passes={"prune": {"ratio": 0.25, "finetune_epochs": 0}, "distill": {"teacher": "self",
+                                                                                       "epochs": 1}})
+    why = distill_supported()
+    if why is not None:  # an edgekit without distillation refuses the pass with the reason
+        with pytest.raises(ConfigError, match="the distill pass cannot run"):
+            compile_model(cfg, signing_key)
+        return
+    report = compile_model(cfg, signing_key).report
+    prune, distill = next(s for s in report["stages"] if s["name"] == "optimize")["passes"]
+    assert prune["pass"] == "prune" and distill["pass"] == "distill" and distill["teacher"] == "self"
+    ft = distill["finetune"]
+    assert ft["epochs"] == 1 and ft["metric"] == "accuracy" and 0 <= ft["after"] <= 100
+    assert distill["before"]["macs"] == distill["after"]["macs"] == prune["after"]["macs"]  # distilling keeps shapes
+    assert [p["pass"] for p in report["optimize"]["passes"]] == ["prune", "distill"]

@@ -138,12 +138,15 @@ class OptimizeStage:
         why = distill_supported()
         if why:
             raise ConfigError(f"the distill pass cannot run: {why}; remove it (or --distill-from) for now")
-        from ...train.distill import KD, load_teacher  # noqa: PLC0415 (present only with distillation)
+        from ...train.distill import KD, freeze, load_teacher  # noqa: PLC0415 (present only with distillation)
 
-        if s.teacher == "self":
-            teacher = copy.deepcopy(original).eval()
+        meta = ctx.setup.meta
+        if s.teacher == "self":  # the model before the optimize passes: a pruned student learns from its unpruned self
+            teacher = freeze(copy.deepcopy(original))
         else:
-            teacher = load_teacher(s.teacher, ctx.run, list(state.cfg.model.input_shape))
+            teacher = load_teacher(s.teacher, list(state.cfg.model.input_shape[1:]), meta["out_dim"],
+                                   labels=meta["labels"] if ctx.setup.task.classifies else None,
+                                   preprocess=meta["preprocess"])
         kd = KD(temperature=s.temperature, alpha=s.alpha, features=s.features)
         ran = finetune(ctx, model, s.epochs, teacher=teacher, distill=kd, name=work.name)
         return {"teacher": s.teacher, "finetune": ran}
