@@ -193,3 +193,30 @@ def test_prune_then_distill_from_the_unpruned_self(run_dir, signing_key, tmp_pat
     assert ft["epochs"] == 1 and ft["metric"] == "accuracy" and 0 <= ft["after"] <= 100
     assert distill["before"]["macs"] == distill["after"]["macs"] == prune["after"]["macs"]  # distilling keeps shapes
     assert [p["pass"] for p in report["optimize"]["passes"]] == ["prune", "distill"]
+
+
+@pytest.mark.slow
+def test_taylor_and_global_pruning_on_the_trained_model(run_dir, tmp_path):
+    import torch
+
+    from edgekit.compress.finetune import FinetuneContext
+    from edgekit.compress.prune import channel_counts, prune
+    from edgekit.config.build import FinetuneSettings, PrunePass
+    from edgekit.train.models import load_trained
+
+    ctx = FinetuneContext.load(FinetuneSettings(run=run_dir), tmp_path)
+    example = torch.zeros(1, 1, 8, 8)
+    for settings in (PrunePass(ratio=0.5, importance="taylor", finetune_epochs=0),
+                     PrunePass.model_validate({"ratio": 0.5, "global": True, "ignore": ["blocks.0.conv1"]})):
+        model = load_trained(run_dir / "model.pt")
+        with pytest.raises(ConfigError, match="no module"):
+            prune(model, example, PrunePass(ignore=["blocks.9"]), 8)
+        seen = []
+        res = prune(model, example, settings, 8, gradients=lambda m: seen.append(ctx.accumulate_gradients(m)))
+        assert res.before["macs"] / res.after["macs"] >= 1.5, (settings, res.before, res.after)
+        assert all(c % 8 == 0 for n, c in channel_counts(model).items() if n != "head")
+        assert channel_counts(model)["head"] == 10
+        assert bool(seen) == (settings.importance == "taylor")  # Taylor ranks channels by training gradients
+        if settings.global_pruning:  # an ignored layer keeps its output channels
+            assert model.blocks[0].conv1.out_channels == 32
+        assert 0 <= ctx.evaluate(model) <= 100
