@@ -10,7 +10,6 @@ Nothing is written into the user's run folder: the Trainer's files go to the bui
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 import time
@@ -50,7 +49,8 @@ class FinetuneContext:
                               "(compiling a run folder sets it), or use finetune_epochs: 0 with importance: magnitude")
         run = Path(settings.run).resolve()
         read_meta(run)  # a finished run, or a clear error
-        cfg = load_train(run / "train.yaml")
+        # the run's own distill: section (a teacher it trained with) is not this build's: a distill pass names its own
+        cfg = load_train(run / "train.yaml").model_copy(update={"distill": None})
         return cls(run, cfg, _setup(cfg, DistInfo()), Path(work), settings.lr_scale, settings.batch_size)
 
     # ------------------------------------------------------------------ evaluation
@@ -118,20 +118,6 @@ class FinetuneContext:
         return parse(TrainConfig, data, "fine-tuning settings")
 
 
-def distill_supported() -> str | None:
-    """None when the training loop takes a teacher; otherwise why the distill pass cannot run."""
-    import importlib.util
-
-    from ..train.trainer import Trainer
-
-    if importlib.util.find_spec("edgekit.train.distill") is None:
-        return "this edgekit has no edgekit.train.distill (distillation is not installed yet)"
-    params = inspect.signature(Trainer.__init__).parameters
-    if "teacher" not in params or "distill" not in params:
-        return "this edgekit's training loop takes no teacher (Trainer has no teacher/distill arguments yet)"
-    return None
-
-
 def finetune(ctx: FinetuneContext, model, epochs: int, *, teacher=None, distill=None,
              name: str = "finetune") -> dict[str, Any]:
     """Train ``model`` in place for ``epochs`` epochs with the run's recipe; its best epoch's weights stay.
@@ -158,12 +144,7 @@ def finetune(ctx: FinetuneContext, model, epochs: int, *, teacher=None, distill=
         best["state"] = copy.deepcopy({k: v.detach().cpu() for k, v in m.state_dict().items()})
         best["epoch"] = info.get("epoch")
 
-    extra: dict[str, Any] = {}
-    if teacher is not None or distill is not None:
-        why = distill_supported()
-        if why:
-            raise ConfigError(f"the distill pass cannot run: {why}")
-        extra = {"teacher": teacher, "distill": distill}
+    extra: dict[str, Any] = {"teacher": teacher, "distill": distill} if teacher is not None else {}
     trainer = Trainer(cfg, model, s.task,
                       make_dataset(s.prepared, "train", cfg.augment if cfg.augment.enabled else None),
                       make_dataset(s.prepared, "val", None), loss_fn=s.loss_fn, y_stats=s.prepared.y_stats,

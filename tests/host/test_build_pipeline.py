@@ -24,7 +24,7 @@ def _leftovers(folder):
 def test_report_lists_every_stage_in_order_with_its_cost(int8_bundles):
     report = int8_bundles[TARGET].report
     assert [s["name"] for s in report["stages"]] == [s.name for s in STAGES] == [
-        "data", "import", "export", "quantize", "evaluate", "package"]
+        "data", "import", "optimize", "export", "quantize", "evaluate", "package"]
     assert all(s["seconds"] >= 0 for s in report["stages"])
     by_name = {s["name"]: s for s in report["stages"]}
     assert by_name["data"]["calibration"] == {"source": by_name["data"]["calibration"]["source"], "samples": 240,
