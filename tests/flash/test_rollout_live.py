@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -26,21 +26,11 @@ from edgekit.flash.fleet_flash import BundleSource, FleetFlash, FleetFlashSettin
 from edgekit.flash.rollout import Rollout, load_record, request_pause
 from edgekit.flash.server import BundleServer
 from edgekit.fleet.connection import BrokerSettings
+from tests.polling import wait_until
 
 FLEET = "live"
 # far below any inference: the health check's latency gate refuses every new model on such a device
 REFUSING_BUDGET_MS = 0.0001
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 class LiveFleet:
@@ -107,7 +97,7 @@ class LiveFleet:
             return all(self.reported_release(d) == 1 and self.agent_json(d).get("state") == "online"
                        for d in self.names)
 
-        _wait(online, 120, f"{len(self.names)} agents online serving release 1")
+        wait_until(online, 120, f"{len(self.names)} agents online serving release 1")
 
     def _on_cmd(self, client, userdata, message) -> None:
         body = json.loads(message.payload)["body"]
@@ -251,7 +241,7 @@ def test_abort_at_10_percent_after_20_devices_halts_and_rolls_back_live(live_fle
         assert (err["reason"], err["step"]) == ("health_check_failed", "health_check"), err
     assert sorted(summary["rolled_back"]) == sorted(set(sent) - refusing) and not summary["rollback_failed"]
     for d in fleet.names:  # the whole fleet serves release 1 again, the refusing devices never left it
-        _wait(lambda: fleet.serves(d, 1), 20, f"{d} serving release 1")
+        wait_until(lambda: fleet.serves(d, 1), 20, f"{d} serving release 1")
         assert len(fleet.installs_run(d)) == (1 if d in sent else 0), d
 
 
