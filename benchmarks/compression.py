@@ -49,15 +49,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=common.usable_cores(), help="inference threads")
     p.add_argument("--queries", type=int, default=300, help="single-stream queries per bundle (at least)")
     p.add_argument("--seconds", type=float, default=5.0, help="single-stream duration (at least)")
-    p.add_argument("--work", type=Path, default=common.CACHE / "compression")
+    p.add_argument("--side", type=int, default=SIDE, help="digits upscaled to SIDE×SIDE (more compute per layer "
+                                                           "as it grows); results for a side other than 32 are "
+                                                           "written as compression_sideN.{json,md}")
+    p.add_argument("--work", type=Path, default=None, help="work folder [default: the cache's compression[_sideN]]")
     p.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
     p.add_argument("--retrain", action="store_true", help="train again even when the work folder has the run")
     p.add_argument("--markdown-only", action="store_true", help="only re-render compression.md from the JSON")
     return p.parse_args(argv)
 
 
-def digits32(path: Path) -> Path:
-    """scikit-learn's digits, 8×8 → 32×32 (bilinear), uint8 (N, 1, 32, 32); x_test/y_test held out."""
+def digits_upscaled(path: Path, side: int) -> Path:
+    """scikit-learn's digits, 8×8 → side×side (bilinear), uint8 (N, 1, side, side); x_test/y_test held out."""
     import cv2
 
     from edgekit.demo import write_digits_npz
@@ -65,7 +68,7 @@ def digits32(path: Path) -> Path:
     small = np.load(write_digits_npz(path.with_name("digits8.npz")))
 
     def up(x: np.ndarray) -> np.ndarray:
-        return np.stack([cv2.resize(img[0], (SIDE, SIDE), interpolation=cv2.INTER_LINEAR) for img in x])[:, None]
+        return np.stack([cv2.resize(img[0], (side, side), interpolation=cv2.INTER_LINEAR) for img in x])[:, None]
 
     np.savez_compressed(path, x=up(small["x"]), y=small["y"], x_test=up(small["x_test"]), y_test=small["y_test"])
     return path
@@ -84,7 +87,7 @@ def train_run(args, data: Path) -> Path:
         import shutil
 
         shutil.rmtree(run)
-    log(f"training {args.arch} on digits 32×32 for {args.epochs} epochs")
+    log(f"training {args.arch} on digits {args.side}×{args.side} for {args.epochs} epochs")
     cfg = load_train(TRAIN_FILE, {"data.path": data, "out": run, "model.arch": args.arch,
                                   "train.epochs": args.epochs, "train.early_stopping": None,
                                   "evaluate": False, "robustness": False})
@@ -100,7 +103,7 @@ def compile_run(run: Path, args, name: str, prune: dict[str, Any] | None) -> dic
 
     out = args.work / f"{name}.ekb"
     cfg = load_build(None, {"target": args.target, "output": out, "runtime.threads": args.threads,
-                            "model.name": f"digits32-{name}"},
+                            "model.name": f"digits{args.side}-{name}"},
                      base=build_settings(run), passes={"prune": prune} if prune else None)
     log(f"compiling {name} for {args.target}" + (f" with {prune}" if prune else ""))
     return compile_model(cfg, load_private_key(common.ensure_keys()["private"])).report
@@ -138,7 +141,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "# Structured pruning: unpruned vs pruned INT8 bundle", "",
         f"{doc['generated_at']} · `{doc['command']}`", "",
         f"{doc['settings']['arch']} trained with `edgekit train` for {doc['settings']['epochs']} epochs on digits "
-        f"upscaled to 32×32; pruned with ratio {doc['settings']['ratio']} (round_to "
+        f"upscaled to {doc['settings'].get('side', 32)}×{doc['settings'].get('side', 32)}; pruned with ratio {doc['settings']['ratio']} (round_to "
         f"{r['pruned']['round_to']}, {doc['settings']['finetune_epochs']} fine-tuning epochs); both compiled for "
         f"{doc['settings']['target']} INT8 and measured in one interleaved single-stream run "
         f"({doc['settings']['threads']} threads, batch 1).", "",
@@ -156,9 +159,13 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    suffix = "" if args.side == SIDE else f"_side{args.side}"
+    stem = f"compression{suffix}"
+    if args.work is None:
+        args.work = common.CACHE / f"compression{suffix}"
     if args.markdown_only:
-        md = markdown(json.loads((args.out / "compression.json").read_text()))
-        (args.out / "compression.md").write_text(md)
+        md = markdown(json.loads((args.out / f"{stem}.json").read_text()))
+        (args.out / f"{stem}.md").write_text(md)
         print(md)
         return 0
     common.ensure_importable()
@@ -168,7 +175,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    data = digits32(args.work / "digits32.npz")
+    data = digits_upscaled(args.work / f"digits{args.side}.npz", args.side)
     run = train_run(args, data)
     t_trained = time.perf_counter()
     reports = {"unpruned": compile_run(run, args, "unpruned", None),
@@ -218,7 +225,7 @@ def main(argv=None) -> int:
         "schema": "edgekit-benchmark/compression/1",
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "settings": {"arch": args.arch, "epochs": args.epochs, "ratio": args.ratio, "iterations": args.iterations,
+        "settings": {"arch": args.arch, "side": args.side, "epochs": args.epochs, "ratio": args.ratio, "iterations": args.iterations,
                      "finetune_epochs": args.finetune_epochs, "target": args.target, "threads": args.threads,
                      "queries": args.queries, "seconds": args.seconds, "precision": "int8", "batch": 1},
         "system": system_description(),
@@ -232,9 +239,9 @@ def main(argv=None) -> int:
         "seconds": {"train": round(t_trained - t_start, 1), "compile": round(t_built - t_trained, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
     }
-    (args.out / "compression.json").write_text(json.dumps(doc, indent=2, default=str))
+    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=str))
     md = markdown(doc)
-    (args.out / "compression.md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
     return 0
 
