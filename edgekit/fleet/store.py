@@ -180,8 +180,12 @@ class FleetStore:
             raise StoreError(f"{self.path} is not a usable fleet store ({exc})") from None
 
     # -- schema ------------------------------------------------------------------------------
+    def _schema_version(self) -> int:
+        """The schema version the store holds (0: a new, empty store); each engine keeps it its own way."""
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
     def _check_version(self) -> int:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        version = self._schema_version()
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has store schema {version}, newer than this edgekit "
                              f"({SCHEMA_VERSION}); upgrade edgekit to read it")

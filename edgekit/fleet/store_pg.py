@@ -253,18 +253,14 @@ class PgFleetStore(FleetStore):
         return text.replace(password, "***") if password else text
 
     # -- schema (engine) -----------------------------------------------------------------------
-    def _check_version(self) -> int:
+    def _schema_version(self) -> int:
         if self.db.execute("SELECT to_regclass('store_meta')").fetchone()[0] is None:
             if self.db.execute("SELECT to_regclass('messages')").fetchone()[0] is not None:
                 raise StoreError(f"{self.path} has a `messages` table but no `store_meta`: it is not a fleet "
                                  "store; name an empty database")
             return 0
         row = self.db.execute("SELECT value FROM store_meta WHERE name = 'schema_version'").fetchone()
-        version = row[0] if row else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path} has store schema {version}, newer than this edgekit "
-                             f"({SCHEMA_VERSION}); upgrade edgekit to read it")
-        return version
+        return row[0] if row else 0
 
     def _init(self) -> None:
         db = self.db
