@@ -45,6 +45,8 @@ def compile_cmd(
     finetune_epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of the prune pass (0: none)"),
     distill_from: Optional[str] = typer.Option(None, help="Distil from TEACHER: 'self' (the model before "
                                                "pruning), a run folder or module:factory"),
+    qat: Optional[str] = typer.Option(None, help="Quantization-aware training: auto (only when post-training "
+                                      "INT8 breaks the budget), on or off"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle path (.ekb)"),
     key: Optional[Path] = typer.Option(None, help="Signing key [default: $EDGEKIT_SIGNING_KEY]"),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the work folder (intermediate files)"),
@@ -99,6 +101,8 @@ def compile_cmd(
         overrides["accuracy"] = {"max_accuracy_drop": None}
     if no_quantize:
         overrides["quantize.enabled"] = False
+    if qat is not None:
+        overrides["quantize.qat"] = qat
     prune = {"ratio": prune_ratio, "iterations": prune_iterations, "finetune_epochs": finetune_epochs}
     passes = {"prune": prune, "distill": {"teacher": distill_from}}
     if prune_ratio is None and (prune_iterations is not None or finetune_epochs is not None):

@@ -60,6 +60,9 @@ class QuantizeSettings(Strict):
     # OpenVINO / NNCF
     preset: Literal["performance", "mixed"] = Field("performance", description="NNCF preset")
     fast_bias_correction: bool = True
+    # quantization-aware training (edgekit.compress.qat): fine-tunes with fake quantization, needs the training run
+    qat: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: QAT only when post-training INT8 breaks a quality gate; on: always; off: never")
     # fallback when a gate fails
     max_excluded_nodes: int = Field(
         8, ge=0, description="Most layers the fallback may keep in float to pass the gates"
