@@ -39,8 +39,11 @@ def compile_cmd(
     no_accuracy_check: bool = typer.Option(False, "--no-accuracy-check",
                                            help="Ship INT8 without an accuracy budget (no labelled data)"),
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Ship FP32 (no INT8)"),
-    prune_ratio: Optional[float] = typer.Option(None, help="Structured pruning: share of channels removed "
-                                                "(adds or updates the build's prune pass)"),
+    latency_budget_ms: Optional[float] = typer.Option(None, help="p99 latency budget on the device "
+                                                      "(limits.latency_budget_ms)"),
+    prune_ratio: Optional[str] = typer.Option(None, help="Structured pruning: share of channels removed, or "
+                                              "'auto' (the least ratio that meets --latency-budget-ms, measured); "
+                                              "adds or updates the build's prune pass"),
     prune_iterations: Optional[int] = typer.Option(None, help="Prune in N steps, fine-tuning between them"),
     finetune_epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of the prune pass (0: none)"),
     distill_from: Optional[str] = typer.Option(None, help="Distil from TEACHER: 'self' (the model before "
@@ -103,7 +106,9 @@ def compile_cmd(
         overrides["quantize.enabled"] = False
     if qat is not None:
         overrides["quantize.qat"] = qat
-    prune = {"ratio": prune_ratio, "iterations": prune_iterations, "finetune_epochs": finetune_epochs}
+    if latency_budget_ms is not None:
+        overrides["limits.latency_budget_ms"] = latency_budget_ms
+    prune = {"ratio": _ratio(prune_ratio), "iterations": prune_iterations, "finetune_epochs": finetune_epochs}
     passes = {"prune": prune, "distill": {"teacher": distill_from}}
     if prune_ratio is None and (prune_iterations is not None or finetune_epochs is not None):
         # these flags tune a prune pass: the build file must have one, or --prune-ratio adds it
@@ -124,6 +129,16 @@ def compile_cmd(
         return
     print_compile_summary(result.report)
     console.print(f"bundle: [bold]{result.bundle}[/]  report: {result.report_path}")
+
+
+def _ratio(text: str | None) -> float | str | None:
+    """``--prune-ratio``: a number between 0 and 1, or 'auto'."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--prune-ratio takes a share of channels (e.g. 0.5) or 'auto'; got {text!r}") from None
 
 
 def print_compile_summary(report: dict) -> None:

@@ -111,8 +111,13 @@ class PrunePass(Strict):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    ratio: float = Field(0.5, gt=0, lt=1, description="Share of channels removed (per layer, or over the model "
-                                                      "with global: true)")
+    ratio: float | Literal["auto"] = Field(
+        0.5, description="Share of channels removed (per layer, or over the model with global: true), or 'auto': "
+                         "the least ratio whose INT8 p99, measured on the target's engine, meets "
+                         "limits.latency_budget_ms")
+    max_ratio: float = Field(0.75, gt=0, lt=1, description="ratio: auto searches ratios up to this one")
+    search_points: int = Field(6, ge=2, le=20, description="ratio: auto measures this many ratios from 0 to "
+                                                          "max_ratio, interleaved in one run")
     iterations: int = Field(1, ge=1, le=100, description="Prune in this many steps, fine-tuning between them")
     importance: Literal["magnitude", "taylor"] = Field(
         "magnitude", description="Channel ranking: weight magnitude, or Taylor (|weight × gradient|, needs the run's "
@@ -123,6 +128,13 @@ class PrunePass(Strict):
                                                          "profile's optimize.round_to)")
     ignore: list[str] = Field(default_factory=list, description="Module names never pruned (the head always is)")
     finetune_epochs: int = Field(3, ge=0, description="Fine-tuning epochs in all, split over the iterations")
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0 < v < 1:
+            raise ValueError(f"ratio must lie between 0 and 1 (exclusive), or be 'auto'; got {v}")
+        return v
 
 
 class DistillPass(Strict):

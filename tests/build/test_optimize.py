@@ -214,3 +214,65 @@ def test_taylor_and_global_pruning_on_the_trained_model(run_dir, tmp_path):
         if settings.global_pruning:  # an ignored layer keeps its output channels
             assert model.blocks[0].conv1.out_channels == 32
         assert 0 <= ctx.evaluate(model) <= 100
+
+
+def test_the_least_ratio_is_one_every_larger_ratio_agrees_with():
+    from edgekit.build.stages.optimize import least_ratio
+
+    def probes(meets: list[bool]) -> list[dict[str, Any]]:
+        return [{"ratio": i / 10, "meets_budget": m} for i, m in enumerate(meets)]
+
+    assert least_ratio(probes([False, False, True, True])) == 0.2
+    assert least_ratio(probes([True, True, True])) == 0.0  # the unpruned model already meets the budget
+    # one lucky fast run at 0.1 does not pick it while 0.2 misses: 0.3 is the answer
+    assert least_ratio(probes([False, True, False, True])) == 0.3
+    assert least_ratio(probes([False, False, False])) is None
+
+
+def test_prune_ratio_flag_takes_a_share_or_auto(tmp_path):
+    result = runner.invoke(app, ["compile", "m.onnx", "--target", TARGET, "--prune-ratio", "half", "--json"])
+    assert result.exit_code == ExitCode.USAGE
+    assert "--prune-ratio takes a share of channels (e.g. 0.5) or 'auto'" in result.stdout
+
+
+@pytest.mark.slow
+def test_auto_ratio_needs_a_latency_budget(run_dir, signing_key, tmp_path):
+    from edgekit.build.pipeline import compile_model
+    from edgekit.config import load_build
+    from edgekit.train.run_folder import build_settings
+
+    cfg = load_build(None, {"target": TARGET, "output": tmp_path / "x.ekb", "limits": {"latency_budget_ms": None}},
+                     base=build_settings(run_dir), passes={"prune": {"ratio": "auto"}})
+    with pytest.raises(ConfigError, match="limits.latency_budget_ms"):
+        compile_model(cfg, signing_key)
+
+
+@pytest.mark.slow
+def test_auto_ratio_measures_int8_latency_per_ratio_and_refuses_an_unreachable_budget(run_dir, keys, tmp_path):
+    doc = cli_json("compile", run_dir, "--target", TARGET, "--prune-ratio", "auto", "--latency-budget-ms", "1e-6",
+                   "--key", keys["private"], "-o", tmp_path / "x.ekb", code=ExitCode.GATE)
+    assert "no prune ratio up to 0.75 meets the latency budget" in doc["error"]["message"]
+    report = json.loads((tmp_path / "x.report.json").read_text())
+    search = report["optimize"]["search"]
+    assert search["precision"] == "int8" and search["engine"] == "onnxruntime" and search["percentile"] == "p99"
+    probes = search["probes"]
+    assert [p["ratio"] for p in probes] == [0.0, 0.15, 0.3, 0.45, 0.6, 0.75]
+    assert probes[0]["macs"] > probes[-1]["macs"] * 1.8  # each ratio really was pruned before it was timed
+    assert all(p["p99_ms"] >= p["p50_ms"] > 0 and not p["meets_budget"] for p in probes)
+    assert not (tmp_path / "x.ekb").exists()
+
+
+@pytest.mark.slow
+def test_auto_ratio_keeps_a_model_that_already_meets_the_budget(run_dir, signing_key, tmp_path):
+    from edgekit.build.pipeline import compile_model
+    from edgekit.config import load_build
+    from edgekit.train.run_folder import build_settings
+
+    cfg = load_build(None, {"target": TARGET, "output": tmp_path / "x.ekb", "limits.latency_budget_ms": 1e4,
+                            "accuracy.max_accuracy_drop": 10},
+                     base=build_settings(run_dir), passes={"prune": {"ratio": "auto", "search_points": 3}})
+    report = compile_model(cfg, signing_key).report
+    (p,) = next(s for s in report["stages"] if s["name"] == "optimize")["passes"]
+    assert p["search"]["chosen"] == 0.0 and "meets the budget" in p["skipped"]
+    assert p["before"]["macs"] == p["after"]["macs"]  # nothing was removed
+    assert p["before"]["int8_p50_ms"] > 0 and p["after"]["fp32_p50_ms"] > 0

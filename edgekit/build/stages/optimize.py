@@ -18,7 +18,7 @@ from typing import Any
 
 from ...compress.prune import save_program
 from ...config.build import DistillPass, PrunePass
-from ...errors import ConfigError
+from ...errors import ConfigError, GateError
 from ...models.importer import check_onnx, compare_with_torch, export_onnx
 from ..backends.base import SourceModel, onnx_signature
 from ..measure import Measurer
@@ -72,10 +72,10 @@ class OptimizeStage:
             diff = compare_with_torch(model, onnx_path, state.probe, cfg.export.atol)
             new_src = SourceModel(onnx_path, model, list(cfg.model.input_shape))
             after = self._figures(state, model, example, onnx_path, ctx)
-            latency = self._latency(state, src, new_src, work / f"pass{i}")
+            latency = self._latency(state, {"before": src, "after": new_src}, work / f"pass{i}")
             passes.append({"pass": step.kind, "settings": step.settings.model_dump(mode="json", by_alias=True),
-                           **did, "before": {**before, "fp32_p50_ms": latency["before"]},
-                           "after": {**after, "fp32_p50_ms": latency["after"]},
+                           **did, "before": {**before, **latency["before"]}, "after": {**after, **latency["after"]},
+                           "latency_measured_with": latency["engine"],
                            "max_abs_diff_vs_torch": diff, "seconds": round(time.perf_counter() - t0, 3)})
             src = new_src
         pt2 = save_program(model, example, optimized_program_path(cfg.output), cfg.model.dynamic_batch)
@@ -120,6 +120,13 @@ class OptimizeStage:
         from ...compress.prune import channel_counts, prune
 
         round_to = s.round_to or state.profile.optimize.round_to
+        search = None
+        if s.ratio == "auto":
+            search = self._search_ratio(state, model, example, s, round_to, work / "search")
+            if search["chosen"] == 0:  # the unpruned model meets the budget: nothing to remove
+                return {"round_to": round_to, "search": search, "skipped": search["why"],
+                        "channels": channel_counts(model)}
+            s = s.model_copy(update={"ratio": search["chosen"]})
         epochs = _split(s.finetune_epochs, s.iterations)
 
         def between(step: int, steps: int) -> dict[str, Any] | None:
@@ -129,8 +136,61 @@ class OptimizeStage:
 
         result = prune(model, example, s, round_to,
                        gradients=ctx.accumulate_gradients if ctx is not None else None, between_steps=between)
-        return {"round_to": round_to, "head": result.head, "ignored": result.ignored,
+        return {"round_to": round_to, "ratio": s.ratio, **({"search": search} if search else {}),
+                "head": result.head, "ignored": result.ignored,
                 "finetune_epochs": epochs, "steps": result.steps, "channels": channel_counts(model)}
+
+    def _search_ratio(self, state: BuildState, model, example, s: PrunePass, round_to: int,
+                      work: Path) -> dict[str, Any]:
+        """The least prune ratio whose deployed artifact meets ``limits.latency_budget_ms``, by measurement.
+
+        ``search_points`` ratios from 0 to ``max_ratio`` are pruned (one step, no fine-tuning: latency
+        depends on the channel counts, not on the weights), exported, quantized as the build will
+        quantize them (INT8 PTQ, or FP32 when quantize is off), and timed in one interleaved run on the
+        target's engine, so that every ratio sees the same machine. The budget is a p99, as the device's
+        health check holds it; a ratio is chosen when it and every larger ratio measured meet it (one
+        noisy fast run does not pick a ratio that a larger one contradicts).
+        """
+        from ...compress.prune import count, prune
+
+        budget = state.profile.limits.latency_budget_ms
+        if budget is None:
+            raise ConfigError("prune ratio 'auto' searches for the least ratio that meets the latency budget: set "
+                              "limits.latency_budget_ms in the build file or the target profile "
+                              "(or --latency-budget-ms), or give a ratio")
+        n = s.search_points
+        ratios = [round(s.max_ratio * k / (n - 1), 4) for k in range(n)]
+        candidates: dict[str, SourceModel] = {}
+        shapes: dict[str, dict[str, Any]] = {}
+        for r in ratios:
+            name = f"r{r:g}"
+            state.progress(f"optimize: latency search, ratio {r:g}")
+            m = copy.deepcopy(model)
+            if r > 0:
+                prune(m, example, s.model_copy(update={"ratio": r, "iterations": 1}), round_to)
+            path = work / name / "model.onnx"
+            export_onnx(m, state.cfg.model, path)
+            candidates[name] = SourceModel(path, m, list(state.cfg.model.input_shape))
+            shapes[name] = count(m, example)
+        measured = self._measure(state, candidates, work, queries=200)
+        probes = [{"ratio": r, **shapes[f"r{r:g}"], **measured["figures"][f"r{r:g}"],
+                   "meets_budget": measured["figures"][f"r{r:g}"]["p99_ms"] <= budget} for r in ratios]
+        chosen = least_ratio(probes)
+        result = {"budget_ms": budget, "percentile": "p99", "precision": measured["precision"],
+                  "engine": measured["engine"], "probes": probes, "chosen": chosen}
+        if chosen is None:
+            best = probes[-1]
+            state.report.setdefault("optimize", {})["search"] = result
+            raise GateError(
+                f"no prune ratio up to {s.max_ratio} meets the latency budget: at ratio {best['ratio']} the "
+                f"{measured['precision']} p99 is {best['p99_ms']:.3f} ms on {measured['engine']} "
+                f"(limits.latency_budget_ms {budget})", state.report,
+                hint="raise max_ratio, relax limits.latency_budget_ms, or compile a smaller model")
+        result["why"] = (f"the unpruned model's {measured['precision']} p99 {probes[0]['p99_ms']:.3f} ms meets "
+                         f"the budget of {budget} ms" if chosen == 0 else
+                         f"least ratio whose {measured['precision']} p99 meets {budget} ms")
+        log.info("prune ratio search: %s (ratio %s)", result["why"], chosen)
+        return result
 
     def _distill(self, state: BuildState, model, original, s: DistillPass, ctx, work: Path) -> dict[str, Any]:
         from ...compress.finetune import finetune
@@ -164,17 +224,44 @@ class OptimizeStage:
                            metric_on=f"{state.val.source} (torch)")
         return figures
 
-    def _latency(self, state: BuildState, before: SourceModel, after: SourceModel, work: Path) -> dict[str, Any]:
-        """FP32 p50 of both models on the target's evaluation engine, interleaved in one run."""
+    def _latency(self, state: BuildState, models: dict[str, SourceModel], work: Path) -> dict[str, Any]:
+        """FP32 and deployed-precision (INT8) p50 of each model on the target's engine, in one interleaved run."""
+        fp32 = self._measure(state, models, work, queries=50, precision="fp32")
+        out: dict[str, Any] = {k: {"fp32_p50_ms": v["p50_ms"]} for k, v in fp32["figures"].items()}
+        if state.quantize:
+            deployed = self._measure(state, models, work, queries=50)
+            for k, v in deployed["figures"].items():
+                out[k]["int8_p50_ms"] = v["p50_ms"]
+        out["engine"] = fp32["engine"]
+        return out
+
+    def _measure(self, state: BuildState, models: dict[str, SourceModel], work: Path, queries: int,
+                 precision: str | None = None) -> dict[str, Any]:
+        """Each model compiled for the target (INT8 PTQ as the build quantizes, or ``precision='fp32'``) and
+        timed single-stream on the target's evaluation engine, interleaved in one run."""
         compiler, profile = state.compiler, state.profile
+        precision = precision or ("int8" if state.quantize else "fp32")
         engine = evaluation_engine(profile, state.backend.engine)
-        sig = onnx_signature(after.onnx)
-        arts = {"before": compiler.fp32(before, _fresh(work / "fp32-before")),
-                "after": compiler.fp32(after, _fresh(work / "fp32-after"))}
+        arts = {}
+        for name, src in models.items():
+            folder = _fresh(work / f"{precision}-{name}")
+            arts[name] = (compiler.fp32(src, folder) if precision == "fp32" else
+                          compiler.quantize(src, state.calib.x, profile.quantize, folder))
+        sig = onnx_signature(next(iter(models.values())).onnx)
         measurer = Measurer(compiler, sig, engine, compiler.reference_options(profile.runtime),
                             compiler.deploy_options(profile.runtime, sig))
-        res = measurer.latency({k: (a, True) for k, a in arts.items()}, state.probe, queries=50)
-        return {k: round(v["p50_ms"], 4) for k, v in res.items()}
+        # FP32 with the reference options (OpenVINO: f32 even on bf16 CPUs), INT8 with the bundle's
+        res = measurer.latency({k: (a, precision == "fp32") for k, a in arts.items()}, state.probe, queries=queries)
+        figures = {k: {"p50_ms": round(v["p50_ms"], 4), "p99_ms": round(v["p99_ms"], 4)} for k, v in res.items()}
+        return {"figures": figures, "engine": engine, "precision": precision}
+
+
+def least_ratio(probes: list[dict[str, Any]]) -> float | None:
+    """The least ratio (probes in increasing ratio) that meets the budget together with every larger ratio."""
+    for i, probe in enumerate(probes):
+        if all(p["meets_budget"] for p in probes[i:]):
+            return probe["ratio"]
+    return None
 
 
 def _split(total: int, steps: int) -> list[int]:
