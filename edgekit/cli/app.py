@@ -21,6 +21,7 @@ from .run import run_cmd
 from .serve import serve_cmd
 from .targets import app as targets_app
 from .train import eval_cmd, train_cmd
+from .tune import tune_cmd
 from .exits import JsonAwareGroup
 from .options import VerboseOpt
 from .output import set_verbosity
@@ -52,6 +53,7 @@ app.command("flash")(flash_cmd)
 app.command("rollback")(rollback_cmd)
 app.command("serve")(serve_cmd)
 app.command("broker")(broker_cmd)
+app.command("tune")(tune_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry point
