@@ -3,8 +3,14 @@
 The FP32 reference is measured with ``INFERENCE_PRECISION_HINT=f32``: on CPUs
 with AVX512-BF16/AMX the CPU plugin would otherwise run "FP32" in bf16 and the
 accuracy/latency figures would silently describe another precision. Over
-budget, the fallback is NNCF's ``quantize_with_accuracy_control``, which
-returns layers to float one group at a time, most harmful first.
+budget, the fallback is mixed precision by sensitivity (:mod:`.sensitivity`):
+layers are ranked on the ONNX graph, and the fewest that pass the gates are kept
+in float through NNCF's ``IgnoredScope`` (ONNX node names map to the IR's ops:
+OpenVINO's ONNX frontend names a Conv/Gemm ``<onnx name>/WithoutBiases`` and its
+bias Add ``<onnx name>``). Only if that search fails does NNCF's
+``quantize_with_accuracy_control`` run as a second attempt: measured on a model
+with outlier activations it returned more layers to float for the same budget and
+took longer, and its choice can only be read from its log.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 from ...config import QuantizeSettings, RuntimeSettings
 from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, SourceModel, runtime_options
+from .sensitivity import RANKING_SAMPLES, QdqOptions, rank_isolated, search_fewest
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +83,48 @@ class OpenVINOCompiler(BackendCompiler):
 
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                  exclude: list[str] | None = None) -> Artifact:
+        """NNCF INT8; ``exclude`` (ONNX node names or IR op names) stays float through NNCF's ignored scope."""
         import nncf
 
         dataset, n = _calibration_dataset(calib, settings)
+        model = self._read(src.onnx)
+        ignored, unmapped = ir_names(model, src.onnx, exclude or [])
+        if unmapped:
+            log.warning("no OpenVINO op for ONNX node(s) %s: they stay INT8", ", ".join(unmapped))
         q = nncf.quantize(
-            self._read(src.onnx), dataset, preset=_preset(settings), subset_size=n,
+            model, dataset, preset=_preset(settings), subset_size=n,
             fast_bias_correction=settings.fast_bias_correction,
-            ignored_scope=nncf.IgnoredScope(names=list(exclude), validate=False) if exclude else None,
+            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
         )
         art = _save(q, workdir / ("int8-x%d" % len(exclude) if exclude else "int8"))
         art.precision = "int8"
         art.details = {"method": "nncf.quantize", "preset": settings.preset, "subset_size": n,
-                       "fast_bias_correction": settings.fast_bias_correction, "ignored": list(exclude or [])}
+                       "fast_bias_correction": settings.fast_bias_correction, "ignored": ignored,
+                       "excluded_nodes": list(exclude or []), **({"unmapped": unmapped} if unmapped else {})}
         return art
+
+    def qdq_options(self, settings: QuantizeSettings) -> QdqOptions:
+        """The Q/DQ graph the layers are ranked on, as close to NNCF's as ONNX Runtime writes it: per-channel
+        int8 weights; symmetric int8 activations (preset performance) or asymmetric uint8 (mixed)."""
+        act = "int8" if settings.preset == "performance" else "uint8"
+        return QdqOptions(act, True, "minmax", {"ActivationSymmetric": act == "int8", "WeightSymmetric": True})
 
     def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                 goal: RecoveryGoal, first: Artifact) -> list[Attempt]:
+        """Mixed precision by sensitivity; if no candidate passes, NNCF's accuracy control as a second attempt."""
+        x = calib[: settings.calibration_count]
+        # ranked on the ONNX file OpenVINO reads (not ONNX Runtime's pre-processed copy): the names must be its own
+        ranking = rank_isolated(src.onnx, x, self.qdq_options(settings), workdir, x[:RANKING_SAMPLES])
+        attempts = search_fewest(ranking, settings.max_excluded_nodes,
+                                 lambda names: self.quantize(src, calib, settings, workdir, exclude=names), goal,
+                                 details=lambda art: {k: art.details[k] for k in ("ignored", "unmapped")
+                                                      if k in art.details})
+        if any(a.passed for a in attempts):
+            return attempts
+        return attempts + self.accuracy_control(src, calib, settings, workdir, goal)
+
+    def accuracy_control(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
+                         goal: RecoveryGoal) -> list[Attempt]:
         """NNCF's accuracy control, scored by the gate that failed (task metric or cosine to FP32)."""
         import nncf
         from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
@@ -122,6 +155,30 @@ class OpenVINOCompiler(BackendCompiler):
                        "max_num_iterations": settings.max_excluded_nodes, "scored_by": goal.gate,
                        "reverted_layers": list(dict.fromkeys(reverted))}
         return [goal.evaluate(art, "nncf_accuracy_control", art.details)]
+
+
+def ir_names(model, onnx_path: Path, names: list[str]) -> tuple[list[str], list[str]]:
+    """The IR ops that ONNX nodes ``names`` became, and the names with none.
+
+    OpenVINO's ONNX frontend keeps a node's name on the op that produces its output and names the
+    ops it adds in front ``<name>/...`` (a Conv or Gemm with bias: ``<name>/WithoutBiases`` + the Add
+    ``<name>``); where the graph's output renames the last op, the node's output tensor finds it.
+    """
+    import onnx
+
+    outputs = {n.name: set(n.output) for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    ops = [(op.get_friendly_name(), {t for o in op.outputs() for t in o.get_names()})
+           for op in model.get_ordered_ops() if op.get_type_name() not in ("Parameter", "Constant", "Result")]
+    found: list[str] = []
+    unmapped: list[str] = []
+    for name in names:
+        hits = [f for f, tensors in ops
+                if f == name or f.startswith(name + "/") or tensors & outputs.get(name, set())]
+        if hits:
+            found += [h for h in hits if h not in found]
+        else:
+            unmapped.append(name)
+    return found, unmapped
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ import numpy as np
 
 from ...config import QuantizeSettings, RuntimeSettings
 from .base import Artifact, Signature, SourceModel, runtime_options
-from .quantize_onnxruntime import OnnxRuntimeCompiler, _input_name, _Reader
+from .quantize_onnxruntime import OnnxRuntimeCompiler
+from .sensitivity import QdqOptions, write_qdq
 from .tensorrt_calibration import write_cache
 
 
@@ -65,22 +66,16 @@ class TensorRTCompiler(OnnxRuntimeCompiler):
 
             return f"none on host (Q/DQ by onnxruntime {onnxruntime.__version__})"
 
+    def qdq_options(self, settings: QuantizeSettings) -> QdqOptions:
+        """TensorRT's explicit-quantization rules: symmetric int8 activations, per-channel symmetric weights."""
+        return QdqOptions("int8", True, settings.calibrate_method, {"ActivationSymmetric": True, "WeightSymmetric": True})
+
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                  exclude: list[str] | None = None) -> Artifact:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
         pre = self._preprocessed(src.onnx, workdir)
         out = workdir / (f"trt-int8-x{len(exclude)}" if exclude else "trt-int8")
-        out.mkdir(parents=True, exist_ok=True)
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                   "percentile": CalibrationMethod.Percentile}
-        quantize_static(
-            str(pre), str(out / "model.onnx"), _Reader(_input_name(pre), calib[: settings.calibration_count]),
-            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8, calibrate_method=methods[settings.calibrate_method],
-            nodes_to_exclude=list(exclude or []),
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        )
+        write_qdq(pre, out / "model.onnx", calib[: settings.calibration_count], self.qdq_options(settings), workdir,
+                  exclude=exclude)
         amax = activation_amax(out / "model.onnx")
         (out / "calibration.cache").write_text(write_cache(amax))
         return Artifact(out, "model.onnx", ["model.onnx", "calibration.cache"], "int8",
