@@ -78,6 +78,20 @@ def test_prune_pass_cuts_macs_keeps_the_head_and_rounds_channels(pruned):
 
 
 @pytest.mark.slow
+def test_the_bundle_records_the_prune_pass(pruned, keys):
+    from edgekit_runtime.bundle import open_bundle
+    from edgekit_runtime.keyring import Keyring
+
+    # the manifest carries the report's record (format 1.3), for the fleet and for people
+    rec = open_bundle(pruned.bundle, Keyring.from_paths(keys["public"])).manifest.metrics.optimize
+    (p,) = next(s for s in pruned.report["stages"] if s["name"] == "optimize")["passes"]
+    assert [q.kind for q in rec.passes] == ["prune"] and rec.passes[0].settings["ratio"] == 0.5
+    assert (rec.passes[0].macs_before, rec.passes[0].macs_after) == (p["before"]["macs"], p["after"]["macs"])
+    assert rec.passes[0].int8_p50_ms_after == p["after"]["int8_p50_ms"] > 0
+    assert rec.macs_reduction == pruned.report["optimize"]["macs_reduction"]
+
+
+@pytest.mark.slow
 def test_iterations_fine_tune_between_steps(pruned):
     stage = next(s for s in pruned.report["stages"] if s["name"] == "optimize")
     steps = stage["passes"][0]["steps"]

@@ -12,7 +12,9 @@ three classes: ``y = flatten(x) @ W + b`` (ONNX: Flatten, MatMul, Add; opset 13)
 * ``--version 1.1``: ``v1.1-onnxruntime-matmul.ekb`` and ``v1.1-golden.pub``,
   the manifest built with the typed ``Manifest`` and carrying every section 1.1
   appended (fidelity, gates, stages, accuracy direction, latency gating) and a
-  drift histogram.
+  drift histogram;
+* ``--version 1.3``: ``v1.3-onnxruntime-matmul.ekb`` and ``v1.3-golden.pub``, the 1.1
+  manifest plus ``metrics.optimize`` (a prune and a distill pass with their figures).
 
 Usage: python tests/golden/make_golden.py --version 1.1 [--force]
 """
@@ -36,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 BUNDLE = HERE / "v1.0-onnxruntime-matmul.ekb"
 PUBLIC_KEY = HERE / "golden.pub"
 OUTPUTS = {"1.0": (BUNDLE, PUBLIC_KEY),
-           "1.1": (HERE / "v1.1-onnxruntime-matmul.ekb", HERE / "v1.1-golden.pub")}
+           "1.1": (HERE / "v1.1-onnxruntime-matmul.ekb", HERE / "v1.1-golden.pub"),
+           "1.3": (HERE / "v1.3-onnxruntime-matmul.ekb", HERE / "v1.3-golden.pub")}
 
 # Multiples of 1/8 and inputs that are multiples of 1/256: float32 results are exact.
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 8 - 0.75
@@ -153,6 +156,26 @@ def manifest_v1_1(model: bytes) -> dict:
     return manifest
 
 
+def manifest_v1_3(model: bytes) -> dict:
+    """The 1.1 manifest written as 1.3, with the compression record 1.3 appended (``metrics.optimize``)."""
+    from edgekit_runtime.contract import manifest as mf
+
+    manifest = manifest_v1_1(model)
+    manifest.update(format_version="1.3", created_at="2026-12-07T00:00:00+00:00",
+                    created_by="edgekit 0.3.0 (tests/golden/make_golden.py)")
+    manifest["model"].update(version="1.3.0", release=3)
+    manifest["metrics"]["optimize"] = mf.OptimizeRecord(
+        passes=[mf.OptimizePassRecord(kind="prune", settings={"ratio": 0.5, "iterations": 2, "round_to": 16},
+                                      params_before=1200, params_after=330, macs_before=48000, macs_after=12500,
+                                      metric="accuracy", metric_before=97.5, metric_after=97.0,
+                                      fp32_p50_ms_before=0.5, fp32_p50_ms_after=0.2,
+                                      int8_p50_ms_before=0.3, int8_p50_ms_after=0.125),
+                mf.OptimizePassRecord(kind="distill", settings={"teacher": "self", "temperature": 4.0, "alpha": 0.7},
+                                      metric="accuracy", metric_before=97.0, metric_after=97.75)],
+        macs_reduction=3.84, params_reduction=3.636).to_dict()
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", choices=sorted(OUTPUTS), default="1.1", help="format version to write")
@@ -169,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # the preprocessed image [[0, 255], [255, 0]] (scale 1/255, mean 0.25, std 0.5)
         health_input = (np.array([[[[0.0, 1.0], [1.0, 0.0]]]], dtype=np.float32) - 0.25) / 0.5
-        manifest = manifest_v1_1(model)
+        manifest = manifest_v1_1(model) if args.version == "1.1" else manifest_v1_3(model)
     expected = health_input.reshape(1, 4) @ W + B
     members = {
         "model.onnx": model,

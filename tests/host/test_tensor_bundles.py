@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import edgekit_runtime
+from edgekit_runtime.contract import bundle_spec
 from edgekit_runtime.contract.errors import BundleError, ErrorCode, InputError
 from edgekit_runtime.keyring import key_id_of
 
@@ -106,7 +107,7 @@ def test_int8_bundle_takes_raw_windows_and_agrees_with_fp32_torch(bundles, train
     raw, logits_fp32 = trained["raw_val"], trained["logits"]
     with edgekit_runtime.load(result.bundle, keyring=keys["public"]) as model:
         m = model.manifest
-        assert m.format_version == "1.2" and m.backend.precision == "int8"
+        assert m.format_version == bundle_spec.FORMAT_VERSION and m.backend.precision == "int8"
         assert (m.preprocess.type, m.preprocess.size, m.preprocess.scale) == ("tensor", None, 1.0)
         np.testing.assert_allclose(m.preprocess.mean, trained["mean"])
         assert model.health_check()["ok"]

@@ -133,3 +133,27 @@ def test_golden_1_1_bundle_gives_the_agent_a_drift_reference():
     mon.add(np.full((1, 1, 2, 2), 0.5, np.float32))
     report, _ = mon.evaluate()
     assert report["available"] and report["inputs"]["x"]["judged"]
+
+
+# ----------------------------------------------------------------------------- v1.3
+BUNDLE_1_3 = GOLDEN / "v1.3-onnxruntime-matmul.ekb"
+PUBLIC_KEY_1_3 = GOLDEN / "v1.3-golden.pub"
+
+
+def test_golden_1_3_bundle_carries_its_compression_record_and_runs(tmp_path):
+    vb = open_bundle(BUNDLE_1_3, Keyring.from_paths(PUBLIC_KEY_1_3))
+    m = vb.manifest
+    assert m.format_version == "1.3"
+    opt = m.metrics.optimize
+    assert [p.kind for p in opt.passes] == ["prune", "distill"] and opt.macs_reduction == 3.84
+    prune, distill = opt.passes
+    assert prune.settings == {"ratio": 0.5, "iterations": 2, "round_to": 16}
+    assert (prune.macs_before, prune.macs_after, prune.int8_p50_ms_after) == (48000, 12500, 0.125)
+    assert distill.macs_before is None and distill.metric_after == 97.75
+    with edgekit_runtime.load(BUNDLE_1_3, keyring=PUBLIC_KEY_1_3, workdir=tmp_path / "w") as model:
+        assert model.health_check()["ok"] is True
+
+
+def test_older_bundles_have_no_compression_record():
+    for bundle, key in ((BUNDLE, PUBLIC_KEY), (BUNDLE_1_1, PUBLIC_KEY_1_1)):
+        assert open_bundle(bundle, Keyring.from_paths(key)).manifest.metrics.optimize is None

@@ -38,6 +38,19 @@ def input_statistics(x: np.ndarray, bins: int = 32) -> dict[str, Any]:
     }
 
 
+def optimize_record(report: dict[str, Any]) -> dict[str, Any] | None:
+    """``metrics.optimize``: each compression pass with its before/after figures, from the optimize stage."""
+    stage = next((s for s in report["stages"] if s["name"] == "optimize"), None)
+    if stage is None or not stage.get("passes"):
+        return None
+    keys = ("params", "macs", "metric", "fp32_p50_ms", "int8_p50_ms")
+    passes = [{"kind": p["pass"], "settings": p["settings"], "metric": p["before"].get("metric_name"),
+               **{f"{k}_{side}": p[side].get(k) for k in keys for side in ("before", "after")}}
+              for p in stage["passes"]]
+    return {"passes": passes, "macs_reduction": stage["macs_reduction"],
+            "params_reduction": stage["params_reduction"]}
+
+
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
@@ -79,6 +92,7 @@ class PackageStage:
             "size_bytes": {"fp32": state.fp32.size_bytes(), chosen.precision: chosen.size_bytes()},
             "gates": [g.to_dict() for g in state.gates],
             "stages": [{"name": s["name"], "seconds": s["seconds"]} for s in state.report["stages"]],
+            "optimize": optimize_record(state.report),
         }
         # One typed manifest, the same classes the device parses into; sections that arrive as
         # JSON-like data (the build report, backend details, statistics) go through their parser.

@@ -33,7 +33,9 @@ FORMAT_NAME = "edgekit-bundle"
 # accuracy direction); a 1.0 bundle still parses, a 1.0 reader ignores what 1.1 added.
 # 1.2 added the "tensor" preprocessing kind (preprocess.size is then absent): a 1.1 reader
 # refuses such a bundle (size missing) instead of misreading it; image bundles are unchanged.
-FORMAT_VERSION = "1.2"
+# 1.3 appended metrics.optimize (the compression passes: pruning, distillation, and what each changed),
+# a record only: a 1.2 reader ignores it.
+FORMAT_VERSION = "1.3"
 SUPPORTED_MAJOR = 1
 
 MANIFEST_NAME = "manifest.json"

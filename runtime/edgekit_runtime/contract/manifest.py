@@ -622,6 +622,36 @@ class StageRecord(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class OptimizePassRecord(Section):
+    """*1.3.* One compression pass (pruning, distillation) and what it changed, measured at compile time."""
+
+    PATH: ClassVar[str] = "manifest.metrics.optimize.passes[...]"
+    kind: str  # "prune" | "distill"
+    settings: dict[str, Any] = _f(factory=dict)  # the pass's settings as the build resolved them
+    params_before: int | None = None
+    params_after: int | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    metric: str | None = None  # the task metric's name ("accuracy", "rmse")
+    metric_before: float | None = None
+    metric_after: float | None = None
+    fp32_p50_ms_before: float | None = None
+    fp32_p50_ms_after: float | None = None
+    int8_p50_ms_before: float | None = None
+    int8_p50_ms_after: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizeRecord(Section):
+    """*1.3.* The compression passes the model went through before export (``metrics.optimize``)."""
+
+    PATH: ClassVar[str] = "manifest.metrics.optimize"
+    passes: list[OptimizePassRecord] = _f(factory=list)
+    macs_reduction: float | None = None  # MACs before the first pass / after the last
+    params_reduction: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class BuildMetrics(Section):
     """The build report's figures (``metrics``): a record for people and dashboards; the runtime acts on none."""
 
@@ -633,6 +663,7 @@ class BuildMetrics(Section):
     size_bytes: dict[str, int] = _f(factory=dict)  # precision → artifact bytes
     gates: list[GateRecord] = _f(factory=list)
     stages: list[StageRecord] = _f(factory=list)
+    optimize: OptimizeRecord | None = None  # 1.3: compression passes (None: the model was compiled as given)
 
 
 # ----------------------------------------------------------------------------- envelope
@@ -781,6 +812,7 @@ SECTIONS: tuple[type[Section], ...] = (
     Manifest, ModelInfo, TargetInfo, BackendInfo, BackendOptions, TensorRTOptions, ShapeRange, QuantizationDetails,
     TensorSpec, QuantParams, Preprocess, Postprocess, HealthCheck, CalibrationInfo, InputStats, Histogram,
     SampleMean, BuildMetrics, AccuracyReport, Fidelity, LatencyReport, LatencyFigures, GateRecord, StageRecord,
+    OptimizeRecord, OptimizePassRecord,
     FileEntry, Signing,
 )
 """Every section type, for tools that walk the format (the documentation test)."""
