@@ -38,6 +38,10 @@ def tune_cmd(
     fleet: Optional[str] = typer.Option(None, "--fleet", "-f", help="The device's fleet (with --device)"),
     broker: str = BrokerOpt, username: Optional[str] = UserOpt, password: Optional[str] = PasswordOpt,
     cafile: Optional[Path] = CaOpt,
+    serve: str = typer.Option("0.0.0.0:0", "--serve", help="With --device: HOST:PORT the device downloads each "
+                              "trial's bundle from (port 0: a free one)"),
+    advertise: Optional[str] = typer.Option(None, "--advertise-host", help="With --device: the host name the "
+                                            "device reaches --serve by [default: this machine's address]"),
     worker: Optional[int] = typer.Option(None, "--worker", hidden=True, help="Run as worker N of a study"),
     verbose: int = VerboseOpt,
     as_json: bool = JsonOpt,
@@ -69,7 +73,8 @@ def tune_cmd(
     remote = None
     if device is not None:
         remote = RemoteTarget(device=device, fleet=fleet or "",
-                              broker=broker_settings(broker, username, password, cafile))
+                              broker=broker_settings(broker, username, password, cafile), serve=serve,
+                              advertise_host=advertise)
     plan = StudyPlan(name=name, out=folder, storage=url, trials=trials, target=target, config_path=config.resolve(),
                      key_path=key, remote=remote, worker=worker or 0)
     if worker is not None:  # one of the processes --workers started: run trials, print nothing

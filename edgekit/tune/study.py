@@ -42,6 +42,8 @@ class RemoteTarget:
     device: str
     fleet: str
     broker: Any  # edgekit.fleet.connection.BrokerSettings
+    serve: str = "0.0.0.0:0"  # HOST:PORT the device downloads each trial's bundle from (port 0: a free one)
+    advertise_host: str | None = None  # the host name the device reaches ``serve`` by
     queries: int = 200
     seconds: float = 2.0
     timeout_s: float = 600.0
@@ -299,14 +301,15 @@ class Objective:
 
     def _remote(self, bundle: Path, tdir: Path) -> dict[str, Any]:
         """Install the trial's bundle on the device (a one-device rollout), then benchmark it there."""
-        from ..flash.fleet_flash import FleetFlashSettings, flash_fleet, rollout_failed
+        from ..flash.fleet_flash import BundleSource, FleetFlashSettings, flash_fleet, rollout_failed
         from ..flash.remote_bench import RemoteBenchSettings, bench_on_device
 
         r = self.plan.remote
         assert r is not None  # only called with a remote target
         flash = FleetFlashSettings(fleet=r.fleet, devices=r.device, canary="1", allow_downgrade=True,
                                    rollback_on_halt=False, device_timeout_s=r.timeout_s, record_dir=tdir)
-        summary = flash_fleet(bundle, flash, r.broker, self.key)
+        summary = flash_fleet(bundle, flash, r.broker, self.key,
+                              source=BundleSource(serve=r.serve, advertise_host=r.advertise_host))
         if rollout_failed(summary):
             raise DeviceError(f"installing the trial's bundle on {r.fleet}/{r.device} failed "
                               f"({summary.get('counts')}); see the rollout record in {tdir}")

@@ -75,7 +75,8 @@ def test_sampling_stays_in_the_space_and_maps_to_train_and_compile_settings(tmp_
         sizes.add(tuple(s.train["data.image_size"]))  # a list choice comes back as a list
         assert s.build["quantize.qat"] in ("on", "off")
         assert s.build["accuracy.max_accuracy_drop"] == 30  # fixed settings ride along
-        assert s.passes["distill"]["teacher"] == "self" and round(s.passes["distill"]["alpha"], 9) in (0.2, 0.4, 0.6, 0.8)
+        assert s.passes["distill"]["teacher"] == "self"
+        assert round(s.passes["distill"]["alpha"], 9) in (0.2, 0.4, 0.6, 0.8)
         ratio = trial.params["compile.prune.ratio"]
         if ratio < 0.01:
             assert "prune" not in s.passes  # no prune pass at ratio ~0 (a pass needs a ratio > 0)
@@ -269,3 +270,44 @@ def test_two_workers_finish_twenty_trials_and_a_killed_worker_loses_no_finished_
     # resuming the finished study runs nothing and prints the same front
     again = _tune(conf, "--trials", 20, "--target", TARGET, "--key", keys["private"], "--out", out)
     assert again["counts"] == doc["counts"] and again["front"] == doc["front"]
+
+
+@pytest.mark.slow
+def test_latency_on_a_device_flashes_each_trial_and_benchmarks_it_there(tmp_path, small_digits, keys, mqtt_broker):
+    """A real Mosquitto and a real `edgekit-agent run` (no model at first): each trial's bundle is installed on
+    the device over MQTT and its latency is the device's own benchmark."""
+    fleet, device = "tunefleet", "dev000"
+    settings = {"device_id": device, "fleet": fleet, "broker_url": mqtt_broker.url,
+                "state_dir": str(tmp_path / "state"), "keyring": str(keys["public"]), "threads": 1,
+                "telemetry_interval_s": 30.0, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0,
+                "shutdown_flush_s": 2.0}
+    (tmp_path / "agent.json").write_text(json.dumps(settings))
+    with open(tmp_path / "agent.log", "ab") as log:
+        agent = subprocess.Popen([sys.executable, "-m", "edgekit_runtime.agent.cli", "run", "--config",
+                                  str(tmp_path / "agent.json"), "--log-level", "warning"], stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def status() -> dict[str, Any]:
+        try:
+            return json.loads((tmp_path / "state" / "agent.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    try:
+        wait_until(lambda: status().get("state") == "degraded", 60, "the agent connected (with no model yet)")
+        conf = write_tune(tmp_path / "tune.yaml", tune_settings(small_digits))
+        doc = _tune(conf, "--trials", 2, "--target", TARGET, "--key", keys["private"], "--out", tmp_path / "study",
+                    "--device", device, "--fleet", fleet, "--broker", mqtt_broker.url, "--serve", "127.0.0.1:0")
+    finally:
+        agent.terminate()
+        agent.wait(15)
+    assert doc["measured_on"] == f"{fleet}/{device}" and doc["counts"]["complete"] == 2, doc["counts"]
+    study = optuna.load_study(study_name="tune", storage=storage_url(None, tmp_path / "study"))
+    from edgekit_runtime.fileio import sha256_file
+
+    for t in study.trials:
+        a = t.user_attrs
+        assert a["latency_measured_on"] == f"{fleet}/{device}" and a["local_latency_ms"] > 0
+        assert t.values[1] == a[f"{'p50'}_ms"] and t.values[1] > 0  # the device's single-stream p50
+    last = max(study.trials, key=lambda t: t.number)
+    assert (status().get("model") or {}).get("sha256") == sha256_file(Path(last.user_attrs["bundle"]))
