@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 ERROR_ATTR = "error"
 VAL_CURVE_ATTR = "val_curve"
 WAIT_POLL_S = 1.0
+# a worker whose trials fail this many times in a row stops: the cause is shared (data path, pruner.monitor),
+# not the sampled settings
+MAX_FAILED_IN_ROW = 3
+
+
+class TuneError(EdgekitError):
+    """Every recent trial failed the same way: a setting all trials share is wrong."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +263,8 @@ class Objective:
         trial.set_user_attr("trial_dir", str(tdir))
         trial.set_user_attr("settings", {"train": settings.train, "passes": settings.passes,
                                          "build": settings.build})
+        from ..train.run import TrainingInterrupted
+
         t0 = time.perf_counter()
         try:
             run_dir = self._train(trial, settings, tdir)
@@ -264,6 +273,10 @@ class Objective:
             if self.plan.remote is not None:
                 figures["local_latency_ms"] = figures["latency_ms"]  # the compile's, kept beside the device's
                 figures.update(self._remote(Path(figures["bundle"]), tdir))
+        except TrainingInterrupted:
+            # Ctrl-C, not a verdict on the settings: the trial is failed without an error (not finished) and
+            # the worker stops; the next run samples a new trial in its place
+            raise KeyboardInterrupt from None
         except (EdgekitError, RuntimeErrorBase) as exc:
             trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
             raise
@@ -336,6 +349,7 @@ def run_worker(plan: StudyPlan, cfg: TuneConfig, key: Any) -> dict[str, int]:
     study = create_or_load(plan, cfg, storage, plan.worker)
     objective = Objective(plan, cfg, key)
     _write_pid(plan)
+    failed_in_row = 0
     while True:
         fail_stale_trials(study)
         c = counts(study)
@@ -344,11 +358,19 @@ def run_worker(plan: StudyPlan, cfg: TuneConfig, key: Any) -> dict[str, int]:
         if c["waiting"] == 0 and c["finished"] + c["running"] >= plan.trials:
             time.sleep(WAIT_POLL_S)  # the last trials run elsewhere; take one over if its worker dies
             continue
+        before = {t.number for t in study.get_trials(deepcopy=False)}
         study.optimize(objective, n_trials=1, catch=(EdgekitError, RuntimeErrorBase), gc_after_trial=True)
-        last = study.get_trials(deepcopy=False)
-        mine = [t for t in last if t.user_attrs.get("worker") == plan.worker]
+        mine = [t for t in study.get_trials(deepcopy=False)
+                if t.number not in before and t.user_attrs.get("worker") == plan.worker]
         if mine and mine[-1].state == TrialState.FAIL and ERROR_ATTR in mine[-1].user_attrs:
+            failed_in_row += 1
             log.warning("trial %d failed: %s", mine[-1].number, mine[-1].user_attrs[ERROR_ATTR])
+            if failed_in_row >= MAX_FAILED_IN_ROW:
+                raise TuneError(f"{failed_in_row} trials in a row failed; the last: "
+                                f"{mine[-1].user_attrs[ERROR_ATTR]}. Fix the tune file (the settings every trial "
+                                f"shares) and run the command again: finished trials are kept")
+        elif mine:
+            failed_in_row = 0
 
 
 def _write_pid(plan: StudyPlan) -> None:

@@ -311,3 +311,20 @@ def test_latency_on_a_device_flashes_each_trial_and_benchmarks_it_there(tmp_path
         assert t.values[1] == a[f"{'p50'}_ms"] and t.values[1] > 0  # the device's single-stream p50
     last = max(study.trials, key=lambda t: t.number)
     assert (status().get("model") or {}).get("sha256") == sha256_file(Path(last.user_attrs["bundle"]))
+
+
+@pytest.mark.slow
+def test_trials_that_all_fail_the_same_way_stop_the_study_with_the_cause(tmp_path, small_digits, keys):
+    """A wrong setting every trial shares (here pruner.monitor) fails 3 trials in a row, then the command stops."""
+    doc = tune_settings(small_digits, pruner={"monitor": "top1"})
+    doc["search"]["train"] = {"optim.lr": {"log_float": [0.005, 0.03]}}
+    doc["fixed"]["train"]["train.epochs"] = 1
+    conf = write_tune(tmp_path / "tune.yaml", doc)
+    result = runner.invoke(app, ["tune", str(conf), "--trials", "10", "--target", TARGET, "--key",
+                                 str(keys["private"]), "--out", str(tmp_path / "study"), "--json"])
+    assert result.exit_code == 2, result.stdout
+    err = json.loads(result.stdout)["error"]
+    assert "3 trials in a row failed" in err["message"] and "pruner.monitor 'top1'" in err["message"]
+    assert "accuracy" in err["message"]  # what the training loop does report
+    study = optuna.load_study(study_name="tune", storage=storage_url(None, tmp_path / "study"))
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 3
