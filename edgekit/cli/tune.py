@@ -11,13 +11,27 @@ from rich.table import Table
 from ..errors import ConfigError, EdgekitError, ExitCode
 from .exits import handle_errors
 from .options import BrokerOpt, CaOpt, JsonOpt, PasswordOpt, SigningKeyOpt, UserOpt, VerboseOpt, broker_settings
-from .output import console, print_json, set_verbosity
+from .output import console, err_console, print_json, set_verbosity
 
 
 class TuneIncomplete(EdgekitError):
     """The workers stopped before the study held every trial asked for (one died, or was interrupted)."""
 
-    exit_code = ExitCode.INTERNAL
+    exit_code = ExitCode.INTERRUPTED
+
+
+class Progress:
+    """One line on stderr each time the study's count of finished trials changes (not with --json)."""
+
+    def __init__(self, trials: int, quiet: bool):
+        self.trials, self.quiet, self.last = trials, quiet, None
+
+    def __call__(self, c: dict[str, int]) -> None:
+        line = (f"{c['finished']}/{self.trials} trials finished ({c['complete']} complete, {c['pruned']} pruned, "
+                f"{c['fail']} failed, {c['running']} running)")
+        if not self.quiet and line != self.last:
+            err_console.print(line, highlight=False)
+        self.last = line
 
 
 @handle_errors
@@ -83,12 +97,13 @@ def tune_cmd(
     signing_key = load_private_key(key)
     study = create_or_load(plan, cfg, open_storage(url, cfg))  # made once, before the workers race to make it
     exits: list[int] = []
+    progress = Progress(trials, quiet=as_json)
     if workers == 1:
-        run_worker(plan, cfg, signing_key)
+        run_worker(plan, cfg, signing_key, on_progress=progress)
     else:
         args = [str(config.resolve()), "--trials", str(trials), "--target", target, "--storage", url,
                 "--out", str(folder), "--key", str(key.resolve())]
-        exits = spawn_workers(plan, workers, args)
+        exits = spawn_workers(plan, workers, args, on_progress=progress, study=study)
     doc = report(study, cfg, trials, folder)
     doc["workers"] = {"count": workers, "exit_codes": exits}
     if as_json:

@@ -100,9 +100,10 @@ class Pruner(Strict):
     """
 
     type: Literal["median", "percentile", "none"] = "median"
-    percentile: float = Field(50.0, gt=0, lt=100, description="percentile: prune below this percentile "
-                                                              "(median: 50)")
-    startup_trials: int = Field(4, ge=0, description="No pruning until this many trials reached the epoch")
+    percentile: float = Field(50.0, gt=0, lt=100, description="percentile: keep the trials in the top this "
+                                                              "percent at each epoch (median: 50)")
+    startup_trials: int = Field(4, ge=0, description="No pruning until this many complete trials reached the "
+                                                     "epoch")
     warmup_epochs: int = Field(1, ge=0, description="No pruning before this many epochs finished")
     monitor: str = Field("accuracy", description="Validation metric of the training loop (val_<monitor>)")
     monitor_direction: Literal["maximize", "minimize"] = "maximize"

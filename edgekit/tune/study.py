@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 ERROR_ATTR = "error"
 VAL_CURVE_ATTR = "val_curve"
 WAIT_POLL_S = 1.0
+PROGRESS_POLL_S = 2.0
 # a worker whose trials fail this many times in a row stops: the cause is shared (data path, pruner.monitor),
 # not the sampled settings
 MAX_FAILED_IN_ROW = 3
@@ -197,6 +198,7 @@ class EpochReporter:
 
     def on_epoch_end(self, row: dict[str, Any]) -> None:
         import optuna
+        from optuna.trial import TrialState
 
         p = self.cfg.pruner
         key = f"val_{p.monitor}"
@@ -208,15 +210,17 @@ class EpochReporter:
         self.trial.set_user_attr(VAL_CURVE_ATTR, self.curve)
         if p.type == "none" or epoch < max(1, p.warmup_epochs):
             return
-        others = [t.user_attrs[VAL_CURVE_ATTR][str(epoch)] for t in self.trial.study.get_trials(deepcopy=False)
-                  if t.number != self.trial.number and finished(t) and
-                  str(epoch) in (t.user_attrs.get(VAL_CURVE_ATTR) or {})]
+        # as Optuna's PercentilePruner: compared with the complete trials only (pruned ones stopped early
+        # because they were bad; counting them would lower the bar)
+        others = [t.user_attrs[VAL_CURVE_ATTR][str(epoch)]
+                  for t in self.trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if str(epoch) in (t.user_attrs.get(VAL_CURVE_ATTR) or {})]
         if should_prune(list(self.curve.values()), others, p.type, p.percentile, p.startup_trials,
                         p.monitor_direction):
             self.trial.set_user_attr("pruned_at_epoch", epoch)
             raise optuna.TrialPruned(f"val {p.monitor} {self.curve[str(epoch)]:.4g} at epoch {epoch} is below the "
                                      f"{'median' if p.type == 'median' else f'top {p.percentile:g} %'} of "
-                                     f"{len(others)} trials")
+                                     f"{len(others)} complete trials")
 
 
 def should_prune(curve: list[float], others: list[float], kind: str, percentile: float, startup: int,
@@ -335,7 +339,8 @@ class Objective:
 
 
 # ----------------------------------------------------------------------------- workers
-def run_worker(plan: StudyPlan, cfg: TuneConfig, key: Any) -> dict[str, int]:
+def run_worker(plan: StudyPlan, cfg: TuneConfig, key: Any,
+               on_progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, int]:
     """Run trials until the study holds ``plan.trials`` finished ones; returns the study's counts.
 
     Before each trial the worker fails trials whose worker stopped beating (they are queued again);
@@ -371,6 +376,8 @@ def run_worker(plan: StudyPlan, cfg: TuneConfig, key: Any) -> dict[str, int]:
                                 f"shares) and run the command again: finished trials are kept")
         elif mine:
             failed_in_row = 0
+        if on_progress is not None:
+            on_progress(counts(study))
 
 
 def _write_pid(plan: StudyPlan) -> None:
@@ -380,10 +387,12 @@ def _write_pid(plan: StudyPlan) -> None:
     (d / f"{plan.worker}.pid").write_text(str(os.getpid()))
 
 
-def spawn_workers(plan: StudyPlan, workers: int, worker_args: list[str]) -> list[int]:
+def spawn_workers(plan: StudyPlan, workers: int, worker_args: list[str],
+                  on_progress: Callable[[dict[str, int]], None] | None = None, study: Any = None) -> list[int]:
     """Run ``workers`` worker processes (``edgekit tune ... --worker N``) on the plan's storage; their exit codes.
 
-    Each gets an equal share of this machine's cores for torch and the inference engines.
+    Each gets an equal share of this machine's cores for torch and the inference engines. With
+    ``on_progress`` and ``study``, the study's counts are read every few seconds while they run.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
@@ -393,6 +402,10 @@ def spawn_workers(plan: StudyPlan, workers: int, worker_args: list[str]) -> list
         log.info("worker %d: %s", n, " ".join(cmd))
         procs.append(subprocess.Popen(cmd, env=env))
     try:
+        while any(p.poll() is None for p in procs):
+            if on_progress is not None and study is not None:
+                on_progress(counts(study))
+            time.sleep(PROGRESS_POLL_S)
         return [p.wait() for p in procs]
     except KeyboardInterrupt:  # Ctrl-C reached the workers too; their running trials are retried on resume
         for p in procs:
