@@ -7,8 +7,13 @@
   output tensors (scale/zero-point recorded in the manifest; the runtime
   quantizes and dequantizes, so users still pass float images);
 * fallback when over budget: ai-edge-quantizer's static int8 recipe on the
-  float model (a different calibration and rounding path), the better of the two
-  is kept.
+  float model (a different calibration and rounding path); if that misses the
+  gates too, mixed precision by sensitivity (:mod:`.sensitivity`) on the same
+  recipe: the float ``.tflite`` ops are ranked by the error each adds when it
+  alone is INT8, and the fewest are kept in float by a per-op ``no_quantize``
+  override (ai-edge-quantizer matches an op by its scope, the names of its output
+  tensors). The ranking is the TFLite graph's own: litert-torch converts from the
+  torch module, so its ops carry no ONNX node names.
 
 The converted model has a fixed batch of 1 and keeps the NCHW input layout
 (litert-torch inserts the transposes). Figures measured on an x86 host run the
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +34,16 @@ import numpy as np
 from ...config import QuantizeSettings, RuntimeSettings
 from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, Signature, SourceModel, runtime_options
+from .sensitivity import RANKING_SAMPLES, LayerError, relative_error, search_fewest
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "0")
 
 CALIBRATION_BATCH = 16
+# TFLite ops worth keeping in float (they compute); data movement follows its input's precision
+RANKED_TFL_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "FULLY_CONNECTED", "BATCH_MATMUL",
+                            "ADD", "SUB", "MUL", "MEAN", "SUM", "AVERAGE_POOL_2D", "CONCATENATION", "SOFTMAX",
+                            "LOGISTIC", "TANH", "GELU", "RESIZE_BILINEAR"})
 
 
 def _module(src: SourceModel):
@@ -130,22 +141,19 @@ class TFLiteCompiler(BackendCompiler):
 
     def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                 goal: RecoveryGoal, first: Artifact) -> list[Attempt]:
-        """Another recipe: ai-edge-quantizer's static int8 (all-int8 residual adds, other rounding)."""
-        from ai_edge_quantizer import quantizer as aeq_quantizer
-        from ai_edge_quantizer import recipe as aeq_recipe
-
+        """ai-edge-quantizer's static int8 (all-int8 residual adds, other rounding); if that fails a gate too,
+        the fewest ranked ops kept in float on the same recipe."""
         fp32 = self.fp32(src, workdir)
-        qt = aeq_quantizer.Quantizer(str(fp32.directory / fp32.main))
-        qt.load_quantization_recipe(aeq_recipe.static_wi8_ai8())
-        name = _input_name(fp32.directory / fp32.main)
-        x = calib[: settings.calibration_count]
-        stats = qt.calibrate({"serving_default": [{name: x[i : i + 1]} for i in range(len(x))]})
-        out = workdir / "tflite-int8-aeq"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "model.tflite").write_bytes(qt.quantize(stats).quantized_model)
-        art = _artifact(out, "int8", {"method": "ai-edge-quantizer static_wi8_ai8",
-                                      "calibration_samples": len(x), "int8_ops": int8_op_share(out / "model.tflite")})
-        return [goal.evaluate(art, "ai_edge_quantizer", art.details)]
+        aeq = _AeqRecipes(fp32.directory / fp32.main, calib[: settings.calibration_count])
+        art = aeq.artifact(workdir / "tflite-int8-aeq")
+        attempts = [goal.evaluate(art, "ai_edge_quantizer", art.details)]
+        if attempts[0].passed or settings.max_excluded_nodes == 0:
+            return attempts
+        ranking = aeq.rank(workdir / "sensitivity", aeq.x[:RANKING_SAMPLES])
+        return attempts + search_fewest(
+            ranking, settings.max_excluded_nodes,
+            lambda names: aeq.artifact(workdir / f"tflite-int8-aeq-x{len(names)}", exclude=names), goal,
+            details=lambda art: {"int8_ops": art.details["int8_ops"]})
 
     def signature(self, artifact: Artifact, sig: Signature) -> Signature:
         io = artifact.details["io"]
@@ -154,6 +162,97 @@ class TFLiteCompiler(BackendCompiler):
 
     def deploy_options(self, runtime: RuntimeSettings, sig: Signature) -> dict[str, Any]:
         return runtime_options(runtime)
+
+
+class _AeqRecipes:
+    """ai-edge-quantizer on one float ``.tflite``: calibrated once, then any op set kept float or quantized alone."""
+
+    def __init__(self, float_path: Path, x: np.ndarray):
+        from ai_edge_quantizer import quantizer as aeq_quantizer
+        from ai_edge_quantizer import recipe as aeq_recipe
+
+        self.float_path, self.x = float_path, x
+        qt = aeq_quantizer.Quantizer(str(float_path))
+        qt.load_quantization_recipe(aeq_recipe.static_wi8_ai8())
+        name = _input_name(float_path)
+        self.stats = qt.calibrate({"serving_default": [{name: x[i : i + 1]} for i in range(len(x))]})
+
+    def layers(self) -> list[tuple[str, str]]:
+        """(scope, op name) of every op the ranking considers: the scope is how a recipe names an op."""
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+        model = fu.read_model(str(self.float_path))
+        sg = model.subgraphs[0]
+        out = []
+        for op in sg.operators:
+            code = fu.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
+            kind = getattr(code, "value", str(code))
+            if kind in RANKED_TFL_OPS:
+                out.append((fu.get_op_scope(op, sg.tensors), kind))
+        return out
+
+    def write(self, out: Path, exclude: list[str] | None = None, only: str | None = None) -> Path:
+        from ai_edge_quantizer import quantizer as aeq_quantizer
+        from ai_edge_quantizer import recipe as aeq_recipe
+        from ai_edge_quantizer.algorithm_manager import AlgorithmName
+        from ai_edge_quantizer.qtyping import TFLOperationName
+
+        qt = aeq_quantizer.Quantizer(str(self.float_path))
+        if only is not None:  # ops matched by no config are not quantized
+            qt.add_static_config(_exact(only), TFLOperationName.ALL_SUPPORTED, 8, 8)
+        else:
+            qt.load_quantization_recipe(aeq_recipe.static_wi8_ai8())
+            for scope in exclude or []:  # the latest matching config wins
+                qt.update_quantization_recipe(_exact(scope), TFLOperationName.ALL_SUPPORTED,
+                                              algorithm_key=AlgorithmName.NO_QUANTIZE)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.tflite").write_bytes(qt.quantize(self.stats, enable_progress_report=False).quantized_model)
+        return out / "model.tflite"
+
+    def artifact(self, out: Path, exclude: list[str] | None = None) -> Artifact:
+        self.write(out, exclude)
+        details = {"method": "ai-edge-quantizer static_wi8_ai8", "calibration_samples": len(self.x),
+                   "int8_ops": int8_op_share(out / "model.tflite")}
+        if exclude:
+            details["excluded_nodes"] = list(exclude)
+        return _artifact(out, "int8", details)
+
+    def rank(self, scratch: Path, samples: np.ndarray) -> list[LayerError]:
+        """Each op INT8 alone (the rest float), ranked by the output error it causes, largest first."""
+        ref = _run(self.float_path, samples)
+        ranking = []
+        for i, (scope, kind) in enumerate(self.layers()):
+            path = self.write(scratch / f"only-{i}", only=scope)
+            ranking.append(LayerError(scope, kind, relative_error(ref, _run(path, samples))))
+        return sorted(ranking, key=lambda e: e.error, reverse=True)
+
+
+def _exact(scope: str) -> str:
+    return "^" + re.escape(scope) + "$"
+
+
+def _run(path: Path, samples: np.ndarray) -> np.ndarray:
+    """The model's first output on ``samples``, one at a time, (de)quantizing integer inputs and outputs."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    results = []
+    for i in range(len(samples)):
+        x = samples[i : i + 1]
+        if np.dtype(inp["dtype"]) != np.float32:
+            scale, zp = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale) + zp, info.min, info.max).astype(inp["dtype"])
+        it.set_tensor(inp["index"], x.reshape(inp["shape"]))
+        it.invoke()
+        y = it.get_tensor(out["index"])
+        if np.dtype(out["dtype"]) != np.float32:
+            scale, zp = out["quantization"]
+            y = (y.astype(np.float32) - zp) * scale
+        results.append(np.array(y, dtype=np.float32))
+    return np.concatenate(results)
 
 
 def _input_name(path: Path) -> str:

@@ -1,7 +1,9 @@
 """Mixed precision by sensitivity: keep the fewest layers in float that let the INT8 model pass its gates.
 
-One strategy for every ONNX-ranked backend (ONNX Runtime, TensorRT's Q/DQ graph, OpenVINO through
-NNCF's ignored scope):
+One strategy for every backend: ONNX Runtime and TensorRT's Q/DQ graph (``nodes_to_exclude``),
+OpenVINO (ONNX names mapped to NNCF's ignored scope; ranked on a Q/DQ graph that, like NNCF,
+quantizes layer inputs only), and TFLite (its own ops, ranked and kept float with
+ai-edge-quantizer's recipe, see ``quantize_tflite``; :func:`search_fewest` is shared):
 
 1. **rank** the quantizable layers (ONNX node names) by the error each one adds *on its own*: the
    model is quantized with only that layer in INT8 (ONNX Runtime's ``nodes_to_quantize``, with the
@@ -103,8 +105,13 @@ def calibration_cache(model: Path, calib: np.ndarray, method: str, workdir: Path
 def write_qdq(pre: Path, out: Path, calib: np.ndarray, opts: QdqOptions, workdir: Path,
               exclude: list[str] | None = None, only: list[str] | None = None) -> Path:
     """ONNX Runtime static Q/DQ of ``pre``; ``exclude`` stays float, or only ``only`` is quantized."""
+    import inspect
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    # ONNX Runtime < 1.32 has no calibration cache: each candidate then calibrates again (slower, same result)
+    cache = ({"calibration_cache_path": str(calibration_cache(pre, calib, opts.calibrate_method, workdir))}
+             if "calibration_cache_path" in inspect.signature(quantize_static).parameters else {})
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +121,7 @@ def write_qdq(pre: Path, out: Path, calib: np.ndarray, opts: QdqOptions, workdir
         activation_type=QuantType.QUInt8 if opts.activation_type == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8, calibrate_method=methods[opts.calibrate_method],
         nodes_to_exclude=list(exclude or []), nodes_to_quantize=list(only or []),
-        extra_options=dict(opts.extra_options or {}),
-        calibration_cache_path=str(calibration_cache(pre, calib, opts.calibrate_method, workdir)),
+        extra_options=dict(opts.extra_options or {}), **cache,
     )
     return out
 
