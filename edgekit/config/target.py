@@ -63,6 +63,7 @@ class QuantizeSettings(Strict):
     # quantization-aware training (edgekit.compress.qat): fine-tunes with fake quantization, needs the training run
     qat: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: QAT only when post-training INT8 breaks a quality gate; on: always; off: never")
+    qat_epochs: int = Field(2, ge=1, description="QAT fine-tuning epochs (the run's recipe at finetune.lr_scale)")
     # fallback when a gate fails
     max_excluded_nodes: int = Field(
         8, ge=0, description="Most layers the fallback may keep in float to pass the gates"

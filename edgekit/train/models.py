@@ -631,3 +631,28 @@ def describe(model: nn.Module) -> dict[str, Any]:
 
 __all__ = ["ARCHS", "ArchInfo", "CHECKPOINT_FORMAT", "EdgeNet", "build_model", "default_arch", "describe",
            "from_checkpoint", "infer_kind", "load_pretrained", "read_checkpoint", "save_checkpoint"]
+
+
+def outlier_from_checkpoint(path: str, scale: float = 300.0, channels: int = 1) -> EdgeNet:
+    """Factory for build files: a trained resnet_small run with activation outliers, same function.
+
+    In every residual block, the ``channels`` strongest channels after the first convolution are made
+    ``scale`` times larger (that BN's weight and bias) and the next convolution reads them ``scale`` times
+    smaller: ReLU is positively homogeneous, so the outputs do not change, but that activation tensor's
+    range grows ``scale``-fold and per-tensor INT8 leaves its other channels a handful of levels — the
+    outlier pattern (a few huge channels) that breaks post-training quantization and that
+    quantization-aware training learns around. Give it without ``model.checkpoint``: the weights are loaded here.
+    """
+    model = load_trained(path)
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(model, ResNetSmall) or not blocks:
+        raise ConfigError(f"{path}: outlier_from_checkpoint takes a resnet_small run, got {type(model).__name__}")
+    if scale <= 0 or channels < 1:
+        raise ConfigError(f"outlier_from_checkpoint needs scale > 0 and channels >= 1, got {scale}, {channels}")
+    with torch.no_grad():
+        for block in blocks:
+            picked = block.bn1.weight.abs().argsort(descending=True)[:channels]
+            block.bn1.weight[picked] *= scale
+            block.bn1.bias[picked] *= scale
+            block.conv2.weight[:, picked] /= scale
+    return model.eval()

@@ -1,13 +1,23 @@
-"""Quantize stage: post-training INT8, held to the quality gates; the backend's fallback when it misses them."""
+"""Quantize stage: post-training INT8, held to the quality gates; quantization-aware training, then the
+backend's fallback, when it misses them.
+
+Order of attempts: PTQ → QAT (``quantize.qat``: ``auto`` runs it only when PTQ fails a gate, ``on``
+always; it needs the training run and keeps every layer INT8) → the backend's ``recover()`` (layers back
+to float), only while no attempt passes. Every attempt is measured the same way: its exported artifact
+through the device engine (:func:`quality`), never the torch fake-quant model.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-
+from ...errors import ConfigError
 from ..backends.base import Artifact
 from ..gates import AccuracyCheck, Attempt, FidelityCheck, RecoveryGoal, cosine_per_sample, refuse
 from ..state import BuildState
+
+log = logging.getLogger(__name__)
 
 HINT = ("Options: more or better calibration data, quantize.preset: mixed, a larger quantize.max_excluded_nodes, "
         "a looser accuracy.max_accuracy_drop or fidelity.min_cosine, or quantize.enabled: false to ship FP32")
@@ -65,7 +75,9 @@ class QuantizeStage:
         q = state.profile.quantize
         art = state.compiler.quantize(state.src, state.calib.x, q, state.workdir)
         attempts = [quality(state, art, "ptq", art.details)]
-        if not attempts[0].passed:
+        if q.qat == "on" or (q.qat == "auto" and not attempts[0].passed):
+            attempts += self._qat(state, attempts[0])
+        if not any(a.passed for a in attempts):
             state.progress("quantize: fallback")
             goal = recovery_goal(state, attempts[0])
             attempts += state.compiler.recover(state.src, state.calib.x, q, state.workdir, goal, art)
@@ -79,6 +91,62 @@ class QuantizeStage:
                    f"{state.cfg.output.with_suffix('.report.json')}. {HINT}")
         return {"attempts": len(attempts), "chosen": best.strategy, "passed": best.passed,
                 **({"fidelity_cosine": best.figures["fidelity"]["cosine"]} if "fidelity" in best.figures else {})}
+
+    def _qat(self, state: BuildState, ptq: Attempt) -> list[Attempt]:
+        """Quantization-aware training, measured like PTQ; the report's ``qat`` section puts both side by side.
+
+        ``auto`` without what QAT needs records why it was skipped and lets the fallback run; ``on`` refuses.
+        """
+        q = state.profile.quantize
+        why = "post-training INT8 failed " + ", ".join(r.name for r in ptq.results if r.failed) \
+            if not ptq.passed else "quantize.qat: on"
+        section: dict[str, Any] = {"mode": q.qat, "why": why, "ptq": summarize(ptq)}
+        state.report["qat"] = section
+        blocker = qat_blocker(state)
+        if blocker is not None:
+            if q.qat == "on":
+                raise ConfigError(f"quantize.qat: on, but {blocker}. Compile the run folder (edgekit compile "
+                                  f"runs/NAME), or set finetune.run: runs/NAME in the build file; or --qat off")
+            log.warning("quantization-aware training skipped: %s", blocker)
+            section.update(ran=False, skipped=blocker)
+            return []
+        from ...compress.finetune import FinetuneContext
+        from ...compress.qat import QATJob, quantization_aware_training
+
+        state.progress("quantize: qat")
+        work = state.workdir / "qat"
+        work.mkdir(parents=True, exist_ok=True)
+        job = QATJob(state.src.torch, FinetuneContext.load(state.cfg.finetune, work), state.calib.x, q, work, state.sig)
+        art = quantization_aware_training(state.compiler.name, job)
+        attempt = quality(state, art, "qat", art.details)
+        section.update(ran=True, qat=summarize(attempt), epochs=art.details["epochs"],
+                       seconds=art.details["seconds"], method=art.details.get("method"),
+                       finetune=art.details.get("finetune"))
+        return [attempt]
+
+
+def qat_blocker(state: BuildState) -> str | None:
+    """Why quantization-aware training cannot run on this build (None: it can)."""
+    import torch
+
+    if state.cfg.finetune.run is None:
+        return "QAT fine-tunes with the training run and no run is known (finetune.run is not set)"
+    model = state.src.torch if state.src is not None else None
+    if not isinstance(model, torch.nn.Module):
+        return (f"QAT trains the torch module, and {state.cfg.model.source} "
+                f"{'is an ONNX file' if model is None else 'is a torch.export program'}")
+    return None
+
+
+def summarize(a: Attempt) -> dict[str, Any]:
+    """An attempt's figures for the report's ``qat`` section: accuracy, drop, fidelity, verdict."""
+    out: dict[str, Any] = {"passed": a.passed}
+    if "accuracy" in a.figures:
+        out.update(accuracy=a.figures["accuracy"], drop_pts=a.figures["drop"])
+    if "fidelity" in a.figures:
+        out["fidelity"] = {k: a.figures["fidelity"][k] for k in ("cosine", "cosine_min", "top1_agreement")}
+    out["failed_gates"] = [r.name for r in a.results if r.failed]
+    return out
 
 
 def describe_attempts(attempts: list[Attempt]) -> str:
