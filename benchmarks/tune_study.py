@@ -108,8 +108,8 @@ def main(argv=None) -> dict[str, Any]:
     parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=common.REPO)
 
     def complete() -> dict[int, list[float]]:
-        if not (out / "study.db").is_file():  # the parent has not made it yet (opening it would)
-            return {}
+        if not (out / "workers" / "0.pid").is_file():  # the study is made before the workers start: opening
+            return {}  # the file earlier would race the parent creating its tables
         try:
             study = optuna.load_study(study_name="tune_study", storage=url)
         except KeyError:

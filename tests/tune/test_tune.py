@@ -237,8 +237,8 @@ def test_two_workers_finish_twenty_trials_and_a_killed_worker_loses_no_finished_
     url = storage_url(None, out)
 
     def complete() -> dict[int, list[float]]:
-        if not (out / "study.db").is_file():  # the parent has not made it yet (opening it would)
-            return {}
+        if not (out / "workers" / "0.pid").is_file():  # the study is made before the workers start: opening
+            return {}  # the file earlier would race the parent creating its tables
         try:
             study = optuna.load_study(study_name="tune", storage=url)
         except KeyError:  # not created yet
