@@ -67,7 +67,9 @@ def tune_file(work: Path, data: Path) -> Path:
         "search": {"train": {"optim.lr": {"log_float": [0.005, 0.05]}, "train.epochs": {"int": [2, 4]}},
                    "compile": {"prune.ratio": {"float": [0.0, 0.7]}}},
         "objectives": {"latency": "p50", "budgets_ms": [0.03, 0.04, 0.06, 0.1]},
-        "pruner": {"type": "median", "startup_trials": 4, "warmup_epochs": 1},
+        # keep the top 75 % from epoch 2 on: the median rule against the few survivors of a 20-trial study
+        # pruned 15 of 20 here, leaving a one-point front
+        "pruner": {"type": "percentile", "percentile": 75, "startup_trials": 4, "warmup_epochs": 2},
         "sampler": {"type": "tpe", "startup_trials": 6},
         "heartbeat_s": 2,
         "grace_s": 6,
