@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import ModelSource
 from ..errors import ModelImportError
+from .onnx_normalize import NormalizeReport, describe, node_in, normalize_onnx
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,14 @@ class ExportReport:
     max_abs_diff: float | None  # vs torch, None for an ONNX source
     checked_samples: int
     torch_model: Any = None  # the eval-mode module (or ExportedProgram), None for an ONNX source
+    normalize: NormalizeReport | None = None  # what the import changed in an ONNX source, and its fallbacks
 
     def as_dict(self) -> dict[str, Any]:
-        return {"onnx": self.onnx_path.name, "source": self.source_kind, "opset": self.opset,
-                "max_abs_diff_vs_torch": self.max_abs_diff, "checked_samples": self.checked_samples}
+        out = {"onnx": self.onnx_path.name, "source": self.source_kind, "opset": self.opset,
+               "max_abs_diff_vs_torch": self.max_abs_diff, "checked_samples": self.checked_samples}
+        if self.normalize is not None:
+            out["normalize"] = self.normalize.as_dict()
+        return out
 
 
 def resolve_callable(spec: str) -> Callable[..., Any]:
@@ -126,7 +131,9 @@ def check_onnx(path: Path) -> int:
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelImportError(f"{path.name} fails the ONNX checker: {exc}") from None
+        node = node_in(str(exc))
+        raise ModelImportError(f"{path.name} fails the ONNX checker{f' at {node}' if node else ''}: {describe(exc)}",
+                               hint="the export is not valid ONNX; re-export it (a newer exporter or opset)") from None
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
@@ -171,20 +178,10 @@ def import_model(src: ModelSource, workdir: Path, check_samples: np.ndarray, ato
     if src.source.endswith(".onnx"):
         path = Path(src.source)
         if not path.is_file():
-            raise ModelImportError(f"{path} does not exist")
-        import onnx
-
-        try:
-            model = onnx.load(str(path))  # pulls external data into one file
-        except Exception as exc:
-            raise ModelImportError(f"cannot read {path}: {exc}") from None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(out))
-        opset = check_onnx(out)
-        inputs, _ = onnx_io_names(out)
-        if len(inputs) != 1:
-            raise ModelImportError(f"{path.name} has {len(inputs)} inputs; edgekit compiles single-input models")
-        return ExportReport(out, "onnx", opset, None, 0)
+            raise ModelImportError(f"{path} does not exist", hint="check the path to the .onnx file")
+        # exporters' −1/0/symbolic dims, old opsets and graphs ORT's shape inference trips on, fixed once here
+        rep = normalize_onnx(path, out, list(src.input_shape) if src.input_shape else None, src.dynamic_batch)
+        return ExportReport(out, "onnx", rep.opset_after, None, 0, normalize=rep)
     model, kind = load_torch_model(src)
     log.info("exporting %s to ONNX", src.source)
     export_onnx(model, src, out)

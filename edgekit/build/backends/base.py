@@ -140,7 +140,7 @@ def predict_logits(eng, sig: Signature, x: np.ndarray, batch: int = 64) -> np.nd
 
 
 def onnx_signature(onnx_path: Path) -> Signature:
-    """Input/output names and shapes of a one-input ONNX model (symbolic dims become names)."""
+    """Input/output names and shapes of a one-input ONNX model (symbolic dims become names, the first "batch")."""
     import onnx
 
     from ...errors import ConfigError
@@ -152,7 +152,14 @@ def onnx_signature(onnx_path: Path) -> Signature:
         raise ConfigError(f"{onnx_path.name}: edgekit compiles models with one input (found {len(ins)})")
 
     def dims(vi) -> list[int | str]:
-        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "batch")
-                for d in vi.type.tensor_type.shape.dim]
+        # −1, 0 and empty dims are unknown, not sizes (older exporters write −1 for "any"): the first is the
+        # batch unless named, others keep their symbol (the import fixes an input's before this is read)
+        out: list[int | str] = []
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                out.append(int(d.dim_value))
+            else:
+                out.append(d.dim_param or ("batch" if i == 0 else f"d{i}"))
+        return out
 
     return Signature(ins[0].name, m.graph.output[0].name, dims(ins[0]), dims(m.graph.output[0]))

@@ -47,12 +47,23 @@ class OnnxRuntimeCompiler(BackendCompiler):
         return Artifact(out, "model.onnx", ["model.onnx"], "fp32")
 
     def _preprocessed(self, onnx_path: Path, workdir: Path) -> Path:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
+        """``onnx_path`` after ORT's ``quant_pre_process``, or after the fallback that worked.
+
+        ORT's symbolic shape inference asserts on some exporters' graphs; plain static
+        quantization works on them, so a failure falls back (without symbolic inference,
+        ONNX shape inference only, the model as is) rather than ending the build. The
+        fallbacks taken are kept beside the file (``.fallbacks.json``) and logged.
+        """
+        import json
+
+        from ...models.onnx_normalize import optimize_with_fallbacks
 
         # keyed by the model's hash: a kept work folder must never hand a retrained model the old graph
         pre = workdir / f"model_pre.{sha256_file(onnx_path)[:12]}.onnx"
         if not pre.exists():
-            quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
+            fallbacks = optimize_with_fallbacks(onnx_path, pre)
+            if fallbacks:
+                pre.with_suffix(".fallbacks.json").write_text(json.dumps(fallbacks, indent=2))
         return pre
 
     def qdq_options(self, settings: QuantizeSettings) -> QdqOptions:
