@@ -202,7 +202,6 @@ def _nncf_qat(job: QATJob, signed_activations: bool) -> tuple[Any, dict[str, Any
     import nncf
     import torch
     from nncf.parameters import StripFormat
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     _nncf_reference_kernels()
     model = copy.deepcopy(job.model).eval()
@@ -210,17 +209,33 @@ def _nncf_qat(job: QATJob, signed_activations: bool) -> tuple[Any, dict[str, Any
     s = job.settings
     batches = _batches(job.calib, s.calibration_count)
     preset = nncf.QuantizationPreset.MIXED if s.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
-    advanced = AdvancedQuantizationParameters(
-        activations_quantization_params=QuantizationParameters(signedness_to_force=True)) if signed_activations \
-        else None
-    q = nncf.quantize(model, nncf.Dataset(batches), preset=preset, subset_size=len(batches),
-                      advanced_parameters=advanced)
+    q = nncf.quantize(model, nncf.Dataset(batches), preset=preset, subset_size=len(batches))
+    if signed_activations:
+        _force_signed(q)
     ran = finetune(job.ctx, q, job.epochs, name="qat", **_teacher(job))
     example = torch.zeros([d if isinstance(d, int) else 1 for d in job.sig.input_shape])
     stripped = nncf.strip(q, do_copy=True, strip_format=StripFormat.NATIVE, example_input=example)
     details = {"method": "nncf QAT (torch)", "preset": s.preset, "folded_batchnorms": len(folded),
                "signed_activations": signed_activations, "finetune": ran}
     return stripped.eval(), details
+
+
+def _force_signed(model) -> int:
+    """Make every unsigned (post-ReLU) symmetric quantizer signed int8, zero point 0, same range.
+
+    NNCF's ``signedness_to_force`` conflicts with its own hardware config on the first convolution, so
+    the quantizers are switched after insertion, before fine-tuning: QAT then trains with the one bit
+    fewer that TensorRT's symmetric int8 activations give non-negative tensors (as its PTQ path does).
+    """
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import SymmetricQuantizer
+
+    switched = 0
+    for _, hook in get_hook_storage(model).named_hooks():
+        if isinstance(hook, SymmetricQuantizer) and not hook.signed:
+            hook.signed = True
+            switched += 1
+    return switched
 
 
 def _onnxruntime(job: QATJob) -> Artifact:
@@ -304,7 +319,8 @@ def _tflite(job: QATJob) -> Artifact:
     litert_torch.convert(converted, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(
         str(out / "model.tflite"))
     return _artifact(out, "int8", {"method": "litert-torch PT2E QAT (prepare_qat_pt2e)", "per_channel": s.per_channel,
-                                   "folded_batchnorms": len(folded), "finetune": ran, "int8_ops": int8_op_share(out / "model.tflite")})
+                                   "folded_batchnorms": len(folded), "finetune": ran,
+                                   "int8_ops": int8_op_share(out / "model.tflite")})
 
 
 # ------------------------------------------------------------------------------------------ entry point

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ...errors import ConfigError
+from ...errors import ConfigError, EdgekitError
 from ..backends.base import Artifact
 from ..gates import AccuracyCheck, Attempt, FidelityCheck, RecoveryGoal, cosine_per_sample, refuse
 from ..state import BuildState
@@ -117,7 +117,18 @@ class QuantizeStage:
         work = state.workdir / "qat"
         work.mkdir(parents=True, exist_ok=True)
         job = QATJob(state.src.torch, FinetuneContext.load(state.cfg.finetune, work), state.calib.x, q, work, state.sig)
-        art = quantization_aware_training(state.compiler.name, job)
+        try:
+            art = quantization_aware_training(state.compiler.name, job)
+        except EdgekitError:
+            raise  # the user's to fix or their interruption: the build stops
+        except Exception as exc:  # a library that cannot trace, quantize or convert this model
+            if q.qat == "on":
+                raise
+            # auto: QAT is one of the ways to a passing artifact; its failure is reported, and the fallback runs
+            log.warning("quantization-aware training failed (%s: %s); trying the backend's fallback",
+                        type(exc).__name__, exc)
+            section.update(ran=False, failed=f"{type(exc).__name__}: {exc}")
+            return []
         attempt = quality(state, art, "qat", art.details)
         section.update(ran=True, qat=summarize(attempt), epochs=art.details["epochs"],
                        seconds=art.details["seconds"], method=art.details.get("method"),
