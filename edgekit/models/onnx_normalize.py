@@ -56,6 +56,7 @@ class NormalizeReport:
 # ----------------------------------------------------------------------------- error text
 _NODE_PATTERNS = (
     re.compile(r"Node \(([^)]*)\)(?: Op \(([^)]*)\))?"),  # ONNX Runtime session creation
+    re.compile(r"running (\w+) node\. Name:'([^']*)'"),  # ONNX Runtime at run time (op first, then name)
     re.compile(r"Name: ?(\S*) OpType: ?(\S+)"),  # onnx.checker / onnx.shape_inference
     re.compile(r"[Nn]ode[ :]+'?([\w./:-]+)'? \(op[_ ]type:? ?([\w]+)\)"),
 )
@@ -67,6 +68,8 @@ def node_in(text: str) -> str | None:
         m = pat.search(text)
         if m:
             name, op = m.group(1), (m.group(2) if m.lastindex and m.lastindex >= 2 else None)
+            if pat.pattern.startswith("running"):
+                name, op = op, name
             return f"node {name or '(unnamed)'!r}" + (f" ({op})" if op else "")
     return None
 
@@ -276,6 +279,11 @@ def normalize_onnx(src: Path, out: Path, requested: list[int] | None, dynamic_ba
     if len(inputs) != 1:
         raise ModelImportError(f"{name} has {len(inputs)} inputs ({[i.name for i in inputs]}); edgekit compiles "
                                f"single-input models", hint="export the model with one input tensor")
+    elem = inputs[0].type.tensor_type.elem_type if inputs[0].type.HasField("tensor_type") else None
+    if elem != onnx.TensorProto.FLOAT:
+        kind = onnx.TensorProto.DataType.Name(elem) if elem else "not a tensor"
+        raise ModelImportError(f"{name}: input {inputs[0].name!r} is {kind}; edgekit compiles float32-input models",
+                               hint="export the model with a float32 input (cast inside the model if it needs another type)")
     rep = NormalizeReport(input_shape_before=raw_input_shape(inputs[0]), opset_before=default_opset(model))
     if not inputs[0].type.HasField("tensor_type") or not inputs[0].type.tensor_type.HasField("shape"):
         if requested is None:
@@ -307,12 +315,64 @@ def normalize_onnx(src: Path, out: Path, requested: list[int] | None, dynamic_ba
                                                "symbolic shape inference)",
                       "ort_quant_pre_process_without_symbolic_shape": "ONNX shape inference only",
                       "onnx_shape_inference": "none (model used as it is)"}[done])
-    # the optimizer may rename nothing at the input, but it must not have changed what the build agreed on
     check_runs(out, name)
+    if dims[0] == BATCH:
+        failure = batch_failure(out, dims)
+        if failure is not None:
+            # exporters write −1 for a batch the graph itself fixes (a Reshape to [1, -1]): run it at the batch
+            # the build gives instead of failing every evaluation later
+            log.warning("%s does not run with a batch of 2 (%s); its batch is fixed at %s", name, failure,
+                        requested[0] if requested else 1)
+            fixed = normalize_onnx(src, out, list(requested) if requested else [1, *dims[1:]], dynamic_batch=False)
+            fixed.fallbacks.insert(0, {"step": "dynamic_batch", "error": failure})
+            return fixed
     return rep
 
 
+def batch_failure(path: Path, dims: list[Dim]) -> str | None:
+    """Why the model does not run two samples at once (None when it does): a dynamic batch must be real."""
+    import numpy as np
+    import onnxruntime as ort
+
+    shape = [2, *[d if isinstance(d, int) else 1 for d in dims[1:]]]
+    try:
+        quiet = ort.SessionOptions()
+        quiet.log_severity_level = 4  # the failure is the answer, not an error to print
+        sess = ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: np.zeros(shape, dtype=np.float32)}
+        got = sess.run(None, feed)[0]
+    except Exception as exc:  # the answer is the failure itself: the caller fixes the batch
+        node = node_in(str(exc))
+        return f"at {node}: {describe(exc)}" if node else describe(exc)
+    if got.ndim == 0 or got.shape[0] != 2:
+        return f"a batch of 2 gave an output of shape {list(got.shape)}"
+    return None
+
+
 # ----------------------------------------------------------------------------- config vs model
+def expected_input_shape(cfg) -> list[Dim] | None:
+    """The model input the build will have, read cheaply before any work (the data stage's checks).
+
+    An ONNX source: its declared input resolved against ``model.input_shape`` exactly as the
+    import will (contradictions refused here already); a torch source: ``model.input_shape``.
+    None when the ONNX file cannot be read (the import stage then says why).
+    """
+    import onnx
+
+    src = cfg.model
+    given = list(src.input_shape) if src.input_shape else None
+    if not src.source.endswith(".onnx"):
+        return given
+    try:
+        model = onnx.load(src.source, load_external_data=False)
+    except Exception:  # the import stage reports an unreadable file with its hint
+        return None
+    inputs = graph_inputs(model)
+    if len(inputs) != 1 or not inputs[0].type.tensor_type.HasField("shape"):
+        return given
+    return resolve_input_shape(raw_input_shape(inputs[0]), given, src.dynamic_batch, Path(src.source).name)
+
+
 def check_against_model(cfg, input_shape: list[Dim]) -> None:
     """Refuse a build whose preprocessing cannot feed the model, before any data is read or compiled.
 
