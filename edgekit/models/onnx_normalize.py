@@ -304,6 +304,17 @@ def normalize_onnx(src: Path, out: Path, requested: list[int] | None, dynamic_ba
         model = upgrade_opset(model, name)
         rep.steps.append(f"opset {rep.opset_before} → {MIN_OPSET} (onnx.version_converter)")
     rep.opset_after = default_opset(model)
+    # IR < 4 lists every weight as a graph input (a caller could override it), so optimizers keep them as
+    # inputs; weights are constants here: drop them from the inputs, at an IR version that allows that
+    weights = {i.name for i in model.graph.initializer}
+    listed = [i for i in model.graph.input if i.name in weights]
+    min_ir = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if listed or model.ir_version < min_ir:
+        for vi in listed:
+            model.graph.input.remove(vi)
+        before_ir, model.ir_version = model.ir_version, max(model.ir_version, min_ir, 4)
+        rep.steps.append(f"IR version {before_ir} → {model.ir_version}"
+                         + (f", {len(listed)} weights no longer listed as inputs" if listed else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = out.with_name(out.stem + ".dims.onnx")
     onnx.save(model, str(staged))
@@ -316,6 +327,11 @@ def normalize_onnx(src: Path, out: Path, requested: list[int] | None, dynamic_ba
                       "ort_quant_pre_process_without_symbolic_shape": "ONNX shape inference only",
                       "onnx_shape_inference": "none (model used as it is)"}[done])
     check_runs(out, name)
+    left = graph_inputs(onnx.load(str(out), load_external_data=False))
+    if len(left) != 1:
+        raise ModelImportError(f"{name}: after shape inference the model has {len(left)} inputs "
+                               f"({[i.name for i in left][:5]}); edgekit compiles single-input models",
+                               hint="export the model with one input tensor and its weights as initializers")
     if dims[0] == BATCH:
         failure = batch_failure(out, dims)
         if failure is not None:

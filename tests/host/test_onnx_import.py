@@ -168,6 +168,19 @@ def test_batch_the_graph_fixes_is_fixed_with_the_reason_recorded(models, tmp_pat
     assert result.report["steps"]["export"]["normalize"]["fallbacks"][0]["step"] == "dynamic_batch"
 
 
+def test_weights_listed_as_inputs_are_not_inputs(tmp_path):
+    """Old exporters (IR < 4, the ONNX Model Zoo's opset-9 files) list every weight as a graph input."""
+    import onnx
+    from onnx import helper
+
+    model = classifier("opset11")
+    model.graph.input.extend([helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                              for i in model.graph.initializer])
+    rep = normalize_onnx(save(model, tmp_path / "m.onnx"), tmp_path / "n.onnx", [1, 3, 32, 32])
+    assert any("weights no longer listed as inputs" in s for s in rep.steps)
+    assert [i.name for i in onnx.load(str(tmp_path / "n.onnx")).graph.input] == ["x"]
+
+
 def test_fixed_batch_when_the_build_asks_for_one(models, tmp_path):
     rep = normalize_onnx(models["paddle"], tmp_path / "n.onnx", [4, 3, 32, 32], dynamic_batch=False)
     assert rep.input_shape_after == [4, 3, 32, 32]
