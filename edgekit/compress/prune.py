@@ -358,7 +358,11 @@ def prune(model, example, settings: PrunePass, round_to: int, *,
     with torch.no_grad():
         out_shape = tuple(model(example).shape)
     out_dim = _out_features(head)
-    backup = copy.deepcopy(model)
+    try:
+        backup = copy.deepcopy(model)  # to start again block by block if the whole model fails
+    except (RuntimeError, TypeError) as exc:  # a model that cannot be copied gets no fallback
+        log.info("prune: %s cannot be copied (%s): no block-by-block fallback", type(model).__name__, exc)
+        backup = None
     try:
         pruners = [_make_pruner(model, example, importance, settings, ignored, plan, round_to)]
         if settings.importance == "taylor":
@@ -367,6 +371,9 @@ def prune(model, example, settings: PrunePass, round_to: int, *,
         _check_runs(model, example, out_shape)
     except Exception as exc:  # noqa: BLE001  Torch-Pruning cannot follow the whole graph: go block by block
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if backup is None:
+            raise ConfigError(f"Torch-Pruning cannot prune {type(model).__name__} ({reason}): name the layers it "
+                              f"cannot follow in prune.ignore, or drop the prune pass") from exc
         log.info("prune: whole-model pruning failed (%s); pruning block by block", reason)
         _restore(model, backup)
         head_name, head, ignored, plan = _ignored(model, settings)
