@@ -26,12 +26,21 @@ class ModelSource(Strict):
     release: int | None = Field(
         None, ge=0, description="Anti-rollback counter; default: the build's UNIX time"
     )
-    input_shape: list[int] = Field(description="Input shape including batch, e.g. [1, 3, 224, 224]")
+    input_shape: list[int] | None = Field(
+        None, description="Input shape including batch, e.g. [1, 3, 224, 224]: required for torch sources; for an "
+                          "ONNX file it fills the dimensions the file leaves open and must agree with the fixed ones")
     input_name: str = "input"
     output_name: str = "logits"
     dynamic_batch: bool = True
     labels: list[str] | None = None
     labels_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _shape_for_torch(self) -> "ModelSource":
+        if self.input_shape is None and not self.source.endswith(".onnx"):
+            raise ValueError(f"model.input_shape is required for the torch source {self.source} (the export needs "
+                             f"an example input): set it in the build file or pass --input-shape, e.g. 1,3,224,224")
+        return self
 
 
 class DataSource(Strict):

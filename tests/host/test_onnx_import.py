@@ -302,10 +302,9 @@ def test_cli_refuses_what_cannot_work_with_a_json_error_and_no_traceback(models,
     calib, val = data(tmp_path, models["paddle"])
     common = ["--target", "onnxruntime-cpu", "--calibration", calib, "--validation", val, "--key", keys["private"],
               "-o", tmp_path / "m.ekb"]
-    code, doc, err = cli("compile", models["paddle"], *common)  # no --input-shape: the build file needs one
+    code, doc, err = cli("compile", models["paddle"], *common)  # symbolic height/width and no --input-shape
     assert code == ExitCode.USAGE and "Traceback" not in err
-    # the build file's schema asks for model.input_shape today; where it is optional, the import asks for the flag
-    assert "input_shape" in doc["error"]["message"] or "--input-shape" in (doc["error"]["hint"] or "")
+    assert "--input-shape" in (doc["error"]["hint"] or ""), doc  # the import asks for the flag, naming the dims
     fixed = classifier("paddle")
     for d, v in zip(fixed.graph.input[0].type.tensor_type.shape.dim, [1, 3, 64, 64]):
         d.Clear()
@@ -316,6 +315,28 @@ def test_cli_refuses_what_cannot_work_with_a_json_error_and_no_traceback(models,
     assert "[1, 3, 32, 32]" in doc["error"]["message"] and "[1, 3, 64, 64]" in doc["error"]["message"]
     assert "1,3,64,64" in doc["error"]["hint"]
     assert not (tmp_path / "m.ekb").exists()
+
+
+def test_an_onnx_file_with_every_dim_fixed_needs_no_input_shape(models, tmp_path, keys):
+    fixed = classifier("paddle")
+    for d, v in zip(fixed.graph.input[0].type.tensor_type.shape.dim, [1, 3, 32, 32]):
+        d.Clear()
+        d.dim_value = v
+    path = save(fixed, tmp_path / "fixed.onnx")
+    calib, val = data(tmp_path, path)
+    code, doc, err = cli("compile", path, "--target", "onnxruntime-cpu", "--calibration", calib, "--validation", val,
+                         "--max-accuracy-drop", "10", "--key", keys["private"], "-o", tmp_path / "m.ekb")
+    assert code == ExitCode.OK, (doc, err)
+    assert doc["steps"]["export"]["normalize"]["input_shape_after"] == [1, 3, 32, 32]
+    assert (tmp_path / "m.ekb").is_file()
+
+
+def test_a_torch_source_still_needs_its_input_shape():
+    from edgekit.config import load_build
+
+    with pytest.raises(ConfigError, match="model.input_shape is required for the torch source"):
+        load_build(None, {"model.source": "edgekit.train.models:from_checkpoint", "model.name": "m",
+                          "target": "onnxruntime-cpu"})
 
 
 # ----------------------------------------------------------------------------- checks the data stage can run first

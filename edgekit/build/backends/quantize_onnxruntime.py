@@ -66,6 +66,14 @@ class OnnxRuntimeCompiler(BackendCompiler):
                 pre.with_suffix(".fallbacks.json").write_text(json.dumps(fallbacks, indent=2))
         return pre
 
+    @staticmethod
+    def preprocess_fallbacks(pre: Path) -> list:
+        """The fallbacks ``_preprocessed`` took for ``pre`` (none: ORT's pre-processing ran as it is)."""
+        import json
+
+        fb = pre.with_suffix(".fallbacks.json")
+        return json.loads(fb.read_text()) if fb.exists() else []
+
     def qdq_options(self, settings: QuantizeSettings) -> QdqOptions:
         """This backend's Q/DQ rules: the profile's activation type, per-channel int8 weights."""
         return QdqOptions(settings.activation_type, settings.per_channel, settings.calibrate_method,
@@ -79,7 +87,8 @@ class OnnxRuntimeCompiler(BackendCompiler):
                   exclude=exclude)
         return Artifact(out, "model.onnx", ["model.onnx"], "int8",
                         {"format": "QDQ", "per_channel": settings.per_channel,
-                         "calibrate_method": settings.calibrate_method, "excluded_nodes": list(exclude or [])})
+                         "calibrate_method": settings.calibrate_method, "excluded_nodes": list(exclude or []),
+                         "preprocess_fallbacks": self.preprocess_fallbacks(pre)})
 
     # -- fallback -------------------------------------------------------------
     def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,

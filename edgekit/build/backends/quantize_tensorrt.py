@@ -82,7 +82,8 @@ class TensorRTCompiler(OnnxRuntimeCompiler):
                         {"format": "QDQ (explicit quantization)", "weights": "per-channel symmetric int8",
                          "activations": "per-tensor symmetric int8", "calibrate_method": settings.calibrate_method,
                          "calibration_cache": "calibration.cache", "activation_tensors": len(amax),
-                         "excluded_nodes": list(exclude or [])})
+                         "excluded_nodes": list(exclude or []),
+                         "preprocess_fallbacks": self.preprocess_fallbacks(pre)})
 
     def deploy_options(self, runtime: RuntimeSettings, sig: Signature) -> dict:
         """Runtime options plus TensorRT build shapes derived from the model's input."""

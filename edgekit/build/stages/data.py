@@ -31,7 +31,14 @@ class DataStage:
     name = "data"
 
     def run(self, state: BuildState) -> dict[str, Any]:
+        from ...models.onnx_normalize import check_against_model, check_data_sources, expected_input_shape
+
         cfg, q, fid = state.cfg, state.profile.quantize, state.profile.fidelity
+        # what the model takes and where the data lies, checked before anything is loaded or compiled
+        check_data_sources(cfg)
+        shape = expected_input_shape(cfg)
+        if shape:
+            check_against_model(cfg, shape)
         state.labels = read_labels(cfg.model)
         state.preprocess = cfg.preprocess.model_dump() if cfg.preprocess else None
         if state.preprocess is not None:
@@ -74,6 +81,16 @@ class DataStage:
         if val is not None:
             out["validation"] = {"source": val.source, "samples": len(val)}
         state.probe = (val or calib).x[:8] if (val or calib) else np.random.default_rng(0).normal(
-            size=[8, *cfg.model.input_shape[1:]]).astype(np.float32)
+            size=[8, *_fixed(shape, cfg)[1:]]).astype(np.float32)
         out["labels"] = len(state.labels) if state.labels else None
         return out
+
+
+def _fixed(shape: list | None, cfg) -> list[int]:
+    """The model input for random probe samples (a build with neither calibration nor validation data)."""
+    if shape and all(isinstance(d, int) for d in shape[1:]):
+        return [int(d) if isinstance(d, int) else 1 for d in shape]
+    if cfg.model.input_shape:
+        return list(cfg.model.input_shape)
+    raise ConfigError(f"the input shape of {cfg.model.source} is not known before the import: pass --input-shape "
+                      f"or give calibration data")
