@@ -16,6 +16,7 @@ from .compile import compile_cmd
 from .demo import demo_cmd
 from .flash import flash_cmd, rollback_cmd
 from .fleet import app as fleet_app
+from .init import init_cmd
 from .keys import app as keys_app
 from .run import run_cmd
 from .serve import serve_cmd
@@ -45,6 +46,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(fleet_app, name="fleet")
 app.command("train")(train_cmd)
 app.command("eval")(eval_cmd)
+app.command("init")(init_cmd)
 app.command("compile")(compile_cmd)
 app.command("run")(run_cmd)
 app.command("bench")(bench_cmd)

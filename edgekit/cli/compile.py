@@ -35,6 +35,14 @@ def compile_cmd(
     input_shape: Optional[str] = typer.Option(None, help="e.g. 1,3,224,224"),
     calibration: Optional[str] = typer.Option(None, help="Calibration data source"),
     validation: Optional[str] = typer.Option(None, help="Labelled validation data source"),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Preprocessing preset: imagenet, "
+                                             "inception, caffe, unit or gray (size and layout from the model)"),
+    size: Optional[str] = typer.Option(None, help="Image size the device resizes to: H,W or HxW or one number"),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406"),
+    std: Optional[str] = typer.Option(None, help="Per-channel std after scaling, e.g. 0.229,0.224,0.225"),
+    layout: Optional[str] = typer.Option(None, help="NCHW or NHWC (default: from the model's input)"),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
+                                         help="Skip (and count) images that cannot be decoded in data folders"),
     max_accuracy_drop: Optional[float] = typer.Option(None, help="Budget in top-1 points"),
     no_accuracy_check: bool = typer.Option(False, "--no-accuracy-check",
                                            help="Ship INT8 without an accuracy budget (no labelled data)"),
@@ -106,6 +114,15 @@ def compile_cmd(
         overrides["quantize.enabled"] = False
     if qat is not None:
         overrides["quantize.qat"] = qat
+    if skip_bad_images:
+        overrides["skip_bad_images"] = True
+    pre = preprocess_flags(preprocess, size, mean, std, layout, source if not (build_file or run_dir) else None,
+                           _shape(input_shape))
+    if pre:
+        if pre.pop("_input_shape", None) is not None and input_shape is None:
+            overrides["model.input_shape"] = pre["_shape"]
+        pre.pop("_shape", None)
+        overrides["preprocess"] = pre
     if latency_budget_ms is not None:
         overrides["limits.latency_budget_ms"] = latency_budget_ms
     prune = {"ratio": _ratio(prune_ratio), "iterations": prune_iterations, "finetune_epochs": finetune_epochs}
@@ -129,6 +146,51 @@ def compile_cmd(
         return
     print_compile_summary(result.report)
     console.print(f"bundle: [bold]{result.bundle}[/]  report: {result.report_path}")
+
+
+def preprocess_flags(name: str | None, size: str | None, mean: str | None, std: str | None, layout: str | None,
+                     model: str | None, input_shape: list[int] | None) -> dict[str, Any]:
+    """The ``preprocess`` fields the flags set: a preset's, then --size/--mean/--std/--layout over it.
+
+    Size and layout come from the model's input where it fixes them (an ONNX file, or --input-shape).
+    An ONNX input with open height and width takes ``--size`` as its shape: ``_input_shape`` then
+    carries the input shape to set (batch 1, the batch stays dynamic).
+    """
+    from ..config.presets import layout_and_size, parse_floats, parse_size, preset
+
+    if not any((name, size, mean, std, layout)):
+        return {}
+    out: dict[str, Any] = preset(name) if name else {}
+    given = parse_size(size)
+    dims = input_shape
+    if dims is None and model and model.endswith(".onnx") and Path(model).is_file():
+        import onnx
+
+        from ..models.onnx_normalize import graph_inputs, raw_input_shape
+
+        ins = graph_inputs(onnx.load(model, load_external_data=False))
+        dims = raw_input_shape(ins[0]) if len(ins) == 1 else None
+    model_layout, model_size = layout_and_size(dims)
+    if layout is not None and layout.upper() not in ("NCHW", "NHWC"):
+        raise ConfigError(f"--layout takes NCHW or NHWC; got {layout!r}")
+    out["layout"] = layout.upper() if layout else (model_layout or out.get("layout", "NCHW"))
+    if given is not None:
+        out["size"] = given
+        if model_size is None and dims is not None and len(dims) == 4 and input_shape is None:
+            c = dims[1] if out["layout"] == "NCHW" else dims[3]
+            if isinstance(c, int) and c > 0:  # open height/width: --size settles the model input too
+                shape = [1, c, *given] if out["layout"] == "NCHW" else [1, *given, c]
+                out.update(_input_shape=True, _shape=shape)
+    elif model_size is not None:
+        out["size"] = model_size
+    elif name and out.get("type", "image") == "image" and "size" not in out:
+        raise ConfigError(f"preset {name!r} needs the image size and the model does not fix it",
+                          hint="add --size H,W (or --input-shape with the height and width)")
+    for key, text in (("mean", mean), ("std", std)):
+        values = parse_floats(text, f"--{key}")
+        if values is not None:
+            out[key] = values
+    return out
 
 
 def _ratio(text: str | None) -> float | str | None:

@@ -210,6 +210,9 @@ class BuildConfig(Strict):
     workdir: Path | None = Field(None, description="Where intermediate files go (default: next to output)")
     signing_key: Path | None = Field(None, description="ed25519 private key (default: $EDGEKIT_SIGNING_KEY)")
     keep_work: bool = Field(False, description="Keep the work folder after the build (it is removed otherwise)")
+    skip_bad_images: bool = Field(False, description="Skip images that cannot be decoded in the calibration and "
+                                                     "validation folders (counted and named in the report) instead "
+                                                     "of refusing the build")
 
 
 

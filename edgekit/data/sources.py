@@ -12,7 +12,7 @@ same data have the same hash whatever the source format was.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ class Dataset:
     x: np.ndarray  # preprocessed float32, batch first
     y: np.ndarray | None  # int64 labels, or None
     source: str
+    skipped: list[dict[str, str]] = field(default_factory=list)  # undecodable images left out (file, error)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -45,7 +46,26 @@ def tensor_sha256(x: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _from_folder(folder: Path, preprocess: dict | None, labels: list[str] | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _decodable(files: list[Path], preprocess: dict) -> tuple[np.ndarray, list[Path], list[dict[str, str]]]:
+    """Preprocess ``files`` one by one; those the runtime cannot decode are left out and listed."""
+    from edgekit_runtime.contract.errors import InputError
+
+    xs, kept, skipped = [], [], []
+    for f in files:
+        try:
+            xs.append(preprocess_batch([f], preprocess))
+        except InputError as exc:
+            skipped.append({"file": str(f), "error": str(exc)})
+            continue
+        kept.append(f)
+    if not kept:
+        raise CalibrationError(f"none of the {len(files)} images in {files[0].parent} can be decoded "
+                               f"(first: {skipped[0]['error']})")
+    return np.concatenate(xs), kept, skipped
+
+
+def _from_folder(folder: Path, preprocess: dict | None, labels: list[str] | None,
+                 skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, str]]]:
     if preprocess is None:
         raise CalibrationError(f"{folder} is an image folder, but the build has no 'preprocess' section")
     if preprocess.get("type", "image") != "image":
@@ -54,16 +74,20 @@ def _from_folder(folder: Path, preprocess: dict | None, labels: list[str] | None
     files = list_images(folder)
     if not files:
         raise CalibrationError(f"{folder} holds no images")
-    x = preprocess_batch(files, preprocess)
+    skipped: list[dict[str, str]] = []
+    if skip_bad:
+        x, files, skipped = _decodable(files, preprocess)
+    else:
+        x = preprocess_batch(files, preprocess)
     # class-per-sub-folder layout (torchvision ImageFolder) gives labels
     classes = sorted({f.parent.name for f in files if f.parent != folder})
     if not classes or any(f.parent == folder for f in files):
-        return x, None
+        return x, None, skipped
     names = labels or classes
     unknown = set(classes) - set(names)
     if unknown:
         raise CalibrationError(f"sub-folders {sorted(unknown)} of {folder} are not among the model's labels")
-    return x, np.array([names.index(f.parent.name) for f in files], dtype=np.int64)
+    return x, np.array([names.index(f.parent.name) for f in files], dtype=np.int64), skipped
 
 
 def _from_arrays(obj, where: str, targets: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -95,15 +119,18 @@ def _from_arrays(obj, where: str, targets: bool = False) -> tuple[np.ndarray, np
 
 
 def load_data(src: DataSource, preprocess: dict | None = None, labels: list[str] | None = None,
-              targets: bool = False) -> Dataset:
+              targets: bool = False, skip_bad_images: bool = False) -> Dataset:
     """Load ``src`` into preprocessed tensors (and labels where the source has them).
 
     ``targets``: ``y`` holds regression/forecast values (float, any shape per sample), not class indices.
+    ``skip_bad_images``: an image folder's undecodable files are left out and listed in ``Dataset.skipped``
+    (otherwise the first one refuses the build, named).
     """
     s = src.source
     path = Path(s)
+    skipped: list[dict[str, str]] = []
     if path.is_dir():
-        x, y = _from_folder(path, preprocess, labels)
+        x, y, skipped = _from_folder(path, preprocess, labels, skip_bad_images)
     elif path.suffix in (".npy", ".npz"):
         if not path.is_file():
             raise CalibrationError(f"{path} does not exist")
@@ -123,5 +150,5 @@ def load_data(src: DataSource, preprocess: dict | None = None, labels: list[str]
         y = y[: src.count] if y is not None else None
     if len(x) == 0:
         raise CalibrationError(f"data source {s!r} is empty")
-    return Dataset(x=np.ascontiguousarray(x), y=y, source=s)
+    return Dataset(x=np.ascontiguousarray(x), y=y, source=s, skipped=skipped)
 

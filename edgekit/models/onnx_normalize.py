@@ -373,20 +373,29 @@ def expected_input_shape(cfg) -> list[Dim] | None:
     import will (contradictions refused here already); a torch source: ``model.input_shape``.
     None when the ONNX file cannot be read (the import stage then says why).
     """
-    import onnx
-
     src = cfg.model
     given = list(src.input_shape) if src.input_shape else None
     if not src.source.endswith(".onnx"):
         return given
+    return onnx_input_shape(src.source, given, src.dynamic_batch)
+
+
+def onnx_input_shape(path: str | Path, given: list[int] | None = None, dynamic_batch: bool = True) -> list[Dim] | None:
+    """The ONNX file's one input resolved against ``given`` (``--input-shape``) as the import will resolve it.
+
+    ``given`` when the file has several inputs or no shape; None when it cannot be read (the import
+    stage then says why); contradictions and open dims without ``given`` raise ConfigError here.
+    """
+    import onnx
+
     try:
-        model = onnx.load(src.source, load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception:  # the import stage reports an unreadable file with its hint
         return None
     inputs = graph_inputs(model)
     if len(inputs) != 1 or not inputs[0].type.tensor_type.HasField("shape"):
         return given
-    return resolve_input_shape(raw_input_shape(inputs[0]), given, src.dynamic_batch, Path(src.source).name)
+    return resolve_input_shape(raw_input_shape(inputs[0]), given, dynamic_batch, Path(path).name)
 
 
 def check_against_model(cfg, input_shape: list[Dim]) -> None:

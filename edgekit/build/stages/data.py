@@ -47,9 +47,12 @@ class DataStage:
                 mf.Preprocess.from_dict(state.preprocess, "preprocess")
             except BundleError as exc:
                 raise ConfigError(f"{exc}; fix the build file's preprocess section") from None
-        calib = load_data(cfg.calibration, state.preprocess, state.labels) if cfg.calibration else None
+        skip = cfg.skip_bad_images
+        calib = load_data(cfg.calibration, state.preprocess, state.labels, skip_bad_images=skip) \
+            if cfg.calibration else None
         targets = state.profile.accuracy.metric in REGRESSION_METRICS  # y holds values, not classes
-        val = load_data(cfg.validation, state.preprocess, state.labels, targets) if cfg.validation else None
+        val = load_data(cfg.validation, state.preprocess, state.labels, targets, skip_bad_images=skip) \
+            if cfg.validation else None
         budget = state.profile.accuracy.max_accuracy_drop
         if state.quantize and calib is None:
             raise ConfigError("INT8 needs calibration data: add a 'calibration' section (or set quantize.enabled: false)")
@@ -80,6 +83,9 @@ class DataStage:
         state.val = val
         if val is not None:
             out["validation"] = {"source": val.source, "samples": len(val)}
+        for name, ds in (("calibration", calib), ("validation", val)):
+            if ds is not None and ds.skipped:  # --skip-bad-images: what was left out, by name
+                out[name].update(skipped_images=len(ds.skipped), skipped=ds.skipped[:20])
         state.probe = (val or calib).x[:8] if (val or calib) else np.random.default_rng(0).normal(
             size=[8, *_fixed(shape, cfg)[1:]]).astype(np.float32)
         out["labels"] = len(state.labels) if state.labels else None
