@@ -10,17 +10,11 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from .exits import handle_errors
-from .options import JsonOpt, VerboseOpt
+from .options import JsonOpt, VerboseOpt, parse_input_shape
 from .output import console, err_console, print_json, set_verbosity
 
 
-def _shape(text: Optional[str]) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.replace("x", ",").split(",")]
-    except ValueError:
-        raise ConfigError(f"--input-shape {text!r} is not like 1,3,224,224") from None
+_shape = parse_input_shape
 
 
 @handle_errors

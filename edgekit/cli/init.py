@@ -18,7 +18,7 @@ import yaml
 
 from ..errors import ConfigError
 from .exits import handle_errors
-from .options import JsonOpt
+from .options import JsonOpt, parse_input_shape
 from .output import console, print_json
 
 DEFAULT_SIDE = 224  # where the file leaves height and width open and no --size/--input-shape says otherwise
@@ -143,9 +143,8 @@ def init_cmd(
     """Write a commented build file for MODEL from its input signature (then: edgekit compile FILE)."""
     from ..config import load_build
     from ..config.presets import layout_and_size, parse_size, preset
-    from .compile import _shape
 
-    shape, notes = model_input(model, _shape(input_shape), parse_size(size))
+    shape, notes = model_input(model, parse_input_shape(input_shape), parse_size(size))
     layout, hw = layout_and_size(shape)
     channels = (shape[1] if layout == "NCHW" else shape[3]) if layout else None
     name = preprocess or ("gray" if channels == 1 else "imagenet")

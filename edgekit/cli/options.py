@@ -49,3 +49,13 @@ def keyring(path: Optional[Path]):
     from edgekit_runtime.keyring import Keyring
 
     return Keyring.from_paths(path) if path else Keyring.default()
+
+
+def parse_input_shape(text: Optional[str]) -> Optional[list[int]]:
+    """``--input-shape 1,3,224,224`` (or ``1x3x224x224``) → ints."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--input-shape {text!r} is not like 1,3,224,224") from None
