@@ -53,6 +53,8 @@ def keyring(path: Optional[Path]):
 
 def parse_input_shape(text: Optional[str]) -> Optional[list[int]]:
     """``--input-shape 1,3,224,224`` (or ``1x3x224x224``) → ints."""
+    from ..errors import ConfigError
+
     if text is None:
         return None
     try:
