@@ -42,7 +42,7 @@ TARGETS = ("onnxruntime-cpu", "jetson-orin-nano", "x86-openvino-cpu", "android-a
 SCALES = {"onnxruntime-cpu": 200.0, "jetson-orin-nano": 100.0, "x86-openvino-cpu": 300.0,
           "android-arm64-tflite": 200.0}
 BUDGET_PTS = 1.0
-MIN_COSINE = 0.95
+MIN_COSINE = 0.9
 
 
 def parse_args(argv) -> argparse.Namespace:
