@@ -82,7 +82,7 @@ def compile_cmd(
         for section, flag in (("calibration", calibration), ("validation", validation)):
             if flag is not None:
                 base.pop(section, None)
-        if output is None and target:
+        if output is None and target and not target_list(target):
             output = run_dir / f"{base['model']['name']}-{Path(target).stem}.ekb"
     overrides: dict[str, Any] = {
         "model.source": None if build_file or run_dir else source,
@@ -129,6 +129,10 @@ def compile_cmd(
         if not any(isinstance(s, dict) and "prune" in s for s in steps):
             raise ConfigError("--prune-iterations/--finetune-epochs tune a prune pass: add --prune-ratio R "
                               "(or a '- prune:' entry under optimize: in the build file)")
+    many = target_list(target)
+    if many:
+        compile_many(many, build_file, overrides, base, passes, output, as_json)
+        return
     cfg = load_build(build_file, overrides, base=base, passes=passes)
     signing_key = load_private_key(cfg.signing_key)
     # Progress goes to stderr; whatever the compilers' libraries print (NNCF's progress bars) too,
@@ -140,6 +144,99 @@ def compile_cmd(
         return
     print_compile_summary(result.report)
     console.print(f"bundle: [bold]{result.bundle}[/]  report: {result.report_path}")
+
+
+def target_list(target: str | None) -> list[str] | None:
+    """``--target all`` (every profile) or ``a,b,c``; None for one target."""
+    from ..config.targets import available_targets
+
+    if target == "all":
+        return list(available_targets())
+    if target and "," in target:
+        return [t.strip() for t in target.split(",") if t.strip()]
+    return None
+
+
+def compile_many(targets: list[str], build_file: Path | None, overrides: dict[str, Any], base: dict | None,
+                 passes: dict, output: Path | None, as_json: bool) -> None:
+    """One build per target, each bundle beside the others; one matrix at the end, failures included.
+
+    A target that fails (a gate, a converter that cannot take the model) is a row with its reason;
+    the others still build. Exit status: 0 when every target built, else the first failure's.
+    """
+    from edgekit_runtime.contract.errors import RuntimeErrorBase
+
+    from .._console import redirect_stdout_to_stderr
+    from ..build.pipeline import compile_model
+    from ..config import load_build
+    from ..config.targets import load_target
+    from ..errors import EdgekitError
+    from ..signing import load_private_key
+
+    for t in targets:
+        load_target(t)  # an unknown name is refused before any build starts
+    if output is not None and output.suffix == ".ekb":
+        raise ConfigError(f"-o {output} names one bundle; with several targets give a folder (each bundle is "
+                          f"NAME-TARGET.ekb in it)")
+    rows, first_failure = [], None
+    for t in targets:
+        data = {**overrides, "target": t, "output": None}
+        cfg = load_build(build_file, data, base=base, passes=passes)
+        folder = output or cfg.output.parent
+        cfg = cfg.model_copy(update={"output": Path(folder) / f"{cfg.model.name}-{Path(t).stem}.ekb"})
+        signing_key = load_private_key(cfg.signing_key)
+        try:
+            with err_console.status(f"compiling for {t}", spinner="dots") as status, redirect_stdout_to_stderr():
+                result = compile_model(cfg, signing_key, on_step=lambda s, t=t: status.update(f"[bold]{t}: {s}[/]…"))
+            rows.append(matrix_row(t, result.report))
+        except (EdgekitError, RuntimeErrorBase) as exc:
+            code = int(getattr(exc, "exit_code", 2))
+            first_failure = first_failure or code
+            rows.append({"target": t, "result": "failed", "exit_code": code, "error": str(exc).split("\n")[0],
+                         "report": str(cfg.output.with_suffix(".report.json"))})
+    doc = {"targets": rows, "built": sum(r["result"] == "ok" for r in rows), "failed": sum(r["result"] != "ok"
+                                                                                           for r in rows)}
+    if as_json:
+        print_json(doc)
+    else:
+        print_matrix(rows)
+    if first_failure:
+        raise typer.Exit(first_failure)
+
+
+def matrix_row(target: str, report: dict) -> dict[str, Any]:
+    """One target's line of the matrix: size, metric or fidelity, host p50, speed-up, and the caveat."""
+    acc, lat, prec = report.get("accuracy", {}), report.get("latency_ms", {}), report.get("precision")
+    shipped = lat.get(prec, {})
+    metric = acc.get("int8") if prec == "int8" else acc.get("deployed", acc.get("fp32"))
+    return {"target": target, "result": "ok", "bundle": report.get("bundle"), "precision": prec,
+            "bundle_bytes": report.get("bundle_bytes"), "metric": acc.get("metric"), "value": metric,
+            "drop": acc.get("drop_pts"), "fidelity_cosine": (report.get("fidelity") or {}).get("cosine"),
+            "p50_ms": shipped.get("p50_ms"), "speedup": lat.get("speedup"), "engine": lat.get("engine"),
+            "note": lat.get("not_gated_reason")}
+
+
+def print_matrix(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="targets")
+    for col in ("target", "result", "precision", "size KiB", "metric", "cosine", "host p50 ms", "speed-up"):
+        table.add_column(col, justify="right" if col not in ("target", "result") else "left")
+    notes = []
+    for r in rows:
+        if r["result"] != "ok":
+            table.add_row(r["target"], "[red]failed[/]", "", "", "", "", "", "")
+            notes.append(f"{r['target']}: {r['error']}")
+            continue
+        metric = "—" if r["value"] is None else f"{r['value']:.2f}" + (f" ({-r['drop']:+.2f})" if r["drop"] is not None
+                                                                       else "")
+        table.add_row(r["target"], "ok", r["precision"], f"{r['bundle_bytes'] / 1024:.0f}", metric,
+                      "—" if r["fidelity_cosine"] is None else f"{r['fidelity_cosine']:.4f}",
+                      "—" if r["p50_ms"] is None else f"{r['p50_ms']:.3f}",
+                      "—" if r["speedup"] is None else f"{r['speedup']:.2f}×")
+        if r["note"]:
+            notes.append(f"{r['target']}: host figures do not represent the device: {r['note']}")
+    console.print(table)
+    for n in notes:
+        console.print(f"  {n}", highlight=False, markup=False)
 
 
 def preprocess_flags(name: str | None, size: str | None, mean: str | None, std: str | None, layout: str | None,

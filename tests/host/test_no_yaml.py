@@ -143,3 +143,19 @@ def test_init_refuses_a_preset_that_does_not_fit_the_channels(tmp_path, monkeypa
         preset("nope")
     code, doc = cli("init", tmp_path / "m.onnx", "--preprocess", "gray", "-o", "m.yaml")
     assert code == ExitCode.USAGE and not Path("m.yaml").exists()
+
+
+def test_several_targets_build_side_by_side_into_one_matrix(onnx_files, tmp_path, keys):
+    images = image_folder(tmp_path / "images")
+    code, doc = cli("compile", onnx_files["fixed"], "--preprocess", "imagenet", "--calibration", images,
+                    "--target", "onnxruntime-cpu,jetson-orin-nano,android-arm64-tflite", "--no-accuracy-check",
+                    "--key", keys["private"], "-o", tmp_path / "out")
+    rows = {r["target"]: r for r in doc["targets"]}
+    assert list(rows) == ["onnxruntime-cpu", "jetson-orin-nano", "android-arm64-tflite"]
+    ort, trt, tfl = rows.values()
+    assert ort["result"] == trt["result"] == "ok" and doc["built"] == 2
+    assert Path(ort["bundle"]) == tmp_path / "out" / "fixed-onnxruntime-cpu.ekb" and Path(ort["bundle"]).is_file()
+    assert ort["fidelity_cosine"] > 0.9 and ort["p50_ms"] > 0 and ort["note"] is None
+    assert trt["note"]  # a Jetson's speed is not this host's: the row says so
+    # a target that cannot take the model is a row with its reason; the others still built
+    assert tfl["result"] == "failed" and tfl["error"] and code == tfl["exit_code"] != ExitCode.OK
