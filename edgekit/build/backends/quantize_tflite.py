@@ -34,6 +34,7 @@ import numpy as np
 from ...config import QuantizeSettings, RuntimeSettings
 from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, Signature, SourceModel, runtime_options
+from .onnx_to_torch import converter_version, onnx_to_torch
 from .sensitivity import RANKING_SAMPLES, LayerError, relative_error, search_fewest
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,18 @@ RANKED_TFL_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE",
                             "LOGISTIC", "TANH", "GELU", "RESIZE_BILINEAR"})
 
 
+_CONVERTED: dict[tuple[str, int], Any] = {}  # ONNX file (path, mtime) → its torch module, converted once
+
+
 def _module(src: SourceModel):
     import torch
 
+    if src.torch is None:
+        key = (str(src.onnx), src.onnx.stat().st_mtime_ns)
+        if key not in _CONVERTED:
+            _CONVERTED.clear()  # one build's model at a time
+            _CONVERTED[key] = onnx_to_torch(src.onnx)
+        return _CONVERTED[key]
     model = src.torch
     if not isinstance(model, torch.nn.Module):  # a torch.export program
         model = model.module()
@@ -87,12 +97,23 @@ def _artifact(out: Path, precision: str, details: dict[str, Any]) -> Artifact:
 class TFLiteCompiler(BackendCompiler):
     name = "tflite"
     engine = "tflite"
-    needs_torch = True
+    needs_torch = True  # converts from a torch module; an ONNX source is converted to one first (onnx2torch)
+
+    def __init__(self) -> None:
+        self.from_onnx = False  # set once a source without a torch module is seen: the manifest names onnx2torch
 
     def library_version(self) -> str:
         import importlib.metadata as md
 
-        return f"litert-torch {md.version('litert-torch')}, ai-edge-litert {md.version('ai-edge-litert')}"
+        version = f"litert-torch {md.version('litert-torch')}, ai-edge-litert {md.version('ai-edge-litert')}"
+        return f"{version}, {converter_version()}" if self.from_onnx else version
+
+    def _source(self, src: SourceModel) -> dict[str, str]:
+        """What the artifact details record about the conversion from the source."""
+        if src.torch is not None:
+            return {}
+        self.from_onnx = True
+        return {"source_converter": converter_version()}
 
     def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
         import litert_torch
@@ -100,7 +121,7 @@ class TFLiteCompiler(BackendCompiler):
         out = workdir / "tflite-fp32"
         out.mkdir(parents=True, exist_ok=True)
         litert_torch.convert(_module(src), (_sample(src),)).export(str(out / "model.tflite"))
-        return _artifact(out, "fp32", {"converter": "litert_torch.convert"})
+        return _artifact(out, "fp32", {"converter": "litert_torch.convert", **self._source(src)})
 
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                  exclude: list[str] | None = None) -> Artifact:
@@ -115,14 +136,7 @@ class TFLiteCompiler(BackendCompiler):
         x = torch.from_numpy(calib[: settings.calibration_count])
         batches = [x[i : i + CALIBRATION_BATCH] for i in range(0, len(x), CALIBRATION_BATCH)]
         model = _module(src)
-        dynamic = ({0: torch.export.Dim("batch", min=1, max=1024)},)
-        strict = True
-        try:
-            graph = torch.export.export(model, (batches[0],), strict=True, dynamic_shapes=dynamic).module()
-        except Exception as exc:  # strict tracing rejects some Python constructs
-            log.warning("strict torch.export failed (%s); non-strict export may leave residual adds in float", exc)
-            strict = False
-            graph = torch.export.export(model, (batches[0],), dynamic_shapes=dynamic).module()
+        graph, strict, batches = _export(model, batches, x)
         quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
             pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=settings.per_channel, is_dynamic=False))
         prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
@@ -137,14 +151,14 @@ class TFLiteCompiler(BackendCompiler):
             str(out / "model.tflite"))
         return _artifact(out, "int8", {"method": "litert-torch PT2E static", "per_channel": settings.per_channel,
                                        "strict_export": strict, "calibration_samples": len(x),
-                                       "int8_ops": int8_op_share(out / "model.tflite")})
+                                       "int8_ops": int8_op_share(out / "model.tflite"), **self._source(src)})
 
     def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                 goal: RecoveryGoal, first: Artifact) -> list[Attempt]:
         """ai-edge-quantizer's static int8 (all-int8 residual adds, other rounding); if that fails a gate too,
         the fewest ranked ops kept in float on the same recipe."""
         fp32 = self.fp32(src, workdir)
-        aeq = _AeqRecipes(fp32.directory / fp32.main, calib[: settings.calibration_count])
+        aeq = _AeqRecipes(fp32.directory / fp32.main, calib[: settings.calibration_count], self._source(src))
         art = aeq.artifact(workdir / "tflite-int8-aeq")
         attempts = [goal.evaluate(art, "ai_edge_quantizer", art.details)]
         if attempts[0].passed or settings.max_excluded_nodes == 0:
@@ -164,14 +178,41 @@ class TFLiteCompiler(BackendCompiler):
         return runtime_options(runtime)
 
 
+def _export(model, batches: list, x) -> tuple[Any, bool, list]:
+    """``model`` as a torch.export graph for PT2E, with a dynamic batch where the graph allows one.
+
+    Strict export first (non-strict drops ``source_fn_stack`` and leaves residual adds in float);
+    a graph that fixes its batch at 1 (ONNX constants) is exported at batch 1 and calibrated one
+    sample at a time. Returns the graph, whether it was strict, and the calibration batches to use.
+    """
+    import torch
+
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=1024)},)
+    try:
+        return torch.export.export(model, (batches[0],), strict=True, dynamic_shapes=dynamic).module(), True, batches
+    except Exception as exc:  # strict tracing rejects some Python constructs; ONNX graphs may fix the batch
+        first = exc
+    try:
+        graph = torch.export.export(model, (batches[0],), dynamic_shapes=dynamic).module()
+        log.warning("strict torch.export failed (%s); non-strict export may leave residual adds in float", first)
+        return graph, False, batches
+    except Exception:  # a batch fixed at 1 by the graph itself
+        singles = [x[i : i + 1] for i in range(len(x))]
+        log.warning("the model takes no batch > 1 (%s); exporting at batch 1", str(first).splitlines()[0][:200])
+        try:
+            return torch.export.export(model, (singles[0],), strict=True).module(), True, singles
+        except Exception:
+            return torch.export.export(model, (singles[0],)).module(), False, singles
+
+
 class _AeqRecipes:
     """ai-edge-quantizer on one float ``.tflite``: calibrated once, then any op set kept float or quantized alone."""
 
-    def __init__(self, float_path: Path, x: np.ndarray):
+    def __init__(self, float_path: Path, x: np.ndarray, source: dict[str, str] | None = None):
         from ai_edge_quantizer import quantizer as aeq_quantizer
         from ai_edge_quantizer import recipe as aeq_recipe
 
-        self.float_path, self.x = float_path, x
+        self.float_path, self.x, self.source = float_path, x, source or {}
         qt = aeq_quantizer.Quantizer(str(float_path))
         qt.load_quantization_recipe(aeq_recipe.static_wi8_ai8())
         name = _input_name(float_path)
@@ -212,7 +253,7 @@ class _AeqRecipes:
     def artifact(self, out: Path, exclude: list[str] | None = None) -> Artifact:
         self.write(out, exclude)
         details = {"method": "ai-edge-quantizer static_wi8_ai8", "calibration_samples": len(self.x),
-                   "int8_ops": int8_op_share(out / "model.tflite")}
+                   "int8_ops": int8_op_share(out / "model.tflite"), **self.source}
         if exclude:
             details["excluded_nodes"] = list(exclude)
         return _artifact(out, "int8", details)

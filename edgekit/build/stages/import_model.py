@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import ConfigError
 from ...models.importer import import_model
 from ...models.onnx_normalize import check_against_model
 from ..backends.base import SourceModel, onnx_signature
@@ -21,10 +20,8 @@ class ImportStage:
 
     def run(self, state: BuildState) -> dict[str, Any]:
         cfg = state.cfg
-        if state.compiler.needs_torch and cfg.model.source.endswith(".onnx"):  # before the work of importing
-            raise ConfigError(
-                f"target {state.profile.name} converts from PyTorch ({state.backend.name}); give a torch model "
-                f"(module:factory or .pt2) instead of an ONNX file")
+        # an ONNX source reaches a compiler that converts from PyTorch (TFLite) as ONNX only: that
+        # compiler converts it to a torch module itself (onnx2torch) and names the ops it cannot take
         export = import_model(cfg.model, state.workdir, state.probe, cfg.export.atol)
         state.sig = onnx_signature(export.onnx_path)
         # the preprocessing must produce what the model takes, before anything is compiled

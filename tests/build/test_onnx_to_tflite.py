@@ -1,0 +1,139 @@
+"""ONNX → LiteRT: an ONNX file compiles for the mobile targets to a full-INT8 ``.tflite``.
+
+The paddle2onnx-style classifier of tests/host/test_onnx_import.py (a −1 batch, symbolic
+height and width, fixed at 32×32 by ``--input-shape``) and a torchvision mobilenet_v2 exported
+to ONNX go through onnx2torch → torch.export(strict) → litert-torch PT2E; the fidelity gate
+runs through the tflite engine, the artifact's ops are integer, and the manifest names the
+converter. An op onnx2torch cannot take is a ModelImportError naming it, from the CLI a JSON
+error with no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgekit.cli import app
+from edgekit.errors import ModelImportError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "host"))
+from test_onnx_import import classifier, data, inputs, run, save  # noqa: E402
+
+runner = CliRunner()
+
+
+def compile_tflite(model: Path, target: str, tmp_path: Path, signing_key, shape=(1, 3, 32, 32), **extra):
+    from edgekit.build.pipeline import compile_model
+    from edgekit.config import load_build
+
+    overrides = {"model.source": str(model), "model.name": model.stem, "model.input_shape": list(shape),
+                 "target": target, "quantize.calibration_count": 20, "fidelity.min_cosine": 0.95,
+                 "output": tmp_path / f"{model.stem}-{target}.ekb", "latency": {"on_slower": "keep_int8"}}
+    overrides.update(extra)
+    return compile_model(load_build(None, overrides), signing_key)
+
+
+def check_int8_bundle(result, keys, reference: np.ndarray, x: np.ndarray) -> dict:
+    """The bundle is full INT8 with the converter recorded, and it runs on the device runtime."""
+    import edgekit_runtime
+
+    rep = result.report
+    assert rep["result"] == "ok" and rep["precision"] == "int8", rep.get("gates")
+    gates = {g["name"]: g["status"] for g in rep["gates"]}
+    assert gates.get("fidelity.cosine") == "passed", rep["gates"]
+    with edgekit_runtime.load(result.bundle, keyring=keys["public"]) as model:
+        backend = model.manifest.backend
+        assert backend.name == "tflite" and "onnx2torch" in backend.version
+        q = backend.quantization
+        details = {**q.extra, "method": q.method}
+        assert details["source_converter"].startswith("onnx2torch ")
+        ops = details["int8_ops"]
+        assert ops["total"] > 0 and ops["int8"] / ops["total"] >= 0.9, ops
+        assert model.manifest.inputs[0].quantization is not None  # int8 input tensor: full integer
+        out = model.run(x)[model.outputs[0].name]
+    assert out.shape == reference.shape
+    assert (out.argmax(1) == reference.argmax(1)).mean() >= 0.75
+    return details
+
+
+@pytest.fixture(scope="module")
+def paddle(tmp_path_factory) -> Path:
+    return save(classifier("paddle"), tmp_path_factory.mktemp("onnx_tflite") / "paddle.onnx")
+
+
+@pytest.mark.parametrize("target", ["android-arm64-tflite", "rpi5-tflite"])
+def test_paddle_style_onnx_compiles_to_full_int8_tflite(paddle, tmp_path, signing_key, keys, target):
+    calib, val = data(tmp_path, paddle)
+    result = compile_tflite(paddle, target, tmp_path, signing_key, **{
+        "calibration.source": str(calib), "validation.source": str(val), "accuracy.max_accuracy_drop": 10.0})
+    assert {g["name"]: g["status"] for g in result.report["gates"]}["accuracy"] == "passed"
+    x = inputs(8, 7)
+    details = check_int8_bundle(result, keys, run(paddle, x), x)
+    assert details["strict_export"] is True  # onnx2torch's graph module passes strict export
+
+
+@pytest.mark.slow
+def test_torchvision_mobilenet_v2_onnx_compiles_to_full_int8_tflite(tmp_path, signing_key, keys):
+    import onnxruntime as ort
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v2(weights=None, num_classes=10)
+    x = np.random.default_rng(0).normal(size=(48, 3, 64, 64)).astype(np.float32)
+    for m in net.modules():  # random weights: BatchNorm statistics re-estimated on the inputs
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(x[:32]))
+    net.eval()
+    path = tmp_path / "mobilenet_v2.onnx"
+    torch.onnx.export(net, (torch.from_numpy(x[:1]),), str(path), input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    np.savez(tmp_path / "calib.npz", x=x[:32])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"x": x[32:]})[0]
+    result = compile_tflite(path, "android-arm64-tflite", tmp_path, signing_key, shape=(1, 3, 64, 64), **{
+        "calibration.source": str(tmp_path / "calib.npz"), "fidelity.min_cosine": 0.8})
+    check_int8_bundle(result, keys, ref, x[32:])
+
+
+def unsupported_model():
+    """The paddle classifier ending in a standard ONNX op onnx2torch has no converter for (``Hardmax``)."""
+    import onnx
+    from onnx import helper
+
+    m = classifier("paddle")
+    out = m.graph.node[-1].output[0]
+    m.graph.node[-1].output[0] = "pre"
+    m.graph.node.append(helper.make_node("Hardmax", ["pre"], [out], name="odd_hardmax", axis=1))
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_an_op_the_converter_cannot_take_is_named(tmp_path):
+    from edgekit.build.backends.onnx_to_torch import onnx_to_torch, unsupported_ops
+
+    model = unsupported_model()
+    assert unsupported_ops(model) == {"Hardmax": ["odd_hardmax"]}
+    with pytest.raises(ModelImportError, match=r"no converter for Hardmax \(node odd_hardmax\)") as info:
+        onnx_to_torch(save(model, tmp_path / "odd.onnx"))
+    assert "ONNX target" in info.value.hint
+
+
+def test_cli_names_the_op_with_a_json_error_and_no_traceback(tmp_path, keys):
+    path = save(unsupported_model(), tmp_path / "odd.onnx")
+    calib, val = data(tmp_path, save(classifier("paddle"), tmp_path / "paddle.onnx"))
+    result = runner.invoke(app, ["compile", str(path), "--target", "rpi5-tflite", "--input-shape", "1,3,32,32",
+                                 "--calibration", str(calib), "--validation", str(val), "--key", keys["private"],
+                                 "-o", str(tmp_path / "odd.ekb"), "--json"])
+    doc = json.loads(result.stdout)
+    assert result.exit_code != 0 and "Hardmax" in doc["error"]["message"] and "odd_hardmax" in doc["error"]["message"]
+    assert "Traceback" not in result.stdout + result.stderr
