@@ -139,3 +139,21 @@ def test_cli_names_the_op_with_a_json_error_and_no_traceback(tmp_path, keys):
     doc = json.loads(result.stdout)
     assert result.exit_code != 0 and "Hardmax" in doc["error"]["message"] and "odd_hardmax" in doc["error"]["message"]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_graph_that_fixes_its_batch_is_exported_at_batch_1(tmp_path):
+    """``Reshape`` to ``[1, -1]`` in the ONNX graph: no dynamic batch, so export and calibration go one by one."""
+    import torch
+
+    from edgekit.build.backends.onnx_to_torch import onnx_to_torch
+    from edgekit.build.backends.quantize_tflite import _export
+
+    m = classifier("batch1")
+    for i, v in enumerate([1, 3, 32, 32]):
+        m.graph.input[0].type.tensor_type.shape.dim[i].dim_value = v
+    module = onnx_to_torch(save(m, tmp_path / "batch1.onnx"))
+    x = torch.from_numpy(inputs(8, 3))
+    graph, strict, batches = _export(module, [x[:4], x[4:]], x)
+    assert strict is True and len(batches) == 8 and all(len(b) == 1 for b in batches)
+    ref = run(tmp_path / "batch1.onnx", x.numpy()[:1])
+    np.testing.assert_allclose(graph(x[:1]).detach().numpy(), ref, rtol=1e-4, atol=1e-4)

@@ -69,4 +69,41 @@ def onnx_to_torch(onnx_path: Path):
         raise ModelImportError(
             f"{onnx_path.name}: {converter_version()} could not convert the model: {exc}",
             hint="give the torch module (module:factory or .pt2), or compile it for an ONNX target") from None
-    return module.eval()
+    return static_reshapes(module).eval()
+
+
+def _reshape(x, shape: tuple[int, ...]):
+    """ONNX Reshape with a constant target (0 copies the input's dim, allowzero=0)."""
+    return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+
+def static_reshapes(module):
+    """Reshapes whose target shape is an initializer, as ``reshape`` calls with that shape written in.
+
+    onnx2torch's Reshape reads the target from a buffer and branches on its values
+    (``if torch.any(shape == 0)``), which torch.export rejects as data-dependent control flow;
+    exporters write most flattens this way (``Reshape(x, [1, -1])``, ``[0, -1]``)."""
+    import torch
+    from onnx2torch.node_converters.reshape import OnnxReshape
+
+    graph = module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), OnnxReshape):
+            continue
+        src = node.args[1] if len(node.args) > 1 else None
+        if getattr(src, "op", None) != "get_attr":
+            continue
+        shape = module.get_submodule(src.target.rsplit(".", 1)[0]) if "." in src.target else module
+        value = getattr(shape, src.target.rsplit(".", 1)[-1])
+        if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int64, torch.int32):
+            continue
+        with graph.inserting_after(node):
+            new = graph.call_function(_reshape, (node.args[0], tuple(int(d) for d in value.tolist())))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        graph.eliminate_dead_code()
+        module.recompile()
+    return module

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ...config import QuantizeSettings, RuntimeSettings
+from ...errors import ModelImportError
 from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, Signature, SourceModel, runtime_options
 from .onnx_to_torch import converter_version, onnx_to_torch
@@ -202,7 +203,13 @@ def _export(model, batches: list, x) -> tuple[Any, bool, list]:
         try:
             return torch.export.export(model, (singles[0],), strict=True).module(), True, singles
         except Exception:
+            pass
+        try:
             return torch.export.export(model, (singles[0],)).module(), False, singles
+        except Exception as exc:  # nothing the PT2E quantizer can take
+            raise ModelImportError(
+                f"torch.export could not capture the model for INT8 TFLite: {str(first).splitlines()[0][:300]}",
+                hint="give a torch model that torch.export accepts, or compile for an ONNX target") from exc
 
 
 class _AeqRecipes:
