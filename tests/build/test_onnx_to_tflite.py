@@ -157,3 +157,38 @@ def test_a_graph_that_fixes_its_batch_is_exported_at_batch_1(tmp_path):
     assert strict is True and len(batches) == 8 and all(len(b) == 1 for b in batches)
     ref = run(tmp_path / "batch1.onnx", x.numpy()[:1])
     np.testing.assert_allclose(graph(x[:1]).detach().numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+class _Head(__import__("torch").nn.Module):
+    """A conv followed by the shape op an exporter writes with constant shapes or axes."""
+
+    def __init__(self, kind: str):
+        import torch
+
+        super().__init__()
+        self.kind, self.conv = kind, torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.kind == "reshape":
+            return y.reshape(1, -1)
+        if self.kind == "slice":
+            return y[:, 1:3, 2:-2, ::2]
+        return y.mean((2, 3), keepdim=True).squeeze(-1).unsqueeze(1)  # Squeeze/Unsqueeze with axes inputs
+
+
+@pytest.mark.parametrize("kind", ["reshape", "slice", "squeeze"])
+def test_constant_shape_ops_pass_strict_export_and_match_onnx(tmp_path, kind):
+    """onnx2torch branches on shape/axes buffers (torch.export rejects that); they are written in as constants."""
+    import onnxruntime as ort
+    import torch
+
+    from edgekit.build.backends.onnx_to_torch import onnx_to_torch
+
+    x = torch.from_numpy(inputs(1, 5)[:, :, :16, :16].copy())
+    path = tmp_path / f"{kind}.onnx"
+    torch.onnx.export(_Head(kind).eval(), (x,), str(path), input_names=["x"], opset_version=17, dynamo=False)
+    module = onnx_to_torch(path)
+    graph = torch.export.export(module, (x,), strict=True).module()
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(graph(x).detach().numpy(), ref, rtol=1e-4, atol=1e-5)

@@ -77,29 +77,87 @@ def _reshape(x, shape: tuple[int, ...]):
     return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
 
 
-def static_reshapes(module):
-    """Reshapes whose target shape is an initializer, as ``reshape`` calls with that shape written in.
+def _squeeze(x, axes: tuple[int, ...]):
+    for axis in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.squeeze(axis)
+    return x
 
-    onnx2torch's Reshape reads the target from a buffer and branches on its values
-    (``if torch.any(shape == 0)``), which torch.export rejects as data-dependent control flow;
-    exporters write most flattens this way (``Reshape(x, [1, -1])``, ``[0, -1]``)."""
+
+def _unsqueeze(x, axes: tuple[int, ...]):
+    rank = x.dim() + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _plain(value):
+    """Slices and lists with Python ints only (numpy or torch scalars do not survive FX code generation)."""
+    if isinstance(value, slice):
+        return slice(*(None if v is None else int(v) for v in (value.start, value.stop, value.step)))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value if value is None or isinstance(value, slice) else int(value)
+
+
+def _static_call(kind: str, consts: list):
+    """(function, constant arguments) that replace an onnx2torch module called with constant tensors."""
+    from onnx2torch.node_converters.slice import _do_slice, _get_slices
+
+    ints = [tuple(int(v) for v in c.flatten().tolist()) if c is not None else None for c in consts]
+    if kind == "OnnxReshape":
+        return _reshape, (ints[0],)
+    if kind == "OnnxSqueezeDynamicAxes":
+        return (_squeeze, (ints[0],)) if ints and ints[0] else None
+    if kind == "OnnxUnsqueezeDynamicAxes":
+        return _unsqueeze, (ints[0],)
+    if kind == "OnnxSlice":
+        flip, pos, neg = _get_slices(*(consts + [None] * (4 - len(consts))))
+        return _do_slice, (_plain(flip), _plain(pos), _plain(neg))
+    return None
+
+
+def _constant(module, arg):
+    """The tensor an FX argument always holds (an initializer buffer or an ONNX Constant node), else None."""
     import torch
-    from onnx2torch.node_converters.reshape import OnnxReshape
+
+    if getattr(arg, "op", None) == "get_attr":
+        value = module.get_buffer(arg.target) if arg.target in dict(module.named_buffers()) else None
+    elif getattr(arg, "op", None) == "call_module" and type(module.get_submodule(arg.target)).__name__ == \
+            "OnnxConstant" and not arg.args:
+        value = module.get_submodule(arg.target).value
+    else:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def static_reshapes(module):
+    """Reshape, Slice, Squeeze and Unsqueeze with constant shapes/axes, as calls with those values written in.
+
+    onnx2torch's modules for these read shapes and axes from buffers and branch on their values
+    (``if torch.any(shape == 0)``, loops over an axes tensor), which torch.export rejects as
+    data-dependent control flow; exporters write most flattens and heads this way
+    (``Reshape(x, [1, -1])``, ``Squeeze(x, [2, 3])``). Resize with constant scales is not
+    rewritten yet: such a model is refused with the export's reason."""
+    import torch
 
     graph = module.graph
     changed = False
     for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), OnnxReshape):
+        if node.op != "call_module" or not node.args:
             continue
-        src = node.args[1] if len(node.args) > 1 else None
-        if getattr(src, "op", None) != "get_attr":
+        kind = type(module.get_submodule(node.target)).__name__
+        rest = list(node.args[1:])
+        if kind not in ("OnnxReshape", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeDynamicAxes", "OnnxSlice") or \
+                not rest or node.kwargs or any(a is not None and _constant(module, a) is None for a in rest):
             continue
-        shape = module.get_submodule(src.target.rsplit(".", 1)[0]) if "." in src.target else module
-        value = getattr(shape, src.target.rsplit(".", 1)[-1])
-        if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int64, torch.int32):
+        consts = [None if a is None else _constant(module, a) for a in rest]
+        if any(c is not None and (not isinstance(c, torch.Tensor) or c.is_floating_point()) for c in consts):
+            continue
+        call = _static_call(kind, consts)
+        if call is None:
             continue
         with graph.inserting_after(node):
-            new = graph.call_function(_reshape, (node.args[0], tuple(int(d) for d in value.tolist())))
+            new = graph.call_function(call[0], (node.args[0], *call[1]))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         changed = True
