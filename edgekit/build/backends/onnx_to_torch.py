@@ -10,6 +10,15 @@ TensorFlow (~600 MB installed, its own protobuf/numpy pins next to torch) and it
 calibration path, which would be a second TFLite quantization pipeline to keep honest.
 onnx2torch's last release is 2024; its registry is checked node by node before converting, so an
 op it lacks is a clear error naming the node rather than a failure inside the conversion.
+
+Measured (112×112, random weights, 64 calibration images, plain PTQ): the FP32 ``.tflite`` matches
+ONNX Runtime to cosine 1.0 on all four, strict export accepts all four, 100 % of ops are INT8;
+INT8 cosine to ONNX FP32 0.9999 (paddle-style), 0.9985 (resnet18), 0.96 (efficientnet_b0),
+0.94 (mobilenet_v2) — quantization's loss, which the build's gates and recovery then judge.
+
+onnx2torch reads Reshape targets and Slice/Squeeze/Unsqueeze axes from buffers and branches on
+their values, which torch.export rejects; :func:`static_reshapes` writes constant ones in. Resize
+with constant scales is not rewritten yet: such a model fails export and is refused with the reason.
 """
 
 from __future__ import annotations
