@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
     p.add_argument("--resume", action="store_true", help="skip the models the JSON already has")
     p.add_argument("--prune-only", action="store_true", help="stop after pruning (quick checks of edgekit's pruner)")
+    p.add_argument("--merge-prune-only", type=Path, default=None,
+                   help="with --markdown-only: a --prune-only run's JSON, for the models the full run did not reach")
     p.add_argument("--markdown-only", action="store_true", help="only re-render prune_zoo.md from the JSON")
     return p.parse_args(argv)
 
@@ -292,10 +294,17 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+def _stopped_after_pruning(r: dict[str, Any]) -> bool:
+    return r.get("reason", "").startswith("stopped after pruning")
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    rows = doc["rows"]
-    passed = [r for r in rows if r.get("passed")]
-    prune_only = bool(rows) and all(r.get("reason", "").startswith("stopped after pruning") for r in passed)
+    full = doc["rows"]
+    passed = [r for r in full if r.get("passed")]
+    prune_only = bool(full) and all(_stopped_after_pruning(r) for r in passed)
+    # models only the --prune-only run reached (merged with --merge-prune-only)
+    extra = [r for r in doc.get("prune_only_rows", []) if r["model"] not in {f["model"] for f in full}]
+    rows = sorted(full + extra, key=lambda r: r["model"])
     lines = [
         "# Pruning coverage: the torchvision classification zoo" + (" (pruning step only)" if prune_only else ""),
         "", f"{doc['generated_at']} · `{doc['command']}` · torch {doc['versions']['torch']}, torchvision "
@@ -309,12 +318,17 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"(`--prune-only`).", ""]
     else:
         lines += [
-            f"**{len(passed)} of {len(rows)} pass** prune {doc['settings']['ratio']:.0%} (magnitude, round_to "
+            f"**{len(passed)} of {len(full)} pass** prune {doc['settings']['ratio']:.0%} (magnitude, round_to "
             f"{doc['settings']['round_to']}) → ONNX export → {doc['settings']['target']} INT8 within budget: cosine "
             f"≥ {doc['settings']['min_cosine']} against the pruned FP32 model, or, where the unpruned model misses "
             f"that too at random weights, within {doc['settings'].get('cosine_slack', COSINE_SLACK)} of the "
             f"unpruned model's INT8 cosine (random weights, BatchNorm re-estimated on sample-photo crops; "
             f"{EVAL_IMAGES} held-out crops through the OpenVINO engine).", ""]
+    if extra:
+        pruned_all = [r for r in rows if r.get("passed") or r.get("stage") in ("export", "int8")]
+        lines += [f"**{len(pruned_all)} of {len(rows)} prune** and still run with their output shape and head, "
+                  f"MACs fewer: the {len(extra)} models the full run did not reach in its time come from the "
+                  f"`--prune-only` run (`{doc.get('prune_only_command', '')}`), export and INT8 not measured.", ""]
     lines += [
         "Torch-Pruning's own torchvision example reports 77 of 85 (its 85 include detection and segmentation "
         "models; it fails Swin and ShuffleNet).", "",
@@ -336,7 +350,8 @@ def markdown(doc: dict[str, Any]) -> str:
             + (f"{b['params'] / 1e6:.1f} → {a['params'] / 1e6:.1f} | {_m(b['macs'])} → {_m(a['macs'])} | "
                f"{r.get('macs_ratio', 0):.2f} |" if b and a else "– | – | – |")
             + f" {pruned} | {exported} | {fid_s} | "
-            + (("pass" + (f" ({r['budget']})" if r.get("budget") else "")) if r.get("passed")
+            + ("pruned; export and INT8 not run" if _stopped_after_pruning(r) else
+               ("pass" + (f" ({r['budget']})" if r.get("budget") else "")) if r.get("passed")
                else f"**fail** ({stage}): {r.get('reason', '')}".replace("|", "/"))
             + f" | {notes.replace('|', '/')} |")
     missing = [n for n in doc.get("zoo", []) if n not in {r["model"] for r in rows}]
@@ -383,7 +398,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out_json, out_md = args.out / "prune_zoo.json", args.out / "prune_zoo.md"
     if args.markdown_only:
-        out_md.write_text(markdown(json.loads(out_json.read_text())))
+        doc = json.loads(out_json.read_text())
+        if args.merge_prune_only:
+            po = json.loads(args.merge_prune_only.read_text())
+            doc["prune_only_rows"], doc["prune_only_command"] = po["rows"], po["command"]
+            out_json.write_text(json.dumps(doc, indent=1, default=str))
+        out_md.write_text(markdown(doc))
         return 0
     import torch  # noqa: F401  (imported once in the parent, inherited by the forked children)
     import torchvision
