@@ -218,7 +218,7 @@ class LatencyCheck:
             return GateResult("latency.int8_speedup", "passed", speedup, margin, "x", detail)
         # Noise is absolute AND relative: 0.02 ms is timer noise on a 1 ms model, but on a 0.033 ms model it is
         # 60 % of the time, and an INT8 at 0.051 ms would ship 1.5x slower "within noise". The smaller bound wins.
-        noise_fraction = 0.02  # latency.noise_ms never covers more than this share of the p50 INT8 must reach
+        noise_fraction = self.settings.noise_fraction  # noise_ms never covers more than this share of the p50
         noise = min(self.settings.noise_ms, noise_fraction * needed_ms)
         if int8["p50_ms"] - needed_ms <= noise:
             # not judged, and said so: a difference this small is the timer's, not the model's

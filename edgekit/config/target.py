@@ -104,6 +104,9 @@ class LatencyGate(Strict):
         description="When INT8 misses it: ship the FP32 artifact, fail the build, or ship INT8 with a warning")
     noise_ms: float = Field(
         0.02, ge=0, description="p50 differences below this are timer noise, not a slower INT8")
+    noise_fraction: float = Field(
+        0.05, ge=0, le=1, description="... but never more than this share of the p50 INT8 must reach (0.02 ms is "
+                                      "noise on a 1 ms model, 60 % of a 0.033 ms one)")
 
 
 class Limits(Strict):

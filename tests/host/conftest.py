@@ -28,10 +28,15 @@ def build_config(checkpoint: Path, target: str, output: Path, **overrides: Any):
 
 @pytest.fixture(scope="session")
 def int8_bundles(workdir, digits_checkpoint, signing_key) -> dict[str, Any]:
-    """target → CompileResult of the INT8 digits bundle."""
+    """target → CompileResult of the INT8 digits bundle.
+
+    ``latency.on_slower: keep_int8``: these tests are about the INT8 artifact; the 8×8 CNN's INT8 and FP32
+    run at parity on x86 (per-call overhead), so the latency gate's verdict would flip with machine load.
+    """
     from edgekit.build.pipeline import compile_model
 
-    return {t: compile_model(build_config(digits_checkpoint, t, workdir / f"{t}-int8.ekb"), signing_key)
+    return {t: compile_model(build_config(digits_checkpoint, t, workdir / f"{t}-int8.ekb",
+                                          latency={"on_slower": "keep_int8"}), signing_key)
             for t in X86_TARGETS}
 
 

@@ -137,7 +137,7 @@ class OptimizeStage:
         result = prune(model, example, s, round_to,
                        gradients=ctx.accumulate_gradients if ctx is not None else None, between_steps=between)
         return {"round_to": round_to, "ratio": s.ratio, **({"search": search} if search else {}),
-                "head": result.head, "ignored": result.ignored,
+                "head": result.head, "ignored": result.ignored, "notes": result.notes,
                 "finetune_epochs": epochs, "steps": result.steps, "channels": channel_counts(model)}
 
     def _search_ratio(self, state: BuildState, model, example, s: PrunePass, round_to: int,
