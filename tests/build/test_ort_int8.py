@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgekit.build.backends.base import SourceModel
-from edgekit.build.backends.quantize_onnxruntime import OnnxRuntimeCompiler, recipe_excludes, recipe_name
+from edgekit.build.backends.quantize_onnxruntime import OnnxRuntimeCompiler, recipe_excludes
 from edgekit.build.gates import LatencyCheck
 from edgekit.config import LatencyGate, Limits, QuantizeSettings
 

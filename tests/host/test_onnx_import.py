@@ -111,8 +111,6 @@ def save(model, path: Path) -> Path:
 def data(folder: Path, model_path: Path) -> tuple[Path, Path]:
     """20 calibration samples and 60 validation samples labelled by the FP32 model itself (so FP32 is
     100 % and the INT8 accuracy gate measures what quantization changed)."""
-    import onnxruntime as ort
-
     x = inputs(80, 1)
     y = run(model_path, x).argmax(1)
     assert len(set(y[20:].tolist())) >= 3, "labels should not be one class"
@@ -261,7 +259,6 @@ def compile_onnx(model: Path, target: str, tmp_path: Path, signing_key, **extra)
 def test_hostile_onnx_compiles_gated_and_reports_the_normalisation(models, tmp_path, signing_key, keys, kind,
                                                                     target):
     import edgekit_runtime
-    import onnxruntime as ort
 
     result = compile_onnx(models[kind], target, tmp_path, signing_key)
     rep = result.report
