@@ -1,4 +1,4 @@
-"""Fixtures shared by every test directory: keys and a trained digits CNN (built once per session)."""
+"""Fixtures shared by every test directory: keys, a trained digits CNN (built once per session), and a throwaway PostgreSQL server (pg_url: a database of its own per test)."""
 
 from __future__ import annotations
 
@@ -181,3 +181,43 @@ def mosquitto(tmp_path):
 def mqtt_broker(mosquitto) -> MosquittoBroker:
     """An anonymous Mosquitto on a free loopback port (raised in-flight/queue limits, no persistence)."""
     return mosquitto()
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+# One throwaway PostgreSQL server per test session (Debian package `postgresql`, installed by `make test` when
+# run as root, like Mosquitto), and a fresh database per test: `pg_url` is its postgresql:// URL.
+@pytest.fixture(scope="session")
+def pg_server():
+    import os
+
+    from edgekit.fleet.pgserver import PostgresNotFound, TempPostgres
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.fail("psycopg is a main dependency: pip install -e . again")
+    try:
+        server = TempPostgres().start()
+    except PostgresNotFound as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))  # CI must run the PostgreSQL store tests, never skip them
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server, request):
+    """A postgresql:// URL of an empty database of its own on the session's server."""
+    import re
+
+    import psycopg
+
+    name = "t_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
+    admin = f"postgresql://{pg_server.user}@{pg_server.host}:{pg_server.port}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql://{pg_server.user}@{pg_server.host}:{pg_server.port}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
