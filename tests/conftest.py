@@ -1,4 +1,5 @@
-"""Fixtures shared by every test directory: keys, a trained digits CNN (built once per session), and a throwaway PostgreSQL server (pg_url: a database of its own per test)."""
+"""Fixtures shared by every test directory: keys, a trained digits CNN (built once per session), and a
+throwaway PostgreSQL server (``pg_url``: a database of its own per test)."""
 
 from __future__ import annotations
 
