@@ -282,9 +282,14 @@ def test_hostile_onnx_compiles_gated_and_reports_the_normalisation(models, tmp_p
 def test_opset11_int8_graph_uses_per_channel_dq_at_opset_13(models, tmp_path, signing_key):
     import onnx
 
-    result = compile_onnx(models["opset11"], "onnxruntime-cpu", tmp_path, signing_key, keep_work=True)
-    work = result.bundle.parent / f"{result.bundle.stem}.work"
-    m = onnx.load(str(work / "int8" / "model.onnx"))
+    import edgekit_runtime
+    from edgekit_runtime.keyring import Keyring, key_id_of
+
+    result = compile_onnx(models["opset11"], "onnxruntime-cpu", tmp_path, signing_key)
+    ring = Keyring({key_id_of(signing_key.public_key()): signing_key.public_key()})
+    bundle = edgekit_runtime.open_bundle(result.bundle, ring)
+    assert bundle.manifest.backend.precision == "int8"
+    m = onnx.load_from_string(bundle.members[bundle.manifest.backend.artifact])  # the graph the device runs
     assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 13
     assert any(a.name == "axis" for n in m.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
 
