@@ -126,7 +126,7 @@ def run_model(name: str, args: argparse.Namespace, row: dict[str, Any]) -> dict[
     import torch
     import torchvision
 
-    from edgekit.compress.prune import channel_counts, count, prune
+    from edgekit.compress.prune import channel_counts, prune
     from edgekit.config.build import PrunePass
     from edgekit.config.targets import load_target
 
@@ -416,9 +416,12 @@ def main(argv=None) -> int:
     from edgekit.config.targets import load_target
 
     profile = load_target(TARGET)
-    previous = {}
+    previous, carried = {}, {}
     if (args.models or args.quick or args.resume) and out_json.is_file():
-        previous = {r["model"]: r for r in json.loads(out_json.read_text())["rows"]}
+        old = json.loads(out_json.read_text())
+        previous = {r["model"]: r for r in old["rows"]}
+        # a merged --prune-only run stays with the document (its rows fill what the full run has not reached)
+        carried = {k: old[k] for k in ("prune_only_rows", "prune_only_command") if k in old}
     if args.resume:
         names = [n for n in names if n not in previous]
     if not args.models and not args.quick:  # the family representatives first, then the rest by size
@@ -441,7 +444,7 @@ def main(argv=None) -> int:
                          "cosine_slack": COSINE_SLACK, "bn_images": BN_IMAGES, "calib_images": CALIB_IMAGES,
                          "eval_images": EVAL_IMAGES, "threads": args.threads},
             "versions": versions(), "system": system(), "provenance": common.provenance(),
-            "zoo": zoo, "rows": [merged[n] for n in sorted(merged)],
+            "zoo": zoo, "rows": [merged[n] for n in sorted(merged)], **carried,
         }
         out_json.write_text(json.dumps(doc, indent=1, default=str))  # after every model: a stopped run keeps its rows
         out_md.write_text(markdown(doc))
