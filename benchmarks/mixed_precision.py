@@ -46,7 +46,6 @@ from benchmarks.common import log  # noqa: E402
 TARGETS = ("onnxruntime-cpu", "jetson-orin-nano", "x86-openvino-cpu", "rpi5-tflite")
 TIMED = ("onnxruntime-cpu", "x86-openvino-cpu")
 OUTLIER_SCALE = 100.0
-OUTLIERS = ((0, 3), (4, 5))  # (block, channel), as in tests/build/test_mixed_precision.py
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +65,7 @@ def outlier_checkpoint(work: Path) -> Path:
     import torch
 
     from edgekit.data import digits
-    from edgekit.models.digits_cnn import build
+    from edgekit.models.digits_cnn import build, with_outliers
     from edgekit.train_minimal import train_classifier
 
     path = work / "digits_outliers.pt"
@@ -77,14 +76,7 @@ def outlier_checkpoint(work: Path) -> Path:
     model, acc = train_classifier(build(width=16), digits.to_tensor(s["train"].images), s["train"].labels,
                                   digits.to_tensor(s["val"].images), s["val"].labels, epochs=8)
     log(f"trained the digits CNN: {acc:.2f} % val top-1")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    consumer = {0: "features.1.0.weight", 4: "classifier.weight"}
-    with torch.no_grad():
-        for block, ch in OUTLIERS:
-            state[f"features.{block}.1.weight"][ch] *= OUTLIER_SCALE
-            state[f"features.{block}.1.bias"][ch] *= OUTLIER_SCALE
-            state[consumer[block]][:, ch] /= OUTLIER_SCALE
-    torch.save(state, path)
+    torch.save(with_outliers(model.state_dict(), OUTLIER_SCALE), path)
     return path
 
 
@@ -265,6 +257,7 @@ def main(argv=None) -> int:
     common.ensure_importable()
     from edgekit_runtime.bench import system_description
 
+    from edgekit.models.digits_cnn import OUTLIERS
     from edgekit.signing import load_private_key
 
     args.work.mkdir(parents=True, exist_ok=True)

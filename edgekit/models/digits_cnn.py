@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -31,3 +32,26 @@ class DigitsCNN(nn.Module):
 def build(num_classes: int = 10, width: int = 32) -> DigitsCNN:
     """Factory used by build files: ``edgekit.models.digits_cnn:build``."""
     return DigitsCNN(num_classes=num_classes, width=width)
+
+
+# (block whose ReLU output gets the outlier channel, that channel): block 0 feeds the second conv,
+# block 4 feeds (through the average pool) the classifier
+OUTLIERS = ((0, 3), (4, 5))
+
+
+def with_outliers(state: dict, scale: float = 100.0) -> dict:
+    """A state dict of :class:`DigitsCNN` computing the same function with a few activations ``scale`` × larger.
+
+    A channel's BatchNorm scale and shift grow by ``scale`` (ReLU commutes with a positive factor) and the
+    next layer's weights for it shrink by as much. Per-channel weights absorb both changes; one per-tensor
+    activation scale cannot: the other channels of that tensor fall into a handful of INT8 steps, and only
+    the layers reading or writing it are to blame. The mixed-precision tests and benchmark quantize it.
+    """
+    state = {k: v.clone() for k, v in state.items()}
+    consumer = {0: "features.1.0.weight", 4: "classifier.weight"}
+    with torch.no_grad():
+        for block, ch in OUTLIERS:
+            state[f"features.{block}.1.weight"][ch] *= scale
+            state[f"features.{block}.1.bias"][ch] *= scale
+            state[consumer[block]][:, ch] /= scale
+    return state

@@ -11,30 +11,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 OUTLIER_SCALE = 100.0
-# (block whose ReLU output gets the outlier channel, that channel): block 0 feeds the second conv,
-# block 4 feeds (through the average pool) the classifier
-OUTLIERS = ((0, 3), (4, 5))
 # onnxruntime-cpu, the TensorRT Q/DQ graph (measured through ONNX Runtime's CPU EP here), OpenVINO
 TARGETS = ("onnxruntime-cpu", "jetson-orin-nano", "x86-openvino-cpu")
 
 
 def inject_outliers(state: dict, scale: float = OUTLIER_SCALE) -> dict:
-    """The same function with a few activations ``scale`` × larger: a channel's BatchNorm scale and shift grow
-    by ``scale`` (ReLU commutes with a positive factor) and the next layer's weights for it shrink by as much.
+    """The digits CNN's state with outlier activations, same function (``digits_cnn.with_outliers``)."""
+    from edgekit.models.digits_cnn import with_outliers
 
-    Per-channel weights absorb both changes; one per-tensor activation scale cannot: the other channels of
-    that tensor fall into a handful of INT8 steps. Only the layers reading or writing it are to blame.
-    """
-    import torch
-
-    state = {k: v.clone() for k, v in state.items()}
-    consumer = {0: "features.1.0.weight", 4: "classifier.weight"}
-    with torch.no_grad():
-        for block, ch in OUTLIERS:
-            state[f"features.{block}.1.weight"][ch] *= scale
-            state[f"features.{block}.1.bias"][ch] *= scale
-            state[consumer[block]][:, ch] /= scale
-    return state
+    return with_outliers(state, scale)
 
 
 @pytest.fixture(scope="module")
