@@ -27,7 +27,7 @@ from edgekit_runtime.fileio import sha256_file
 from ...config import QuantizeSettings
 from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, SourceModel
-from .sensitivity import RANKING_SAMPLES, QdqOptions, input_name, rank_isolated, search_fewest, write_qdq
+from .sensitivity import RANKING_SAMPLES, QdqOptions, rank_isolated, search_fewest, write_qdq
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,6 @@ def spatial_means_as_pools(src: Path, dst: Path) -> int:
 def recipe_name(opts: QdqOptions) -> str:
     """``qdq_u8`` / ``qdq_s8`` (+ ``_pt`` for per-tensor weights): how the report names a recipe."""
     return "qdq_" + ("u8" if opts.activation_type == "uint8" else "s8") + ("" if opts.per_channel else "_pt")
-
-
-def _input_name(path: Path) -> str:
-    """The model's data input (kept under this name for the modules that import it)."""
-    return input_name(path)
 
 
 class OnnxRuntimeCompiler(BackendCompiler):
