@@ -173,8 +173,9 @@ class OptimizeStage:
             candidates[name] = SourceModel(path, m, list(state.cfg.model.input_shape))
             shapes[name] = count(m, example)
         measured = self._measure(state, candidates, work, queries=200)
-        probes = [{"ratio": r, **shapes[f"r{r:g}"], **measured["figures"][f"r{r:g}"],
-                   "meets_budget": measured["figures"][f"r{r:g}"]["p99_ms"] <= budget} for r in ratios]
+        timed = measured["figures"][measured["precision"]]
+        probes = [{"ratio": r, **shapes[f"r{r:g}"], **timed[f"r{r:g}"],
+                   "meets_budget": timed[f"r{r:g}"]["p99_ms"] <= budget} for r in ratios]
         chosen = least_ratio(probes)
         result = {"budget_ms": budget, "percentile": "p99", "precision": measured["precision"],
                   "engine": measured["engine"], "probes": probes, "chosen": chosen}
@@ -226,34 +227,36 @@ class OptimizeStage:
 
     def _latency(self, state: BuildState, models: dict[str, SourceModel], work: Path) -> dict[str, Any]:
         """FP32 and deployed-precision (INT8) p50 of each model on the target's engine, in one interleaved run."""
-        fp32 = self._measure(state, models, work, queries=50, precision="fp32")
-        out: dict[str, Any] = {k: {"fp32_p50_ms": v["p50_ms"]} for k, v in fp32["figures"].items()}
-        if state.quantize:
-            deployed = self._measure(state, models, work, queries=50)
-            for k, v in deployed["figures"].items():
-                out[k]["int8_p50_ms"] = v["p50_ms"]
-        out["engine"] = fp32["engine"]
+        precisions = ("fp32", "int8") if state.quantize else ("fp32",)
+        measured = self._measure(state, models, work, queries=50, precisions=precisions)
+        out: dict[str, Any] = {k: {f"{p}_p50_ms": measured["figures"][p][k]["p50_ms"] for p in precisions}
+                               for k in models}
+        out["engine"] = measured["engine"]
         return out
 
     def _measure(self, state: BuildState, models: dict[str, SourceModel], work: Path, queries: int,
-                 precision: str | None = None) -> dict[str, Any]:
-        """Each model compiled for the target (INT8 PTQ as the build quantizes, or ``precision='fp32'``) and
-        timed single-stream on the target's evaluation engine, interleaved in one run."""
+                 precisions: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Each model compiled for the target in each of ``precisions`` (default: the one the build ships; INT8
+        is PTQ as the build quantizes) and timed single-stream on the target's evaluation engine, all of them
+        interleaved in one run. ``figures[precision][model]`` holds p50 and p99."""
         compiler, profile = state.compiler, state.profile
-        precision = precision or ("int8" if state.quantize else "fp32")
+        precisions = precisions or (("int8" if state.quantize else "fp32"),)
         engine = evaluation_engine(profile, state.backend.engine)
         arts = {}
-        for name, src in models.items():
-            folder = _fresh(work / f"{precision}-{name}")
-            arts[name] = (compiler.fp32(src, folder) if precision == "fp32" else
-                          compiler.quantize(src, state.calib.x, profile.quantize, folder))
+        for precision in precisions:
+            for name, src in models.items():
+                folder = _fresh(work / f"{precision}-{name}")
+                # FP32 with the reference options (OpenVINO: f32 even on bf16 CPUs), INT8 with the bundle's
+                arts[(precision, name)] = (compiler.fp32(src, folder) if precision == "fp32" else
+                                           compiler.quantize(src, state.calib.x, profile.quantize, folder),
+                                           precision == "fp32")
         sig = onnx_signature(next(iter(models.values())).onnx)
         measurer = Measurer(compiler, sig, engine, compiler.reference_options(profile.runtime),
                             compiler.deploy_options(profile.runtime, sig))
-        # FP32 with the reference options (OpenVINO: f32 even on bf16 CPUs), INT8 with the bundle's
-        res = measurer.latency({k: (a, precision == "fp32") for k, a in arts.items()}, state.probe, queries=queries)
-        figures = {k: {"p50_ms": round(v["p50_ms"], 4), "p99_ms": round(v["p99_ms"], 4)} for k, v in res.items()}
-        return {"figures": figures, "engine": engine, "precision": precision}
+        res = measurer.latency({f"{p}:{n}": v for (p, n), v in arts.items()}, state.probe, queries=queries)
+        figures = {p: {n: {"p50_ms": round(res[f"{p}:{n}"]["p50_ms"], 4), "p99_ms": round(res[f"{p}:{n}"]["p99_ms"], 4)}
+                       for n in models} for p in precisions}
+        return {"figures": figures, "engine": engine, "precision": precisions[0] if len(precisions) == 1 else None}
 
 
 def least_ratio(probes: list[dict[str, Any]]) -> float | None:
