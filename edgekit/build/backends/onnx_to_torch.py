@@ -19,6 +19,14 @@ INT8 cosine to ONNX FP32 0.9999 (paddle-style), 0.9985 (resnet18), 0.96 (efficie
 onnx2torch reads Reshape targets and Slice/Squeeze/Unsqueeze axes from buffers and branches on
 their values, which torch.export rejects; :func:`static_reshapes` writes constant ones in. Resize
 with constant scales is not rewritten yet: such a model fails export and is refused with the reason.
+
+onnx2torch's converters stop at opset 13–17 for most ops, while torch's exporter writes opset 18+
+(``torch.onnx.export(dynamo=True)``: opset 20), where ReduceMean takes its axes as an input and
+Reshape has a new version: every such file was refused. :func:`older_opset` converts the graph
+down (``onnx.version_converter``) to the newest opset in :data:`FALLBACK_OPSETS` at which
+onnx2torch has a converter for every node, before refusing; and the same exporter marks every
+Reshape ``allowzero=1``, which onnx2torch does not implement: :func:`drop_allowzero` clears it
+where the target is a constant without a 0 (where the flag changes nothing).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from ...errors import ModelImportError
 log = logging.getLogger(__name__)
 
 CONVERTER = "onnx2torch"
+# opsets tried, newest first, when onnx2torch lacks a converter at the file's opset
+FALLBACK_OPSETS = (17, 13)
 
 
 def converter_version() -> str:
@@ -56,6 +66,50 @@ def unsupported_ops(model: Any) -> dict[str, list[str]]:
     return dict(missing)
 
 
+def default_opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def older_opset(model: Any) -> tuple[Any, int] | None:
+    """``(model, opset)``: the graph converted down to the newest of :data:`FALLBACK_OPSETS` at which onnx2torch
+    has a converter for every node; None where no older opset helps (or ONNX has no down-converter for an op)."""
+    from onnx import version_converter
+
+    current = default_opset(model)
+    for opset in FALLBACK_OPSETS:
+        if opset >= current:
+            continue
+        try:
+            older = version_converter.convert_version(model, opset)
+        except Exception as exc:  # noqa: BLE001  (onnx raises RuntimeError/ValueError/IndexError per adapter)
+            log.info("opset %d → %d for onnx2torch: %s", current, opset, str(exc).splitlines()[0] if str(exc) else exc)
+            continue
+        if not unsupported_ops(older):
+            return older, opset
+    return None
+
+
+def drop_allowzero(model: Any) -> int:
+    """Clear ``allowzero=1`` on Reshapes whose target shape is a constant without a 0 entry; how many were cleared.
+
+    ``allowzero`` only says what a 0 in the target means (a 0-sized dim rather than the input's dim);
+    with no 0 in a constant target the attribute changes nothing, and onnx2torch refuses it."""
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in model.graph.initializer}
+    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    cleared = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        flags = [a for a in node.attribute if a.name == "allowzero" and a.i == 1]
+        if flags and 0 not in numpy_helper.to_array(consts[node.input[1]]).tolist():
+            node.attribute.remove(flags[0])
+            cleared += 1
+    return cleared
+
+
 def onnx_to_torch(onnx_path: Path):
     """The ONNX file as an evaluated ``torch.fx.GraphModule``; an op or attribute onnx2torch cannot take is a
     :class:`ModelImportError` that names it."""
@@ -64,6 +118,11 @@ def onnx_to_torch(onnx_path: Path):
 
     model = onnx.load(str(onnx_path))
     missing = unsupported_ops(model)
+    if missing and (older := older_opset(model)) is not None:
+        log.info("%s: opset %d converted to %d, where %s has a converter for every node", onnx_path.name,
+                 default_opset(model), older[1], converter_version())
+        model, missing = older[0], {}
+    drop_allowzero(model)
     if missing:
         listed = "; ".join(f"{op} (node {', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
                            for op, names in sorted(missing.items()))
