@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..contract.errors import ErrorCode, InputError
+from ..contract.errors import ErrorCode, InputError, RuntimeConfigError
 from ..contract.manifest import BackendOptions, ModelInfo, TensorRTOptions, TensorSpec
 
 
@@ -42,6 +43,50 @@ def check_input(spec: TensorSpec, array: np.ndarray) -> None:
             f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {tuple(spec.shape)}",
             code=ErrorCode.INPUT_BAD_SHAPE,
         )
+
+
+@dataclass
+class LayerTime:
+    """One layer's execution in one profiled query, as the engine's own profiler reports it.
+
+    ``name`` is the layer as the engine ran it (OpenVINO: the runtime graph node, which can be
+    a fusion of several model nodes; ONNX Runtime: the optimized graph's node). ``node`` is
+    the model's own graph node it came from, where the engine's name says so (ORT's layout
+    transformer renames ``node_Conv_68`` to ``node_Conv_68_token_1``). ``precision`` ("int8", "fp32", "bf16", "fp16", ...) and ``kernel`` (OpenVINO's
+    exec type such as ``brgconv_avx512_amx_I8``, ORT's execution provider) are what the engine
+    says, None where it says nothing: they are how a layer that did *not* run in INT8 is found.
+    """
+
+    name: str
+    op_type: str
+    time_us: float
+    precision: str | None = None
+    kernel: str | None = None
+    node: str | None = None
+
+
+@dataclass
+class ProfiledRun:
+    """What an engine's profiling pass measured: per query, the layers and the wall time of the whole query.
+
+    ``engine_total_us`` is the engine's own figure for each query where it has one (ONNX
+    Runtime's ``model_run``), so the layer sum can be checked against both.
+    """
+
+    layers: list[list[LayerTime]] = field(default_factory=list)
+    latency_ns: list[int] = field(default_factory=list)
+    engine_total_us: list[float] | None = None
+
+
+_PRECISION_SUFFIX = re.compile(r"_(i8|u8|i32|f32|bf16|f16|fp32|fp16)$", re.IGNORECASE)
+_PRECISION_NAMES = {"i8": "int8", "u8": "int8", "i32": "int32", "f32": "fp32", "fp32": "fp32", "bf16": "bf16",
+                    "f16": "fp16", "fp16": "fp16"}
+
+
+def precision_of_kernel(kernel: str | None) -> str | None:
+    """``brgconv_avx512_amx_I8`` → "int8", ``jit_avx512_f32`` → "fp32"; None where the name carries no precision."""
+    m = _PRECISION_SUFFIX.search(kernel or "")
+    return _PRECISION_NAMES[m.group(1).lower()] if m else None
 
 
 @dataclass
@@ -105,6 +150,25 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one inference; inputs must already match :attr:`inputs`."""
+
+    @classmethod
+    def profiling_unavailable_reason(cls) -> str | None:
+        """``None`` if :meth:`profile` works for this engine, else why not (said before any work starts)."""
+        return f"the {cls.name or cls.__name__} engine has no per-layer profiler that edgekit-runtime can read"
+
+    def profile(self, feeds: Sequence[dict[str, np.ndarray]], warmup: int) -> ProfiledRun:
+        """Run ``warmup`` unrecorded queries, then each of ``feeds``, with the engine's per-layer profiler on.
+
+        Engines that implement it load a *separate* profiling session (profilers cost time
+        and some are a load-time setting), so the model this engine runs is never slowed
+        down and a benchmark taken before or after is not distorted. The default refuses
+        with the reason :meth:`profiling_unavailable_reason` gives.
+        """
+        raise RuntimeConfigError(
+            f"per-layer profiling is not available: {self.profiling_unavailable_reason()}",
+            code=ErrorCode.CONFIG_INVALID,
+            hint="benchmark without --profile, or profile the model on an OpenVINO or ONNX Runtime target",
+        )
 
     def describe(self) -> dict[str, Any]:
         """What runs the model, for results and telemetry."""

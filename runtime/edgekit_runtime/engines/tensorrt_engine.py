@@ -28,9 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..contract.errors import EngineError, ErrorCode
+from ..contract.errors import EngineError, ErrorCode, RuntimeConfigError
 from ..contract.manifest import TensorRTOptions, TensorSpec
-from .base import Engine, EngineOptions
+from .base import Engine, EngineOptions, ProfiledRun
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,23 @@ class TensorRTEngine(Engine):
             _check(cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[name][0], host.nbytes, d2h, self.stream))
         _check(cudart.cudaStreamSynchronize(self.stream))
         return outputs
+
+    @classmethod
+    def profiling_unavailable_reason(cls) -> str | None:
+        # TensorRT has an IProfiler for Python, but it has not been run against a GPU here, so it is not
+        # offered: a per-layer table that nobody has checked would be worse than none.
+        return ("per-layer TensorRT timings are not wired into edgekit-runtime yet; "
+                "trtexec gives them from the cached engine plan (trtexec --loadEngine=PLAN --dumpProfile "
+                "--separateProfileRun)")
+
+    def profile(self, feeds: Sequence[dict[str, np.ndarray]], warmup: int) -> ProfiledRun:
+        """Refused, naming this device's cached plan for ``trtexec --dumpProfile`` (see the class reason)."""
+        plan, _ = self.cache.paths(self.key)
+        raise RuntimeConfigError(
+            f"per-layer profiling is not available: {self.profiling_unavailable_reason()}",
+            code=ErrorCode.CONFIG_INVALID,
+            hint=f"trtexec --loadEngine={plan} --dumpProfile --separateProfileRun",
+        )
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "engine_cache_key": self.key, "built_now": self.built,

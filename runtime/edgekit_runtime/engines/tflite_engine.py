@@ -80,6 +80,14 @@ class TFLiteEngine(Engine):
         for spec, detail in zip(self.inputs + self.outputs, self._in + self._out):
             self._check_quantization(spec.name, spec.quantization, detail)
 
+    @classmethod
+    def profiling_unavailable_reason(cls) -> str | None:
+        # ai-edge-litert's Python Interpreter runs LiteRT's op profiler internally
+        # (experimental_force_delegate_node_profiling) but exposes no call that returns its figures.
+        return ("the LiteRT Python interpreter has no per-operator profiler that can be read from Python; "
+                "on the device, LiteRT's benchmark_model tool gives per-op times "
+                "(benchmark_model --graph=model.tflite --enable_op_profiling=true)")
+
     @staticmethod
     def _check_quantization(name: str, q: QuantParams | None, detail: dict) -> None:
         dtype = np.dtype(detail["dtype"]).name
