@@ -9,6 +9,10 @@
 * every result carries a system description (CPU, cores, engine, version,
   threads, precision) so a figure never travels without its conditions.
 
+The single-stream result also carries ``inference_quantiles_ms``: the 0th…100th
+percentiles of the inference latency (101 values), enough to draw its CDF without
+shipping every query's time (a device's result travels over MQTT).
+
 ``compare`` runs several models *interleaved* in one process (A, B, B, A, ...),
 single-stream queries and offline batches alike, so that drift in clock speed or
 machine load hits both alike. Load ONNX Runtime models for it with
@@ -30,7 +34,16 @@ from . import jetson
 from .api import Model
 from .contract.manifest import InputStats
 
-SCHEMA_VERSION = 1
+# The result's shape. 1: the first. 2: ``single_stream.inference_quantiles_ms`` added (and, from the
+# command lines, ``memory`` and ``profile`` per model); readers that need them check for >= 2.
+SCHEMA_VERSION = 2
+QUANTILES = 101  # 0th..100th percentile
+
+
+def latency_quantiles(latencies_ns: Sequence[int], count: int = QUANTILES) -> list[float]:
+    """``count`` evenly spaced percentiles (0 … 100) of the latencies, in ms rounded to 0.1 µs (small JSON)."""
+    a = np.asarray(latencies_ns, dtype=np.float64) / 1e6
+    return [round(float(v), 4) for v in np.percentile(a, np.linspace(0, 100, count))]
 
 
 @dataclass
@@ -151,7 +164,8 @@ class _Runner:
             self.post.append(t3 - t2)
 
     def single_stream(self, elapsed_s: float) -> dict[str, Any]:
-        out = {"inference": percentiles(self.inf), "elapsed_s": elapsed_s}
+        out = {"inference": percentiles(self.inf), "inference_quantiles_ms": latency_quantiles(self.inf),
+               "elapsed_s": elapsed_s}
         out["qps"] = len(self.inf) / (sum(self.inf) / 1e9)
         if self.images:
             out["preprocess"] = percentiles(self.pre)

@@ -2,7 +2,8 @@
 
     edgekit-runtime verify BUNDLE [--keyring DIR]
     edgekit-runtime run BUNDLE IMAGE... [--top-k N] [--json]
-    edgekit-runtime bench BUNDLE [--queries N] [--seconds T] [--batch B] [--json-out F]
+    edgekit-runtime bench BUNDLE [--queries N] [--seconds T] [--batch B] [--json-out F] [--no-memory]
+                         [--profile [--profile-queries N] [--profile-top K]]
 
 Exit codes: 0 ok, 2 usage, 3 a runtime error (its stable code is printed).
 With ``--json`` stdout holds exactly one JSON document, errors included:
@@ -22,9 +23,11 @@ from . import __version__, jetson
 from .api import load
 from .bench import BenchSettings, run_benchmark
 from .bundle import open_bundle
-from .contract.errors import ErrorCode, ExitStatus, RuntimeErrorBase
+from .contract.errors import ErrorCode, ExitStatus, RuntimeConfigError, RuntimeErrorBase
 from .keyring import Keyring
+from .memory import measure as measure_memory
 from .processing import IMAGE_SUFFIXES, list_images
+from .profiling import ProfileSettings, profile_model, profiling_unavailable_reason
 
 
 def _keyring(args: argparse.Namespace) -> Keyring | None:
@@ -75,19 +78,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
             jetson.set_power_mode(args.power_mode)
         if args.lock_clocks:
             jetson.lock_clocks()
+    ring = _keyring(args)
     try:
-        with load(args.bundle, keyring=_keyring(args), threads=args.threads, engine=args.engine) as model:
+        with load(args.bundle, keyring=ring, threads=args.threads, engine=args.engine) as model:
+            # Refuse --profile before the benchmark runs, not after it.
+            reason = profiling_unavailable_reason(model) if args.profile else None
+            if reason:
+                raise RuntimeConfigError(f"--profile is not available for this bundle: {reason}",
+                                         code=ErrorCode.CONFIG_INVALID, hint="benchmark without --profile")
             result = run_benchmark(model, images, settings)
+            if args.profile:  # a separate profiling session, after the timed run
+                result["profile"] = profile_model(model, images, ProfileSettings(
+                    queries=args.profile_queries, warmup=min(args.warmup, 10), top=args.profile_top, seed=args.seed))
     finally:
         if args.lock_clocks:
             jetson.restore_clocks()
+    if not args.no_memory:
+        # After the model above is closed: on a device short of memory the probe must not hold a second copy.
+        result["memory"] = measure_memory(args.bundle, ring, threads=args.threads, engine=args.engine,
+                                          warmup=args.warmup, offline_batch=settings.offline_batch,
+                                          images=images, seed=args.seed)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return ExitStatus.OK
     ss = result["single_stream"]["inference"]
-    print(json.dumps(result, indent=2) if args.json else
-          f"p50 {ss['p50_ms']:.3f} ms  p90 {ss['p90_ms']:.3f} ms  p99 {ss['p99_ms']:.3f} ms  "
+    print(f"p50 {ss['p50_ms']:.3f} ms  p90 {ss['p90_ms']:.3f} ms  p99 {ss['p99_ms']:.3f} ms  "
           f"QPS {result['single_stream']['qps']:.1f}  ({ss['count']} queries)")
+    mem = result.get("memory")
+    if mem:
+        print(f"memory (RSS): baseline {mem['baseline_mib']:.1f} MiB, after load {mem['after_load_mib']:.1f} MiB, "
+              f"peak {mem['peak_mib']:.1f} MiB")
+    if "profile" in result:
+        for line in profile_lines(result["profile"]):
+            print(line)
     return ExitStatus.OK
+
+
+def profile_lines(profile: dict) -> list[str]:
+    """A profile (:func:`~.profiling.profile_model`) as plain-text lines: a header, then one line per layer."""
+    lines = [f"per-layer ({profile['engine']}, {profile['queries']} profiled queries, layers cover "
+             f"{profile['coverage']:.0%} of a query's {profile['latency_ms']['mean']:.3f} ms):"]
+    for row in profile["layers"]:
+        lines.append(f"  {row['share']:6.1%}  {row['mean_us']:9.1f} us  {row['op_type']:<24} "
+                     f"{row['precision'] or '?':<5} {row['kernel'] or '':<24} {row['name']}")
+    return lines
 
 
 def _print_error(error: dict) -> None:
@@ -147,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json-out", type=Path)
     b.add_argument("--power-mode", type=int, help="Jetson: nvpmodel mode to benchmark at (root)")
     b.add_argument("--lock-clocks", action="store_true", help="Jetson: jetson_clocks during the run, restored after")
+    b.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory (RSS) probe, a short run of the bundle in a child process")
+    b.add_argument("--profile", action="store_true",
+                   help="per-layer timings from the engine's profiler (OpenVINO, ONNX Runtime), in a separate pass")
+    b.add_argument("--profile-queries", type=int, default=50, help="queries in the profiling pass")
+    b.add_argument("--profile-top", type=int, default=15, help="layers listed, slowest first")
     return p
 
 
