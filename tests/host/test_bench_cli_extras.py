@@ -160,3 +160,15 @@ def test_compare_profiles_what_it_can_and_says_what_it_cannot(tflite_bundle, int
     models = json.loads((tmp_path / "r.json").read_text())["models"]
     assert models["linear.ekb"]["profile"]["available"] is False
     assert models["x86-openvino-cpu-int8.ekb"]["profile"]["available"] is True
+
+
+def test_device_cli_refuses_tflite_profile_with_its_stable_code(tflite_bundle, keys):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "edgekit_runtime.cli", "bench", str(tflite_bundle), "--keyring",
+                           str(keys["public"]), "--seconds", "60", "--profile", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 3 and doc["ok"] is False
+    assert doc["error"]["name"] == "CONFIG_INVALID" and "benchmark_model" in doc["error"]["message"]
