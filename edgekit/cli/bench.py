@@ -49,7 +49,7 @@ def bench_cmd(
     profile_top: int = typer.Option(15, help="Layers --profile lists, slowest first"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """MLPerf-style benchmark: single-stream p50/p90/p99, offline throughput and peak memory (here, or on a --device)."""
+    """MLPerf-style benchmark: single-stream p50/p90/p99, offline throughput, peak memory (here, or on a --device)."""
     if plot is not None and plot.suffix.lower() != ".png":
         raise ConfigError(f"--plot writes a PNG: give a file name ending in .png, not {plot.name!r}")
     if profile and profile_queries < 1:

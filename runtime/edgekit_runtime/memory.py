@@ -106,9 +106,9 @@ def _write_keyring(keys: dict[str, Any], directory: Path) -> None:
         (directory / f"{key_id}.pub").write_bytes(pem)
 
 
-def measure(bundle: str | os.PathLike, keyring: Keyring | None, *, threads: int | None = None, engine: str | None = None,
-            warmup: int = 20, queries: int = PROBE_QUERIES, offline_batch: int | None = None,
-            images: Sequence[str | os.PathLike] | None = None, seed: int = 0,
+def measure(bundle: str | os.PathLike, keyring: Keyring | None, *, threads: int | None = None,
+            engine: str | None = None, warmup: int = 20, queries: int = PROBE_QUERIES,
+            offline_batch: int | None = None, images: Sequence[str | os.PathLike] | None = None, seed: int = 0,
             timeout_s: float = 600.0) -> dict[str, Any]:
     """Measure ``bundle``'s memory in a child process (see the module docstring); JSON-ready MiB figures.
 

@@ -52,9 +52,10 @@ class LayerTime:
     ``name`` is the layer as the engine ran it (OpenVINO: the runtime graph node, which can be
     a fusion of several model nodes; ONNX Runtime: the optimized graph's node). ``node`` is
     the model's own graph node it came from, where the engine's name says so (ORT's layout
-    transformer renames ``node_Conv_68`` to ``node_Conv_68_token_1``). ``precision`` ("int8", "fp32", "bf16", "fp16", ...) and ``kernel`` (OpenVINO's
-    exec type such as ``brgconv_avx512_amx_I8``, ORT's execution provider) are what the engine
-    says, None where it says nothing: they are how a layer that did *not* run in INT8 is found.
+    transformer renames ``node_Conv_68`` to ``node_Conv_68_token_1``). ``precision`` ("int8",
+    "fp32", "bf16", "fp16", ...) and ``kernel`` (OpenVINO's exec type such as
+    ``brgconv_avx512_amx_I8``, ORT's execution provider) are what the engine says, None where
+    it says nothing: they are how a layer that did *not* run in INT8 is found.
     """
 
     name: str
