@@ -66,3 +66,43 @@ def test_reshape_whose_target_holds_a_zero_keeps_allowzero_and_is_refused_with_t
     path = opset20_classifier(tmp_path / "zero.onnx", target=[0, 8])
     with pytest.raises(ModelImportError, match="allowzero"):
         onnx_to_torch(path)
+
+
+def opset20_channel_split(path: Path, channels: int = 10, parts: int = 3) -> Path:
+    """Conv → Split(num_outputs, opset 18+: ShuffleNet's channel split) → Relu on one part → Concat → ReduceMean."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    arrays = {"w": rng.normal(0, 0.3, (channels, 3, 3, 3)).astype(np.float32), "axes": np.array([2, 3], np.int64)}
+    outs = [f"part{i}" for i in range(parts)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Split", ["c"], outs, name="node_Split", axis=1, num_outputs=parts),
+             helper.make_node("Relu", [outs[0]], ["r"], name="relu"),
+             helper.make_node("Concat", [*outs[1:], "r"], ["cat"], name="cat", axis=1),
+             helper.make_node("ReduceMean", ["cat", "axes"], ["logits"], name="node_mean", keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", channels])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("channels,parts", [(8, 2), (10, 3)])  # even, and Split-18's smaller last chunk (4, 4, 2)
+def test_split_18_is_written_as_slices_and_matches_onnxruntime(tmp_path, channels, parts):
+    # ONNX's version converter has no adapter down from Split-18: without the rewrite the file is refused
+    from onnx import version_converter
+
+    path = opset20_channel_split(tmp_path / "split.onnx", channels, parts)
+    with pytest.raises(Exception, match="Split"):
+        version_converter.convert_version(onnx.load(str(path)), 17)
+    module = onnx_to_torch(path)
+    assert "Split" not in {type(m).__name__ for m in module.modules()}
+    x = np.random.default_rng(3).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    torch.export.export(module, (torch.from_numpy(x[:1]),), strict=True)  # what the TFLite path does next

@@ -26,7 +26,9 @@ Reshape has a new version: every such file was refused. :func:`older_opset` conv
 down (``onnx.version_converter``) to the newest opset in :data:`FALLBACK_OPSETS` at which
 onnx2torch has a converter for every node, before refusing; and the same exporter marks every
 Reshape ``allowzero=1``, which onnx2torch does not implement: :func:`drop_allowzero` clears it
-where the target is a constant without a 0 (where the flag changes nothing).
+where the target is a constant without a 0 (where the flag changes nothing). ONNX has no
+down-converter for Split-18 (``num_outputs``), which ShuffleNet's channel split exports as:
+:func:`splits_as_slices` writes each Split with known sizes as Slices (the same in every opset ≥ 10).
 """
 
 from __future__ import annotations
@@ -110,6 +112,76 @@ def drop_allowzero(model: Any) -> int:
     return cleared
 
 
+def _constants(model: Any) -> dict[str, Any]:
+    """Initializers and Constant-node values by name, as numpy arrays."""
+    from onnx import numpy_helper
+
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value"})
+    return out
+
+
+def _split_sizes(node: Any, dims: list | None, consts: dict[str, Any]) -> list[int] | None:
+    """The sizes a Split node cuts its input into, where the graph fixes them (else None)."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k = len(node.output)
+    if len(node.input) > 1 and node.input[1]:
+        sizes = consts.get(node.input[1])
+        return [int(v) for v in sizes.flatten()] if sizes is not None else None
+    if "split" in attrs:
+        return [int(v) for v in attrs["split"]]
+    axis = int(attrs.get("axis", 0))
+    if not dims or not -len(dims) <= axis < len(dims) or not dims[axis]:
+        return None
+    dim = int(dims[axis])
+    chunk = -(-dim // k)  # Split-18: ceil(dim / num_outputs), the last chunk smaller
+    sizes = [chunk] * (k - 1) + [dim - chunk * (k - 1)]
+    return sizes if all(s > 0 for s in sizes) else None
+
+
+def splits_as_slices(model: Any) -> int:
+    """Every Split whose sizes the graph fixes, as one constant Slice per output; how many were rewritten.
+
+    ONNX's version converter has no adapter down from Split-18, so a graph holding one cannot be
+    brought to an opset onnx2torch covers; Slices with constant bounds can (and :func:`static_reshapes`
+    then writes them in as plain indexing)."""
+    import numpy as np
+    from onnx import helper, numpy_helper, shape_inference
+
+    if default_opset(model) < 10 or not any(n.op_type == "Split" and not n.domain for n in model.graph.node):
+        return 0
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001  (sizes from inputs/attributes still work without it)
+        inferred = model
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    consts = _constants(model)
+    nodes, rewritten = [], 0
+    for j, node in enumerate(model.graph.node):
+        sizes = (_split_sizes(node, dims.get(node.input[0]), consts)
+                 if node.op_type == "Split" and not node.domain and all(node.output) else None)
+        if sizes is None or len(sizes) != len(node.output):
+            nodes.append(node)
+            continue
+        axis = int(next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0))
+        base, start = f"{node.name or f'split{j}'}_as_slice", 0
+        for i, (out, size) in enumerate(zip(node.output, sizes)):
+            names = [f"{base}{i}_{part}" for part in ("starts", "ends", "axes")]
+            for name, value in zip(names, (start, start + size, axis)):
+                model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+            nodes.append(helper.make_node("Slice", [node.input[0], *names], [out], name=f"{base}{i}"))
+            start += size
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return rewritten
+
+
 def onnx_to_torch(onnx_path: Path):
     """The ONNX file as an evaluated ``torch.fx.GraphModule``; an op or attribute onnx2torch cannot take is a
     :class:`ModelImportError` that names it."""
@@ -118,6 +190,8 @@ def onnx_to_torch(onnx_path: Path):
 
     model = onnx.load(str(onnx_path))
     missing = unsupported_ops(model)
+    if "Split" in missing and splits_as_slices(model):
+        missing = unsupported_ops(model)
     if missing and (older := older_opset(model)) is not None:
         log.info("%s: opset %d converted to %d, where %s has a converter for every node", onnx_path.name,
                  default_opset(model), older[1], converter_version())
