@@ -236,6 +236,21 @@ def _loop(runners: Sequence[_Runner], s: BenchSettings, on_progress: Callable[[i
             on_progress(q)
 
 
+def exercise(model: Model, samples: Sequence[Any], settings: BenchSettings) -> dict[str, Any]:
+    """Run the benchmark's workload once (warm-up, single-stream queries, offline batches) and say what ran.
+
+    For measurements other than latency (the memory probe): the same code paths and buffer
+    sizes as :func:`run_benchmark`, without its system description or board statistics.
+    """
+    runner = _Runner(model, samples)
+    _loop([runner], settings, None)
+    offline = _offline([model], samples, settings)[0]
+    return {"warmup": settings.warmup, "queries": len(runner.inf),
+            "offline_batch": settings.offline_batch if offline and "batches" in offline else None,
+            "offline_batches": offline.get("batches", 0) if offline else 0,
+            "inputs": "images" if runner.images else "tensors"}
+
+
 def run_benchmark(
     model: Model,
     samples: Sequence[Any] | None = None,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .api import load
-from .bench import BenchSettings, _loop, _offline, _Runner, synthetic_inputs
+from .bench import BenchSettings, exercise, synthetic_inputs
 from .contract.errors import EngineError, ErrorCode, RuntimeErrorBase
 from .keyring import Keyring
 
@@ -76,9 +76,7 @@ def probe(bundle: str, keyring: Sequence[str] | None, threads: int | None, engin
         samples: list[Any] = list(images) if images else synthetic_inputs(model, 64, seed)
         s = BenchSettings(warmup=warmup, min_queries=queries, min_duration_s=0.0, max_duration_s=60.0,
                           offline_batch=offline_batch, offline_min_batches=PROBE_OFFLINE_BATCHES, seed=seed)
-        runner = _Runner(model, samples)
-        _loop([runner], s, None)
-        offline = _offline([model], samples, s)[0]
+        workload = exercise(model, samples, s)
         end = rss_mib()
     before = baseline["current"] if baseline["current"] is not None else baseline["peak"]
     after = loaded["current"] if loaded["current"] is not None else loaded["peak"]
@@ -89,10 +87,7 @@ def probe(bundle: str, keyring: Sequence[str] | None, threads: int | None, engin
         "load_mib": round(after - before, 2),
         "source": _source(),
         "method": "child process: import runtime, load, warm-up, single-stream queries, offline batches",
-        "workload": {"warmup": warmup, "queries": len(runner.inf),
-                     "offline_batch": offline_batch if offline and "batches" in offline else None,
-                     "offline_batches": offline.get("batches") if offline else 0,
-                     "inputs": "images" if images else "tensors"},
+        "workload": workload,
         "note": "host RSS only: GPU memory (TensorRT, Jetson NvMap) is not counted",
     }
 
