@@ -298,6 +298,15 @@ def run_model(name: str, targets: list[str], args: argparse.Namespace, calibrati
         shutil.rmtree(work, ignore_errors=True)
 
 
+def finished(row: dict[str, Any], targets: list[str]) -> bool:
+    """Whether ``--resume`` may skip the model: every target has a final answer (a timeout or a child that
+    died is tried again, e.g. with a longer ``--timeout`` on a quiet machine)."""
+    retry = ("timeout", "died")
+    if "export_failure" in row:
+        return row["export_failure"].get("kind") not in retry
+    return all(t in row.get("targets", {}) and row["targets"][t]["result"] not in retry for t in targets)
+
+
 def merge_row(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """A re-run's row over the previous one: its targets replace theirs, the others' cells stay
     (``--models M --targets T`` re-runs one cell)."""
@@ -506,7 +515,10 @@ def main(argv=None) -> int:
         targets_shown, history, quick = targets, [], bool(args.quick and not args.models)
     command = " ".join(shlex.quote(a) for a in ["benchmarks/zoo_coverage.py", *(argv or sys.argv[1:])])
     if args.resume:
-        names = [n for n in names if n not in previous]
+        names = [n for n in names if not (n in previous and finished(previous[n], targets))]
+    if not names:
+        log(f"nothing to run: every model asked for is in {out_json}")
+        return 0
     names = model_order(names)
     key = common.ensure_keys()["private"]
     args.out.mkdir(parents=True, exist_ok=True)
