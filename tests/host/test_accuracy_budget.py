@@ -44,8 +44,8 @@ def test_impossible_budget_fails_with_report_and_no_bundle(target, tmp_path, dig
     assert all(a["drop_pts"] > 0.5 for a in acc["attempts"])
 
 
-def test_budget_without_validation_data_is_refused(tmp_path, digits_checkpoint, signing_key):
-    cfg = build_config(digits_checkpoint, "onnxruntime-cpu", tmp_path / "x.ekb")
+def test_a_budget_the_user_asked_for_without_validation_data_is_refused(tmp_path, digits_checkpoint, signing_key):
+    cfg = build_config(digits_checkpoint, "onnxruntime-cpu", tmp_path / "x.ekb", **{"accuracy.max_accuracy_drop": 0.5})
     cfg.validation = None
     with pytest.raises(ConfigError, match="accuracy budget needs a labelled 'validation' set"):
         compile_model(cfg, signing_key)

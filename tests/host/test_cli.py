@@ -142,7 +142,8 @@ def test_bundle_sign_rotates_the_key(int8_bundles, keys, tmp_path):
     assert v["ok"]
 
 
-def test_compile_without_labels_needs_an_explicit_no_accuracy_check(tmp_path, digits_checkpoint, keys):
+def test_compile_without_labels_ships_on_the_fidelity_gate_unless_a_budget_was_asked_for(tmp_path, digits_checkpoint,
+                                                                                         keys):
     build = tmp_path / "b.yaml"
     build.write_text(
         "model: {source: 'edgekit.models.digits_cnn:build', kwargs: {width: 16}, name: d, input_shape: [1, 1, 8, 8]}\n"
@@ -150,8 +151,17 @@ def test_compile_without_labels_needs_an_explicit_no_accuracy_check(tmp_path, di
         "latency: {on_slower: keep_int8}\n")  # INT8 and FP32 run at parity at 8×8: the subject is INT8
     base = ["compile", build, "--checkpoint", digits_checkpoint, "--key", keys["private"],
             "--output", tmp_path / "nolabels.ekb"]
-    no_data = invoke(*base, ok=False)
-    assert no_data.exit_code == 2 and "accuracy budget needs a labelled 'validation' set" in no_data.output
+    # the profile's default budget and no labels: INT8 ships on the fidelity gate, and the report says so
+    report = json.loads(invoke(*base, "--json").stdout)
+    assert report["result"] == "ok" and report["precision"] == "int8"
+    assert report["accuracy"]["budget_pts"] is None and "fp32" not in report["accuracy"]
+    assert "no labelled validation data" in report["accuracy_not_checked"]
+    assert report["fidelity"]["cosine"] >= 0.99
+    data = next(s for s in report["stages"] if s["name"] == "data")
+    assert data["accuracy_budget"].startswith("not checked")
+    # a budget the user gave cannot be checked without labels: refused, not ignored
+    asked = invoke(*base, "--max-accuracy-drop", "1", ok=False)
+    assert asked.exit_code == 2 and "accuracy budget needs a labelled 'validation' set" in asked.output
     report = json.loads(invoke(*base, "--no-accuracy-check", "--json").stdout)
     assert report["result"] == "ok" and report["accuracy"]["budget_pts"] is None
     assert "fp32" not in report["accuracy"] and report["precision"] == "int8"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from ...data.sources import Dataset, load_data
 from ...errors import CalibrationError, ConfigError
 from ..gates import REGRESSION_METRICS
 from ..state import BuildState
+
+log = logging.getLogger(__name__)
 
 
 def read_labels(model) -> list[str] | None:
@@ -58,14 +61,24 @@ class DataStage:
             raise ConfigError("INT8 needs calibration data: add a 'calibration' section (or set quantize.enabled: false)")
         if val is not None and val.y is None:
             raise CalibrationError(f"validation source {val.source!r} has no labels (use class sub-folders or x/y arrays)")
+        out: dict[str, Any] = {}
         if state.quantize and budget is not None and val is None:
-            raise ConfigError(
-                "an accuracy budget needs a labelled 'validation' set; add one, or set "
-                "accuracy.max_accuracy_drop: null (--no-accuracy-check) to ship with the fidelity gate only"
-            )
+            if budget_asked(cfg):
+                raise ConfigError(
+                    "an accuracy budget needs a labelled 'validation' set; add one, or set "
+                    "accuracy.max_accuracy_drop: null (--no-accuracy-check) to ship with the fidelity gate only")
+            # the target profile's default budget, and no labels to check it with: the first compile of a
+            # model someone else trained (`compile model.onnx --calibration images/`) ships on the fidelity
+            # gate, and the report says the accuracy budget was not checked; a budget the user gave is refused
+            state.profile = state.profile.model_copy(update={"accuracy": state.profile.accuracy.model_copy(
+                update={"max_accuracy_drop": None})})
+            state.report["accuracy"]["budget_pts"] = None
+            out["accuracy_budget"] = (f"not checked: no labelled validation data for the profile's budget of "
+                                      f"{budget:g}; the fidelity gate judges INT8 (give --validation DIR)")
+            log.warning("no labelled validation data: the accuracy budget is not checked, the fidelity gate "
+                        "judges INT8 (give --validation DIR to hold INT8 to %g pt)", budget)
         if val is not None and calib is not None and val.sha256() == calib.sha256():
             raise ConfigError("validation and calibration data are identical; validate on held-out data")
-        out: dict[str, Any] = {}
         if calib is not None:
             # The fidelity gate needs samples the quantizer never saw: the last ones of the set,
             # at most a fifth of it, so small sets still calibrate on most of their samples.
@@ -90,6 +103,11 @@ class DataStage:
             size=[8, *_fixed(shape, cfg)[1:]]).astype(np.float32)
         out["labels"] = len(state.labels) if state.labels else None
         return out
+
+
+def budget_asked(cfg) -> bool:
+    """Whether the user set the accuracy budget (build file or --max-accuracy-drop), not the target profile."""
+    return cfg.accuracy is not None and "max_accuracy_drop" in cfg.accuracy.model_fields_set
 
 
 def _fixed(shape: list | None, cfg) -> list[int]:
