@@ -83,8 +83,14 @@ class BackendCompiler(abc.ABC):
 
     @abc.abstractmethod
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
-                 exclude: list[str] | None = None) -> Artifact:
-        """Post-training INT8 quantization calibrated on ``calib``."""
+                 exclude: list[str] | None = None, recipe: str | None = None) -> Artifact:
+        """Post-training INT8 quantization calibrated on ``calib``; ``recipe``: one of :meth:`recipes`."""
+
+    def recipes(self, src: SourceModel) -> list[str]:
+        """Other post-training recipes this model's architecture calls for, in the order to try them when plain
+        PTQ fails a quality gate (``quantize(recipe=...)``). ONNX-based backends offer ``transformer`` for graphs
+        with attention (:mod:`.attention`); the default is none."""
+        return []
 
     @abc.abstractmethod
     def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,

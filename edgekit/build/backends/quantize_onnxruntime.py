@@ -26,6 +26,7 @@ from edgekit_runtime.fileio import sha256_file
 
 from ...config import QuantizeSettings
 from ..gates import Attempt, RecoveryGoal
+from .attention import WEIGHT_OPS, find_attention
 from .base import Artifact, BackendCompiler, SourceModel
 from .sensitivity import RANKING_SAMPLES, QdqOptions, rank_isolated, search_fewest, write_qdq
 
@@ -97,8 +98,19 @@ def spatial_means_as_pools(src: Path, dst: Path) -> int:
 
 
 def recipe_name(opts: QdqOptions) -> str:
-    """``qdq_u8`` / ``qdq_s8`` (+ ``_pt`` for per-tensor weights): how the report names a recipe."""
-    return "qdq_" + ("u8" if opts.activation_type == "uint8" else "s8") + ("" if opts.per_channel else "_pt")
+    """``qdq_u8`` / ``qdq_s8`` (+ ``_pt`` for per-tensor weights, ``_transformer`` for weight layers only):
+    how the report names a recipe."""
+    return ("qdq_" + ("u8" if opts.activation_type == "uint8" else "s8") + ("" if opts.per_channel else "_pt")
+            + ("_transformer" if opts.op_types else ""))
+
+
+def transformer_recipe(opts: QdqOptions, pre: Path) -> tuple[QdqOptions, list[str]]:
+    """The Q/DQ transformer recipe on top of ``opts`` (see :mod:`.attention`): weight layers only, and the
+    activation × activation MatMuls of attention (by node name in ``pre``, the graph quantized) in float."""
+    att = find_attention(pre)
+    if att.unnamed_matmuls:
+        log.warning("%d attention MatMul(s) of %s have no node name: they stay INT8", att.unnamed_matmuls, pre.name)
+    return replace(opts, op_types=WEIGHT_OPS), list(att.dynamic_matmuls)
 
 
 class OnnxRuntimeCompiler(BackendCompiler):
@@ -164,7 +176,20 @@ class OnnxRuntimeCompiler(BackendCompiler):
         return QdqOptions(settings.activation_type, settings.per_channel, settings.calibrate_method,
                           {"ActivationSymmetric": settings.activation_type == "int8"})
 
-    def candidates(self, settings: QuantizeSettings, pre: Path, pooled: Path | None) -> list[tuple[QdqOptions, Path]]:
+    def recipes(self, src: SourceModel) -> list[str]:
+        """``transformer`` where the graph has attention (:func:`.attention.find_attention`)."""
+        return ["transformer"] if find_attention(src.onnx) else []
+
+    def _base(self, settings: QuantizeSettings, pre: Path, recipe: str | None) -> tuple[QdqOptions, list[str]]:
+        """The profile's Q/DQ options under ``recipe``, and the nodes the recipe itself keeps in float."""
+        if recipe is None:
+            return self.qdq_options(settings), []
+        if recipe == "transformer":
+            return transformer_recipe(self.qdq_options(settings), pre)
+        raise ValueError(f"unknown INT8 recipe {recipe!r} for {self.name}")
+
+    def candidates(self, settings: QuantizeSettings, pre: Path, pooled: Path | None,
+                   own: QdqOptions | None = None) -> list[tuple[QdqOptions, Path]]:
         """The INT8 recipes worth measuring (at most 3) as (options, graph), the profile's own first.
 
         Measured on AVX-512 VNNI/AMX (benchmarks/results/ort_int8.md): what decides ORT's INT8 speed is
@@ -180,7 +205,7 @@ class OnnxRuntimeCompiler(BackendCompiler):
         float ops and Q/DQ pairs), and ORT_ENABLE_EXTENDED (no NCHWc/NHWC layout) never paid, so they are
         not candidates.
         """
-        own = self.qdq_options(settings)
+        own = own or self.qdq_options(settings)
         out = [(own, pre)]
         if pooled is not None:
             out.append((own, pooled))
@@ -192,7 +217,7 @@ class OnnxRuntimeCompiler(BackendCompiler):
         return out
 
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
-                 exclude: list[str] | None = None) -> Artifact:
+                 exclude: list[str] | None = None, recipe: str | None = None) -> Artifact:
         """Q/DQ INT8; without ``exclude`` the fastest candidate recipe on the target's engine is chosen.
 
         Every candidate is measured interleaved with the FP32 model (single stream, ``speed_options``:
@@ -200,17 +225,20 @@ class OnnxRuntimeCompiler(BackendCompiler):
         fastest one whose error stays within ``ERROR_TOLERANCE`` of the profile's own recipe wins, even
         when slower than FP32 — the latency gate then ships FP32. Every candidate's figures go to the
         artifact's ``recipe`` detail. The fallback (``exclude``) reuses the chosen recipe's options.
+        ``recipe="transformer"``: the candidates are built on :func:`transformer_recipe`.
         """
         pre = self._preprocessed(src.onnx, workdir)
         x = calib[: settings.calibration_count]
-        key = str(pre)
+        key = str(pre) + (f"#{recipe}" if recipe else "")
+        base, kept = self._base(settings, pre, recipe)
         if exclude or not self.choose_by_speed:
             # the fallback keeps the chosen options on the exporter's graph: its layer names and the
             # sensitivity ranking are those of the model as given (see ``recover``)
-            opts = self._chosen.get(key, (self.qdq_options(settings), pre))[0]
-            return self._write(pre, x, opts, workdir, exclude, settings)
-        options = self.candidates(settings, pre, self._pooled(pre))
-        arts = [self._write(g, x, o, workdir, None, settings, suffix=self._recipe(o, g)) for o, g in options]
+            opts = self._chosen.get(key, (base, pre))[0]
+            return self._write(pre, x, opts, workdir, exclude, settings, recipe_kept=kept)
+        options = self.candidates(settings, pre, self._pooled(pre), own=base)
+        arts = [self._write(g, x, o, workdir, None, settings, suffix=self._recipe(o, g), recipe_kept=kept)
+                for o, g in options]
         figures = self._measure(src, pre, arts, x)
         own_err = figures[0]["output_error"]
         eligible = [i for i, f in enumerate(figures)
@@ -235,12 +263,15 @@ class OnnxRuntimeCompiler(BackendCompiler):
         return recipe_name(opts) + ("_pool" if graph.name.endswith(".pools.onnx") else "")
 
     def _write(self, pre: Path, x: np.ndarray, opts: QdqOptions, workdir: Path, exclude: list[str] | None,
-               settings: QuantizeSettings, suffix: str = "") -> Artifact:
-        out = workdir / (f"int8-x{len(exclude)}" if exclude else f"int8-{suffix}" if suffix else "int8")
-        write_qdq(pre, out / "model.onnx", x, opts, workdir, exclude=exclude)
+               settings: QuantizeSettings, suffix: str = "", recipe_kept: list[str] | None = None) -> Artifact:
+        tag = "-transformer" if opts.op_types else ""
+        out = workdir / (f"int8{tag}-x{len(exclude)}" if exclude else f"int8-{suffix}" if suffix else f"int8{tag}")
+        write_qdq(pre, out / "model.onnx", x, opts, workdir, exclude=[*(recipe_kept or []), *(exclude or [])])
         return Artifact(out, "model.onnx", ["model.onnx"], "int8",
                         {"format": "QDQ", "per_channel": opts.per_channel, "activation_type": opts.activation_type,
                          "recipe_name": self._recipe(opts, pre),
+                         **({"quantized_op_types": list(opts.op_types), "recipe_float_nodes": list(recipe_kept or [])}
+                            if opts.op_types else {}),
                          "calibrate_method": settings.calibrate_method, "excluded_nodes": list(exclude or []),
                          "preprocess_fallbacks": self.preprocess_fallbacks(self._preprocessed_of(pre)),
                          "spatial_means_as_pools": pre.name.endswith(".pools.onnx")})

@@ -71,11 +71,15 @@ class TensorRTCompiler(OnnxRuntimeCompiler):
         return QdqOptions("int8", True, settings.calibrate_method, {"ActivationSymmetric": True, "WeightSymmetric": True})
 
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
-                 exclude: list[str] | None = None) -> Artifact:
+                 exclude: list[str] | None = None, recipe: str | None = None) -> Artifact:
+        """Q/DQ for TensorRT; ``recipe="transformer"``: Q/DQ on the weight layers' inputs only, attention's
+        activation × activation MatMuls, Softmax and LayerNorm in float (:func:`transformer_recipe`)."""
         pre = self._preprocessed(src.onnx, workdir)
-        out = workdir / (f"trt-int8-x{len(exclude)}" if exclude else "trt-int8")
-        write_qdq(pre, out / "model.onnx", calib[: settings.calibration_count], self.qdq_options(settings), workdir,
-                  exclude=exclude)
+        opts, kept = self._base(settings, pre, recipe)
+        tag = f"-{recipe}" if recipe else ""
+        out = workdir / (f"trt-int8{tag}-x{len(exclude)}" if exclude else f"trt-int8{tag}")
+        write_qdq(pre, out / "model.onnx", calib[: settings.calibration_count], opts, workdir,
+                  exclude=[*kept, *(exclude or [])])
         amax = activation_amax(out / "model.onnx")
         (out / "calibration.cache").write_text(write_cache(amax))
         return Artifact(out, "model.onnx", ["model.onnx", "calibration.cache"], "int8",
@@ -83,6 +87,8 @@ class TensorRTCompiler(OnnxRuntimeCompiler):
                          "activations": "per-tensor symmetric int8", "calibrate_method": settings.calibrate_method,
                          "calibration_cache": "calibration.cache", "activation_tensors": len(amax),
                          "excluded_nodes": list(exclude or []),
+                         **({"post_training_recipe": recipe, "quantized_op_types": list(opts.op_types or ()),
+                             "recipe_float_nodes": kept} if recipe else {}),
                          "preprocess_fallbacks": self.preprocess_fallbacks(pre)})
 
     def deploy_options(self, runtime: RuntimeSettings, sig: Signature) -> dict:

@@ -125,7 +125,7 @@ class TFLiteCompiler(BackendCompiler):
         return _artifact(out, "fp32", {"converter": "litert_torch.convert", **self._source(src)})
 
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
-                 exclude: list[str] | None = None) -> Artifact:
+                 exclude: list[str] | None = None, recipe: str | None = None) -> Artifact:
         import litert_torch
         import torch
         from litert_torch.quantize import pt2e_quantizer
@@ -134,6 +134,8 @@ class TFLiteCompiler(BackendCompiler):
 
         if exclude:
             raise NotImplementedError("the TFLite compiler has no per-layer exclusion; recover() uses another recipe")
+        if recipe is not None:
+            raise ValueError(f"the TFLite compiler has no INT8 recipe {recipe!r} (recipes(): none)")
         x = torch.from_numpy(calib[: settings.calibration_count])
         batches = [x[i : i + CALIBRATION_BATCH] for i in range(0, len(x), CALIBRATION_BATCH)]
         model = _module(src)

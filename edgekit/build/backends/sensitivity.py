@@ -26,6 +26,7 @@ the quantize stage's "smallest drop wins" choice cannot pick a candidate with mo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ class QdqOptions:
     per_channel: bool = True
     calibrate_method: str = "minmax"
     extra_options: dict[str, Any] | None = None
+    # op types quantized (None: every op ONNX Runtime can quantize); the transformer recipe's weight layers
+    op_types: tuple[str, ...] | None = None
 
 
 class _Reader:
@@ -90,15 +93,19 @@ def input_name(path: Path) -> str:
     return next(i.name for i in m.graph.input if i.name not in inits)
 
 
-def calibration_cache(model: Path, calib: np.ndarray, method: str, workdir: Path) -> Path:
+def calibration_cache(model: Path, calib: np.ndarray, method: str, workdir: Path,
+                      op_types: tuple[str, ...] | None = None) -> Path:
     """Where the activation ranges of ``model`` on ``calib`` are kept, so every candidate reuses one calibration.
 
-    Keyed by the model's bytes, the samples and the method: a kept work folder never hands a retrained
-    model or other calibration data the old ranges.
+    Keyed by the model's bytes, the samples, the method and the op types quantized (ONNX Runtime calibrates
+    only their tensors): a kept work folder never hands a retrained model, other calibration data or a
+    wider recipe the old ranges.
     """
     h = hashlib.sha256(model.read_bytes())
     h.update(np.ascontiguousarray(calib, dtype=np.float32).tobytes())
     h.update(method.encode())
+    if op_types:
+        h.update(",".join(sorted(op_types)).encode())
     return workdir / f"calibration-ranges.{h.hexdigest()[:16]}.json"
 
 
@@ -110,20 +117,44 @@ def write_qdq(pre: Path, out: Path, calib: np.ndarray, opts: QdqOptions, workdir
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     # ONNX Runtime < 1.32 has no calibration cache: each candidate then calibrates again (slower, same result)
-    cache = ({"calibration_cache_path": str(calibration_cache(pre, calib, opts.calibrate_method, workdir))}
+    cache = ({"calibration_cache_path": str(calibration_cache(pre, calib, opts.calibrate_method, workdir,
+                                                              opts.op_types))}
              if "calibration_cache_path" in inspect.signature(quantize_static).parameters else {})
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     out.parent.mkdir(parents=True, exist_ok=True)
-    quantize_static(
-        str(pre), str(out), _Reader(input_name(pre), calib),
-        quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
-        activation_type=QuantType.QUInt8 if opts.activation_type == "uint8" else QuantType.QInt8,
-        weight_type=QuantType.QInt8, calibrate_method=methods[opts.calibrate_method],
-        nodes_to_exclude=list(exclude or []), nodes_to_quantize=list(only or []),
-        extra_options=dict(opts.extra_options or {}), **cache,
-    )
+    with _quiet_quantizer():
+        quantize_static(
+            str(pre), str(out), _Reader(input_name(pre), calib),
+            quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+            activation_type=QuantType.QUInt8 if opts.activation_type == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8, calibrate_method=methods[opts.calibrate_method],
+            nodes_to_exclude=list(exclude or []), nodes_to_quantize=list(only or []),
+            op_types_to_quantize=list(opts.op_types) if opts.op_types else None,
+            extra_options=dict(opts.extra_options or {}), **cache,
+        )
     return out
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ONNX Runtime's quantizer logs to the root logger, once per node and call (per-channel axis warnings on
+    LayerNorm weights: hundreds of lines per ViT build): each distinct message goes to edgekit's log once."""
+    seen: set[str] = set()
+
+    def once(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING and text not in seen:
+            seen.add(text)
+            log.debug("onnxruntime.quantization: %s", text)
+        return False
+
+    root = logging.getLogger()
+    root.addFilter(once)
+    try:
+        yield
+    finally:
+        root.removeFilter(once)
 
 
 def ranked_layers(onnx_path: Path) -> list[tuple[str, str]]:

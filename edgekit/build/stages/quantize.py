@@ -1,9 +1,11 @@
 """Quantize stage: post-training INT8, held to the quality gates; quantization-aware training, then the
 backend's fallback, when it misses them.
 
-Order of attempts: PTQ → QAT (``quantize.qat``: ``auto`` runs it only when PTQ fails a gate, ``on``
-always; it needs the training run and keeps every layer INT8) → the backend's ``recover()`` (layers back
-to float), only while no attempt passes. Every attempt is measured the same way: its exported artifact
+Order of attempts: PTQ → the backend's other post-training recipes for this architecture, while none
+passes (``recipes()``: ``transformer`` for graphs with attention, see ``backends/attention.py``) → QAT
+(``quantize.qat``: ``auto`` runs it only when no post-training attempt passes, ``on`` always; it needs the
+training run and keeps every layer INT8) → the backend's ``recover()`` (layers back to float), only while
+no attempt passes. Every attempt is measured the same way: its exported artifact
 through the device engine (:func:`quality`), never the torch fake-quant model.
 """
 
@@ -88,7 +90,9 @@ class QuantizeStage:
         q = state.profile.quantize
         art = state.compiler.quantize(state.src, state.calib.x, q, state.workdir)
         attempts = [quality(state, art, "ptq", art.details)]
-        if q.qat == "on" or (q.qat == "auto" and not attempts[0].passed):
+        if not attempts[0].passed:
+            attempts += self._recipes(state)
+        if q.qat == "on" or (q.qat == "auto" and not any(a.passed for a in attempts)):
             attempts += self._qat(state, attempts[0])
         if not any(a.passed for a in attempts):
             state.progress("quantize: fallback")
@@ -104,6 +108,19 @@ class QuantizeStage:
                    f"{state.cfg.output.with_suffix('.report.json')}. {HINT}")
         return {"attempts": len(attempts), "chosen": best.strategy, "passed": best.passed,
                 **({"fidelity_cosine": best.figures["fidelity"]["cosine"]} if "fidelity" in best.figures else {})}
+
+    def _recipes(self, state: BuildState) -> list[Attempt]:
+        """The backend's post-training recipes for this architecture, in order, until one passes every gate."""
+        out: list[Attempt] = []
+        for recipe in state.compiler.recipes(state.src):
+            state.progress(f"quantize: {recipe} recipe")
+            art = state.compiler.quantize(state.src, state.calib.x, state.profile.quantize, state.workdir,
+                                          recipe=recipe)
+            out.append(quality(state, art, f"ptq_{recipe}", {**art.details, "post_training_recipe": recipe}))
+            log.info("INT8 recipe %s: %s", recipe, "passes" if out[-1].passed else "fails too")
+            if out[-1].passed:
+                break
+        return out
 
     def _qat(self, state: BuildState, ptq: Attempt) -> list[Attempt]:
         """Quantization-aware training, measured like PTQ; the report's ``qat`` section puts both side by side.
