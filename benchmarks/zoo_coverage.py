@@ -91,13 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- children
 def describe_failure(exc: BaseException) -> dict[str, Any]:
     """What a user would see: an edgekit error (code, type, first line), or a bug (a bare traceback)."""
-    from edgekit_runtime.contract.errors import RuntimeErrorBase
-
-    from edgekit.errors import EdgekitError, exit_code_of
+    from edgekit.errors import ExitCode, exit_code_for_runtime_code
 
     first = common_first_line(str(exc))
-    if isinstance(exc, (EdgekitError, RuntimeErrorBase)):
-        code = exit_code_of(exc)
+    # by class name: the child re-imports edgekit (see _child), so a class captured before is another object
+    bases = {c.__name__ for c in type(exc).__mro__}
+    if bases & {"EdgekitError", "RuntimeErrorBase"}:
+        code = (ExitCode(int(exc.exit_code)) if "EdgekitError" in bases
+                else exit_code_for_runtime_code(getattr(exc, "code", None)))
         text = common_first_line(str(exc).replace("\n", " "), 2000)
         # the gates put what to do into the message ("Options: …") rather than into the hint
         todo = getattr(exc, "hint", None) or (text[text.index("Options:"):] if "Options:" in text else None)
@@ -138,6 +139,9 @@ def _short_path(path: str) -> str:
 def _child(fn: Callable[[], dict[str, Any]], conn) -> None:
     import logging
 
+    # edgekit as it is on disk now, not as the parent imported it hours ago (a long run on a working tree)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("edgekit", "edgekit_runtime")]:
+        del sys.modules[name]
     logging.basicConfig(level=logging.WARNING)
     try:
         out = {"ok": True, **fn()}
@@ -296,6 +300,12 @@ def run_model(name: str, targets: list[str], args: argparse.Namespace, calibrati
         return row
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _load_target(name: str) -> str:
+    from edgekit.config.targets import load_target
+
+    return load_target(name).name
 
 
 def finished(row: dict[str, Any], targets: list[str]) -> bool:
@@ -494,11 +504,10 @@ def main(argv=None) -> int:
     import torch  # noqa: F401  (imported once in the parent, inherited by the forked children)
     import torchvision
 
-    from edgekit.config.targets import load_target
-
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    for t in targets:
-        load_target(t)
+    known = run_isolated(lambda: {"names": [_load_target(t) for t in targets]}, 120)
+    if not known["ok"]:
+        raise SystemExit(f"--targets: {known['failure'].get('message')}")
     zoo = sorted(torchvision.models.list_models(module=torchvision.models))
     names = [n.strip() for n in args.models.split(",") if n.strip()] or (list(QUICK) if args.quick else zoo)
     unknown = [n for n in names if n not in zoo]
