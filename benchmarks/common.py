@@ -56,6 +56,21 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def write_results(out: Path, stem: str, doc: dict[str, Any] | None, markdown: Callable[[dict[str, Any]], str],
+                  indent: int = 1) -> int:
+    """Write ``out/stem.json`` (unless ``doc`` is None: ``--markdown-only`` re-renders from the JSON there) and
+    ``out/stem.md``, print the Markdown; the exit status for ``main``."""
+    if doc is None:
+        doc = json.loads((out / f"{stem}.json").read_text())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(doc, indent=indent, default=str))
+    md = markdown(doc)
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    return 0
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

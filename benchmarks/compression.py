@@ -19,7 +19,6 @@ Writes ``--out``/compression.json (everything, with the system description) and 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -164,10 +163,7 @@ def main(argv=None) -> int:
     if args.work is None:
         args.work = common.CACHE / f"compression{suffix}"
     if args.markdown_only:
-        md = markdown(json.loads((args.out / f"{stem}.json").read_text()))
-        (args.out / f"{stem}.md").write_text(md)
-        print(md)
-        return 0
+        return common.write_results(args.out, stem, None, markdown)
     common.ensure_importable()
     import edgekit_runtime
     from edgekit_runtime.bench import BenchSettings, compare, system_description
@@ -239,11 +235,7 @@ def main(argv=None) -> int:
         "seconds": {"train": round(t_trained - t_start, 1), "compile": round(t_built - t_trained, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
     }
-    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=str))
-    md = markdown(doc)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    return 0
+    return common.write_results(args.out, stem, doc, markdown, indent=2)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def markdown(doc: dict) -> str:
         f"{sysd['usable_cores']} usable cores ({sysd['logical_cores']} logical), {sysd['os']}",
         f"- **Threads**: {s['threads']} inference threads per model; batch 1 single-stream; "
         f"offline batch {s['offline_batch'] or '-'}",
-        f"- **Precisions**: FP32 = bundle compiled with `quantize.enabled: false` "
+        "- **Precisions**: FP32 = bundle compiled with `quantize.enabled: false` "
         "(OpenVINO: `INFERENCE_PRECISION_HINT=f32`); INT8 = the target profile's post-training "
         "quantization (ONNX Runtime: static Q/DQ, per-channel int8 weights, uint8 activations, minmax; "
         "OpenVINO: NNCF `performance` preset), 300 calibration crops",
@@ -217,7 +217,7 @@ def markdown(doc: dict) -> str:
             "does not see this interaction.",
             "",
         ]
-    lines += [f"Queries per model: " + ", ".join(
+    lines += ["Queries per model: " + ", ".join(
         f"{r['model']}/{r['target']} {r['compare']['models']['fp32']['single_stream']['inference']['count']}"
         for r in doc["results"]), ""]
     lines.append(f"Generated {doc['generated_at']} by `{doc['command']}` in {doc['wall_s']:.0f} s.")

@@ -28,7 +28,6 @@ Writes ``--out``/mixed_precision.json and ``--out``/mixed_precision.md.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -250,10 +249,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     stem = "mixed_precision"
     if args.markdown_only:
-        md = markdown(json.loads((args.out / f"{stem}.json").read_text()))
-        (args.out / f"{stem}.md").write_text(md)
-        print(md)
-        return 0
+        return common.write_results(args.out, stem, None, markdown)
     common.ensure_importable()
     from edgekit_runtime.bench import system_description
 
@@ -291,11 +287,7 @@ def main(argv=None) -> int:
         "accuracy_control": (accuracy_control_comparison(ckpt, args.work, key)
                              if "x86-openvino-cpu" in results else None),
     }
-    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
-    md = markdown(doc)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    return 0
+    return common.write_results(args.out, stem, doc, markdown)
 
 
 if __name__ == "__main__":

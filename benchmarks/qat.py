@@ -121,10 +121,7 @@ def markdown(doc: dict[str, Any]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.markdown_only:
-        md = markdown(json.loads((args.out / "qat.json").read_text()))
-        (args.out / "qat.md").write_text(md)
-        print(md)
-        return 0
+        return common.write_results(args.out, "qat", None, markdown)
     common.ensure_importable()
     from edgekit_runtime.bench import system_description
 
@@ -154,11 +151,7 @@ def main(argv=None) -> int:
                    f"{cpu_during.get('other_processes_pct', 0):.0f} % of the CPU)"),
         "results": results,
     }
-    (args.out / "qat.json").write_text(json.dumps(doc, indent=1, default=str))
-    md = markdown(doc)
-    (args.out / "qat.md").write_text(md)
-    print(md)
-    return 0
+    return common.write_results(args.out, "qat", doc, markdown)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Writes ``--out``/transformer_int8.json and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -140,10 +139,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     stem = "transformer_int8"
     if args.markdown_only:
-        md = markdown(json.loads((args.out / f"{stem}.json").read_text()))
-        (args.out / f"{stem}.md").write_text(md)
-        print(md)
-        return 0
+        return common.write_results(args.out, stem, None, markdown)
     common.ensure_importable()
     from edgekit_runtime.bench import system_description
 
@@ -169,11 +165,7 @@ def main(argv=None) -> int:
                    f"run: cosine and agreement are unaffected, wall-clock figures are only as good as that"),
         "results": results,
     }
-    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
-    md = markdown(doc)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    return 0
+    return common.write_results(args.out, stem, doc, markdown)
 
 
 if __name__ == "__main__":
