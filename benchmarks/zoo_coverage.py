@@ -420,13 +420,14 @@ def markdown(doc: dict[str, Any]) -> str:
         "Failed: **gate** — a gate refused the build (no bundle; with random weights INT8 often misses cosine 0.99 "
         "where a trained model would not), **error** — an edgekit error (the model does not convert), **bug** — a bare "
         "traceback, **timeout** — not finished within the time limit on this shared machine.", "",
-        "| target | run | bundle written (share of zoo) | INT8 within gate | other strategy | converts (bundle or "
+        "| target | run | bundle written | INT8 within gate | other strategy | converts (bundle or "
         "gate refusal) | failed | median INT8 speed-up |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for t in targets:
         st = s["targets"][t]
-        share = f" ({st['share_of_zoo']:.0%})" if st["share_of_zoo"] is not None else ""
+        share = (f" ({st['converted'] / st['run']:.0%} of run" if st["run"] else " (") + \
+            (f", {st['share_of_zoo']:.0%} of zoo)" if st["share_of_zoo"] is not None else ")")
         fails = ", ".join(f"{n} {k}" for k, n in sorted(st["failures"].items())) or "0"
         lines.append(f"| {t} | {st['run']} | {st['converted']}{share} | {st['int8_within_gate']} | "
                      f"{st['other_strategy']} | {st['converts']} | {fails} | {_fmt(st['median_speedup'], '.2f', '×')} |")
@@ -499,6 +500,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out_json, out_md = args.out / "zoo_coverage.json", args.out / "zoo_coverage.md"
     if args.markdown_only:
+        if not out_json.is_file():
+            raise SystemExit(f"--markdown-only re-renders {out_json}, which does not exist: run the benchmark first")
         out_md.write_text(markdown(json.loads(out_json.read_text())))
         return 0
     import torch  # noqa: F401  (imported once in the parent, inherited by the forked children)

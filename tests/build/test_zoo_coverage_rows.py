@@ -103,7 +103,7 @@ def test_a_tiny_model_compiles_like_the_cli_and_its_row_renders(tmp_path, keys):
                                                      "failures": {"bug": 1}}
     md = zc.markdown(doc)
     assert "**Bare tracebacks (bugs: an exception that is not an edgekit error): 1.**" in md
-    assert "| onnxruntime-cpu | 1 | 1 (33%) |" in md
+    assert "| onnxruntime-cpu | 1 | 1 (100% of run, 33% of zoo) |" in md
     assert f"| tiny | 32 | dynamic | onnxruntime-cpu | converted | {cell['strategy']} | {cell['cosine']:.4f}" in md
     assert "- **tiny** · android-arm64-tflite: **bare traceback** IndexError" in md
     assert "- **other** · export: USAGE (2) ConfigError: the build has no 'preprocess' section" in md
