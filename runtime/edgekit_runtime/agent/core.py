@@ -499,9 +499,27 @@ class AgentCore:
         if not self._bench_lock.acquire(blocking=False):
             raise CommandError("busy", "a benchmark is already running")
         try:
-            return json.loads(json.dumps(run_benchmark(self.model, settings=settings), default=str))
+            result = run_benchmark(self.model, settings=settings)
+            result["memory"] = self._bench_memory(settings)
+            return json.loads(json.dumps(result, default=str))
         finally:
             self._bench_lock.release()
+
+    def _bench_memory(self, settings) -> dict[str, Any] | None:
+        """The active bundle's RSS in a child process of its own, as ``edgekit bench`` measures it on the host
+        (:mod:`..memory`); a failure is reported in the figure, the latency result still goes back."""
+        from ..keyring import Keyring
+        from ..memory import measure
+
+        bundle = self.state_dir.active_bundle()
+        if bundle is None:  # a model given to the agent directly (tests, a simulated device)
+            return None
+        try:
+            keyring = Keyring.from_paths(self.config.keyring) if self.config.keyring else Keyring.default()
+            return measure(bundle, keyring, threads=self.config.threads, warmup=settings.warmup,
+                           offline_batch=settings.offline_batch)
+        except RuntimeErrorBase as exc:
+            return {"error": exc.to_event()}
 
     # -- lifecycle -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
