@@ -192,3 +192,35 @@ def test_constant_shape_ops_pass_strict_export_and_match_onnx(tmp_path, kind):
     graph = torch.export.export(module, (x,), strict=True).module()
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(graph(x).detach().numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pt2e_graph_the_converter_refuses_is_quantized_by_ai_edge_quantizer_instead(tmp_path, monkeypatch):
+    """litert-torch refuses some PT2E INT8 graphs in its passes (on densenet121: "'tfl.concatenation' op
+    quantization parameters violate the same scale constraint"); the float model still converts, and
+    ai-edge-quantizer makes the INT8 .tflite from it, with the reason recorded, instead of a traceback."""
+    import litert_torch
+    import torch
+
+    from edgekit.build.backends.base import SourceModel
+    from edgekit.build.backends.quantize_tflite import TFLiteCompiler
+    from edgekit.config import QuantizeSettings
+    from edgekit.data import digits
+    from edgekit.models.digits_cnn import build
+
+    torch.manual_seed(0)
+    model = build(width=8).eval()
+    real = litert_torch.convert
+
+    def convert(module, args, *rest, quant_config=None, **kwargs):
+        if quant_config is not None:  # the PT2E INT8 conversion, as litert-torch fails it on a DenseNet
+            raise ValueError("Failed to run converter passes: 'tfl.concatenation' op quantization parameters "
+                             "violate the same scale constraint")
+        return real(module, args, *rest, **kwargs)
+
+    monkeypatch.setattr(litert_torch, "convert", convert)
+    src = SourceModel(tmp_path / "unused.onnx", torch=model, input_shape=[1, 1, 8, 8])
+    art = TFLiteCompiler().quantize(src, digits.calibration(32), QuantizeSettings(calibration_count=32), tmp_path)
+    assert art.details["pt2e_failed"].startswith("ValueError: Failed to run converter passes")
+    assert art.precision == "int8" and (art.directory / art.main).stat().st_size > 0
+    ops = art.details["int8_ops"]
+    assert ops["int8"] > 0 and ops["int8"] >= ops["float"], ops

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ...config import QuantizeSettings, RuntimeSettings
-from ...errors import ModelImportError
+from ...errors import EdgekitError, ModelImportError
 from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, Signature, SourceModel, runtime_options
 from .onnx_to_torch import converter_version, onnx_to_torch
@@ -150,11 +150,36 @@ class TFLiteCompiler(BackendCompiler):
         converted.training = False
         out = workdir / "tflite-int8"
         out.mkdir(parents=True, exist_ok=True)
-        litert_torch.convert(converted, (_sample(src),), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(
-            str(out / "model.tflite"))
+        try:
+            litert_torch.convert(converted, (_sample(src),), quant_config=QuantConfig(pt2e_quantizer=quantizer)
+                                 ).export(str(out / "model.tflite"))
+        except Exception as exc:  # the converter's passes refuse some PT2E graphs (a DenseNet's concatenations:
+            # "quantization parameters violate the same scale constraint"); the float model still converts
+            return self._quantize_fp32_tflite(src, calib, settings, workdir, exc)
         return _artifact(out, "int8", {"method": "litert-torch PT2E static", "per_channel": settings.per_channel,
                                        "strict_export": strict, "calibration_samples": len(x),
                                        "int8_ops": int8_op_share(out / "model.tflite"), **self._source(src)})
+
+    def _quantize_fp32_tflite(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings,
+                              workdir: Path, pt2e_error: Exception) -> Artifact:
+        """INT8 by ai-edge-quantizer on the FP32 ``.tflite`` where litert-torch cannot convert the PT2E graph."""
+        first_line = (str(pt2e_error).strip().splitlines() or [""])[0][:300]
+        log.warning("litert-torch could not convert the PT2E INT8 graph (%s: %s); quantizing the FP32 .tflite "
+                    "with ai-edge-quantizer instead", type(pt2e_error).__name__, first_line)
+        try:
+            fp32 = self.fp32(src, workdir)
+            aeq = _AeqRecipes(fp32.directory / fp32.main, calib[: settings.calibration_count], self._source(src))
+            art = aeq.artifact(workdir / "tflite-int8-aeq")
+        except EdgekitError:
+            raise
+        except Exception as exc:
+            raise ModelImportError(
+                f"no INT8 .tflite for this model: litert-torch's PT2E conversion failed ({type(pt2e_error).__name__}: "
+                f"{first_line}) and so did ai-edge-quantizer ({type(exc).__name__}: {exc})",
+                hint="ship FP32 for this target (--no-quantize), or compile for an ONNX-based target "
+                     "(onnxruntime-cpu, x86-openvino-cpu)") from exc
+        art.details["pt2e_failed"] = f"{type(pt2e_error).__name__}: {first_line}"
+        return art
 
     def recover(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                 goal: RecoveryGoal, first: Artifact) -> list[Attempt]:
