@@ -102,6 +102,10 @@ class BackendCompiler(abc.ABC):
         device engine); returns the attempts made, each with its artifact and verdicts.
         """
 
+    def use_deploy_options(self, options: dict[str, Any]) -> None:
+        """The bundle's engine options, given once they are known (the export stage), for a compiler that times
+        candidates on the target's engine while it quantizes (ONNX Runtime's recipe choice); others ignore it."""
+
     def reference_options(self, runtime: RuntimeSettings) -> dict[str, Any]:
         """Engine options for the FP32 reference measurement."""
         return runtime_options(runtime)

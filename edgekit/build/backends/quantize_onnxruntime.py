@@ -130,6 +130,10 @@ class OnnxRuntimeCompiler(BackendCompiler):
 
         return onnxruntime.__version__
 
+    def use_deploy_options(self, options: dict[str, Any]) -> None:
+        """INT8 recipes are timed with the bundle's engine options (threads, spin-wait) from here on."""
+        self.speed_options = dict(options)
+
     def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
         out = workdir / "fp32"
         out.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,7 @@ class ExportStage:
         engine = evaluation_engine(profile, state.backend.engine)
         state.measurer = Measurer(compiler, state.sig, engine, compiler.reference_options(profile.runtime),
                                   compiler.deploy_options(profile.runtime, state.sig))
-        if hasattr(compiler, "speed_options"):  # ORT times its INT8 recipes with the bundle's engine options
-            compiler.speed_options = dict(state.measurer.deploy_options)
+        compiler.use_deploy_options(state.measurer.deploy_options)
         state.fp32 = compiler.fp32(state.src, state.workdir)
         ref: dict[str, Any] = {"engine": engine, "options": state.measurer.reference_options}
         # one label per output, checked on every build (with or without validation data)
