@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgekit.build.backends.base import SourceModel
-from edgekit.build.backends.quantize_onnxruntime import OnnxRuntimeCompiler, recipe_excludes
+from edgekit.build.backends.quantize_onnxruntime import SPEED_MARGIN, OnnxRuntimeCompiler, recipe_excludes
 from edgekit.build.gates import LatencyCheck
 from edgekit.config import LatencyGate, Limits, QuantizeSettings
 
@@ -72,7 +72,10 @@ def test_every_candidate_is_measured_against_fp32_and_recorded(tiny, tmp_path):
     chosen = [c for c in rec["candidates"] if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["recipe"] == rec["chosen"] == art.details["recipe_name"]
     safe = [c for c in rec["candidates"] if c["within_error_tolerance"]]
-    assert chosen[0]["p50_ms"] == min(c["p50_ms"] for c in safe)
+    # the fastest safe recipe, only if it beats the profile's own by more than timing noise
+    own = rec["candidates"][0]
+    faster = [c for c in safe if c["p50_ms"] < own["p50_ms"] * (1 - SPEED_MARGIN)]
+    assert chosen[0]["recipe"] == (min(faster, key=lambda c: c["p50_ms"]) if faster else own)["recipe"]
     # the file that ships is the chosen recipe's
     assert _per_channel(art.directory / art.main) == (rec["chosen"] == "qdq_u8")
     assert rec["measured_with"] == {"engine": "onnxruntime", "threads": 1}
