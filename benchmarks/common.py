@@ -25,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +56,13 @@ Log = Callable[[str], None]
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_header(schema: str, argv: list[str] | None) -> dict[str, str]:
+    """The first keys of every result document: its schema, when it was made and the command that made it."""
+    return {"schema": f"edgekit-benchmark/{schema}/1",
+            "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])}
 
 
 def write_results(out: Path, stem: str, doc: dict[str, Any] | None, markdown: Callable[[dict[str, Any]], str],

@@ -19,10 +19,8 @@ Writes ``--out``/compression.json (everything, with the system description) and 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +216,7 @@ def main(argv=None) -> int:
     if any(r["precision"] != "int8" for r in results.values() if isinstance(r, dict) and "precision" in r):
         notes.append("a bundle shipped FP32 (a gate refused INT8): the latency comparison is not INT8 vs INT8")
     doc = {
-        "schema": "edgekit-benchmark/compression/1",
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        **common.run_header("compression", argv),
         "settings": {"arch": args.arch, "side": args.side, "epochs": args.epochs, "ratio": args.ratio, "iterations": args.iterations,
                      "finetune_epochs": args.finetune_epochs, "target": args.target, "threads": args.threads,
                      "queries": args.queries, "seconds": args.seconds, "precision": "int8", "batch": 1},

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -249,9 +247,7 @@ def main(argv=None) -> int:
     targets = [t for t in args.targets.split(",") if t]
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {
-        "schema": "edgekit-benchmark/int8_vs_fp32/1",
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        **common.run_header("int8_vs_fp32", argv),
         "settings": {"models": models, "targets": targets, "queries": args.queries, "seconds": args.seconds,
                      "max_seconds": args.max_seconds, "warmup": args.warmup, "offline_batch": args.offline_batch,
                      "threads": args.threads},

@@ -28,10 +28,8 @@ Writes ``--out``/mixed_precision.json and ``--out``/mixed_precision.md.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -274,9 +272,7 @@ def main(argv=None) -> int:
     cpu_during = mon.stop()
     log("comparing rankings and NNCF accuracy control")
     doc = {
-        "schema": "edgekit-benchmark/mixed_precision/1",
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        **common.run_header("mixed_precision", argv),
         "settings": {"threads": args.threads, "queries": args.queries, "seconds": args.seconds, "batch": 1,
                      "outlier_scale": OUTLIER_SCALE, "outliers": OUTLIERS},
         "system": system_description(), "provenance": common.provenance(), "cpu_during": cpu_during,

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +123,7 @@ def main(argv=None) -> int:
         "test_top1_pruned": compression.test_accuracy(args.work / "search-pruned.ekb", d["x_test"], d["y_test"]),
     }
     doc = {
-        "schema": "edgekit-benchmark/prune-search/1",
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        **common.run_header("prune-search", argv),
         "settings": {"fraction": args.fraction, "budget_ms": args.budget_ms, "finetune_epochs": args.finetune_epochs,
                      "search_points": args.search_points, "max_ratio": args.max_ratio, "target": args.target,
                      "threads": args.threads, "precision": "int8", "batch": 1},

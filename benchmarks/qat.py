@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +139,7 @@ def main(argv=None) -> int:
         log(f"{target}: {json.dumps({k: results[target][k] for k in ('ptq', 'qat')}, default=str)}")
     cpu_during = mon.stop()
     doc = {
-        "schema": "edgekit-benchmark/qat/1",
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        **common.run_header("qat", argv),
         "settings": {"scale": args.scale or SCALES, "epochs": args.epochs, "budget_pts": BUDGET_PTS,
                      "min_cosine": 0.99},
         "system": system_description(), "provenance": common.provenance(), "cpu_during": cpu_during,

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -252,9 +250,7 @@ def main(argv=None) -> int:
     precisions = [p for p in args.precisions.split(",") if p]
     args.out.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
-        "schema": "edgekit-benchmark/runtime_overhead/1",
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        **common.run_header("runtime_overhead", argv),
         "settings": {"model": args.model, "targets": targets, "precisions": precisions, "queries": args.queries,
                      "warmup": args.warmup, "threads": args.threads, "stub_calls": args.stub_calls},
         "system": system_description(),

@@ -19,10 +19,8 @@ Writes ``--out``/transformer_int8.json and ``.md``.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +155,7 @@ def main(argv=None) -> int:
         log(f"{target}: {results[target]['shipped']} · {results[target]['attempts']}")
     cpu_during = mon.stop()
     doc = {
-        "schema": "edgekit-benchmark/transformer_int8/1",
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        **common.run_header("transformer_int8", argv),
         "system": system_description(), "provenance": common.provenance(), "cpu_during": cpu_during,
         "caveat": (f"Other processes used {cpu_during.get('other_processes_pct', 0):.0f} % of the CPU during the "
                    f"run: cosine and agreement are unaffected, wall-clock figures are only as good as that"),
