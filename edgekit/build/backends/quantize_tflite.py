@@ -160,6 +160,13 @@ class TFLiteCompiler(BackendCompiler):
                                        "strict_export": strict, "calibration_samples": len(x),
                                        "int8_ops": int8_op_share(out / "model.tflite"), **self._source(src)})
 
+    def _aeq(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings,
+             workdir: Path) -> tuple["_AeqRecipes", Artifact]:
+        """ai-edge-quantizer's static INT8 of the FP32 ``.tflite``, and the recipes object that made it."""
+        fp32 = self.fp32(src, workdir)
+        aeq = _AeqRecipes(fp32.directory / fp32.main, calib[: settings.calibration_count], self._source(src))
+        return aeq, aeq.artifact(workdir / "tflite-int8-aeq")
+
     def _quantize_fp32_tflite(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings,
                               workdir: Path, pt2e_error: Exception) -> Artifact:
         """INT8 by ai-edge-quantizer on the FP32 ``.tflite`` where litert-torch cannot convert the PT2E graph."""
@@ -167,9 +174,7 @@ class TFLiteCompiler(BackendCompiler):
         log.warning("litert-torch could not convert the PT2E INT8 graph (%s: %s); quantizing the FP32 .tflite "
                     "with ai-edge-quantizer instead", type(pt2e_error).__name__, first_line)
         try:
-            fp32 = self.fp32(src, workdir)
-            aeq = _AeqRecipes(fp32.directory / fp32.main, calib[: settings.calibration_count], self._source(src))
-            art = aeq.artifact(workdir / "tflite-int8-aeq")
+            art = self._aeq(src, calib, settings, workdir)[1]
         except EdgekitError:
             raise
         except Exception as exc:
@@ -185,9 +190,7 @@ class TFLiteCompiler(BackendCompiler):
                 goal: RecoveryGoal, first: Artifact) -> list[Attempt]:
         """ai-edge-quantizer's static int8 (all-int8 residual adds, other rounding); if that fails a gate too,
         the fewest ranked ops kept in float on the same recipe."""
-        fp32 = self.fp32(src, workdir)
-        aeq = _AeqRecipes(fp32.directory / fp32.main, calib[: settings.calibration_count], self._source(src))
-        art = aeq.artifact(workdir / "tflite-int8-aeq")
+        aeq, art = self._aeq(src, calib, settings, workdir)
         attempts = [goal.evaluate(art, "ai_edge_quantizer", art.details)]
         if attempts[0].passed or settings.max_excluded_nodes == 0:
             return attempts
