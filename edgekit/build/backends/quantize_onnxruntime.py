@@ -5,8 +5,9 @@ GlobalAveragePool (so they run as QLinearGlobalAveragePool, not in float between
 ``quantize_static`` in QDQ format. A few candidate recipes (the profile's own, the other weight
 granularity, uint8 activations when the profile asks for int8) are timed interleaved with FP32 on
 the target's engine and the fastest one whose output error stays close to the profile's recipe is
-kept, if it beats the profile's own by more than timing noise (``SPEED_MARGIN``); every candidate's figures go into the artifact's details, and the latency gate still ships FP32
-when even that one is slower. The activation ranges are calibrated once per model and calibration set
+kept, if it beats the profile's own by more than timing noise (``SPEED_MARGIN``); every candidate's
+figures go into the artifact's details, and the latency gate still ships FP32 when even that one is
+slower. The activation ranges are calibrated once per model and calibration set
 and cached in the work folder, so every candidate reuses them. Over budget, the fallback is mixed
 precision by sensitivity (:mod:`.sensitivity`) on the chosen recipe: the fewest layers, ranked by the
 error each adds on its own, are kept in float until every gate passes.
@@ -229,9 +230,10 @@ class OnnxRuntimeCompiler(BackendCompiler):
 
         Every candidate is measured interleaved with the FP32 model (single stream, ``speed_options``:
         the bundle's engine options) and its output error to FP32 on calibration samples is taken; the
-        fastest one whose error stays within ``ERROR_TOLERANCE`` of the profile's own recipe wins if it is more
-        than ``SPEED_MARGIN`` faster than that recipe (else the profile's own stays), even when slower than FP32 — the latency gate then ships FP32. Every candidate's figures go to the
-        artifact's ``recipe`` detail. The fallback (``exclude``) reuses the chosen recipe's options.
+        fastest one whose error stays within ``ERROR_TOLERANCE`` of the profile's own recipe wins if it is
+        more than ``SPEED_MARGIN`` faster than that recipe (else the profile's own stays), even when slower
+        than FP32 — the latency gate then ships FP32. Every candidate's figures go to the artifact's
+        ``recipe`` detail. The fallback (``exclude``) reuses the chosen recipe's options.
         ``recipe="transformer"``: the candidates are built on :func:`transformer_recipe`.
         """
         pre = self._preprocessed(src.onnx, workdir)

@@ -87,8 +87,8 @@ class TensorRTCompiler(OnnxRuntimeCompiler):
                          "activations": "per-tensor symmetric int8", "calibrate_method": settings.calibrate_method,
                          "calibration_cache": "calibration.cache", "activation_tensors": len(amax),
                          "excluded_nodes": list(exclude or []),
-                         **({"post_training_recipe": recipe, "quantized_op_types": list(opts.op_types or ()),
-                             "recipe_float_nodes": kept} if recipe else {}),
+                         **({"quantized_op_types": list(opts.op_types), "recipe_float_nodes": kept}
+                            if opts.op_types else {}),
                          "preprocess_fallbacks": self.preprocess_fallbacks(pre)})
 
     def deploy_options(self, runtime: RuntimeSettings, sig: Signature) -> dict:
