@@ -146,7 +146,9 @@ def run_demo(workdir: Path, epochs: int = 20, seconds: float = 2.0,
                 "drop_pts": None if precision == "fp32" else
                 runtime_acc[f"{target}/fp32"] - runtime_acc[f"{target}/int8"],
                 "build_val_top1": acc["fp32"] if precision == "fp32" else acc["int8"],  # what the gate measured
-                "size_bytes": reports[f"{target}/{precision}"]["sizes"][precision],
+                # what the bundle holds: the latency gate ships FP32 from an INT8 build when INT8 is not faster
+                "shipped": reports[f"{target}/{precision}"]["precision"],
+                "size_bytes": reports[f"{target}/{precision}"]["sizes"][reports[f"{target}/{precision}"]["precision"]],
                 "p50_ms": inf["p50_ms"], "p90_ms": inf["p90_ms"],
                 "speedup": bench[target]["ratios"][precision]["p50_speedup_vs_fp32"],
                 "measured_with": acc["fp32_measured_with" if precision == "fp32" else "int8_measured_with"],
