@@ -526,7 +526,12 @@ def test_an_earlier_connections_will_never_follows_the_online_on_one_broker_but_
         time.sleep(2 * 1.5 + 1)  # past the old connection's keepalive deadline
         wait_until(lambda: "c2-online" in seen, 10, "c2-online at the central broker")
         assert seen == ["c1-online", "c2-online"]
-        second.disconnect()  # a clean stop: no will (paho would otherwise take the session back below)
+        # a clean stop: no will (paho would otherwise take the session back below); the DISCONNECT packet must
+        # have left before the network loop stops, or the broker sees a dropped connection and sends c2's will
+        gone = threading.Event()
+        second.on_disconnect = lambda *args: gone.set()
+        second.disconnect()
+        assert gone.wait(10), "c2's clean disconnect did not complete"
         second.loop_stop()
         # the device comes back through ANOTHER site while site A still holds its half-open connection:
         # site A publishes that connection's will only at its keepalive deadline, after the new online
