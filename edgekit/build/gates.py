@@ -165,11 +165,21 @@ class AccuracyCheck:
 class FidelityCheck:
     settings: FidelityGate
 
-    def measure(self, fp32_outputs: np.ndarray, outputs: np.ndarray) -> dict[str, Any]:
+    def measure(self, fp32_outputs: np.ndarray, outputs: np.ndarray,
+                more: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, first: str = "output") -> dict[str, Any]:
+        """Cosine and top-1 agreement of the first output; ``more``: the model's other outputs (name →
+        (FP32, artifact)), whose cosines are reported by name (``first``: the first output's) and of which the
+        worst is the gated cosine."""
         cos = cosine_per_sample(fp32_outputs, outputs)
-        return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
-                "top1_agreement": top1_agreement(fp32_outputs, outputs), "samples": int(len(cos)),
-                "min_cosine": self.settings.min_cosine, "min_top1_agreement": self.settings.min_top1_agreement}
+        out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
+               "top1_agreement": top1_agreement(fp32_outputs, outputs), "samples": int(len(cos)),
+               "min_cosine": self.settings.min_cosine, "min_top1_agreement": self.settings.min_top1_agreement}
+        if more:
+            each = {name: cosine_per_sample(a, b) for name, (a, b) in more.items()}
+            out["outputs"] = {first: out["cosine"], **{name: float(c.mean()) for name, c in each.items()}}
+            out["cosine"] = min(out["outputs"].values())
+            out["cosine_min"] = min([out["cosine_min"], *(float(c.min()) for c in each.values())])
+        return out
 
     def gates(self, figures: dict[str, Any]) -> list[GateResult]:
         out = []
@@ -180,8 +190,10 @@ class FidelityCheck:
                 out.append(GateResult(f"fidelity.{name}", "not_checked", value, None, "",
                                       f"fidelity.min_{name} is null"))
             else:
+                worst = (f" (the worst of the outputs: {min(figures['outputs'], key=figures['outputs'].get)})"
+                         if name == "cosine" and figures.get("outputs") else "")
                 out.append(GateResult(f"fidelity.{name}", "passed" if value >= threshold else "failed", value,
-                                      threshold, "", f"{name} {value:.4f} on {figures['samples']} held-back "
+                                      threshold, "", f"{name} {value:.4f}{worst} on {figures['samples']} held-back "
                                                      f"calibration samples (at least {threshold})"))
         return out
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgekit_runtime.bench import BenchSettings, compare
 
-from .backends.base import Artifact, BackendCompiler, Signature, make_engine, predict_logits
+from .backends.base import Artifact, BackendCompiler, Signature, feeds, make_engine, predict_outputs
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Measurer:
     engine: str
     reference_options: dict[str, Any]
     deploy_options: dict[str, Any]
-    _outputs: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
+    _outputs: dict[tuple, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def options(self, reference: bool) -> dict[str, Any]:
         return self.reference_options if reference else self.deploy_options
@@ -59,16 +59,19 @@ class Measurer:
             opts["spin_wait"] = spin_wait
         return make_engine(art, self.engine, self.compiler.signature(art, self.sig), opts)
 
-    def outputs(self, art: Artifact, x: np.ndarray, data: str, reference: bool = False) -> np.ndarray:
-        """The artifact's first output on ``x`` (named ``data`` for the cache)."""
+    def outputs(self, art: Artifact, x: np.ndarray, data: str, reference: bool = False,
+                output: str | None = None) -> np.ndarray:
+        """The artifact's first output (or ``output``) on ``x`` (named ``data`` for the cache); every output
+        is kept from the one run."""
         key = (str(art.directory), art.main, reference, data, len(x))
+        sig = self.compiler.signature(art, self.sig)
         if key not in self._outputs:
-            self._outputs[key] = predict_logits(self.make(art, reference), self.compiler.signature(art, self.sig), x)
-        return self._outputs[key]
+            self._outputs[key] = predict_outputs(self.make(art, reference), sig, x)
+        return self._outputs[key][output or sig.output_name]
 
     def latency(self, arts: dict[str, tuple[Artifact, bool]], x: np.ndarray, queries: int = 100) -> dict[str, Any]:
         """Single-stream latency of each (artifact, reference) pair, interleaved in one run so ratios are fair."""
-        samples = [{self.sig.input_name: x[i : i + 1]} for i in range(min(32, len(x)))]
+        samples = [feeds(self.sig, x[i : i + 1]) for i in range(min(32, len(x)))]
         s = BenchSettings(warmup=10, min_queries=queries, min_duration_s=0.5, max_duration_s=20, offline_batch=None)
         models = {name: _EngineModel(self.make(art, ref, spin_wait=False)) for name, (art, ref) in arts.items()}
         res = compare(models, samples, s)

@@ -30,8 +30,10 @@ def _flow(value: Any) -> str:
 
 
 def build_file_text(model: str, target: str, input_shape: list[int], notes: list[str], preprocess: dict[str, Any],
-                    calibration: str | None, validation: str | None, output: str) -> str:
-    """The build file, with a comment on every section (YAML that ``load_build`` accepts as it is)."""
+                    calibration: str | None, validation: str | None, output: str,
+                    inputs: list[str] | None = None) -> str:
+    """The build file, with a comment on every section (YAML that ``load_build`` accepts as it is);
+    ``inputs``: the input names of a model with several (no image preprocessing, .npz data by name)."""
     name = Path(model).stem.split(":")[-1]
     lines = [
         f"# Build file for {model}, written by `edgekit init` from the model's input signature.",
@@ -47,16 +49,31 @@ def build_file_text(model: str, target: str, input_shape: list[int], notes: list
         "",
         f"target: {target}   # `edgekit targets list` shows every device profile",
         "",
-        "# What the device does to an image before the model: resize to size, (x * scale - mean) / std per",
-        f"# channel. Started from a preset ({preprocess.pop('_preset')}); match what the model was trained with.",
-        "preprocess:",
-        *[f"  {k}: {_flow(v)}" for k, v in preprocess.items()],
-        "",
-        "# Images (or an .npz of preprocessed x) the INT8 quantizer calibrates on: a few hundred typical inputs.",
-        "# Part of them is held back to measure INT8 against FP32 (the fidelity gate).",
-        "calibration:",
-        f"  source: {calibration or 'calibration/'}" + ("" if calibration else "   # FILL IN: a folder of images"),
     ]
+    if inputs:  # several inputs: the data is preprocessed tensors, one array per input name
+        lines += [
+            f"# The model has {len(inputs)} inputs: the data below are .npz files of preprocessed float tensors, one",
+            f"# array per input name ({', '.join(inputs)}), samples along the first axis (and y for labels).",
+            "preprocess: null",
+            "",
+            "# The INT8 quantizer calibrates on it: a few hundred typical inputs; part is held back to measure INT8",
+            "# against FP32 (the fidelity gate, on every output).",
+            "calibration:",
+            f"  source: {calibration or 'calibration.npz'}" + ("" if calibration else
+                                                               f"   # FILL IN: arrays {', '.join(inputs)}"),
+        ]
+    else:
+        lines += [
+            "# What the device does to an image before the model: resize to size, (x * scale - mean) / std per",
+            f"# channel. Started from a preset ({preprocess.pop('_preset')}); match what the model was trained with.",
+            "preprocess:",
+            *[f"  {k}: {_flow(v)}" for k, v in preprocess.items()],
+            "",
+            "# Images (or an .npz of preprocessed x) the INT8 quantizer calibrates on: a few hundred typical inputs.",
+            "# Part of them is held back to measure INT8 against FP32 (the fidelity gate).",
+            "calibration:",
+            f"  source: {calibration or 'calibration/'}" + ("" if calibration else "   # FILL IN: a folder of images"),
+        ]
     if validation:
         lines += [
             "",
@@ -105,8 +122,11 @@ def model_input(model: str, input_shape: list[int] | None, size: list[int] | Non
         ins = graph_inputs(onnx.load(model, load_external_data=False))
     except Exception as exc:
         raise ConfigError(f"{model} cannot be read as ONNX: {exc}") from None
-    if len(ins) != 1:
-        raise ConfigError(f"{model} has {len(ins)} inputs; edgekit compiles models with one input")
+    if not ins:
+        raise ConfigError(f"{model} has no inputs (every graph input is a weight)")
+    if len(ins) > 1:
+        notes.append(f"the model has {len(ins)} inputs {[i.name for i in ins]}: input_shape is the first one's; the "
+                     f"others keep the shapes the file declares")
     dims = raw_input_shape(ins[0])
     if input_shape is None:
         layout, fixed = layout_and_size(dims)
@@ -141,10 +161,20 @@ def init_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Write a commented build file for MODEL from its input signature (then: edgekit compile FILE)."""
-    from ..config import load_build
     from ..config.presets import layout_and_size, parse_size, preset
 
     shape, notes = model_input(model, parse_input_shape(input_shape), parse_size(size))
+    inputs = onnx_input_names(model) if model.endswith(".onnx") else []
+    path = output or Path(f"{Path(model).stem.split(':')[-1]}.yaml")
+    bundle = f"build/{Path(model).stem.split(':')[-1]}-{Path(target).stem}.ekb"
+    if len(inputs) > 1:
+        if preprocess:
+            raise ConfigError(f"{model} has {len(inputs)} inputs {inputs}: its data is given as tensors by input "
+                              f"name, not preprocessed from images", hint="leave out --preprocess")
+        text = build_file_text(model, target, shape, notes, {}, calibration, validation, bundle, inputs)
+        _write_checked(path, text, force)
+        _done(path, text, shape, None, target, as_json)
+        return
     layout, hw = layout_and_size(shape)
     channels = (shape[1] if layout == "NCHW" else shape[3]) if layout else None
     name = preprocess or ("gray" if channels == 1 else "imagenet")
@@ -158,11 +188,26 @@ def init_cmd(
         raise ConfigError(f"input {shape} is not an image input (N, C, H, W or N, H, W, C with 1 or 3 channels)",
                           hint="write the build file by hand with preprocess: {type: tensor} (docs/build.md)")
     pre.update(size=hw, layout=layout)
-    path = output or Path(f"{Path(model).stem.split(':')[-1]}.yaml")
+    text = build_file_text(model, target, shape, notes, {"_preset": name, **pre}, calibration, validation, bundle)
+    _write_checked(path, text, force)
+    _done(path, text, shape, name, target, as_json)
+
+
+def onnx_input_names(model: str) -> list[str]:
+    """The ONNX file's data inputs (``model_input`` has read it already, so it is readable)."""
+    import onnx
+
+    from ..models.onnx_normalize import graph_inputs
+
+    return [i.name for i in graph_inputs(onnx.load(model, load_external_data=False))]
+
+
+def _write_checked(path: Path, text: str, force: bool) -> None:
+    """Write ``path`` only if it is new (or ``force``) and valid as written."""
+    from ..config import load_build
+
     if path.exists() and not force:
         raise ConfigError(f"{path} exists; pass --force to overwrite it or -o another file")
-    bundle = f"build/{Path(model).stem.split(':')[-1]}-{Path(target).stem}.ekb"
-    text = build_file_text(model, target, shape, notes, {"_preset": name, **pre}, calibration, validation, bundle)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -172,8 +217,11 @@ def init_cmd(
         tmp.unlink()
         raise
     tmp.replace(path)
+
+
+def _done(path: Path, text: str, shape: list[int], preprocess: str | None, target: str, as_json: bool) -> None:
     if as_json:
-        print_json({"build_file": str(path), "input_shape": shape, "preprocess": name, "target": target})
+        print_json({"build_file": str(path), "input_shape": shape, "preprocess": preprocess, "target": target})
         return
     console.print(text, highlight=False, markup=False)
     console.print(f"wrote [bold]{path}[/]: edgekit compile {path}")

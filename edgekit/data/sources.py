@@ -95,13 +95,20 @@ def _from_arrays(obj, where: str, targets: bool = False) -> tuple[np.ndarray, np
         x, y = obj
     elif isinstance(obj, dict) or hasattr(obj, "files"):
         keys = list(obj.keys()) if isinstance(obj, dict) else list(obj.files)
-        if "x" not in keys:
-            raise CalibrationError(f"{where} has keys {keys}; expected 'x' (and 'y' for labels)")
-        x, y = obj["x"], obj["y"] if "y" in keys else None
+        y = obj["y"] if "y" in keys else None
+        if "x" in keys:
+            x = obj["x"]
+        elif [k for k in keys if k != "y"]:  # a model with several inputs: one array per input name
+            x = per_input({k: obj[k] for k in keys if k != "y"}, where)
+        else:
+            raise CalibrationError(f"{where} has keys {keys}; expected 'x' (and 'y' for labels), or for a model "
+                                   f"with several inputs one array per input name")
     else:
         x, y = obj, None
     x = np.asarray(x)
-    if x.dtype != np.float32:
+    if x.dtype.names is not None:
+        pass  # per_input checked the fields
+    elif x.dtype != np.float32:
         if not np.issubdtype(x.dtype, np.floating):
             raise CalibrationError(f"{where}: x has dtype {x.dtype}; give preprocessed float tensors")
         x = x.astype(np.float32)
@@ -116,6 +123,36 @@ def _from_arrays(obj, where: str, targets: bool = False) -> tuple[np.ndarray, np
         if y.shape != (len(x),):
             raise CalibrationError(f"{where}: y has shape {y.shape}, expected ({len(x)},)")
     return x, y
+
+
+def per_input(arrays: dict[str, np.ndarray], where: str) -> np.ndarray:
+    """Samples of a model with several inputs as one numpy structured array: a field per input name, each
+    float32 with its own per-sample shape. Slicing, ``len``, ``np.concatenate`` and hashing work on it as on
+    a plain batch, so the build passes it where a one-input model's array goes; ``x[name]`` is one input's
+    batch (``edgekit.build.backends.base.feeds`` makes the engine's feeds of it)."""
+    fields, lengths = [], {}
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if not np.issubdtype(a.dtype, np.floating) or a.ndim < 1:
+            raise CalibrationError(f"{where}: input {name!r} has dtype {a.dtype} and shape {a.shape}; give "
+                                   f"preprocessed float tensors, the samples along the first axis")
+        fields.append((name, np.float32, a.shape[1:]))
+        lengths[name] = len(a)
+    if len(set(lengths.values())) > 1:
+        raise CalibrationError(f"{where}: the inputs hold different numbers of samples {lengths}; give the same "
+                               f"number for every input")
+    out = np.empty(next(iter(lengths.values())), dtype=np.dtype(fields))
+    for name, a in arrays.items():
+        out[name] = a
+    return out
+
+
+def named_feeds(x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """A batch of samples as an engine's feeds: a plain array goes to the first (only) input name; a structured
+    array (:func:`per_input`) gives each named input its field."""
+    if x.dtype.names is None:
+        return {names[0]: x}
+    return {name: np.ascontiguousarray(x[name]) for name in names}
 
 
 def load_data(src: DataSource, preprocess: dict | None = None, labels: list[str] | None = None,

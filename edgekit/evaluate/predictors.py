@@ -97,7 +97,8 @@ class BundlePredictor:
         outs = []
         for start in range(0, len(raw), step):
             chunk = raw[start : start + step]
-            x = self._preprocess(chunk)
+            # several inputs come as a structured array of tensors (one field per input name), run as they are
+            x = chunk if chunk.dtype.names else self._preprocess(chunk)
             n = len(x)
             if fixed and n < fixed:  # a fixed-batch model: pad the last chunk, keep the real rows
                 x = np.concatenate([x, np.repeat(x[-1:], fixed - n, axis=0)])

@@ -181,9 +181,23 @@ def fmt_flag(onnx_dims: list[Any], requested: list[int] | None) -> str:
     return ",".join(map(str, vals))
 
 
-def set_input_dims(model, dims: list[Dim]) -> None:
-    """Write ``dims`` on the (one) data input; clear −1/0 sizes elsewhere so shape inference recomputes them."""
-    vi = graph_inputs(model)[0]
+def other_input_dims(onnx_dims: list[Any], batch: Dim, input_name: str) -> list[Dim]:
+    """A further input's dims (a model with several inputs): its batch follows the first input's, other −1/0
+    dims become symbols named after the input (shapes the calibration data then gives at run time)."""
+    out: list[Dim] = []
+    for i, d in enumerate(onnx_dims):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        elif i == 0:
+            out.append(batch)
+        else:
+            out.append(d if isinstance(d, str) and d != "?" else f"{input_name}_d{i}")
+    return out
+
+
+def set_input_dims(model, dims: list[Dim], index: int = 0) -> None:
+    """Write ``dims`` on data input ``index``; clear −1/0 sizes elsewhere so shape inference recomputes them."""
+    vi = graph_inputs(model)[index]
     shape = vi.type.tensor_type.shape
     for d, new in zip(shape.dim, dims):
         d.Clear()
@@ -276,14 +290,16 @@ def normalize_onnx(src: Path, out: Path, requested: list[int] | None, dynamic_ba
         raise ModelImportError(f"cannot read {src}: {describe(exc)}",
                                hint="is it an ONNX file? re-export it, or check that it was copied whole") from None
     inputs = graph_inputs(model)
-    if len(inputs) != 1:
-        raise ModelImportError(f"{name} has {len(inputs)} inputs ({[i.name for i in inputs]}); edgekit compiles "
-                               f"single-input models", hint="export the model with one input tensor")
-    elem = inputs[0].type.tensor_type.elem_type if inputs[0].type.HasField("tensor_type") else None
-    if elem != onnx.TensorProto.FLOAT:
-        kind = onnx.TensorProto.DataType.Name(elem) if elem else "not a tensor"
-        raise ModelImportError(f"{name}: input {inputs[0].name!r} is {kind}; edgekit compiles float32-input models",
-                               hint="export the model with a float32 input (cast inside the model if it needs another type)")
+    if not inputs:
+        raise ModelImportError(f"{name} has no inputs (every graph input is a weight)",
+                               hint="export the model with its data input(s) as graph inputs")
+    for vi in inputs:
+        elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else None
+        if elem != onnx.TensorProto.FLOAT:
+            kind = onnx.TensorProto.DataType.Name(elem) if elem else "not a tensor"
+            raise ModelImportError(f"{name}: input {vi.name!r} is {kind}; edgekit compiles float32-input models",
+                                   hint="export the model with float32 inputs (cast inside the model if it needs "
+                                        "another type)")
     rep = NormalizeReport(input_shape_before=raw_input_shape(inputs[0]), opset_before=default_opset(model))
     if not inputs[0].type.HasField("tensor_type") or not inputs[0].type.tensor_type.HasField("shape"):
         if requested is None:
@@ -295,6 +311,15 @@ def normalize_onnx(src: Path, out: Path, requested: list[int] | None, dynamic_ba
     if dims != rep.input_shape_before:
         rep.steps.append(f"input {inputs[0].name}: {fmt(rep.input_shape_before)} → {fmt(dims)}")
     set_input_dims(model, dims)
+    for index, vi in enumerate(inputs[1:], 1):  # several inputs: --input-shape is the first one's
+        before = raw_input_shape(vi) if vi.type.tensor_type.HasField("shape") else None
+        if not before:
+            raise ConfigError(f"{name} does not declare the shape of its input {vi.name!r}",
+                              hint="re-export the model with every input's shape (symbolic dimensions are fine)")
+        other = other_input_dims(before, dims[0], vi.name)
+        if other != before:
+            rep.steps.append(f"input {vi.name}: {fmt(before)} → {fmt(other)}")
+        set_input_dims(model, other, index)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
@@ -328,10 +353,10 @@ def normalize_onnx(src: Path, out: Path, requested: list[int] | None, dynamic_ba
                       "onnx_shape_inference": "none (model used as it is)"}[done])
     check_runs(out, name)
     left = graph_inputs(onnx.load(str(out), load_external_data=False))
-    if len(left) != 1:
-        raise ModelImportError(f"{name}: after shape inference the model has {len(left)} inputs "
-                               f"({[i.name for i in left][:5]}); edgekit compiles single-input models",
-                               hint="export the model with one input tensor and its weights as initializers")
+    if [i.name for i in left] != [i.name for i in inputs]:
+        raise ModelImportError(f"{name}: after shape inference the model's inputs are {[i.name for i in left][:5]}, "
+                               f"not {[i.name for i in inputs][:5]}",
+                               hint="export the model with its weights as initializers, not as graph inputs")
     if dims[0] == BATCH:
         failure = batch_failure(out, dims)
         if failure is not None:
@@ -355,7 +380,8 @@ def batch_failure(path: Path, dims: list[Dim]) -> str | None:
         quiet = ort.SessionOptions()
         quiet.log_severity_level = 4  # the failure is the answer, not an error to print
         sess = ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: np.zeros(shape, dtype=np.float32)}
+        feed = {i.name: np.zeros([2, *[d if isinstance(d, int) else 1 for d in i.shape[1:]]] if n else shape,
+                                 dtype=np.float32) for n, i in enumerate(sess.get_inputs())}
         got = sess.run(None, feed)[0]
     except Exception as exc:  # the answer is the failure itself: the caller fixes the batch
         node = node_in(str(exc))
@@ -381,9 +407,9 @@ def expected_input_shape(cfg) -> list[Dim] | None:
 
 
 def onnx_input_shape(path: str | Path, given: list[int] | None = None, dynamic_batch: bool = True) -> list[Dim] | None:
-    """The ONNX file's one input resolved against ``given`` (``--input-shape``) as the import will resolve it.
+    """The ONNX file's (first) input resolved against ``given`` (``--input-shape``) as the import will resolve it.
 
-    ``given`` when the file has several inputs or no shape; None when it cannot be read (the import
+    ``given`` when the file declares no shape; None when it cannot be read (the import
     stage then says why); contradictions and open dims without ``given`` raise ConfigError here.
     """
     import onnx
@@ -393,7 +419,7 @@ def onnx_input_shape(path: str | Path, given: list[int] | None = None, dynamic_b
     except Exception:  # the import stage reports an unreadable file with its hint
         return None
     inputs = graph_inputs(model)
-    if len(inputs) != 1 or not inputs[0].type.tensor_type.HasField("shape"):
+    if not inputs or not inputs[0].type.tensor_type.HasField("shape"):
         return given
     return resolve_input_shape(raw_input_shape(inputs[0]), given, dynamic_batch, Path(path).name)
 

@@ -56,6 +56,9 @@ class Model:
         if not isinstance(feeds, (np.ndarray, dict)):
             raise InputError(f"the input is {_type_name(feeds)}, not a numpy array or a dict of them by input name",
                              code=ErrorCode.INPUT_BAD_DTYPE, hint="convert it with numpy.asarray(x, dtype=...)")
+        if isinstance(feeds, np.ndarray) and feeds.dtype.names:
+            # several inputs in one structured array, a field per input name (a multi-input bundle's health sample)
+            feeds = {name: np.ascontiguousarray(feeds[name]) for name in feeds.dtype.names}
         if isinstance(feeds, np.ndarray):
             if len(self.inputs) != 1:
                 raise InputError(
@@ -187,7 +190,10 @@ def _health_array(data: bytes, name: str) -> np.ndarray:
         raise EngineError(f"the health check's {name!r} is not a .npy array readable without pickle ({exc})",
                           code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED,
                           hint="rebuild the bundle with `edgekit build`") from None
-    if not isinstance(a, np.ndarray) or a.dtype.hasobject or a.dtype.kind not in "biuf":
+    numeric = isinstance(a, np.ndarray) and not a.dtype.hasobject and (
+        a.dtype.kind in "biuf" or (a.dtype.names is not None  # several inputs: a field per input name
+                                   and all(a.dtype.fields[n][0].base.kind in "biuf" for n in a.dtype.names)))
+    if not numeric:
         raise EngineError(f"the health check's {name!r} holds {getattr(a, 'dtype', type(a))}, not numbers",
                           code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED, hint="rebuild the bundle with `edgekit build`")
     return a

@@ -17,6 +17,7 @@ from edgekit_runtime.contract.manifest import BackendOptions, TensorSpec
 from edgekit_runtime.engines import EngineOptions, engine_class
 
 from ...config import QuantizeSettings, RuntimeSettings
+from ...data.sources import named_feeds
 
 if TYPE_CHECKING:
     from ..gates import Attempt, RecoveryGoal
@@ -48,6 +49,10 @@ class SourceModel:
 
 @dataclass
 class Signature:
+    """The model's tensors as the manifest declares them. The first input is the one the bundle's
+    preprocessing feeds and the first output the one its postprocessing and the accuracy gate read;
+    ``more_inputs``/``more_outputs`` are the others, in the model's order (name, shape)."""
+
     input_name: str
     output_name: str
     input_shape: list[int | str]  # batch may be "batch"
@@ -56,15 +61,34 @@ class Signature:
     # The manifest dtype stays float32: the engine converts, users pass float.
     input_quantization: dict | None = None
     output_quantization: dict | None = None
+    more_inputs: list[tuple[str, list[int | str]]] = field(default_factory=list)
+    more_outputs: list[tuple[str, list[int | str]]] = field(default_factory=list)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [self.input_name] + [n for n, _ in self.more_inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.output_name] + [n for n, _ in self.more_outputs]
 
     def manifest_tensors(self) -> tuple[list[dict], list[dict]]:
-        layout = "NCHW" if len(self.input_shape) == 4 else None
+        def tensor(name: str, shape: list[int | str], quantization: dict | None) -> dict:
+            layout = "NCHW" if len(shape) == 4 and name == self.input_name else None
+            return {"name": name, "dtype": "float32", "shape": shape, "layout": layout, "quantization": quantization}
+
         return (
-            [{"name": self.input_name, "dtype": "float32", "shape": self.input_shape, "layout": layout,
-              "quantization": self.input_quantization}],
-            [{"name": self.output_name, "dtype": "float32", "shape": self.output_shape, "layout": None,
-              "quantization": self.output_quantization}],
+            [tensor(self.input_name, self.input_shape, self.input_quantization)]
+            + [tensor(n, shape, None) for n, shape in self.more_inputs],
+            [{**tensor(self.output_name, self.output_shape, self.output_quantization), "layout": None}]
+            + [tensor(n, shape, None) for n, shape in self.more_outputs],
         )
+
+
+def feeds(sig: Signature, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The engine's feeds for a batch of samples: a plain array goes to the one input; a structured array
+    (a model with several inputs, see ``edgekit.data.sources``) holds one field per input name."""
+    return named_feeds(x, sig.input_names)
 
 
 class BackendCompiler(abc.ABC):
@@ -85,6 +109,10 @@ class BackendCompiler(abc.ABC):
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                  exclude: list[str] | None = None, recipe: str | None = None) -> Artifact:
         """Post-training INT8 quantization calibrated on ``calib``; ``recipe``: one of :meth:`recipes`."""
+
+    def check_signature(self, sig: Signature) -> None:
+        """Refuse (an EdgekitError that says what to do) a model this backend cannot compile, before any work.
+        Every backend here takes several inputs and outputs except where it overrides this."""
 
     def recipes(self, src: SourceModel) -> list[str]:
         """Other post-training recipes this model's architecture calls for, in the order to try them when plain
@@ -136,21 +164,29 @@ def make_engine(artifact: Artifact, engine: str, sig: Signature, options: dict[s
 
 
 def predict_logits(eng, sig: Signature, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The first output on ``x`` (the one accuracy, labels and postprocessing read)."""
+    return predict_outputs(eng, sig, x, batch)[sig.output_name]
+
+
+def predict_outputs(eng, sig: Signature, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    """Every output on ``x``, by name, run in batches (padded to a fixed batch where the model has one)."""
     fixed = isinstance(sig.input_shape[0], int)
     step = int(sig.input_shape[0]) if fixed else batch
-    outs = []
+    outs: list[dict[str, np.ndarray]] = []
     for i in range(0, len(x), step):
         chunk = x[i : i + step]
         if fixed and len(chunk) < step:  # pad the last batch of a fixed-batch model
             pad = np.repeat(chunk[-1:], step - len(chunk), axis=0)
-            outs.append(eng.run({sig.input_name: np.concatenate([chunk, pad])})[sig.output_name][: len(chunk)])
+            got = eng.run(feeds(sig, np.concatenate([chunk, pad])))
+            outs.append({name: got[name][: len(chunk)] for name in sig.output_names})
         else:
-            outs.append(eng.run({sig.input_name: chunk})[sig.output_name])
-    return np.concatenate(outs)
+            got = eng.run(feeds(sig, chunk))
+            outs.append({name: got[name] for name in sig.output_names})
+    return {name: np.concatenate([o[name] for o in outs]) for name in sig.output_names}
 
 
 def onnx_signature(onnx_path: Path) -> Signature:
-    """Input/output names and shapes of a one-input ONNX model (symbolic dims become names, the first "batch")."""
+    """Input/output names and shapes of an ONNX model (symbolic dims become names, the first "batch")."""
     import onnx
 
     from ...errors import ConfigError
@@ -158,8 +194,9 @@ def onnx_signature(onnx_path: Path) -> Signature:
     m = onnx.load(str(onnx_path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
     ins = [i for i in m.graph.input if i.name not in inits]
-    if len(ins) != 1 or len(m.graph.output) < 1:
-        raise ConfigError(f"{onnx_path.name}: edgekit compiles models with one input (found {len(ins)})")
+    if not ins or not m.graph.output:
+        raise ConfigError(f"{onnx_path.name}: the model has {len(ins)} input(s) and {len(m.graph.output)} "
+                          f"output(s); edgekit compiles models with at least one of each")
 
     def dims(vi) -> list[int | str]:
         # −1, 0 and empty dims are unknown, not sizes (older exporters write −1 for "any"): the first is the
@@ -172,4 +209,7 @@ def onnx_signature(onnx_path: Path) -> Signature:
                 out.append(d.dim_param or ("batch" if i == 0 else f"d{i}"))
         return out
 
-    return Signature(ins[0].name, m.graph.output[0].name, dims(ins[0]), dims(m.graph.output[0]))
+    outs = list(m.graph.output)
+    return Signature(ins[0].name, outs[0].name, dims(ins[0]), dims(outs[0]),
+                     more_inputs=[(i.name, dims(i)) for i in ins[1:]],
+                     more_outputs=[(o.name, dims(o)) for o in outs[1:]])

@@ -28,6 +28,7 @@ import numpy as np
 from ...config import QuantizeSettings, RuntimeSettings
 from ..gates import Attempt, RecoveryGoal
 from .attention import find_attention
+from ...data.sources import named_feeds
 from .base import Artifact, BackendCompiler, SourceModel, runtime_options
 from .sensitivity import RANKED_OPS, RANKING_SAMPLES, QdqOptions, rank_isolated, search_fewest
 
@@ -52,6 +53,8 @@ def _calibration_dataset(calib: np.ndarray, settings: QuantizeSettings):
     import nncf
 
     x = calib[: settings.calibration_count]
+    if x.dtype.names:  # several inputs: OpenVINO takes a dict by input name
+        return nncf.Dataset([named_feeds(x[i : i + 1], list(x.dtype.names)) for i in range(len(x))]), len(x)
     return nncf.Dataset([x[i : i + 1] for i in range(len(x))]), len(x)
 
 
@@ -151,7 +154,8 @@ class OpenVINOCompiler(BackendCompiler):
 
         dataset, n = _calibration_dataset(calib, settings)
         # items carry their index: NNCF validates subsets when it ranks layers
-        items = [(goal.x[i : i + 1], i) for i in range(len(goal.x))]
+        names = list(goal.x.dtype.names or [])
+        items = [(named_feeds(goal.x[i : i + 1], names) if names else goal.x[i : i + 1], i) for i in range(len(goal.x))]
         validation = nncf.Dataset(items, lambda item: item[0])
 
         def validate(compiled, subset) -> float:

@@ -96,9 +96,10 @@ class TensorRTCompiler(OnnxRuntimeCompiler):
         opts = runtime_options(runtime)
         trt = dict(opts.get("tensorrt") or {})
         max_batch = int(trt.pop("max_batch", 1))
-        fixed = [d if isinstance(d, int) else 1 for d in sig.input_shape]
-        dynamic = not isinstance(sig.input_shape[0], int)
-        top = [max_batch if dynamic else fixed[0], *fixed[1:]]
-        trt["shapes"] = {sig.input_name: {"min": fixed, "opt": fixed, "max": top}}
+        trt["shapes"] = {}
+        for name, shape in [(sig.input_name, sig.input_shape), *sig.more_inputs]:
+            fixed = [d if isinstance(d, int) else 1 for d in shape]
+            top = [max_batch if not isinstance(shape[0], int) else fixed[0], *fixed[1:]]
+            trt["shapes"][name] = {"min": fixed, "opt": fixed, "max": top}
         opts["tensorrt"] = trt
         return opts

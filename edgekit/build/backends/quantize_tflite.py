@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ...config import QuantizeSettings, RuntimeSettings
-from ...errors import EdgekitError, ModelImportError
+from ...errors import ConfigError, EdgekitError, ModelImportError
 from ..gates import Attempt, RecoveryGoal
 from .base import Artifact, BackendCompiler, Signature, SourceModel, runtime_options
 from .onnx_to_torch import converter_version, onnx_to_torch
@@ -115,6 +115,15 @@ class TFLiteCompiler(BackendCompiler):
             return {}
         self.from_onnx = True
         return {"source_converter": converter_version()}
+
+    def check_signature(self, sig: Signature) -> None:
+        """One input and one output: the conversion traces the model with one sample tensor, and the bundle's
+        tensors are mapped to the interpreter's by position, which a renamed multi-tensor graph does not keep."""
+        if sig.more_inputs or sig.more_outputs:
+            raise ConfigError(f"the TFLite targets compile models with one input and one output; this one has "
+                              f"inputs {sig.input_names} and outputs {sig.output_names}",
+                              hint="compile it for x86-openvino-cpu, onnxruntime-cpu or a Jetson target, or "
+                                   "export a single-input, single-output model for the phone")
 
     def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
         import litert_torch

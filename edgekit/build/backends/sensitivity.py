@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ...data.sources import named_feeds
 from ..gates import Attempt, RecoveryGoal
 
 log = logging.getLogger(__name__)
@@ -75,22 +76,23 @@ class QdqOptions:
 
 
 class _Reader:
-    """CalibrationDataReader over a tensor, one sample per call (fixed-batch models included)."""
+    """CalibrationDataReader over the samples, one per call (fixed-batch models included); several inputs'
+    samples come as a structured array (``edgekit.data.sources.per_input``)."""
 
-    def __init__(self, name: str, x: np.ndarray):
-        self._items = iter([{name: x[i : i + 1]} for i in range(len(x))])
+    def __init__(self, names: list[str], x: np.ndarray):
+        self._items = iter([named_feeds(x[i : i + 1], names) for i in range(len(x))])
 
     def get_next(self):
         return next(self._items, None)
 
 
-def input_name(path: Path) -> str:
-    """The one graph input that is not an initializer."""
+def input_names(path: Path) -> list[str]:
+    """The graph inputs that are not initializers, in order."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
-    return next(i.name for i in m.graph.input if i.name not in inits)
+    return [i.name for i in m.graph.input if i.name not in inits]
 
 
 def calibration_cache(model: Path, calib: np.ndarray, method: str, workdir: Path,
@@ -102,7 +104,7 @@ def calibration_cache(model: Path, calib: np.ndarray, method: str, workdir: Path
     wider recipe the old ranges.
     """
     h = hashlib.sha256(model.read_bytes())
-    h.update(np.ascontiguousarray(calib, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(calib if calib.dtype.names else calib.astype(np.float32, copy=False)).tobytes())
     h.update(method.encode())
     if op_types:
         h.update(",".join(sorted(op_types)).encode())
@@ -125,7 +127,7 @@ def write_qdq(pre: Path, out: Path, calib: np.ndarray, opts: QdqOptions, workdir
     out.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_quantizer():
         quantize_static(
-            str(pre), str(out), _Reader(input_name(pre), calib),
+            str(pre), str(out), _Reader(input_names(pre), calib),
             quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
             activation_type=QuantType.QUInt8 if opts.activation_type == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=methods[opts.calibrate_method],
@@ -173,8 +175,8 @@ def _outputs(path: Path, samples: np.ndarray) -> np.ndarray:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-    return np.concatenate([sess.run([out], {name: samples[i : i + 1]})[0] for i in range(len(samples))])
+    names, out = [i.name for i in sess.get_inputs()], sess.get_outputs()[0].name
+    return np.concatenate([sess.run([out], named_feeds(samples[i : i + 1], names))[0] for i in range(len(samples))])
 
 
 def relative_error(ref: np.ndarray, out: np.ndarray) -> float:
@@ -220,8 +222,8 @@ def rank_added(pre: Path, qdq: Path, samples: np.ndarray) -> list[LayerError]:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        feed = sess.get_inputs()[0].name
-        runs = [sess.run(names, {feed: samples[i : i + 1]}) for i in range(len(samples))]
+        feed = [i.name for i in sess.get_inputs()]
+        runs = [sess.run(names, named_feeds(samples[i : i + 1], feed)) for i in range(len(samples))]
         return {n: np.concatenate([r[j] for r in runs]) for j, n in enumerate(names)}
 
     f, q = run_with(pre), run_with(qdq)

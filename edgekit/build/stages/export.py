@@ -54,6 +54,10 @@ class ExportStage:
             acc.check_reference(out, state.val.y, ref["accuracy"], state.val.source)
         if state.holdout is not None:
             ref["holdout_outputs"] = state.measurer.outputs(state.fp32, state.holdout, "holdout", reference=True)
+            # a model with several outputs: INT8 is held to each of them (a detector's boxes as well as its scores)
+            ref["holdout_more_outputs"] = {name: state.measurer.outputs(state.fp32, state.holdout, "holdout",
+                                                                        reference=True, output=name)
+                                           for name, _ in state.sig.more_outputs}
         state.reference = ref
         state.chosen = state.fp32
         summary = {"artifact": state.fp32.main, "bytes": state.fp32.size_bytes(), "measured_with": engine}

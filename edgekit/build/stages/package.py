@@ -19,6 +19,7 @@ from edgekit_runtime.keyring import Keyring, key_id_of
 
 from ... import __version__
 from ...errors import VerificationError
+from ..backends.base import feeds
 from ..bundle_writer import write_bundle
 from ..state import BuildState
 
@@ -70,7 +71,7 @@ class PackageStage:
         sig = state.sig
         x = (state.val or state.calib).x if (state.val or state.calib) else state.probe
         sample_x = x[:1]
-        expected = m.make(chosen, reference=False).run({sig.input_name: sample_x})[sig.output_name]
+        expected = m.make(chosen, reference=False).run(feeds(sig, sample_x))[sig.output_name]
         scale = float(np.max(np.abs(expected))) or 1.0
         tol = (0.05 * scale, 0.05) if chosen.precision == "int8" else (1e-3 * scale + 1e-5, 1e-3)
         members = {f: (chosen.directory / f).read_bytes() for f in chosen.files}
@@ -119,8 +120,8 @@ class PackageStage:
             health_check=mf.HealthCheck(input="health/input.npy", expected_output="health/expected_output.npy",
                                         atol=tol[0], rtol=tol[1]),
             # keyed by the deployed tensor's name (a TFLite artifact may rename the source's input)
-            input_stats={chosen_sig.input_name: mf.InputStats.from_dict(
-                input_statistics(calib.x if calib is not None else x))},
+            input_stats={name: mf.InputStats.from_dict(input_statistics(values)) for name, values in zip(
+                chosen_sig.input_names, feeds(sig, calib.x if calib is not None else x).values())},
         )
         tmp = temporary_bundle_path(cfg.output)
         state.bundle_tmp = tmp

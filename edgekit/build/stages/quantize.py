@@ -45,7 +45,10 @@ def quality(state: BuildState, art: Artifact, strategy: str, details: dict[str, 
         results.append(gate)
     if state.holdout is not None:
         fid = FidelityCheck(state.profile.fidelity)
-        figures["fidelity"] = fid.measure(ref["holdout_outputs"], state.measurer.outputs(art, state.holdout, "holdout"))
+        more = {name: (fp32, state.measurer.outputs(art, state.holdout, "holdout", output=name))
+                for name, fp32 in ref.get("holdout_more_outputs", {}).items()}
+        first = state.measurer.outputs(art, state.holdout, "holdout")
+        figures["fidelity"] = fid.measure(ref["holdout_outputs"], first, more, first=state.sig.output_name)
         gates = fid.gates(figures["fidelity"])
         if retrained and any(r.name == "accuracy" and r.status != "not_checked" for r in results):
             gates = [dataclasses.replace(g, status="not_checked", detail=f"{g.detail}; reported, not gated: QAT "
