@@ -1,0 +1,203 @@
+"""Detection and segmentation data as users keep it: COCO ``annotations.json`` or YOLO ``labels/*.txt``, and
+PNG label masks.
+
+A data folder holds ``train/`` and optionally ``val/`` and ``test/``; each split has ``images/`` and
+either ``annotations.json`` (COCO: ``bbox`` is ``[x, y, width, height]`` in pixels, ``category_id``
+any integers) or ``labels/<image stem>.txt`` (YOLO: ``class cx cy w h`` per line, normalised to the
+image size, class indices from 0), and for segmentation ``masks/<image stem>.png`` holding a class
+index per pixel (0 background, ``255`` ignored). Class names come from the COCO categories or, for
+YOLO, from ``classes.txt`` (or ``data.yaml``'s ``names``) next to the splits.
+
+Everything is read into :class:`Record` s with boxes as ``x0, y0, x1, y1`` in pixels of the image file and
+class indices from 0 (COCO categories are mapped in ascending id order); a malformed file is refused
+with its path and line (:class:`~edgekit.errors.CalibrationError`), never skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CalibrationError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IGNORE = 255  # a mask value that no loss or metric counts (borders, unlabelled pixels)
+
+
+@dataclass
+class Record:
+    image: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32 x0, y0, x1, y1 pixels
+    labels: np.ndarray  # (N,) int64 from 0
+    mask: Path | None = None  # segmentation: class index per pixel, 0 background
+
+    def read_mask(self) -> np.ndarray:
+        import cv2
+
+        if self.mask is None:
+            raise CalibrationError(f"{self.image} has no mask", hint=f"add masks/{self.image.stem}.png")
+        m = cv2.imread(str(self.mask), cv2.IMREAD_UNCHANGED)
+        if m is None or m.ndim != 2:
+            raise CalibrationError(f"{self.mask} is not a one-channel PNG label image",
+                                   hint="save the mask as 8-bit grey: the class index per pixel, 0 background")
+        if m.shape != (self.height, self.width):
+            raise CalibrationError(f"{self.mask} is {m.shape[1]}×{m.shape[0]}; its image is "
+                                   f"{self.width}×{self.height}", hint="masks have their image's size")
+        return m
+
+
+@dataclass
+class Split:
+    name: str
+    records: list[Record]
+    classes: list[str]
+    source: str  # "coco" | "yolo"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as exc:  # PIL raises several types for unreadable files
+        raise CalibrationError(f"{path} cannot be read as an image ({exc})",
+                               hint="remove or replace the file") from None
+
+
+def _images(root: Path) -> dict[str, Path]:
+    folder = root / "images"
+    if not folder.is_dir():
+        raise CalibrationError(f"{root} has no images/ folder", hint="put the split's images in images/")
+    return {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _coco(root: Path, classes: list[str] | None) -> tuple[list[Record], list[str]]:
+    path = root / "annotations.json"
+    try:
+        doc = json.loads(path.read_text())
+        cats = sorted(doc["categories"], key=lambda c: c["id"])
+        images, anns = doc["images"], doc.get("annotations", [])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CalibrationError(f"{path} is not a COCO annotation file ({type(exc).__name__}: {exc})",
+                               hint="it needs 'images', 'categories' and 'annotations'") from None
+    names = [c["name"] for c in cats]
+    if classes is not None and names != classes:
+        raise CalibrationError(f"{path} has categories {names}; the other splits have {classes}",
+                               hint="every split uses the same categories")
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    files = _images(root)
+    by_image: dict[int, list[dict]] = {}
+    for a in anns:
+        by_image.setdefault(a["image_id"], []).append(a)
+    records = []
+    for im in images:
+        if im["file_name"] not in files:
+            raise CalibrationError(f"{path} lists {im['file_name']!r}, which is not in {root / 'images'}")
+        boxes, labels = [], []
+        for a in by_image.get(im["id"], []):
+            if a.get("iscrowd", 0):
+                continue  # crowd regions are neither objects to find nor false positives (COCO's rule)
+            if a["category_id"] not in index:
+                raise CalibrationError(f"{path}: annotation {a.get('id')} has category_id {a['category_id']}, "
+                                       f"not among the categories")
+            x, y, w, h = (float(v) for v in a["bbox"])
+            if w <= 0 or h <= 0:
+                raise CalibrationError(f"{path}: annotation {a.get('id')} has an empty bbox {a['bbox']}")
+            boxes.append([x, y, x + w, y + h])
+            labels.append(index[a["category_id"]])
+        records.append(Record(files[im["file_name"]], int(im["width"]), int(im["height"]),
+                              np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)))
+    return records, names
+
+
+def _yolo_classes(data_root: Path) -> list[str]:
+    txt = data_root / "classes.txt"
+    if txt.is_file():
+        return [line.strip() for line in txt.read_text().splitlines() if line.strip()]
+    yml = data_root / "data.yaml"
+    if yml.is_file():
+        import yaml
+
+        names = (yaml.safe_load(yml.read_text()) or {}).get("names")
+        if isinstance(names, dict):
+            return [str(names[k]) for k in sorted(names)]
+        if isinstance(names, list):
+            return [str(n) for n in names]
+    raise CalibrationError(f"{data_root} has YOLO labels but no class names",
+                           hint="add classes.txt (one name per line) or data.yaml with names")
+
+
+def _yolo(root: Path, classes: list[str]) -> list[Record]:
+    records = []
+    for name, image in _images(root).items():
+        w, h = _image_size(image)
+        label_file = root / "labels" / f"{image.stem}.txt"
+        boxes, labels = [], []
+        lines = label_file.read_text().splitlines() if label_file.is_file() else []  # no file: no objects
+        for n, line in enumerate(lines, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                c, cx, cy, bw, bh = int(parts[0]), *(float(v) for v in parts[1:5])
+            except (ValueError, TypeError):
+                raise CalibrationError(f"{label_file}:{n}: {line!r} is not 'class cx cy w h'") from None
+            if len(parts) != 5 or not 0 <= c < len(classes) or bw <= 0 or bh <= 0:
+                raise CalibrationError(f"{label_file}:{n}: {line!r} is not 'class cx cy w h' with a class below "
+                                       f"{len(classes)} and a positive size",
+                                       hint="segment polygons are not read: give boxes")
+            boxes.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+            labels.append(c)
+        records.append(Record(image, w, h, np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)))
+    return records
+
+
+def load_split(data_root: Path, split: str, classes: list[str] | None = None,
+               masks: bool = False) -> Split | None:
+    """``data_root/split`` as records, or None where the split does not exist."""
+    root = Path(data_root) / split
+    if not root.is_dir():
+        return None
+    if (root / "annotations.json").is_file():
+        records, names = _coco(root, classes)
+        source = "coco"
+    elif (root / "labels").is_dir() or masks:
+        names = classes or _yolo_classes(Path(data_root))
+        records, source = _yolo(root, names), "yolo"
+    else:
+        raise CalibrationError(f"{root} has neither annotations.json (COCO) nor labels/ (YOLO)",
+                               hint="see docs/detection.md for the data layout")
+    if masks:
+        for r in records:
+            path = root / "masks" / f"{r.image.stem}.png"
+            if not path.is_file():
+                raise CalibrationError(f"{r.image.name} has no mask {path}", hint="segmentation needs a mask per image")
+            r.mask = path
+    if not records:
+        raise CalibrationError(f"{root / 'images'} holds no images")
+    return Split(split, records, names, source)
+
+
+def load_detection_data(data_root: Path, masks: bool = False) -> dict[str, Split]:
+    """train (required), val and test where present, all with the train split's classes."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise CalibrationError(f"{root} does not exist", hint="give the folder that holds train/ (and val/, test/)")
+    train = load_split(root, "train", None, masks)
+    if train is None:
+        raise CalibrationError(f"{root} has no train/ folder", hint="the data folder holds train/, val/ and test/")
+    out = {"train": train}
+    for name in ("val", "test"):
+        split = load_split(root, name, train.classes, masks)
+        if split is not None:
+            out[name] = split
+    return out
