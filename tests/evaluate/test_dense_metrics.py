@@ -277,3 +277,43 @@ def test_segmentation_overlays(tmp_path):
     assert (fp32_cell[80, 80] != gt_cell[80, 80]).any()     # the square's colour differs from the circle's
     with pytest.raises(CalibrationError, match="image 0 is 64×64 but a mask is"):
         plot_segmentation_overlays([img], [gt[:32]], {}, ["background", "circle"], tmp_path / "bad.png")
+
+
+def test_agrees_with_pycocotools_reading_the_dataset_file(tmp_path):
+    """The in-memory COCO objects give what pycocotools' own path gives: annotations.json + loadRes."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from edgekit.data.detection import load_detection_data
+    from edgekit.data.scenes import write_dataset
+
+    root = write_dataset(tmp_path / "scenes", "detection", "coco", splits={"train": 2, "test": 40}, seed=5)
+    split = load_detection_data(root)["test"]
+    rng = np.random.default_rng(0)
+    preds = []
+    for r in split.records:  # jittered boxes, some relabelled, one false positive in three images
+        b = r.boxes.astype(np.float64) + rng.normal(0, 2.5, r.boxes.shape)
+        b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 1)
+        lab = np.where(rng.random(len(b)) < 0.1, rng.integers(0, 4, len(b)), r.labels)
+        if rng.random() < 0.33:
+            b, lab = np.vstack([b, [[5, 5, 30, 30]]]), np.append(lab, rng.integers(0, 4))
+        preds.append((b, lab, rng.uniform(0.05, 1, len(b))))
+    ours = coco_map(preds, split.records, split.classes)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(root / "test" / "annotations.json"))
+        image_id = {im["file_name"]: im["id"] for im in gt.dataset["images"]}
+        cat_ids = sorted(gt.getCatIds())  # the loader numbers classes in ascending category id
+        results = [{"image_id": image_id[r.image.name], "category_id": cat_ids[int(c)],
+                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "score": float(s)}
+                   for r, (b, lab, sc) in zip(split.records, preds) for (x0, y0, x1, y1), c, s in zip(b, lab, sc)]
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert 0.2 < ours["map"] < 0.95  # neither trivial nor hopeless
+    for key, i in (("map", 0), ("map50", 1), ("map75", 2), ("mar100", 8)):
+        assert ours[key] == pytest.approx(ev.stats[i], abs=1e-12), key
