@@ -149,9 +149,11 @@ def coco_map(predictions: Sequence[Any], ground_truth: Sequence[Any], class_name
 
     Returned values are fractions in 0..1: ``map`` (AP averaged over IoU 0.50:0.05:0.95, COCO's headline
     figure), ``map50``, ``map75``, ``mar100`` (recall with at most 100 detections per image), ``map_small`` /
-    ``map_medium`` / ``map_large`` (COCO's area ranges, 32² and 96² pixels), ``per_class`` ({name: {"ap",
-    "ap50", "gt", "predictions"}}), ``pr_curve`` (precision at IoU 0.5 on COCOeval's 101-point recall grid,
-    per class) and the counts ``images``, ``gt_boxes``, ``predictions``.
+    ``map_medium`` / ``map_large`` (COCO's area ranges split at 32² and 96² pixels, here of the *box* area;
+    COCO's own files give the mask area, so only these three can differ from a figure computed from such a
+    file), ``per_class`` ({name: {"ap", "ap50", "gt", "predictions"}}), ``pr_curve`` (precision at IoU 0.5 on
+    COCOeval's 101-point recall grid, per class) and the counts ``images``, ``gt_boxes``, ``predictions``,
+    ``classes_with_gt``. pycocotools divides by ``tp + fp + eps``, so a perfect score reads 0.9999999999999998.
 
     COCO conventions kept: at most 100 detections per image and class, ranked by score; a class without any
     ground-truth box has AP -1 in COCOeval, reported here as ``None`` and left out of every mean (its false
