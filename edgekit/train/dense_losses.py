@@ -132,7 +132,8 @@ class DetectionLoss(nn.Module):
             raise ConfigError(f"detector output {tuple(raw.shape)} does not fit {height}x{width} input with strides "
                               f"{list(self.strides)} and {self.num_classes} classes "
                               f"(expected [B, {points.shape[0]}, {4 + self.num_classes}])")
-        targets = targets.to(raw.dtype)
+        # float32 whatever autocast gave: box areas of a 640 px input overflow float16's 65504
+        raw, targets = raw.float(), targets.to(device=raw.device, dtype=torch.float32)
         with torch.no_grad():
             gt_index, ltrb = assign(targets, points, per_point, self.strides)
         pos = gt_index >= 0
@@ -180,7 +181,7 @@ class SegmentationLoss(nn.Module):
         if logits.shape[-2:] != target.shape[-2:]:
             raise ConfigError(f"segmentation logits {tuple(logits.shape)} and masks {tuple(target.shape)} differ in "
                               "size; the segmenter must answer at input resolution")
-        target = target.long()
+        logits, target = logits.float(), target.long()
         k = logits.shape[1]
         valid = (target != self.ignore_index)
         if valid.any() and int(target[valid].max()) >= k:

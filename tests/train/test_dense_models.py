@@ -133,6 +133,18 @@ def test_detection_loss_parts_and_an_empty_batch():
         loss_fn(raw, empty, (128, 128))
 
 
+def test_detection_loss_is_computed_in_float32_under_half_precision():
+    # a 400 px box has an area over float16's 65504: assigning in float16 would drop it
+    loss_fn = DetectionLoss(4)
+    raw = torch.rand(1, 8400, 8)
+    targets = torch.tensor([[[2, 100, 100, 500, 500]]], dtype=torch.float16)
+    full = loss_fn(raw, targets.float(), (640, 640)).item()
+    positives = loss_fn.last_parts["num_pos"]
+    half = loss_fn(raw.half(), targets, (640, 640)).item()
+    assert positives > 0 and loss_fn.last_parts["num_pos"] == positives
+    assert half == pytest.approx(full, rel=1e-2)
+
+
 def _detections(raw, points, per_point, score_threshold=0.25, iou_threshold=0.5):
     """The contract's postprocess for one image: best class per anchor, threshold, class-aware NMS."""
     boxes, scores = decode(raw, points, per_point)
