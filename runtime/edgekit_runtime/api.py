@@ -96,30 +96,59 @@ class Model:
         return [{s.name: feeds[s.name][i : i + fixed] for s in self.inputs} for i in range(0, len(x), fixed)]
 
     # -- images in, results out -------------------------------------------
-    def preprocess(self, items: Iterable[str | os.PathLike | np.ndarray] | np.ndarray) -> np.ndarray:
+    def preprocess(self, items: Iterable[str | os.PathLike | np.ndarray] | np.ndarray,
+                   meta: list[processing.ImageMeta] | None = None) -> np.ndarray:
         """Inputs → the model's input batch, as the manifest says: image paths and/or decoded uint8
-        images, or for ``tensor`` preprocessing raw arrays (one sample each, or one batch) and ``.npy`` paths."""
-        return processing.preprocess_batch(items, self.manifest.preprocess, self.inputs[0].shape)
+        images, or for ``tensor`` preprocessing raw arrays (one sample each, or one batch) and ``.npy`` paths.
+        ``meta``: a list that gets each image's :class:`~.processing.ImageMeta` (size, scale, padding, crop)."""
+        return processing.preprocess_batch(items, self.manifest.preprocess, self.inputs[0].shape, meta=meta)
 
-    def postprocess(self, outputs: dict[str, np.ndarray], *, top_k: int | None = None) -> list[dict]:
+    def postprocess(self, outputs: dict[str, np.ndarray], *, top_k: int | None = None,
+                    meta: list[processing.ImageMeta] | None = None) -> list[dict]:
         """The first output → one result per item; ``top_k`` overrides the manifest's (and asks for
-        classification results even where the manifest has no postprocessing)."""
+        classification results even where the manifest has no postprocessing).
+
+        Detection and segmentation map boxes and masks onto the original images with ``meta``
+        (one :class:`~.processing.ImageMeta` per item, from :meth:`preprocess`); without it
+        results stay in network-input pixels.
+        """
         first = outputs[self.outputs[0].name]
         spec = self.manifest.postprocess
         if top_k is not None:
             spec = replace(spec or Postprocess(), top_k=top_k)
-        return processing.postprocess(first, spec, self.labels)
+        if spec is not None and spec.type in ("detection", "segmentation") and meta is None:
+            meta = [self._network_meta()] * len(first)
+        return processing.postprocess(first, spec, self.labels, meta)
+
+    def _network_meta(self) -> processing.ImageMeta:
+        """The identity mapping for inputs that were already the network input (raw tensors)."""
+        pre = self.manifest.preprocess
+        if pre is not None and pre.size is not None:
+            return processing.ImageMeta.identity(*pre.size)
+        shape = self.inputs[0].shape
+        layout = self.inputs[0].layout or (pre.layout if pre is not None else "NCHW")
+        h, w = ((shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])) if len(shape) == 4 else (None, None)
+        if not isinstance(h, int) or not isinstance(w, int):
+            raise InputError(f"{self.manifest.postprocess.type} post-processing needs the network input size, "
+                             f"which neither preprocess.size nor inputs[0].shape {shape} fixes",
+                             code=ErrorCode.INPUT_MISSING, hint="pass meta= from Model.preprocess")
+        return processing.ImageMeta.identity(h, w)
 
     def predict(self, items: Iterable[str | os.PathLike | np.ndarray] | str | os.PathLike | np.ndarray, *,
                 top_k: int | None = None) -> list[dict]:
         """Images (paths or decoded uint8) or, for ``tensor`` preprocessing, raw arrays → one result per
-        item (``top_k``: see :meth:`postprocess`). A single array is one sample or a batch by its rank."""
+        item (``top_k``: see :meth:`postprocess`). A single array is one sample or a batch by its rank.
+
+        Detection results hold boxes in the original image's pixels; segmentation results a mask
+        of the original image's size (see ``docs/bundle-format.md``, ``postprocess``)."""
         pre = self.manifest.preprocess
         tensor = pre is not None and pre.type == "tensor"
         if isinstance(items, (str, os.PathLike)) or (
                 not tensor and isinstance(items, np.ndarray) and items.dtype == np.uint8 and items.ndim <= 3):
             items = [items]
-        return self.postprocess(self.run(self.preprocess(items)), top_k=top_k)
+        meta: list[processing.ImageMeta] = []
+        outputs = self.run(self.preprocess(items, meta=meta))
+        return self.postprocess(outputs, top_k=top_k, meta=meta or None)
 
     def health_check(self) -> dict[str, Any]:
         """Run the sample input stored in the bundle and compare with its expected output.

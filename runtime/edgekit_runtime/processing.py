@@ -16,6 +16,7 @@ JSON object (as the host's config writes it) is parsed into them first.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -24,6 +25,7 @@ import numpy as np
 from .contract.errors import ErrorCode, InputError
 from .contract.manifest import Postprocess, Preprocess
 
+LETTERBOX_FILL = 114  # grey of the letterbox padding, in 0-255 pixel values (before scale/mean/std)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 _INTERPOLATION = {"area": "INTER_AREA", "linear": "INTER_LINEAR", "nearest": "INTER_NEAREST", "cubic": "INTER_CUBIC"}
 
@@ -38,6 +40,11 @@ def _cv2():
             hint="pip install opencv-python-headless",
         ) from None
     return cv2
+
+
+def cv2_module():
+    """OpenCV, or an :class:`InputError` that says how to install it (for modules beside this one)."""
+    return _cv2()
 
 
 def read_image(path: str | os.PathLike, color: str = "rgb") -> np.ndarray:
@@ -94,26 +101,122 @@ def as_postprocess(spec: Postprocess | Mapping[str, Any] | None) -> Postprocess 
     return spec if spec is None or isinstance(spec, Postprocess) else Postprocess.from_dict(dict(spec))
 
 
-def _resize(image: np.ndarray, spec: Preprocess) -> np.ndarray:
+@dataclass(frozen=True)
+class ImageMeta:
+    """Where one image went in preprocessing: enough to map boxes and masks back onto the original.
+
+    A network-input pixel coordinate is ``original * scale + offset`` on each axis (letterbox:
+    ``scale`` the contract's ``min(H/h0, W/w0)``, ``offset`` the padding; stretch: ``W/w0``,
+    ``H/h0``, no offset; shorter_center_crop: the resize ratio, minus the crop's left/top).
+    ``resized_*``: the image's size after resizing, before it was padded or cropped.
+    """
+
+    width: int  # original image, pixels
+    height: int
+    input_width: int  # the network input (preprocess.size)
+    input_height: int
+    resize: str  # "stretch" | "shorter_center_crop" | "letterbox"
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    resized_width: int
+    resized_height: int
+
+    @classmethod
+    def identity(cls, height: int, width: int) -> "ImageMeta":
+        """An image that already was the network input: results stay in network-input pixels."""
+        return cls(width, height, width, height, "stretch", 1.0, 1.0, 0.0, 0.0, width, height)
+
+    @property
+    def pad_x(self) -> int:
+        """Letterbox: columns of padding left of the image (0 otherwise)."""
+        return int(self.offset_x) if self.resize == "letterbox" else 0
+
+    @property
+    def pad_y(self) -> int:
+        """Letterbox: rows of padding above the image (0 otherwise)."""
+        return int(self.offset_y) if self.resize == "letterbox" else 0
+
+    def boxes_to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes ``(N, 4)`` (x0, y0, x1, y1) in network-input pixels → original-image pixels, clipped to the image."""
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        out = np.empty_like(b)
+        out[:, 0::2] = (b[:, 0::2] - self.offset_x) / self.scale_x
+        out[:, 1::2] = (b[:, 1::2] - self.offset_y) / self.scale_y
+        np.clip(out[:, 0::2], 0, self.width, out=out[:, 0::2])
+        np.clip(out[:, 1::2], 0, self.height, out=out[:, 1::2])
+        return out.astype(np.float32)
+
+    def visible_region(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """The part of the network input that shows the image, and the part of the original it shows:
+        ``((x0, y0, x1, y1) network pixels, (x0, y0, x1, y1) original pixels)``, end-exclusive."""
+        nx0 = max(0, int(round(self.offset_x)))
+        ny0 = max(0, int(round(self.offset_y)))
+        nx1 = min(self.input_width, int(round(self.offset_x)) + self.resized_width)
+        ny1 = min(self.input_height, int(round(self.offset_y)) + self.resized_height)
+        if self.resize != "shorter_center_crop":
+            return (nx0, ny0, nx1, ny1), (0, 0, self.width, self.height)
+
+        def back(v: float, scale: float, offset: float, side: int) -> int:
+            return min(side, max(0, int(round((v - offset) / scale))))
+
+        orig = (back(nx0, self.scale_x, self.offset_x, self.width), back(ny0, self.scale_y, self.offset_y, self.height),
+                back(nx1, self.scale_x, self.offset_x, self.width), back(ny1, self.scale_y, self.offset_y, self.height))
+        return (nx0, ny0, nx1, ny1), orig
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for logs and results."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def letterbox_geometry(height0: int, width0: int, height: int, width: int) -> tuple[float, int, int, int, int]:
+    """``(scale, new_w, new_h, pad_x, pad_y)`` of a ``height0`` x ``width0`` image letterboxed to ``height`` x ``width``:
+    aspect kept, ``scale = min(H/h0, W/w0)``, resized to ``round(w0*scale)`` x ``round(h0*scale)``, centred."""
+    scale = min(height / height0, width / width0)
+    new_w = min(width, max(1, round(width0 * scale)))
+    new_h = min(height, max(1, round(height0 * scale)))
+    return scale, new_w, new_h, (width - new_w) // 2, (height - new_h) // 2
+
+
+def _resize(image: np.ndarray, spec: Preprocess) -> tuple[np.ndarray, ImageMeta]:
     cv2 = _cv2()
     height, width = spec.size
+    h0, w0 = image.shape[:2]
     interp = getattr(cv2, _INTERPOLATION[spec.interpolation])
     if spec.resize == "shorter_center_crop":
-        h, w = image.shape[:2]
-        ratio = max(height / h, width / w)
-        image = cv2.resize(image, (max(width, round(w * ratio)), max(height, round(h * ratio))), interpolation=interp)
-        h, w = image.shape[:2]
-        top, left = (h - height) // 2, (w - width) // 2
-        return image[top : top + height, left : left + width]
+        ratio = max(height / h0, width / w0)
+        rw, rh = max(width, round(w0 * ratio)), max(height, round(h0 * ratio))
+        image = cv2.resize(image, (rw, rh), interpolation=interp)
+        top, left = (rh - height) // 2, (rw - width) // 2
+        meta = ImageMeta(w0, h0, width, height, "shorter_center_crop", rw / w0, rh / h0, -left, -top, rw, rh)
+        return image[top : top + height, left : left + width], meta
+    if spec.resize == "letterbox":
+        scale, new_w, new_h, pad_x, pad_y = letterbox_geometry(h0, w0, height, width)
+        meta = ImageMeta(w0, h0, width, height, "letterbox", scale, scale, pad_x, pad_y, new_w, new_h)
+        if (new_h, new_w) == (height, width) == (h0, w0):
+            return image, meta
+        resized = image if (new_h, new_w) == (h0, w0) else cv2.resize(image, (new_w, new_h), interpolation=interp)
+        canvas = np.full((height, width, *image.shape[2:]), LETTERBOX_FILL, dtype=image.dtype)
+        canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
+        return canvas, meta
+    meta = ImageMeta(w0, h0, width, height, "stretch", width / w0, height / h0, 0.0, 0.0, width, height)
     if image.shape[:2] == (height, width):
-        return image
-    return cv2.resize(image, (width, height), interpolation=interp)
+        return image, meta
+    return cv2.resize(image, (width, height), interpolation=interp), meta
 
 
-def preprocess_image(image: np.ndarray, spec: Preprocess | Mapping[str, Any]) -> np.ndarray:
-    """One decoded image (uint8) → one model input *without* the batch axis."""
+def preprocess_image(image: np.ndarray, spec: Preprocess | Mapping[str, Any],
+                     meta: list[ImageMeta] | None = None) -> np.ndarray:
+    """One decoded image (uint8) → one model input *without* the batch axis.
+
+    ``meta``: a list to which the image's :class:`ImageMeta` is appended (how it was resized,
+    padded or cropped), for post-processing that maps results back onto the original image.
+    """
     spec = as_preprocess(spec)
-    image = _resize(_convert_color(np.asarray(image), spec.color), spec)
+    image, where = _resize(_convert_color(np.asarray(image), spec.color), spec)
+    if meta is not None:
+        meta.append(where)
     x = image.astype(np.float32)
     if x.ndim == 2:
         x = x[:, :, None]
@@ -214,13 +317,16 @@ def _tensor_batch(items: Any, input_shape: Sequence[int | str] | None) -> np.nda
 
 def preprocess_batch(items: Iterable[str | os.PathLike | np.ndarray] | np.ndarray,
                      spec: Preprocess | Mapping[str, Any] | None,
-                     input_shape: Sequence[int | str] | None = None) -> np.ndarray:
+                     input_shape: Sequence[int | str] | None = None,
+                     meta: list[ImageMeta] | None = None) -> np.ndarray:
     """Inputs → one batch tensor, as ``spec`` says.
 
     ``image``: image paths and/or decoded images. ``tensor``: raw arrays (one sample each,
     shaped like the model input without the batch axis), ``.npy`` paths, or one batched
     array. ``input_shape``: the model input's shape, batch first (symbolic dimensions as
     strings); tensors of another shape are refused with ``INPUT_BAD_SHAPE`` naming it.
+    ``meta``: for images, a list that gets one :class:`ImageMeta` per image, in batch order
+    (original size, scale, padding or crop); tensors add nothing to it.
     """
     if spec is not None:
         spec = as_preprocess(spec)
@@ -240,7 +346,7 @@ def preprocess_batch(items: Iterable[str | os.PathLike | np.ndarray] | np.ndarra
             item = read_image(item, "gray" if spec.color == "gray" else "rgb")
         elif not isinstance(item, np.ndarray):
             raise InputError(f"cannot preprocess a {type(item).__name__}", code=ErrorCode.INPUT_UNSUPPORTED)
-        out.append(preprocess_image(item, spec))
+        out.append(preprocess_image(item, spec, meta))
     if not out:
         raise InputError("no inputs given", code=ErrorCode.INPUT_MISSING)
     return np.stack(out)
@@ -254,9 +360,22 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def postprocess(output: np.ndarray, spec: Postprocess | Mapping[str, Any] | None,
-                labels: Sequence[str] | None) -> list[dict]:
-    """Batch output → one result per item (classification: top-k with labels)."""
+                labels: Sequence[str] | None, meta: Sequence[ImageMeta | None] | None = None) -> list[dict]:
+    """Batch output → one result per item (classification: top-k with labels; detection: boxes;
+    segmentation: a mask), as ``spec.type`` says; other types give the raw output per item.
+
+    ``meta``: one :class:`ImageMeta` per item (from :func:`preprocess_batch`), for detection and
+    segmentation, whose boxes and masks are mapped back onto the original images
+    (:meth:`ImageMeta.identity` keeps them in network-input pixels).
+    """
     spec = as_postprocess(spec)
+    if spec is not None and spec.type in ("detection", "segmentation"):
+        if meta is None or len(meta) != len(output) or any(m is None for m in meta):
+            raise InputError(f"{spec.type} post-processing needs each image's ImageMeta (from preprocess_batch's "
+                             f"meta=) to map results onto the original image", code=ErrorCode.INPUT_MISSING)
+        from .detection import postprocess as dense_postprocess  # detection imports this module
+
+        return [dense_postprocess(row, m, spec, labels) for row, m in zip(output, meta)]
     if spec is None or spec.type != "classification":
         return [{"output": row.tolist()} for row in output]
     scores = softmax(output.astype(np.float32)) if spec.softmax else output.astype(np.float32)

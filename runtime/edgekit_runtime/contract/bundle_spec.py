@@ -35,7 +35,11 @@ FORMAT_NAME = "edgekit-bundle"
 # refuses such a bundle (size missing) instead of misreading it; image bundles are unchanged.
 # 1.3 appended metrics.optimize (the compression passes: pruning, distillation, and what each changed),
 # a record only: a 1.2 reader ignores it.
-FORMAT_VERSION = "1.3"
+# 1.4 added the "detection" and "segmentation" postprocessing kinds (postprocess.strides, score_threshold,
+# iou_threshold, max_detections) and preprocess.resize "letterbox". A 1.3 reader (from 1.1 on) refuses a
+# letterbox bundle (resize is not one it knows) instead of misreading it, and gives a detection or
+# segmentation bundle's raw outputs, as for any postprocess type it does not know.
+FORMAT_VERSION = "1.4"
 SUPPORTED_MAJOR = 1
 
 MANIFEST_NAME = "manifest.json"
@@ -56,6 +60,8 @@ MAX_RANK = 8  # dimensions of a tensor
 MAX_TENSOR_ELEMENTS = 1 << 28  # product of a tensor's fixed dimensions (1 GiB of float32)
 MAX_TENSORS = 256  # inputs, outputs, input_stats entries
 MAX_TOP_K = 1000  # postprocess.top_k
+MAX_DETECTIONS = 10000  # postprocess.max_detections (each kept box is one greedy NMS step)
+MAX_DETECTION_LEVELS = 8  # postprocess.strides length
 MAX_THREADS = 1024  # backend.options.threads
 MAX_WORKSPACE_MB = 65536  # backend.options.tensorrt.workspace_mb
 MAX_HISTOGRAM_BINS = 4096  # input_stats[].histogram counts

@@ -407,13 +407,15 @@ class Preprocess(Section):
     ``tensor`` (1.2): an array of the model input's shape (sensor window, tabular row,
     forecasting window); mean/std are per channel along axis 1 of the input; ``size``,
     ``color``, ``resize``, ``interpolation`` and ``layout`` do not apply.
+    ``resize`` ``letterbox`` (1.4): aspect kept, ``scale = min(H/h0, W/w0)``, padded to ``size``
+    with grey 114 (before scale/mean/std), centred; what detectors and segmenters are trained on.
     """
 
     PATH: ClassVar[str] = "manifest.preprocess"
     type: str = "image"  # "image" or "tensor" (1.2); the runtime refuses to preprocess other kinds
     color: Literal["gray", "rgb", "bgr"] = "rgb"
     size: list[int] | None = None  # [height, width]; required for images
-    resize: Literal["stretch", "shorter_center_crop"] = "stretch"
+    resize: Literal["stretch", "shorter_center_crop", "letterbox"] = "stretch"  # letterbox: 1.4
     interpolation: Literal["area", "linear", "nearest", "cubic"] = "area"
     scale: float = 1 / 255  # images 0-255 → 0-1; a tensor spec that leaves it out parses as 1.0
     mean: list[float] | None = None  # per channel (or one value for all)
@@ -460,19 +462,50 @@ class Preprocess(Section):
             raise _bad(f"{path}.dtype {self.dtype!r} is not one of {', '.join(sorted(spec.DTYPES))}")
 
 
+POSTPROCESS_TYPES = ("classification", "detection", "segmentation")
+"""The postprocessing kinds this runtime applies (``detection`` and ``segmentation`` from format 1.4 on)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Postprocess(Section):
-    """What to make of the first output: ``classification`` gives the top-k labels; other types give raw outputs."""
+    """What to make of the first output, by ``type``.
+
+    ``classification``: the top-k labels (``softmax``, ``top_k``). ``detection`` (1.4): the
+    output is ``[B, A, 4 + C]`` over the anchor points of ``strides``; boxes are decoded, kept
+    at ``score_threshold`` (each point's best class), class-aware NMS at ``iou_threshold``, at
+    most ``max_detections``, mapped back onto the original image. ``segmentation`` (1.4): the
+    output is ``[B, K, h, w]`` logits (channel 0 background); a mask at the original size.
+    Other types give raw outputs. Every field is written whatever the type; each type reads its own.
+    """
 
     PATH: ClassVar[str] = "manifest.postprocess"
     type: str = "classification"
     softmax: bool = True
     top_k: int = 5
+    strides: list[int] = _f(factory=lambda: [8, 16, 32])  # 1.4, detection: the levels' strides, output order
+    score_threshold: float = 0.25  # 1.4, detection: least sigmoid score of a point's best class
+    iou_threshold: float = 0.5  # 1.4, detection: NMS suppresses a box of the same class above this IoU
+    max_detections: int = 100  # 1.4, detection: boxes kept per image at most
 
     def _check(self, path: str) -> None:
         if self.top_k < 1:
             raise _bad(f"{path}.top_k must be >= 1, not {self.top_k}")
         _at_most(self.top_k, spec.MAX_TOP_K, f"{path}.top_k")
+        if not self.strides:
+            raise _bad(f"{path}.strides is empty; give the detector's strides, e.g. [8, 16, 32]")
+        _at_most(len(self.strides), spec.MAX_DETECTION_LEVELS, f"{path}.strides length")
+        for i, s in enumerate(self.strides):
+            if s < 1:
+                raise _bad(f"{path}.strides[{i}] must be a positive integer, not {s}")
+            _at_most(s, spec.MAX_IMAGE_SIDE, f"{path}.strides[{i}]")
+        for name in ("score_threshold", "iou_threshold"):
+            value = getattr(self, name)
+            _finite(value, f"{path}.{name}", minimum=0.0)
+            if value > 1:
+                raise _bad(f"{path}.{name} must lie in [0, 1], not {value}")
+        if self.max_detections < 1:
+            raise _bad(f"{path}.max_detections must be >= 1, not {self.max_detections}")
+        _at_most(self.max_detections, spec.MAX_DETECTIONS, f"{path}.max_detections")
 
 
 # ----------------------------------------------------------------------------- self-test, data
@@ -772,6 +805,8 @@ class Manifest(Section):
             self._check_tensor_preprocess_fits(path, self.preprocess, self.inputs[0])
         elif self.preprocess is not None and spec.parse_version(self.format_version) >= (1, 1):
             self._check_preprocess_fits(path, self.preprocess, self.inputs[0])
+        if self.postprocess is not None and self.postprocess.type in ("detection", "segmentation"):
+            self._check_dense_postprocess_fits(path, self.postprocess, self.preprocess, self.outputs[0])
 
     @staticmethod
     def _check_preprocess_fits(path: str, pre: Preprocess, first: TensorSpec) -> None:
@@ -788,6 +823,36 @@ class Manifest(Section):
             if isinstance(dim, int) and dim != want:
                 raise _bad(f"{path}.preprocess makes {pre.layout} images with {what} {want} but "
                            f"{path}.inputs[0].shape {first.shape} has {dim}")
+
+    @staticmethod
+    def _check_dense_postprocess_fits(path: str, post: Postprocess, pre: Preprocess | None, first: TensorSpec) -> None:
+        """A detector's anchor points come from the input size and strides: they must tile the input and give
+        as many rows as the first output has; a segmenter's channels must fit a uint8 mask."""
+        shape = first.shape
+        if post.type == "segmentation":
+            if len(shape) != 4:
+                raise _bad(f"{path}.postprocess is segmentation, which reads a [batch, classes, height, width] "
+                           f"output, but {path}.outputs[0].shape is {shape}")
+            if isinstance(shape[1], int) and not 1 <= shape[1] <= 256:
+                raise _bad(f"{path}.outputs[0].shape[1] is {shape[1]}: a segmentation mask holds 1 to 256 classes")
+            return
+        if len(shape) != 3:
+            raise _bad(f"{path}.postprocess is detection, which reads a [batch, anchors, 4 + classes] output, "
+                       f"but {path}.outputs[0].shape is {shape}")
+        if isinstance(shape[2], int) and shape[2] < 5:
+            raise _bad(f"{path}.outputs[0].shape[2] is {shape[2]}: a detector outputs 4 box distances and at "
+                       f"least one class")
+        if pre is None or pre.type != "image" or pre.size is None:
+            return
+        height, width = pre.size
+        step = max(post.strides)
+        if height % step or width % step:
+            raise _bad(f"{path}.preprocess.size {pre.size} is not divisible by the largest of "
+                       f"{path}.postprocess.strides {post.strides}")
+        anchors = sum((height // s) * (width // s) for s in post.strides)
+        if isinstance(shape[1], int) and shape[1] != anchors:
+            raise _bad(f"{path}.outputs[0].shape[1] is {shape[1]} but {path}.postprocess.strides {post.strides} "
+                       f"over a {height}x{width} input make {anchors} anchor points")
 
     @staticmethod
     def _check_tensor_preprocess_fits(path: str, pre: Preprocess, first: TensorSpec) -> None:
