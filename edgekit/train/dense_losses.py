@@ -2,8 +2,9 @@
 
 Detection targets are ``[B, M, 5]`` float rows ``(class, x0, y0, x1, y1)`` in network-input pixels, class
 ``-1`` for padding rows, so a batch of images with different object counts is one tensor. The anchor
-points and the box decoding follow the detection contract (``edgekit_runtime.detection``); the torch copy
-here exists only until the runtime's numpy version lands and is checked against the contract's points.
+points come from the runtime (``edgekit_runtime.detection``), the one implementation of the contract; the
+box decoding is restated in torch only because the loss needs its gradient, and a test holds it equal to
+the runtime's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from edgekit_runtime import detection as runtime_detection
+
 from ..errors import ConfigError
 
 CENTER_RADIUS = 2.5  # in strides: FCOS's centre sampling, clipped to the box
@@ -23,23 +26,21 @@ CENTER_RADIUS = 2.5  # in strides: FCOS's centre sampling, clipped to the box
 
 def anchor_points(height: int, width: int, strides: Sequence[int],
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anchor centres ``(A, 2)`` (cx, cy) in input pixels and the stride of each ``(A,)``, in the contract's order.
+    """The runtime's anchor points (``edgekit_runtime.detection.anchor_points``) as torch tensors on ``device``.
 
-    For each level in ``strides`` order, row-major over its ``(height // s) x (width // s)`` grid, the
-    centre of cell (i, j) is ``((j + 0.5) * s, (i + 0.5) * s)`` — the order the detector's output rows follow.
+    ``(A, 2)`` centres (cx, cy) in input pixels and ``(A,)`` strides, in the order of the detector's rows.
+    Taken from the runtime rather than restated, so training and the device cannot disagree on the grid.
     """
-    points, per_point = [], []
-    for s in strides:
-        ys = (torch.arange(height // s, dtype=torch.float32, device=device) + 0.5) * s
-        xs = (torch.arange(width // s, dtype=torch.float32, device=device) + 0.5) * s
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack([gx.reshape(-1), gy.reshape(-1)], 1))
-        per_point.append(torch.full((gx.numel(),), float(s), device=device))
-    return torch.cat(points), torch.cat(per_point)
+    points, per_point = runtime_detection.anchor_points(height, width, strides)
+    return torch.from_numpy(points).to(device), torch.from_numpy(per_point).to(device)
 
 
 def decode(raw: torch.Tensor, points: torch.Tensor, stride_per_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``raw [..., A, 4+C]`` → boxes ``[..., A, 4]`` (x0, y0, x1, y1 in input pixels) and sigmoid scores ``[..., A, C]``."""
+    """``raw [..., A, 4+C]`` → boxes ``[..., A, 4]`` (x0, y0, x1, y1 in input pixels) and sigmoid scores ``[..., A, C]``.
+
+    The runtime's ``decode`` in torch, because the GIoU loss needs gradients through it; a test holds
+    the two equal.
+    """
     s = stride_per_point[:, None]
     ltrb = raw[..., :4] * s
     boxes = torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], -1)

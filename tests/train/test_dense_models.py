@@ -54,6 +54,18 @@ def test_anchor_points_follow_the_contract_by_hand():
     assert scores[0].tolist() == [0.5]
 
 
+def test_torch_decode_equals_the_runtimes():
+    from edgekit_runtime.detection import decode as runtime_decode
+
+    points, per_point = anchor_points(96, 160, (8, 16, 32))
+    raw = torch.randn(315, 8) * 3
+    raw[:, :4] = raw[:, :4].relu()
+    boxes, scores = decode(raw, points, per_point)
+    ref_boxes, ref_scores = runtime_decode(raw.numpy(), points.numpy(), per_point.numpy())
+    np.testing.assert_allclose(boxes.numpy(), ref_boxes, atol=1e-5)
+    np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-6)
+
+
 @pytest.mark.parametrize("height,width", [(128, 128), (96, 160)])
 @pytest.mark.parametrize("backbone", DETECTOR_BACKBONES)
 def test_detector_output_is_the_contract_tensor(backbone, height, width):
