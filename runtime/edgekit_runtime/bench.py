@@ -147,16 +147,17 @@ class _Runner:
         self.post: list[int] = []
 
     def query(self, index: int, record: bool = True) -> None:
+        meta: list = []  # where each image went: detection boxes and masks are mapped back onto the photo
         t0 = time.perf_counter_ns()
         if self.images:
-            feeds = {self.model.inputs[0].name: self.model.preprocess([self.samples[index]])}
+            feeds = {self.model.inputs[0].name: self.model.preprocess([self.samples[index]], meta=meta)}
         else:
             feeds = self.samples[index]
         t1 = time.perf_counter_ns()
         outputs = self.model.engine.run(feeds)
         t2 = time.perf_counter_ns()
         if self.images:
-            self.model.postprocess(outputs)
+            self.model.postprocess(outputs, meta=meta or None)
         t3 = time.perf_counter_ns()
         if record:
             self.pre.append(t1 - t0)

@@ -1,7 +1,7 @@
 """``edgekit-runtime``: the device-side command line (argparse, no extra deps).
 
     edgekit-runtime verify BUNDLE [--keyring DIR]
-    edgekit-runtime run BUNDLE IMAGE... [--top-k N] [--json]
+    edgekit-runtime run BUNDLE IMAGE... [--top-k N] [--json] [--save-masks DIR]
     edgekit-runtime bench BUNDLE [--queries N] [--seconds T] [--batch B] [--json-out F] [--no-memory]
                          [--profile [--profile-queries N] [--profile-top K]]
 
@@ -89,16 +89,63 @@ def cmd_run(args: argparse.Namespace) -> int:
         return ExitStatus.OK
     images = _expand(args.inputs)
     with load(args.bundle, keyring=_keyring(args), threads=args.threads, engine=args.engine) as model:
+        kind = model.manifest.postprocess.type if model.manifest.postprocess is not None else None
+        if args.save_masks is not None and kind != "segmentation":
+            raise RuntimeConfigError(f"--save-masks needs a segmentation bundle; this one's postprocess is {kind!r}",
+                                     hint="leave --save-masks out")
         results = model.predict(images, top_k=args.top_k or None)
     rows = [{"input": str(p), **r} for p, r in zip(images, results)]
+    if kind == "segmentation":
+        _mask_rows(rows, args.save_masks)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            top = row.get("top_k")
-            text = ", ".join(f"{t['label']} {t['score']:.3f}" for t in top) if top else str(row["output"])[:80]
-            print(f"{row['input']}: {text}")
+            print(f"{row['input']}: {_row_text(row)}")
     return ExitStatus.OK
+
+
+def _mask_rows(rows: list[dict], folder: Path | None) -> None:
+    """Segmentation rows: the mask array leaves the row; with ``folder`` it is written there as a PNG
+    (pixel value = channel index, 0 background), named after the image, and the row says where."""
+    import numpy as np
+
+    from .processing import cv2_module
+
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for row in rows:
+        mask = row.pop("mask")
+        if folder is None:
+            continue
+        stem = Path(row["input"]).stem
+        name, n = f"{stem}.png", 1
+        while name in used:  # two images of one name in different folders
+            n += 1
+            name = f"{stem}-{n}.png"
+        used.add(name)
+        target = folder / name
+        if not cv2_module().imwrite(str(target), np.ascontiguousarray(mask, dtype=np.uint8)):
+            raise RuntimeConfigError(f"could not write the mask {target}", hint="check that the folder is writable")
+        row["mask_file"] = str(target)
+
+
+def _row_text(row: dict) -> str:
+    """One result as a line of text: top-k labels, detections, or a mask's classes."""
+    if "top_k" in row:
+        return ", ".join(f"{t['label']} {t['score']:.3f}" for t in row["top_k"])
+    if "detections" in row:
+        found = row["detections"]
+        shown = ", ".join(f"{d['label']} {d['score']:.2f} [{', '.join(f'{v:.0f}' for v in d['box'])}]"
+                          for d in found[:10])
+        more = f", ... ({len(found) - 10} more)" if len(found) > 10 else ""
+        return f"{len(found)} detection(s)" + (f": {shown}{more}" if found else "")
+    if "classes" in row:
+        w, h = row["image_size"]
+        text = ", ".join(f"{label} {count / (w * h):.1%}" for label, count in row["classes"].items())
+        return text + (f" (mask {row['mask_file']})" if "mask_file" in row else "")
+    return str(row["output"])[:80]
 
 
 def _shape(value: list) -> list[int]:
@@ -217,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=fn)
     r = sub.choices["run"]
     r.add_argument("--top-k", type=int)
+    r.add_argument("--save-masks", type=Path, metavar="DIR",
+                   help="segmentation bundles: write each image's mask as a PNG (pixel value = class index) into DIR")
     b = sub.choices["bench"]
     b.add_argument("--queries", type=int, default=200)
     b.add_argument("--seconds", type=float, default=2.0)

@@ -241,11 +241,15 @@ def postprocess_segmentation(logits: np.ndarray, meta: ImageMeta, labels: Sequen
 
 
 def _resize_channels(cv2: Any, hwc: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear resize of an ``(h, w, K)`` float32 array, ``K`` kept even when 1 (OpenCV drops a lone channel)."""
+    """Bilinear resize of an ``(h, w, K)`` float32 array, ``K`` kept even when 1 (OpenCV drops a lone channel).
+
+    OpenCV's Python binding takes at most 128 channels an array (fewer in some builds): 64 at a time.
+    """
     if hwc.shape[:2] == (height, width):
         return hwc
-    out = cv2.resize(hwc, (width, height), interpolation=cv2.INTER_LINEAR)
-    return out.reshape(height, width, hwc.shape[2])
+    parts = [cv2.resize(np.ascontiguousarray(hwc[:, :, i : i + 64]), (width, height), interpolation=cv2.INTER_LINEAR)
+             .reshape(height, width, -1) for i in range(0, hwc.shape[2], 64)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
 
 
 def postprocess(raw: np.ndarray, meta: ImageMeta, spec: Postprocess | dict[str, Any],
