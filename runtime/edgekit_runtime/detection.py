@@ -68,7 +68,10 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def decode(raw: np.ndarray, points: np.ndarray, stride_per_point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One image's raw output ``(A, 4 + C)`` → boxes ``(A, 4)`` in network-input pixels and scores ``(A, C)`` (sigmoid)."""
+    """One image's raw output ``(A, 4 + C)`` → boxes ``(A, 4)`` (network-input pixels) and scores ``(A, C)``.
+
+    Scores are the sigmoid of the class logits; the training loss and the evaluator decode with this too.
+    """
     raw = _check_raw(raw, len(points))
     return decode_boxes(raw[:, :4], points, stride_per_point), sigmoid(raw[:, 4:])
 
@@ -137,7 +140,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
 def select(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, iou_threshold: float,
            max_detections: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decoded boxes ``(A, 4)`` and scores ``(A, C)`` → kept ``(boxes (N, 4), scores (N,), classes (N,))``, best first.
+    """Decoded boxes ``(A, 4)``, scores ``(A, C)`` → kept ``(boxes (N, 4), scores (N,), classes (N,))``, best first.
 
     Each anchor point is a candidate for its best class only, kept when that score is at least
     ``score_threshold``; then class-aware greedy NMS and at most ``max_detections``.

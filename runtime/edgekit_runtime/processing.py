@@ -171,8 +171,9 @@ class ImageMeta:
 
 
 def letterbox_geometry(height0: int, width0: int, height: int, width: int) -> tuple[float, int, int, int, int]:
-    """``(scale, new_w, new_h, pad_x, pad_y)`` of a ``height0`` x ``width0`` image letterboxed to ``height`` x ``width``:
-    aspect kept, ``scale = min(H/h0, W/w0)``, resized to ``round(w0*scale)`` x ``round(h0*scale)``, centred."""
+    """``(scale, new_w, new_h, pad_x, pad_y)`` of a ``height0`` x ``width0`` image letterboxed to
+    ``height`` x ``width``: aspect kept, ``scale = min(H/h0, W/w0)``, resized to
+    ``round(w0*scale)`` x ``round(h0*scale)``, centred."""
     scale = min(height / height0, width / width0)
     new_w = min(width, max(1, round(width0 * scale)))
     new_h = min(height, max(1, round(height0 * scale)))
