@@ -70,7 +70,7 @@ def test_count_limits_samples_and_labels(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: np.savez(p / "a.npz", images=np.zeros((2, 1, 8, 8), np.float32)), "expected 'x'"),
+    (lambda p: np.savez(p / "a.npz", y=np.zeros(2, np.int64)), "expected 'x'"),
     (lambda p: np.save(p / "a.npy", np.zeros((2, 1, 8, 8), np.uint8)), "give preprocessed float tensors"),
     (lambda p: np.savez(p / "a.npz", x=np.zeros((2, 1, 8, 8), np.float32), y=np.zeros(3)), "y has shape"),
 ])
@@ -90,3 +90,14 @@ def test_unknown_source_kind(tmp_path):
 def test_empty_folder(tmp_path):
     with pytest.raises(CalibrationError, match="holds no images"):
         load_data(DataSource(source=str(tmp_path)), PRE)
+
+
+def test_a_named_array_for_a_one_input_model_is_explained_before_any_work(tmp_path):
+    from edgekit.build.stages.import_model import check_samples_fit
+
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 1, 8, 8), np.float32))
+    x = load_data(DataSource(source=str(tmp_path / "a.npz"))).x  # one array per name: a structured array
+    assert x.dtype.names == ("images",)
+    with pytest.raises(CalibrationError, match=r"holds arrays \['images'\]; the model has one input 'input'") as err:
+        check_samples_fit(["input"], [[1, 1, 8, 8]], x, "calibration")
+    assert "'x'" in err.value.hint

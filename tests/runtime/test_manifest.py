@@ -177,7 +177,7 @@ def test_a_host_built_manifest_round_trips():
                  metrics=BuildMetrics(latency_ms=LatencyReport(figures={"fp32": LatencyFigures(
                      p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, mean_ms=1.0, count=10)})))
     d = m.to_dict()
-    assert d["format_version"] == bundle_spec.FORMAT_VERSION == "1.3"
+    assert d["format_version"] == bundle_spec.FORMAT_VERSION == "1.4"
     assert d["metrics"]["latency_ms"]["fp32"]["count"] == 10  # figures sit under the precision's name
     d["files"] = {n: {"sha256": SHA, "size": 0} for n in ("model.onnx", "in.npy", "out.npy")}
     d["signing"] = {"algorithm": "ed25519", "key_id": "k"}

@@ -147,8 +147,10 @@ class Installer:
         if action == "pause":
             log.warning("fault injection: pausing at %s until killed", step)
             path = os.environ.get(FAULT_FILE_ENV)
-            if path:
-                Path(path).write_text(step)
+            if path:  # atomically: a test polling the file never reads it empty
+                tmp = Path(f"{path}.tmp")
+                tmp.write_text(step)
+                os.replace(tmp, path)
             while True:
                 time.sleep(3600)
         if action == "fail":
