@@ -19,6 +19,7 @@ Only single-input models are handled here (the build compiles single-input model
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -235,6 +236,28 @@ def upgrade_opset(model, name: str):
 
 
 # ----------------------------------------------------------------------------- shape inference + folding
+@contextlib.contextmanager
+def _no_ort_dump():
+    """ORT's symbolic shape inference, when it cannot infer every shape, saves the model it has into the current
+    directory (``sym_shape_infer_temp.onnx`` plus an external-data file) before raising: remove what it left."""
+    dump = Path.cwd() / "sym_shape_infer_temp.onnx"
+    before = dump.stat().st_mtime_ns if dump.exists() else None
+    try:
+        yield
+    finally:
+        if dump.exists() and dump.stat().st_mtime_ns != before:
+            import onnx
+
+            try:
+                model = onnx.load(str(dump), load_external_data=False)
+                data = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+            except Exception:  # a half-written dump: remove the model file at least
+                data = set()
+            for name in data:
+                (dump.parent / Path(name).name).unlink(missing_ok=True)
+            dump.unlink(missing_ok=True)
+
+
 def optimize_with_fallbacks(src: Path, dst: Path) -> list[dict[str, str]]:
     """``src`` shape-inferred and constant-folded into ``dst``; returns the fallbacks taken, each with its error.
 
@@ -251,7 +274,8 @@ def optimize_with_fallbacks(src: Path, dst: Path) -> list[dict[str, str]]:
              ("ort_quant_pre_process_without_symbolic_shape", {"skip_symbolic_shape": True}))
     for step, kwargs in tries:
         try:
-            quant_pre_process(str(src), str(dst), **kwargs)
+            with _no_ort_dump():
+                quant_pre_process(str(src), str(dst), **kwargs)
             return fallbacks
         except Exception as exc:  # a failed try is recorded and the next one runs; the last one cannot fail
             fallbacks.append({"step": step, "error": describe(exc)})

@@ -390,3 +390,19 @@ def test_one_corrupt_image_in_a_folder_is_named(tmp_path):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     with pytest.raises(InputError, match="broken.jpg"):
         load_data(DataSource(source=str(folder)), {"type": "image", "size": [32, 32], "color": "rgb"})
+
+
+def test_what_ort_symbolic_inference_dumps_into_the_working_directory_is_removed(tmp_path, monkeypatch):
+    """ORT saves sym_shape_infer_temp.onnx (+ an external-data file) into the cwd when it cannot infer every
+    shape; a user's project folder must not collect them."""
+    import onnx
+
+    from edgekit.models.onnx_normalize import _no_ort_dump
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.onnx").write_bytes(b"the user's own file")
+    with _no_ort_dump():
+        model = onnx.load(str(save(classifier("paddle"), tmp_path / "m.onnx")))
+        onnx.save_model(model, "sym_shape_infer_temp.onnx", save_as_external_data=True, size_threshold=0)
+        assert len(list(tmp_path.iterdir())) == 4  # mine, m.onnx, the dump and its data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "mine.onnx"]
