@@ -224,3 +224,27 @@ def test_a_pt2e_graph_the_converter_refuses_is_quantized_by_ai_edge_quantizer_in
     assert art.precision == "int8" and (art.directory / art.main).stat().st_size > 0
     ops = art.details["int8_ops"]
     assert ops["int8"] > 0 and ops["int8"] >= ops["float"], ops
+
+
+def test_a_model_the_converter_cannot_lower_is_an_import_error_with_a_way_out(tmp_path, monkeypatch):
+    """litert-torch's JAX lowering refuses some converted graphs (a VGG's pooling from onnx2torch) with a
+    ConcretizationTypeError; the user gets what failed and which targets take the model instead."""
+    import litert_torch
+
+    from edgekit.build.backends.base import SourceModel
+    from edgekit.build.backends.quantize_tflite import TFLiteCompiler
+    from edgekit.models.digits_cnn import build
+
+    class ConcretizationTypeError(Exception):
+        pass
+
+    def convert(*args, **kwargs):
+        raise ConcretizationTypeError("Abstract tracer value encountered where concrete value is expected")
+
+    monkeypatch.setattr(litert_torch, "convert", convert)
+    src = SourceModel(tmp_path / "model.onnx", torch=build(width=8).eval(), input_shape=[1, 1, 8, 8])
+    with pytest.raises(ModelImportError, match="could not convert the torch module to TFLite: "
+                                               "ConcretizationTypeError: Abstract tracer") as err:
+        TFLiteCompiler().fp32(src, tmp_path)
+    assert "x86-openvino-cpu" in err.value.hint
+    assert isinstance(err.value.__cause__, ConcretizationTypeError)

@@ -130,7 +130,14 @@ class TFLiteCompiler(BackendCompiler):
 
         out = workdir / "tflite-fp32"
         out.mkdir(parents=True, exist_ok=True)
-        litert_torch.convert(_module(src), (_sample(src),)).export(str(out / "model.tflite"))
+        try:
+            litert_torch.convert(_module(src), (_sample(src),)).export(str(out / "model.tflite"))
+        except Exception as exc:  # the converter's own lowering (JAX, MLIR passes) refuses some graphs outright
+            via = "the torch module onnx2torch made from the ONNX file" if src.torch is None else "the torch module"
+            raise ModelImportError(
+                f"litert-torch could not convert {via} to TFLite: {type(exc).__name__}: {str(exc)[:300]}",
+                hint="compile it for x86-openvino-cpu or onnxruntime-cpu, or give the TFLite target the original "
+                     "torch model (a .pt module) rather than an ONNX file") from exc
         return _artifact(out, "fp32", {"converter": "litert_torch.convert", **self._source(src)})
 
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
