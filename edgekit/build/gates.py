@@ -92,9 +92,34 @@ METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], Literal["hig
     "top1": (top1_percent, "higher", "pt"),
     "mae": (mae, "lower", ""),
     "rmse": (rmse, "lower", ""),
+    # detection and segmentation, in points (percent): they need the model's context (dense_value)
+    "map50": (None, "higher", "pt"),
+    "map": (None, "higher", "pt"),
+    "miou": (None, "higher", "pt"),
 }
 # metrics whose validation data hold values (float targets), not class indices
 REGRESSION_METRICS = frozenset({"mae", "rmse"})
+# metrics of boxes and masks: validation targets are padded boxes (N, M, 5) or masks (N, H, W)
+DENSE_METRICS = frozenset({"map50", "map", "miou"})
+
+
+def dense_value(metric: str, outputs: np.ndarray, y: np.ndarray, context: dict[str, Any],
+                labels: list[str] | None) -> float:
+    """mAP50 / mAP / mIoU in points of the raw model outputs: the same decode and NMS the device runs
+    (``edgekit_runtime.detection``), scored by pycocotools (``edgekit.evaluate.dense_metrics``)."""
+    from ..evaluate.dense_metrics import detection_map_raw, segmentation_metrics_raw
+
+    if not labels:
+        raise ConfigError(f"the {metric} gate needs the model's class names (model.labels)")
+    if metric == "miou":
+        value = segmentation_metrics_raw(outputs, y, labels)["miou"]
+    else:
+        post = context.get("postprocess") or {}
+        if post.get("type") != "detection":
+            raise ConfigError(f"the {metric} gate scores detections: set postprocess.type: detection (and its "
+                              f"strides) in the build file")
+        value = detection_map_raw(outputs, y, labels, context["input_hw"], post["strides"])[metric]
+    return 100.0 * float(value or 0.0)
 
 
 def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -116,16 +141,29 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
 class AccuracyCheck:
     settings: AccuracyBudget
     labels: list[str] | None
+    # detection/segmentation: the model's postprocess section and input (height, width) the metric decodes with
+    context: dict[str, Any] | None = None
 
     @property
     def metric(self):
         return METRICS[self.settings.metric]
 
     def value(self, outputs: np.ndarray, y: np.ndarray) -> float:
+        if self.settings.metric in DENSE_METRICS:
+            return dense_value(self.settings.metric, outputs, y, self.context or {}, self.labels)
         return self.metric[0](outputs, y)
 
     def check_reference(self, fp32_outputs: np.ndarray, y: np.ndarray, fp32_value: float, source: str) -> None:
         """Refuse a reference that cannot make the budget mean anything."""
+        if self.settings.metric in DENSE_METRICS:
+            if fp32_value < 1.0:
+                raise GateError(
+                    f"the FP32 model scores {fp32_value:.2f} {self.settings.metric} points on {source}: a budget "
+                    f"measured against it means nothing. Check that the model has been trained long enough, that the "
+                    f"data's classes are the model's (model.labels, in order) and that the preprocessing is the "
+                    f"training run's",
+                    {"result": "failed: reference at zero", "accuracy": {"fp32": fp32_value}})
+            return
         if self.settings.metric in REGRESSION_METRICS:
             per_sample = int(np.prod(fp32_outputs.shape[1:]))
             if y.reshape(len(y), -1).shape[1] != per_sample:

@@ -59,6 +59,17 @@ class BuildState:
     def quantize(self) -> bool:
         return self.profile.quantize.enabled
 
+    def metric_context(self) -> dict[str, Any]:
+        """What a detection/segmentation metric decodes outputs with: the postprocess section and input size."""
+        pre = self.cfg.preprocess
+        if pre is not None and pre.size:  # what the device feeds the model (a symbolic H, W is fixed by it)
+            hw = [int(d) for d in pre.size]
+        else:
+            shape = self.sig.input_shape if self.sig is not None else (self.cfg.model.input_shape or [])
+            dims = (shape[1:3] if pre is not None and pre.layout == "NHWC" else shape[2:4]) if len(shape) == 4 else []
+            hw = [int(d) if isinstance(d, int) else 0 for d in dims] or None
+        return {"postprocess": self.cfg.postprocess.model_dump() if self.cfg.postprocess else None, "input_hw": hw}
+
 
 class Stage(Protocol):
     """A build step: reads and extends the state, returns what it did for the report."""

@@ -167,6 +167,12 @@ def print_bench(result: dict) -> None:
                       f"{ratio:.2f}×" if ratio else "—",
                       _mib(mem, "baseline_mib"), _mib(mem, "after_load_mib"), _mib(mem, "peak_mib"))
     console.print(table)
+    for name, r in per.items():  # --images: the photo's way through the device, stage by stage
+        stages = {k: r["single_stream"][k]["p50_ms"] for k in ("preprocess", "inference", "postprocess", "end_to_end")
+                  if isinstance(r["single_stream"].get(k), dict)}
+        if "preprocess" in stages:
+            console.print(f"{name} p50 per stage: " + " · ".join(
+                f"{k.replace('_', ' ')} {v:.3f} ms" for k, v in stages.items()), highlight=False)
     sysd = next(iter(per.values()))["system"]
     console.print(f"{sysd['cpu']}, {sysd['usable_cores']} cores, engine {sysd['model']['engine']} "
                   f"{sysd['model']['version']}, threads {sysd['model']['threads'] or 'default'}, "

@@ -76,7 +76,8 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def train_cmd(
     config: Optional[Path] = typer.Argument(None, help="Training file (YAML); flags override its fields"),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Image folder, .npz, .csv or .parquet"),
-    task: Optional[str] = typer.Option(None, "--task", help="classification, regression or forecast"),
+    task: Optional[str] = typer.Option(None, "--task", help="classification, regression, forecast, detection or "
+                                                            "segmentation"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (runs/NAME)"),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (default: picked for the data)"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
@@ -104,13 +105,14 @@ def train_cmd(
         from ..train.models import ARCHS
 
         if as_json:
-            print_json({name: {"kinds": list(a.kinds), "description": a.description} for name, a in ARCHS.items()})
+            print_json({name: {"kinds": list(a.kinds), "tasks": list(a.tasks), "description": a.description}
+                        for name, a in ARCHS.items()})
             return
         table = Table(title="architectures")
-        for col in ("name", "data", "description"):
+        for col in ("name", "data", "tasks", "description"):
             table.add_column(col)
         for name, a in ARCHS.items():
-            table.add_row(name, ", ".join(a.kinds), a.description)
+            table.add_row(name, ", ".join(a.kinds), ", ".join(a.tasks), a.description)
         console.print(table)
         return
     from ..config.train import load_train

@@ -67,7 +67,7 @@ class PreprocessSpec(Strict):
     type: Literal["image", "tensor"] = _PRE["type"]
     color: Literal["gray", "rgb", "bgr"] = _PRE["color"]
     size: list[int] | None = Field(_PRE["size"], description="[height, width]; required for image preprocessing")
-    resize: Literal["stretch", "shorter_center_crop"] = _PRE["resize"]
+    resize: Literal["stretch", "shorter_center_crop", "letterbox"] = _PRE["resize"]
     interpolation: Literal["area", "linear", "nearest", "cubic"] = _PRE["interpolation"]
     scale: float = Field(_PRE["scale"], description="Multiplier applied first (default 1/255 for images, 1.0 for tensors)")
     mean: list[float] | None = _PRE["mean"]
@@ -104,9 +104,15 @@ class PreprocessSpec(Strict):
 
 
 class PostprocessSpec(Strict):
-    type: Literal["classification", "none"] = _POST["type"]
+    """What the device makes of the first output (docs/bundle-format.md, ``postprocess``)."""
+
+    type: Literal["classification", "detection", "segmentation", "none"] = _POST["type"]
     softmax: bool = _POST["softmax"]
     top_k: int = Field(_POST["top_k"], ge=1, le=bundle_spec.MAX_TOP_K)
+    strides: list[int] = Field(list(_POST["strides"]), min_length=1, description="detection: the output's levels")
+    score_threshold: float = Field(_POST["score_threshold"], ge=0, le=1, description="detection: least score kept")
+    iou_threshold: float = Field(_POST["iou_threshold"], ge=0, le=1, description="detection: class-aware NMS IoU")
+    max_detections: int = Field(_POST["max_detections"], ge=1, le=bundle_spec.MAX_DETECTIONS)
 
 
 class ExportSettings(Strict):

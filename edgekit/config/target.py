@@ -74,9 +74,10 @@ class QuantizeSettings(Strict):
 class AccuracyBudget(Strict):
     """Accuracy gate: the task metric of the deployed artifact against the FP32 reference, on labelled data."""
 
-    metric: Literal["top1", "mae", "rmse"] = Field(
+    metric: Literal["top1", "mae", "rmse", "map50", "map", "miou"] = Field(
         "top1", description="Task metric: top1 (percent, higher is better); mae or rmse (regression and forecasts, "
-                            "in the target's units, lower is better)")
+                            "in the target's units, lower is better); map50 or map (detection, COCO mAP in "
+                            "points) or miou (segmentation, points), higher is better")
     max_accuracy_drop: float | None = Field(
         0.5, ge=0, description="Largest allowed loss FP32 → deployed, in the metric's units (None: no check): "
                                "top-1 points, or how much MAE/RMSE may grow"

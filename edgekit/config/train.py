@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from .base import Strict, apply_overrides, parse, read_yaml
 
-Task = Literal["classification", "regression", "forecast"]
+Task = Literal["classification", "regression", "forecast", "detection", "segmentation"]
 
 
 class DataConfig(Strict):

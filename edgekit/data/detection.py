@@ -201,3 +201,64 @@ def load_detection_data(data_root: Path, masks: bool = False) -> dict[str, Split
         if split is not None:
             out[name] = split
     return out
+
+
+def is_split_folder(folder: Path) -> bool:
+    """A detection/segmentation split: ``images/`` beside ``annotations.json``, ``labels/`` or ``masks/``."""
+    folder = Path(folder)
+    return (folder / "images").is_dir() and any(
+        (folder / name).exists() for name in ("annotations.json", "labels", "masks"))
+
+
+def split_arrays(folder: Path, preprocess: dict, task: str, labels: list[str] | None = None,
+                 targets: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """One split folder as a build's calibration or validation data: every image through the device's own
+    preprocessing (``edgekit_runtime.processing.preprocess_image``, so a letterbox or stretch is the one the
+    bundle will do), and (``targets``) the annotations moved by the same geometry into network-input pixels:
+    boxes padded to ``(N, M, 5)`` (``class, x0, y0, x1, y1``, class −1 for padding) for detection, label
+    masks ``(N, H, W)`` (:data:`IGNORE` where the input shows no image) for segmentation — what the
+    accuracy gate's mAP50/mIoU reads.
+
+    This is how an ONNX detector or segmenter exported by another tool is held to an mAP/mIoU budget: the
+    build file declares its ``preprocess`` and ``postprocess``, and ``validation.source`` names such a folder.
+    """
+    import cv2
+    from edgekit_runtime.processing import preprocess_image
+
+    folder = Path(folder)
+    if task not in ("detection", "segmentation"):
+        raise CalibrationError(f"{folder} holds detection/segmentation annotations, but the build's postprocess "
+                               f"type is {task!r}", hint="set postprocess.type: detection (or segmentation)")
+    # COCO names its categories (checked against the model's below); YOLO's class indices take the model's names
+    split = load_split(folder.parent, folder.name, None if (folder / "annotations.json").is_file() else labels,
+                       masks=targets and task == "segmentation")
+    if labels is not None and split.classes != list(labels):
+        raise CalibrationError(f"{folder} has classes {split.classes}; the model's labels are {list(labels)}",
+                               hint="the build file's model.labels name the model's classes in output order")
+    xs, ys, metas = [], [], []
+    for r in split.records:
+        bgr = cv2.imread(str(r.image), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise CalibrationError(f"{r.image} cannot be decoded as an image", hint="remove or replace the file")
+        xs.append(preprocess_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), preprocess, metas))
+    x = np.stack(xs).astype(np.float32)
+    if not targets:
+        return x, None
+    height, width = preprocess["size"]
+    if task == "detection":
+        y = np.full((len(x), max([len(r.labels) for r in split.records] + [1]), 5), -1.0, np.float32)
+        for i, (r, m) in enumerate(zip(split.records, metas)):
+            n = len(r.labels)
+            y[i, :n, 0] = r.labels
+            y[i, :n, 1:] = r.boxes * np.array([m.scale_x, m.scale_y] * 2, np.float32) \
+                + np.array([m.offset_x, m.offset_y] * 2, np.float32)
+        return x, y
+    y = np.full((len(x), height, width), IGNORE, np.uint8)
+    for i, (r, m) in enumerate(zip(split.records, metas)):  # the image's resize (nearest: labels stay labels),
+        resized = cv2.resize(r.read_mask(), (m.resized_width, m.resized_height), interpolation=cv2.INTER_NEAREST)
+        ox, oy = int(round(m.offset_x)), int(round(m.offset_y))  # then its padding (>0) or crop (<0)
+        sy, sx = max(0, -oy), max(0, -ox)
+        dy, dx = max(0, oy), max(0, ox)
+        h, w = min(height - dy, resized.shape[0] - sy), min(width - dx, resized.shape[1] - sx)
+        y[i, dy : dy + h, dx : dx + w] = resized[sy : sy + h, sx : sx + w]
+    return x, y

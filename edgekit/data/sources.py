@@ -22,6 +22,7 @@ from edgekit_runtime.processing import list_images, preprocess_batch
 from ..config import DataSource
 from ..errors import CalibrationError
 from ..models.importer import resolve_callable
+from .detection import is_split_folder, split_arrays
 
 
 @dataclass
@@ -156,17 +157,25 @@ def named_feeds(x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def load_data(src: DataSource, preprocess: dict | None = None, labels: list[str] | None = None,
-              targets: bool = False, skip_bad_images: bool = False) -> Dataset:
+              targets: bool = False, skip_bad_images: bool = False, task: str | None = None) -> Dataset:
     """Load ``src`` into preprocessed tensors (and labels where the source has them).
 
-    ``targets``: ``y`` holds regression/forecast values (float, any shape per sample), not class indices.
+    ``targets``: ``y`` holds regression/forecast values (float, any shape per sample), or padded boxes /
+    label masks, not class indices.
     ``skip_bad_images``: an image folder's undecodable files are left out and listed in ``Dataset.skipped``
     (otherwise the first one refuses the build, named).
+    ``task``: the build's postprocess type; a detection/segmentation split folder (``images/`` with COCO
+    ``annotations.json``, YOLO ``labels/`` or ``masks/``) is read for it (``edgekit.data.detection.split_arrays``).
     """
     s = src.source
     path = Path(s)
     skipped: list[dict[str, str]] = []
-    if path.is_dir():
+    if path.is_dir() and is_split_folder(path):
+        if preprocess is None:
+            raise CalibrationError(f"{path} holds images with annotations but the build has no 'preprocess' "
+                                   f"section", hint="add one (resize: letterbox for a detector), or give a .npz")
+        x, y = split_arrays(path, preprocess, task or "classification", labels, targets)
+    elif path.is_dir():
         x, y, skipped = _from_folder(path, preprocess, labels, skip_bad_images)
     elif path.suffix in (".npy", ".npz"):
         if not path.is_file():

@@ -325,3 +325,59 @@ def segmentation_metrics(pred_masks: Iterable[np.ndarray], gt_masks: Iterable[np
         "pixels": total,
         "confusion": cm.tolist(),
     }
+
+
+# ----------------------------------------------------------------------------- from raw model outputs
+# Scoring settings (COCO practice): low-score boxes are kept so the whole precision-recall curve counts. The
+# device reports with the bundle's own thresholds; these are for measuring, on the host and in the gates.
+EVAL_SCORE_THRESHOLD = 0.001
+EVAL_IOU_THRESHOLD = 0.6
+
+
+def detections_from_raw(raw: np.ndarray, input_hw: Sequence[int], strides: Sequence[int],
+                        score_threshold: float = EVAL_SCORE_THRESHOLD, iou_threshold: float = EVAL_IOU_THRESHOLD,
+                        max_detections: int = MAX_DETECTIONS) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image of the detector's raw output ``(B, A, 4 + C)``: ``(boxes, labels, scores)`` in network-input
+    pixels, through the device runtime's own decode and class-aware NMS (``edgekit_runtime.detection``)."""
+    from edgekit_runtime import detection as det
+
+    points, per_point = det.anchor_points(int(input_hw[0]), int(input_hw[1]), list(strides))
+    out = []
+    for r in np.asarray(raw):
+        boxes, scores = det.decode(r, points, per_point)
+        b, s, c = det.select(boxes, scores, score_threshold, iou_threshold, max_detections)
+        out.append((b, c, s))
+    return out
+
+
+def padded_targets(y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(N, M, 5)`` targets (class, x0, y0, x1, y1; class −1 pads) → per-image ``(boxes, labels)``."""
+    out = []
+    for t in np.asarray(y, dtype=np.float32):
+        real = t[:, 0] >= 0
+        out.append((t[real, 1:], t[real, 0].astype(np.int64)))
+    return out
+
+
+def detection_map_raw(raw: np.ndarray, y: np.ndarray, class_names: Sequence[str], input_hw: Sequence[int],
+                      strides: Sequence[int]) -> dict[str, Any]:
+    """:func:`coco_map` of raw detector outputs against padded targets, both in network-input pixels: what
+    training validates on every epoch and what the build's accuracy gate compares FP32 and INT8 with."""
+    return coco_map(detections_from_raw(raw, input_hw, strides), padded_targets(y), class_names)
+
+
+def segmentation_metrics_raw(logits: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """:func:`segmentation_metrics` of ``(N, K, h, w)`` logits against ``(N, H, W)`` masks at the network input
+    size; logits at a fraction of it are resized (bilinear) first, as the device does."""
+    logits = np.asarray(logits)
+    y = np.asarray(y)
+    if logits.shape[2:] != y.shape[1:]:
+        import cv2
+        from edgekit_runtime.detection import resize_channels
+
+        h, w = y.shape[1:]
+        logits = np.stack([resize_channels(cv2, np.ascontiguousarray(o.transpose(1, 2, 0)), w, h).transpose(2, 0, 1)
+                           for o in logits])
+    pred = logits.argmax(1).astype(np.uint8)
+    return segmentation_metrics(list(pred), list(np.asarray(y).astype(np.uint8)), len(class_names),
+                                class_names=list(class_names))

@@ -74,6 +74,11 @@ def evaluate_source(source: Path, *, data: Path | None = None, compare: list[Pat
 
         keyring = Keyring.from_paths(keyring_path)
     season = None
+    from .dense_session import DENSE_TASKS, bundle_task, evaluate_dense
+
+    if (is_run_folder(source) and read_meta(source).get("task") in DENSE_TASKS) or (
+            source.suffix == ".ekb" and source.is_file() and bundle_task(source, keyring) is not None):
+        return evaluate_dense(source, data=data, compare=compare, out=out, keyring=keyring)
     if is_run_folder(source):
         meta = read_meta(source)
         cfg = parse(TrainConfig, yaml.safe_load((source / "train.yaml").read_text()) or {},

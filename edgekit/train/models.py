@@ -333,6 +333,7 @@ class ArchInfo:
     builder: Callable[..., EdgeNet]
     kinds: tuple[str, ...]
     description: str
+    tasks: tuple[str, ...] = ("classification", "regression", "forecast")  # what its output can be trained for
 
 
 def _torchvision(name: str) -> Callable[..., EdgeNet]:
@@ -354,11 +355,49 @@ ARCHS: dict[str, ArchInfo] = {
     "mlp": ArchInfo(MLP, ("tabular", "forecast", "sequence"), "multilayer perceptron on the flattened input"),
 }
 
+def _detector(backbone: str) -> Callable[..., nn.Module]:
+    """An anchor-free detector of :mod:`edgekit.train.dense_models` on ``backbone`` (imported when built)."""
+    def build(input_shape, out_dim, width: int = 32, strides: Sequence[int] = (8, 16, 32)):
+        from .dense_models import Detector
+
+        return Detector(out_dim, width=width, strides=tuple(strides), backbone=backbone, in_channels=input_shape[0])
+    return build
+
+
+def _unet(input_shape, out_dim, width: int = 16, depth: int = 3):
+    from .dense_models import UNet
+
+    return UNet(out_dim, width=width, depth=depth, in_channels=input_shape[0])
+
+
+def _lraspp(input_shape, out_dim, backbone: str = "tiny", width: int = 32, inter_channels: int = 64):
+    from .dense_models import LRASPPLite
+
+    return LRASPPLite(out_dim, backbone=backbone, width=width, inter_channels=inter_channels,
+                      in_channels=input_shape[0])
+
+
+DENSE = ("detection", "segmentation")
+ARCHS.update({
+    "detector_tiny": ArchInfo(_detector("tiny"), ("image",), "anchor-free single-stage detector, strides "
+                              "8/16/32, a tiny strided-conv backbone (fast on 2 CPU cores)", ("detection",)),
+    "detector_mobilenet": ArchInfo(_detector("mobilenet_v3_small"), ("image",), "the same detector head on "
+                                   "torchvision's MobileNetV3-Small features", ("detection",)),
+    "unet": ArchInfo(_unet, ("image",), "U-Net (3 levels, width 16) for semantic segmentation",
+                     ("segmentation",)),
+    "lraspp": ArchInfo(_lraspp, ("image",), "LR-ASPP head on a light backbone for semantic segmentation",
+                       ("segmentation",)),
+})
+
 _DEFAULTS = {"image": "resnet_small", "sequence": "inception_time", "forecast": "gru", "tabular": "mlp"}
+_TASK_DEFAULTS = {"detection": "detector_tiny", "segmentation": "unet"}
 
 
 def default_arch(kind: str, task: str) -> str:
-    """The architecture picked when none is given: by the kind of data (the task does not change it)."""
+    """The architecture picked when none is given: by the task for detection and segmentation, else by the
+    kind of data."""
+    if task in _TASK_DEFAULTS:
+        return _TASK_DEFAULTS[task]
     try:
         return _DEFAULTS[kind]
     except KeyError:
@@ -398,6 +437,9 @@ def build_model(arch: str, input_shape: Sequence[int], out_dim: int, *, task: st
         raise ConfigError(f"unknown data kind {kind!r}; kinds: {', '.join(KINDS)}")
     if len(shape) != _NDIM[kind] or min(shape, default=0) < 1:
         raise ConfigError(f"{kind} samples need {_NDIM[kind]} positive dimensions, got input shape {shape}")
+    if task not in info.tasks:
+        fits = [name for name, a in ARCHS.items() if task in a.tasks and kind in a.kinds]
+        raise ConfigError(f"architecture {arch!r} is not made for {task}; for {task} use one of: {', '.join(fits)}")
     if kind not in info.kinds:
         fits = [name for name, a in ARCHS.items() if kind in a.kinds]
         raise ConfigError(f"architecture {arch!r} does not fit {kind} data; for {kind} data use one of: "

@@ -61,6 +61,7 @@ class _Setup:
     mixer: Any
     teacher: Any = None  # the frozen distillation teacher (train.distill), or None
     kd: Any = None
+    dense: dict[str, Any] | None = None  # detection/segmentation: what edgekit.train.dense.build made
 
 
 def write_config(cfg: TrainConfig, path: Path) -> None:
@@ -70,6 +71,13 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
 
 
 def _setup(cfg: TrainConfig, dist: DistInfo) -> _Setup:
+    if cfg.data.task in ("detection", "segmentation"):
+        from .dense import build
+
+        seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same initial weights on every rank
+        b = build(cfg)
+        return _Setup(b["prepared"], get_task(cfg.data.task, "image"), b["arch"], b["model"], b["meta"],
+                      b["loss_fn"], None, None, dense=b)
     from .augment import batch_mixer
     from .data import prepare
     from .losses import class_weights, make_loss
@@ -182,12 +190,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Callbacks | None
             write_config(cfg, run_dir / "train.yaml")
         from .augment import make_dataset
 
+        if s.dense is not None:
+            train_ds, val_ds = s.dense["datasets"]
+        else:
+            train_ds = make_dataset(s.prepared, "train", cfg.augment if cfg.augment.enabled else None)
+            val_ds = make_dataset(s.prepared, "val", None)
         trainer = Trainer(
-            cfg, s.model, s.task, make_dataset(s.prepared, "train", cfg.augment if cfg.augment.enabled else None),
-            make_dataset(s.prepared, "val", None), loss_fn=s.loss_fn, y_stats=s.prepared.y_stats,
-            sample_weights=s.sample_weights, mixer=s.mixer, run_dir=run_dir,
-            save_best=lambda m, info: save_checkpoint(run_dir / "model.pt", m, {**s.meta, **info}),
-            callbacks=callbacks, dist=dist, teacher=s.teacher, distill=s.kd)
+            cfg, s.model, s.task, train_ds, val_ds, loss_fn=s.loss_fn,
+            y_stats=None if s.dense else s.prepared.y_stats, sample_weights=s.sample_weights, mixer=s.mixer,
+            run_dir=run_dir, save_best=lambda m, info: save_checkpoint(run_dir / "model.pt", m, {**s.meta, **info}),
+            callbacks=callbacks, dist=dist, teacher=s.teacher, distill=s.kd,
+            metrics_fn=s.dense["metrics_fn"] if s.dense else None)
         state = _load_last(run_dir) if resume else None
         if state is not None and state.get("seed") != cfg.train.seed:
             raise ConfigError(f"last.pt was trained with seed {state.get('seed')}; resume with the same "
@@ -202,8 +215,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Callbacks | None
         metrics: dict[str, Any] = {}
         report = None
         if dist.main:
-            metrics, report = finish(cfg, s, fit, run_dir, dist.world_size,
-                                     (state or {}).get("seconds", 0.0) + time.perf_counter() - t0)
+            seconds = (state or {}).get("seconds", 0.0) + time.perf_counter() - t0
+            if s.dense is not None:
+                from .dense import finish as finish_dense
+
+                metrics, report = finish_dense(cfg, s.dense, fit, run_dir, dist.world_size, seconds)
+            else:
+                metrics, report = finish(cfg, s, fit, run_dir, dist.world_size, seconds)
         if dist.world_size > 1:
             torch.distributed.barrier()
         return RunResult(run_dir, metrics, report)

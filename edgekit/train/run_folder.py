@@ -42,6 +42,8 @@ def build_settings(run_dir: Path) -> dict[str, Any]:
     """Build-file settings for compiling ``run_dir`` (flags and a build file override them)."""
     run_dir = Path(run_dir).resolve()
     meta = read_meta(run_dir)
+    if meta["task"] in ("detection", "segmentation"):
+        return _dense_settings(run_dir, meta)
     classifies = meta["task"] == "classification"
     labels = meta.get("labels")
     data = {"source": "edgekit.train.data:split_arrays"}
@@ -70,3 +72,25 @@ def build_settings(run_dir: Path) -> dict[str, Any]:
         settings["accuracy"] = {"metric": "mae",
                                 "max_accuracy_drop": round(REGRESSION_BUDGET * float(sum(std) / len(std)), 6)}
     return settings
+
+
+# detection/segmentation runs: INT8 may lose at most this many mAP50 / mIoU points against FP32
+DENSE_BUDGET = 1.0
+
+
+def _dense_settings(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A detection or segmentation run: calibrated on its training images, gated on mAP50 (mIoU) of its
+    validation split, scored through the device's own decode and NMS; the bundle carries the run's
+    letterbox preprocessing and its post-processing."""
+    data = {"source": "edgekit.train.dense_data:run_arrays"}
+    return {
+        "model": {"source": "edgekit.train.models:from_checkpoint", "kwargs": {"path": str(run_dir / "model.pt")},
+                  "checkpoint": str(run_dir / "model.pt"), "name": meta.get("name") or run_dir.name,
+                  "input_shape": [1, *meta["input_shape"]], "labels": meta.get("labels")},
+        "preprocess": meta["preprocess"],
+        "postprocess": meta["postprocess"],
+        "calibration": {**data, "kwargs": {"run": str(run_dir), "split": "train", "labels": False,
+                                           "count": CALIBRATION_SAMPLES}},
+        "validation": {**data, "kwargs": {"run": str(run_dir), "split": "val"}},
+        "accuracy": {"metric": "map50" if meta["task"] == "detection" else "miou", "max_accuracy_drop": DENSE_BUDGET},
+    }

@@ -39,6 +39,10 @@ class Task:
     mode: str  # "max" or "min"
     metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]]
     classifies: bool
+    # detection/segmentation: the loss takes the targets as they are (boxes, masks) and the metrics need the
+    # run's settings (strides, classes), so the run gives the trainer its own metrics function
+    dense: bool = False
+    selectable: tuple[str, ...] = ()  # metrics train.monitor may name besides the defaults of its kind
 
     def out_dim(self, y_train: np.ndarray, labels: list[str] | None) -> int:
         if self.classifies:
@@ -59,6 +63,15 @@ register(Task("regression", ("image", "sequence", "tabular"), "rmse", "min", _re
 register(Task("forecast", ("forecast",), "rmse", "min", _regression_metrics, False))
 
 
+def _dense_metrics(out: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    raise ConfigError("detection and segmentation metrics need the run's settings: use the run's metrics function")
+
+
+register(Task("detection", ("image",), "map50", "max", _dense_metrics, False, dense=True, selectable=("map50", "map")))
+register(Task("segmentation", ("image",), "miou", "max", _dense_metrics, False, dense=True,
+              selectable=("miou", "dice")))
+
+
 def get_task(name: str, kind: str | None = None) -> Task:
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; edgekit trains {', '.join(sorted(TASKS))}")
@@ -74,6 +87,11 @@ def monitor_mode(task: Task, monitor: str | None) -> tuple[str, str]:
     name = monitor or task.monitor
     if name == "loss":
         return name, "min"
+    if task.dense:
+        if name not in task.selectable:
+            raise ConfigError(f"train.monitor {name!r} is not a {task.name} metric; it has "
+                              f"{', '.join(task.selectable)}, loss")
+        return name, "max"
     if name in ("accuracy", "macro_f1"):
         if not task.classifies:
             raise ConfigError(f"train.monitor {name!r} is a classification metric; {task.name} has rmse, mae, loss")

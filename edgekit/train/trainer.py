@@ -171,8 +171,10 @@ class Trainer:
                  sample_weights: np.ndarray | None = None, mixer=None, run_dir: Path,
                  save_best: Callable[[nn.Module, dict[str, Any]], None] | None = None,
                  callbacks: Callbacks | None = None, dist: DistInfo | None = None,
-                 teacher: nn.Module | None = None, distill: KD | None = None):
+                 teacher: nn.Module | None = None, distill: KD | None = None,
+                 metrics_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None):
         self.cfg, self.task = cfg, task
+        self.metrics_fn = metrics_fn or task.metrics
         self.dist = dist or DistInfo()
         self.device = pick_device(cfg.train.device, self.dist)
         self.model = model.to(self.device)
@@ -257,6 +259,8 @@ class Trainer:
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = out.float()
+        if self.task.dense:  # boxes or masks: the task's loss reads them as they are
+            return self.loss_fn(out, y)
         if self.y_std is not None:
             shape = (1, -1) if out.ndim > 1 else (-1,)
             out = (out - self.y_mean.view(shape)) / self.y_std.view(shape)
@@ -435,7 +439,7 @@ class Trainer:
                 te = time.perf_counter()
                 train_loss = self._train_epoch(epoch)
                 out, y, val_loss = self.predict(self.val_ds)
-                metrics = self.task.metrics(out, y)
+                metrics = self.metrics_fn(out, y)
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                        **{f"val_{k}": v for k, v in metrics.items()},
                        "lr": self.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - te}

@@ -232,18 +232,18 @@ def postprocess_segmentation(logits: np.ndarray, meta: ImageMeta, labels: Sequen
                          f"(background first)", code=ErrorCode.INPUT_BAD_SHAPE,
                          hint="rebuild the bundle with labels ['background', *classes]")
     hwc = np.ascontiguousarray(logits.transpose(1, 2, 0))
-    net = _resize_channels(cv2, hwc, meta.input_width, meta.input_height)
+    net = resize_channels(cv2, hwc, meta.input_width, meta.input_height)
     (nx0, ny0, nx1, ny1), (ox0, oy0, ox1, oy1) = meta.visible_region()
     mask = np.zeros((meta.height, meta.width), dtype=np.uint8)
     if nx1 > nx0 and ny1 > ny0 and ox1 > ox0 and oy1 > oy0:
-        part = _resize_channels(cv2, np.ascontiguousarray(net[ny0:ny1, nx0:nx1]), ox1 - ox0, oy1 - oy0)
+        part = resize_channels(cv2, np.ascontiguousarray(net[ny0:ny1, nx0:nx1]), ox1 - ox0, oy1 - oy0)
         mask[oy0:oy1, ox0:ox1] = part.argmax(axis=2).astype(np.uint8)
     counts = np.bincount(mask.ravel(), minlength=k)
     classes = {(labels[i] if labels else str(i)): int(c) for i, c in enumerate(counts.tolist()) if c}
     return {"mask": mask, "classes": classes, "image_size": [meta.width, meta.height]}
 
 
-def _resize_channels(cv2: Any, hwc: np.ndarray, width: int, height: int) -> np.ndarray:
+def resize_channels(cv2: Any, hwc: np.ndarray, width: int, height: int) -> np.ndarray:
     """Bilinear resize of an ``(h, w, K)`` float32 array, ``K`` kept even when 1 (OpenCV drops a lone channel).
 
     OpenCV's Python binding takes at most 128 channels an array (fewer in some builds): 64 at a time.

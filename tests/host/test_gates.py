@@ -196,3 +196,31 @@ def test_regression_targets_that_do_not_fit_the_outputs_are_refused():
     with pytest.raises(ConfigError, match="target value"):
         check.check_reference(np.zeros((4, 6)), np.zeros((4, 3), np.float32), 1.0, "val.npz")
     check.check_reference(np.zeros((4, 6)), np.zeros((4, 6), np.float32), 1.0, "val.npz")  # fits: no error
+
+
+def test_dense_metrics_decode_raw_outputs_and_refuse_a_reference_at_zero():
+    """map50 of raw detector outputs [N, A, 4+C] through the device's decode: a perfect head scores 100 points, the
+    same head with its classes swapped scores 0, and a reference of 0 refuses the build with what to check."""
+    from edgekit_runtime.detection import anchor_points
+
+    strides, hw = [8, 16, 32], (64, 64)
+    points, point_strides = anchor_points(*hw, strides)
+    box = np.array([16.0, 16.0, 48.0, 48.0], np.float32)  # one object of class 1 in each image
+    raw = np.zeros((2, len(points), 4 + 2), np.float32)
+    raw[..., 4:] = -10.0
+    centre = np.argmin(((points - 32.0) ** 2).sum(1) + (point_strides != 16) * 1e6)  # a stride-16 point at the centre
+    s = point_strides[centre]
+    raw[:, centre, :4] = [(points[centre, 0] - 16) / s, (points[centre, 1] - 16) / s, (48 - points[centre, 0]) / s,
+                          (48 - points[centre, 1]) / s]
+    raw[:, centre, 5] = 10.0
+    y = np.array([[[1, *box]], [[1, *box]]], np.float32)
+    check = AccuracyCheck(AccuracyBudget(metric="map50", max_accuracy_drop=1.0), ["a", "b"],
+                          {"postprocess": {"type": "detection", "strides": strides}, "input_hw": list(hw)})
+    assert check.value(raw, y) == pytest.approx(100.0, abs=1e-6)
+    swapped = raw[..., [0, 1, 2, 3, 5, 4]]
+    assert check.value(swapped, y) == 0.0
+    with pytest.raises(GateError, match="scores 0.00 map50 points on val.*trained long enough.*model.labels"):
+        check.check_reference(swapped, y, 0.0, "val")
+    with pytest.raises(ConfigError, match="set postprocess.type: detection"):
+        AccuracyCheck(AccuracyBudget(metric="map50"), ["a", "b"], {"postprocess": None, "input_hw": [64, 64]}
+                      ).value(raw, y)

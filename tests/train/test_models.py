@@ -25,7 +25,7 @@ TINY = {"image": ([3, 16, 16], "classification"), "sequence": ([3, 30], "classif
         "forecast": ([1, 24], "forecast"), "tabular": ([7], "regression")}
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(a for a, info in ARCHS.items() if "classification" in info.tasks))
 def test_every_arch_gives_out_dim_outputs_for_every_kind_it_fits(arch):
     for kind in ARCHS[arch].kinds:
         shape, task = TINY[kind]
@@ -184,3 +184,18 @@ def test_checkpoint_round_trip(tmp_path):
     torch.save({"format": "other"}, tmp_path / "bad.pt")
     with pytest.raises(ModelImportError, match="not an edgekit run checkpoint"):
         from_checkpoint(str(tmp_path / "bad.pt"))
+
+
+@pytest.mark.parametrize("arch", sorted(a for a, info in ARCHS.items() if "classification" not in info.tasks))
+def test_dense_archs_give_the_contract_outputs_and_refuse_classification(arch):
+    task = ARCHS[arch].tasks[0]
+    model = build_model(arch, [3, 64, 64], 3, task=task).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    if task == "detection":  # [B, A, 4 + C] over strides 8, 16, 32 (64 + 16 + 4 anchor points)
+        assert out.shape == (2, 84, 7)
+    else:  # [B, C, H, W] logits at the input size
+        assert out.shape == (2, 3, 64, 64)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ConfigError, match=f"not made for classification.*{'resnet_small'}"):
+        build_model(arch, [3, 64, 64], 3, task="classification")

@@ -13,7 +13,7 @@ from edgekit_runtime.contract.errors import BundleError
 
 from ...data.sources import Dataset, load_data
 from ...errors import CalibrationError, ConfigError
-from ..gates import REGRESSION_METRICS
+from ..gates import DENSE_METRICS, REGRESSION_METRICS
 from ..state import BuildState
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,13 @@ class DataStage:
             except BundleError as exc:
                 raise ConfigError(f"{exc}; fix the build file's preprocess section") from None
         skip = cfg.skip_bad_images
-        calib = load_data(cfg.calibration, state.preprocess, state.labels, skip_bad_images=skip) \
+        # a COCO/YOLO split folder is read for the task the bundle's post-processing does
+        task = cfg.postprocess.type if cfg.postprocess else None
+        calib = load_data(cfg.calibration, state.preprocess, state.labels, skip_bad_images=skip, task=task) \
             if cfg.calibration else None
-        targets = state.profile.accuracy.metric in REGRESSION_METRICS  # y holds values, not classes
-        val = load_data(cfg.validation, state.preprocess, state.labels, targets, skip_bad_images=skip) \
+        # y holds values (regression), padded boxes or masks (detection, segmentation), not class indices
+        targets = state.profile.accuracy.metric in REGRESSION_METRICS | DENSE_METRICS
+        val = load_data(cfg.validation, state.preprocess, state.labels, targets, skip_bad_images=skip, task=task) \
             if cfg.validation else None
         budget = state.profile.accuracy.max_accuracy_drop
         if state.quantize and calib is None:

@@ -49,7 +49,7 @@ class EvaluateStage:
         }
         state.report["latency_ms"] = state.latency
         if state.chosen is state.fp32 and state.val is not None:
-            acc = AccuracyCheck(profile.accuracy, state.labels)
+            acc = AccuracyCheck(profile.accuracy, state.labels, state.metric_context())
             state.report["accuracy"]["deployed"] = acc.value(m.outputs(state.fp32, state.val.x, "validation"),
                                                              state.val.y)
         state.report["gates"] = [g.to_dict() for g in state.gates]

@@ -45,10 +45,10 @@ class ExportStage:
         ref: dict[str, Any] = {"engine": engine, "options": state.measurer.reference_options}
         # one label per output, checked on every build (with or without validation data)
         probe_out = state.measurer.outputs(state.fp32, state.probe, "probe", reference=True)
-        check_labels(state.labels, int(np.prod(probe_out.shape[1:])))
+        check_labels(state.labels, output_classes(state.cfg.postprocess.type, probe_out))
         if state.val is not None:
             # The reference is measured the way the device would run FP32, through the same engine.
-            acc = AccuracyCheck(profile.accuracy, state.labels)
+            acc = AccuracyCheck(profile.accuracy, state.labels, state.metric_context())
             out = state.measurer.outputs(state.fp32, state.val.x, "validation", reference=True)
             ref["accuracy"] = acc.value(out, state.val.y)
             acc.check_reference(out, state.val.y, ref["accuracy"], state.val.source)
@@ -64,3 +64,13 @@ class ExportStage:
         if "accuracy" in ref:
             summary["fp32_" + profile.accuracy.metric] = ref["accuracy"]
         return summary
+
+
+def output_classes(postprocess: str, out: np.ndarray) -> int:
+    """How many classes the first output holds: a detector's ``[B, A, 4 + C]`` has C, a segmenter's
+    ``[B, K, H, W]`` has K (background first), a classifier one per output value."""
+    if postprocess == "detection" and out.ndim == 3:
+        return int(out.shape[2]) - 4
+    if postprocess == "segmentation" and out.ndim == 4:
+        return int(out.shape[1])
+    return int(np.prod(out.shape[1:]))

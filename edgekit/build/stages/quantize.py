@@ -38,7 +38,7 @@ def quality(state: BuildState, art: Artifact, strategy: str, details: dict[str, 
     results, figures = [], {}
     ref = state.reference
     if state.val is not None:
-        acc = AccuracyCheck(state.profile.accuracy, state.labels)
+        acc = AccuracyCheck(state.profile.accuracy, state.labels, state.metric_context())
         value = acc.value(state.measurer.outputs(art, state.val.x, "validation"), state.val.y)
         gate = acc.gate(ref["accuracy"], value)
         figures.update(accuracy=value, drop=gate.value)
@@ -67,7 +67,7 @@ def recovery_goal(state: BuildState, failed: Attempt) -> RecoveryGoal:
         return quality(state, art, strategy, details)
 
     if "accuracy" in names:
-        acc = AccuracyCheck(state.profile.accuracy, state.labels)
+        acc = AccuracyCheck(state.profile.accuracy, state.labels, state.metric_context())
         sign = 1.0 if acc.metric[1] == "higher" else -1.0
         y = state.val.y
         return RecoveryGoal("accuracy", state.val.x, lambda out, idx: sign * acc.value(out, y[idx]),
