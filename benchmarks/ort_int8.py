@@ -223,7 +223,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     for row in out.values():
         speed = [m["int8_speedup"] for m in row["models"].values()]
         row["median_int8_speedup"] = round(statistics.median(speed), 3)
-        row["median_shipped_speedup"] = round(statistics.median(m["shipped_speedup"] for m in row["models"].values()), 3)
+        shipped = [m["shipped_speedup"] for m in row["models"].values()]
+        row["median_shipped_speedup"] = round(statistics.median(shipped), 3)
         row["int8_slower_than_fp32"] = [a for a, m in row["models"].items() if m["int8_speedup"] < 1.0]
     return out
 
@@ -296,7 +297,8 @@ def write(result: dict[str, Any], out: str) -> None:
               "| threads | " + " | ".join(result["models"]) + " | median INT8 speed-up | median shipped |",
               "|---|" + "---|" * (len(result["models"]) + 2)]
     for t, row in result.get("summary", {}).items():
-        lines.append(f"| {t} | " + " | ".join(f"{m['int8_speedup']:.2f}× ({m['chosen']})" for m in row["models"].values())
+        lines.append(f"| {t} | " + " | ".join(f"{m['int8_speedup']:.2f}× ({m['chosen']})"
+                                              for m in row["models"].values())
                      + f" | **{row['median_int8_speedup']:.2f}×** | {row['median_shipped_speedup']:.2f}× |")
     lines += ["", "Kernel counts (ORT profiler, one run, 1 thread) per recipe are in the sections below.", ""]
     for arch, e in result["models"].items():

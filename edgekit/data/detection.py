@@ -229,13 +229,16 @@ def split_arrays(folder: Path, preprocess: dict, task: str, labels: list[str] | 
     if task not in ("detection", "segmentation"):
         raise CalibrationError(f"{folder} holds detection/segmentation annotations, but the build's postprocess "
                                f"type is {task!r}", hint="set postprocess.type: detection (or segmentation)")
+    # a segmenter's labels are ["background", *classes]: mask value k is labels[k]
+    classes = list(labels[1:]) if labels is not None and task == "segmentation" else labels
     # COCO names its categories (checked against the model's below); YOLO's class indices take the model's names
-    split = load_split(folder.parent, folder.name, None if (folder / "annotations.json").is_file() else labels,
+    split = load_split(folder.parent, folder.name, None if (folder / "annotations.json").is_file() else classes,
                        masks=targets and task == "segmentation")
-    if labels is not None and split.classes != list(labels):
-        raise CalibrationError(f"{folder} has classes {split.classes}; the model's labels are {list(labels)}",
-                               hint="the build file's model.labels name the model's classes in output order")
-    xs, ys, metas = [], [], []
+    if classes is not None and split.classes != list(classes):
+        raise CalibrationError(f"{folder} has classes {split.classes}; the model's are {list(classes)}",
+                               hint="the build file's model.labels name the model's classes in output order"
+                                    + (" (a segmenter's start with 'background')" if task == "segmentation" else ""))
+    xs, metas = [], []
     for r in split.records:
         bgr = cv2.imread(str(r.image), cv2.IMREAD_COLOR)
         if bgr is None:

@@ -198,7 +198,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], test: dict[str, Any], f
     for name, row in summary["split_report"].items():
         if isinstance(row, dict):
             lines.append(f"| {name} | {row['images']} | {row['objects']} |")
-    lines += ["", f"Split: {summary['split_report'].get('method')}; annotations: {summary['split_report'].get('source')}.",
+    split = summary["split_report"]
+    lines += ["", f"Split: {split.get('method')}; annotations: {split.get('source')}.",
               ""]
     if summary["task"] == "detection":
         lines += ["## Metrics (COCO, pycocotools; boxes from the device post-processing in original image pixels)", "",
@@ -206,7 +207,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], test: dict[str, Any], f
                   f"{(test.get('map75') or 0):.3f}", "", "| class | AP50 | AP |", "|---|---|---|"]
         for name, ap50 in (test.get("per_class_ap50") or {}).items():
             ap = (test.get("per_class_ap") or {}).get(name)
-            lines.append(f"| {name} | {'–' if ap50 is None else f'{ap50:.3f}'} | {'–' if ap is None else f'{ap:.3f}'} |")
+            cells = ["–" if v is None else f"{v:.3f}" for v in (ap50, ap)]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     else:
         lines += ["## Metrics (masks from the device post-processing at the original image size)", "",
                   f"mIoU **{test['miou']:.3f}** · Dice **{test['dice']:.3f}** · pixel accuracy "

@@ -35,8 +35,10 @@ def anchor_points(height: int, width: int, strides: Sequence[int],
     return torch.from_numpy(points).to(device), torch.from_numpy(per_point).to(device)
 
 
-def decode(raw: torch.Tensor, points: torch.Tensor, stride_per_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``raw [..., A, 4+C]`` → boxes ``[..., A, 4]`` (x0, y0, x1, y1 in input pixels) and sigmoid scores ``[..., A, C]``.
+def decode(raw: torch.Tensor, points: torch.Tensor,
+           stride_per_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``raw [..., A, 4+C]`` → boxes ``[..., A, 4]`` (x0, y0, x1, y1 in input pixels) and sigmoid scores
+    ``[..., A, C]``.
 
     The runtime's ``decode`` in torch, because the GIoU loss needs gradients through it; a test holds
     the two equal.

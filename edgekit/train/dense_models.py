@@ -1,4 +1,5 @@
-"""Dense-prediction architectures: an anchor-free detector and two segmenters, built only from ops every target converts.
+"""Dense-prediction architectures: an anchor-free detector and two segmenters, built only from ops every target
+converts.
 
 The detector's single output follows the detection contract (``[B, A, 4 + C]``: per anchor point the
 box's left/top/right/bottom distances in stride units after a ReLU, then C class logits); the segmenters

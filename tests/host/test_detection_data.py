@@ -97,7 +97,7 @@ def test_a_split_folder_is_a_builds_validation_data_boxes_and_masks_moved_with_t
     assert boxes[0, :n, 0].tolist() == recs[0].labels.tolist() and (boxes[0, n:, 0] == -1).all()
     np.testing.assert_allclose(boxes[0, :n, 1:], recs[0].boxes * (2 / 3) + [32, 0, 32, 0], atol=1e-4)
 
-    _, masks = split_arrays(coco / "val", PRE, "segmentation", list(CLASSES))
+    _, masks = split_arrays(coco / "val", PRE, "segmentation", ["background", *CLASSES])
     assert masks.shape == (3, 64, 128)
     assert (masks[:, :, :32] == IGNORE).all() and (masks[:, :, 96:] == IGNORE).all()
     expected = cv2.resize(recs[1].read_mask(), (64, 64), interpolation=cv2.INTER_NEAREST)
@@ -115,5 +115,8 @@ def test_a_split_folder_is_refused_where_it_cannot_be_read(coco):
     with pytest.raises(CalibrationError, match="postprocess type is 'classification'") as err:
         load_data(DataSource(source=str(coco / "val")), PRE, list(CLASSES), targets=True)
     assert "postprocess.type: detection" in err.value.hint
-    with pytest.raises(CalibrationError, match=r"has classes \['circle', .*; the model's labels are \['cat', 'dog'\]"):
+    with pytest.raises(CalibrationError, match=r"has classes \['circle', .*; the model's are \['cat', 'dog'\]"):
         split_arrays(coco / "val", PRE, "detection", ["cat", "dog"])
+    with pytest.raises(CalibrationError, match=r"the model's are \['circle', 'square', 'triangle'\]") as err:
+        split_arrays(coco / "val", PRE, "segmentation", ["background", "circle", "square", "triangle"])
+    assert "start with 'background'" in err.value.hint

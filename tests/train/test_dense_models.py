@@ -1,4 +1,5 @@
-"""Detector and segmenters: contract shapes, FCOS assignment, losses, overfitting real scenes, ONNX/ORT and LiteRT export."""
+"""Detector and segmenters: contract shapes, FCOS assignment, losses, overfitting real scenes, ONNX/ORT and LiteRT
+export."""
 
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def test_assignment_puts_positives_inside_boxes_at_the_right_level():
     # a 40 px box (farthest edge <= 32 px from its centre points: stride 8), a 100 px box (stride 16),
     # a 200 px box (stride 32); a padding row that must never be assigned
     boxes = [[10, 10, 50, 50], [120, 20, 220, 120], [20, 50, 220, 250]]
-    targets = torch.tensor([[[0, *boxes[0]], [1, *boxes[1]], [2, *boxes[2]], [-1, 0, 0, 256, 256]]], dtype=torch.float32)
+    targets = torch.tensor([[[0, *boxes[0]], [1, *boxes[1]], [2, *boxes[2]], [-1, 0, 0, 256, 256]]],
+                           dtype=torch.float32)
     gt_index, ltrb = assign(targets, points, per_point, strides)
     gt_index, ltrb = gt_index[0], ltrb[0]
     assert (gt_index != 3).all()
@@ -106,7 +108,8 @@ def test_assignment_puts_positives_inside_boxes_at_the_right_level():
         assert ((p[:, 0] > box[0]) & (p[:, 0] < box[2]) & (p[:, 1] > box[1]) & (p[:, 1] < box[3])).all()
         # within 2.5 strides of the box centre
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        assert ((p[:, 0] - cx).abs() < 2.5 * per_point[mine]).all() and ((p[:, 1] - cy).abs() < 2.5 * per_point[mine]).all()
+        near = 2.5 * per_point[mine]
+        assert ((p[:, 0] - cx).abs() < near).all() and ((p[:, 1] - cy).abs() < near).all()
         # ltrb is the distance to this box's edges
         assert torch.allclose(ltrb[mine][:, 0], p[:, 0] - box[0]) and torch.allclose(ltrb[mine][:, 3], box[3] - p[:, 1])
     levels = {k: sorted(set(per_point[gt_index == k].int().tolist())) for k in range(3)}
