@@ -17,13 +17,7 @@ from edgekit.train.dense_losses import (DetectionLoss, SegmentationLoss, anchor_
 from edgekit.train.dense_models import DETECTOR_BACKBONES, Detector, LRASPPLite, UNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

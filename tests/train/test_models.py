@@ -12,13 +12,7 @@ from edgekit.train.models import (ARCHS, build_model, default_arch, describe, fr
                                   save_checkpoint)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = {"image": ([3, 16, 16], "classification"), "sequence": ([3, 30], "classification"),
