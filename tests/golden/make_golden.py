@@ -15,6 +15,10 @@ three classes: ``y = flatten(x) @ W + b`` (ONNX: Flatten, MatMul, Add; opset 13)
   drift histogram;
 * ``--version 1.3``: ``v1.3-onnxruntime-matmul.ekb`` and ``v1.3-golden.pub``, the 1.1
   manifest plus ``metrics.optimize`` (a prune and a distill pass with their figures).
+* ``--version 1.4``: ``v1.4-onnxruntime-detector.ekb`` and ``v1.4-golden.pub``, a detector
+  with ``letterbox`` preprocessing and ``detection`` post-processing: a 3×32×32 input, an
+  output ``[batch, 21, 6]`` (strides 8/16/32, two classes) that is a constant table whatever
+  the image (``ReduceMean(x) * 0 + RAW_1_4``), so the boxes a runtime finds are known by hand.
 
 Usage: python tests/golden/make_golden.py --version 1.1 [--force]
 """
@@ -39,7 +43,8 @@ BUNDLE = HERE / "v1.0-onnxruntime-matmul.ekb"
 PUBLIC_KEY = HERE / "golden.pub"
 OUTPUTS = {"1.0": (BUNDLE, PUBLIC_KEY),
            "1.1": (HERE / "v1.1-onnxruntime-matmul.ekb", HERE / "v1.1-golden.pub"),
-           "1.3": (HERE / "v1.3-onnxruntime-matmul.ekb", HERE / "v1.3-golden.pub")}
+           "1.3": (HERE / "v1.3-onnxruntime-matmul.ekb", HERE / "v1.3-golden.pub"),
+           "1.4": (HERE / "v1.4-onnxruntime-detector.ekb", HERE / "v1.4-golden.pub")}
 
 # Multiples of 1/8 and inputs that are multiples of 1/256: float32 results are exact.
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 8 - 0.75
@@ -64,6 +69,57 @@ def model_bytes() -> bytes:
                               producer_name="edgekit-golden")
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+# v1.4: the detector's raw output, [1, A = 16 + 4 + 1, 4 + 2]: distances (l, t, r, b) in strides, then logits
+RAW_1_4 = np.zeros((1, 21, 6), dtype=np.float32)
+RAW_1_4[0, :, 4:] = -10.0
+RAW_1_4[0, 19] = [0.5, 0.5, 0.5, 0.5, -10.0, 5.0]  # stride 16, row 1, col 1, centre (24, 24): [16, 16, 32, 32], "b"
+RAW_1_4[0, 5] = [1.0, 1.0, 1.0, 1.0, 2.0, -10.0]  # stride 8, row 1, col 1, centre (12, 12): [4, 4, 20, 20], "a"
+LABELS_1_4 = ["a", "b"]
+
+
+def detector_bytes() -> bytes:
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["m"], keepdims=1),
+            helper.make_node("Mul", ["m", "zero"], ["m0"]),
+            helper.make_node("Reshape", ["m0", "shape"], ["m1"]),
+            helper.make_node("Add", ["m1", "raw"], ["y"]),
+        ],
+        "golden_detector",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 21, 6])],
+        [numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+         numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
+         numpy_helper.from_array(RAW_1_4, "raw")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8,
+                              producer_name="edgekit-golden")
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def manifest_v1_4(model: bytes) -> dict:
+    """The 1.1 manifest's sections for a detector, written as 1.4: letterbox preprocessing (RGB, 32×32, the
+    format's default scale, mean 0.5, std 0.25) and detection post-processing (strides 8/16/32, score 0.25,
+    NMS IoU 0.5, at most 10 boxes)."""
+    from edgekit_runtime.contract import manifest as mf
+
+    manifest = manifest_v1_1(model)
+    manifest.update(format_version="1.4", created_at="2026-12-07T00:00:00+00:00",
+                    created_by="edgekit 0.4.0 (tests/golden/make_golden.py)")
+    manifest["model"].update(name="golden-detector", version="1.4.0", release=4)
+    manifest["inputs"] = [mf.TensorSpec(name="x", dtype="float32", shape=["batch", 3, 32, 32],
+                                        layout="NCHW").to_dict()]
+    manifest["outputs"] = [mf.TensorSpec(name="y", dtype="float32", shape=["batch", 21, 6]).to_dict()]
+    manifest["preprocess"] = mf.Preprocess(color="rgb", size=[32, 32], resize="letterbox", interpolation="linear",
+                                           mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]).to_dict()
+    manifest["postprocess"] = mf.Postprocess(type="detection", strides=[8, 16, 32], score_threshold=0.25,
+                                             iou_threshold=0.5, max_detections=10).to_dict()
+    manifest["metrics"]["accuracy"].update(metric="map50")
+    manifest["input_stats"] = {}
+    return manifest
 
 
 def npy(a: np.ndarray) -> bytes:
@@ -186,17 +242,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bundle.name} exists: golden files are written once and committed (pass --force)", file=sys.stderr)
         return 1
 
-    model = model_bytes()
-    if args.version == "1.0":
+    model = detector_bytes() if args.version == "1.4" else model_bytes()
+    if args.version == "1.4":
+        health_input, manifest = np.zeros((1, 3, 32, 32), np.float32), manifest_v1_4(model)
+    elif args.version == "1.0":
         health_input, manifest = HEALTH_INPUT, manifest_v1_0(model)
     else:
         # the preprocessed image [[0, 255], [255, 0]] (scale 1/255, mean 0.25, std 0.5)
         health_input = (np.array([[[[0.0, 1.0], [1.0, 0.0]]]], dtype=np.float32) - 0.25) / 0.5
         manifest = manifest_v1_1(model) if args.version == "1.1" else manifest_v1_3(model)
-    expected = health_input.reshape(1, 4) @ W + B
+    expected = RAW_1_4 if args.version == "1.4" else health_input.reshape(1, 4) @ W + B
     members = {
         "model.onnx": model,
-        "labels.txt": ("\n".join(LABELS) + "\n").encode(),
+        "labels.txt": ("\n".join(LABELS_1_4 if args.version == "1.4" else LABELS) + "\n").encode(),
         "health/input.npy": npy(health_input),
         "health/expected_output.npy": npy(expected),
     }

@@ -1,6 +1,6 @@
-"""The committed golden bundles (v1.0, v1.1) must load and run on every later runtime.
+"""The committed golden bundles (v1.0, v1.1, v1.3, v1.4) must load and run on every later runtime.
 
-``tests/golden/v<version>-onnxruntime-matmul.ekb`` were written once each by
+``tests/golden/v<version>-onnxruntime-<model>.ekb`` were written once each by
 ``tests/golden/make_golden.py`` and are never regenerated (their private keys are
 gone). If this test fails, the runtime broke compatibility with bundles that are
 already on devices: fix the runtime, do not replace the golden files.
@@ -157,3 +157,30 @@ def test_golden_1_3_bundle_carries_its_compression_record_and_runs(tmp_path):
 def test_older_bundles_have_no_compression_record():
     for bundle, key in ((BUNDLE, PUBLIC_KEY), (BUNDLE_1_1, PUBLIC_KEY_1_1)):
         assert open_bundle(bundle, Keyring.from_paths(key)).manifest.metrics.optimize is None
+
+
+# ----------------------------------------------------------------------------- v1.4
+BUNDLE_1_4 = GOLDEN / "v1.4-onnxruntime-detector.ekb"
+PUBLIC_KEY_1_4 = GOLDEN / "v1.4-golden.pub"
+
+
+def test_golden_1_4_detector_finds_the_boxes_worked_out_by_hand(tmp_path):
+    """Its output is a constant table: a stride-16 point at (24, 24) with distances 0.5 stride → [16, 16, 32, 32]
+    (class "b", logit 5) and a stride-8 point at (12, 12) with distances 1 stride → [4, 4, 20, 20] (class "a",
+    logit 2), in the 32×32 network input. A 64×48 photo is letterboxed at scale 0.5 (32×24) with 4 rows of padding
+    above, so the boxes on the photo are [32, 24, 64, 56→48] and [8, 0, 40, 32]."""
+    vb = open_bundle(BUNDLE_1_4, Keyring.from_paths(PUBLIC_KEY_1_4))
+    m = vb.manifest
+    assert m.format_version == "1.4" and m.preprocess.resize == "letterbox"
+    assert (m.postprocess.type, m.postprocess.strides, m.postprocess.max_detections) == ("detection", [8, 16, 32], 10)
+    photo = np.full((48, 64, 3), 200, dtype=np.uint8)
+    with edgekit_runtime.load(BUNDLE_1_4, keyring=PUBLIC_KEY_1_4, workdir=tmp_path / "w") as model:
+        assert model.health_check()["ok"] is True
+        result = model.predict([photo])[0]
+    assert result["image_size"] == [64, 48]
+    found = [(d["label"], d["class"], d["box"], d["score"]) for d in result["detections"]]
+    assert [f[:2] for f in found] == [("b", 1), ("a", 0)]  # best first
+    np.testing.assert_allclose(found[0][2], [32, 24, 64, 48], atol=1e-4)
+    np.testing.assert_allclose(found[1][2], [8, 0, 40, 32], atol=1e-4)
+    assert found[0][3] == pytest.approx(1 / (1 + np.exp(-5.0)), abs=1e-5)
+    assert found[1][3] == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-5)
