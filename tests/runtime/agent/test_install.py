@@ -234,7 +234,9 @@ def test_kill_9_at_every_install_step(agent_env, capsys, step):
                             env=dict(os.environ, EDGEKIT_AGENT_FAULT=f"pause:{step}", EDGEKIT_AGENT_FAULT_FILE=str(flag)))
     try:
         agent_env.wait_until(lambda: flag.exists() or proc.poll() is not None, 60, what=f"pause at {step}")
-        assert flag.read_text() == step, proc.stdout.read().decode()
+        if not flag.exists() or flag.read_text() != step:  # stop it before reading its output: a paused child
+            proc.kill()                                      # never closes stdout
+            pytest.fail(f"the install did not pause at {step}: {proc.communicate()[0].decode()}")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
