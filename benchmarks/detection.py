@@ -174,10 +174,10 @@ def markdown(doc: dict[str, Any]) -> str:
         for t, c in e["targets"].items():
             f, i = c.get("fp32", {}), c.get("int8", {})
             lat = i.get("latency_p50_ms", {})
-            lines.append(f"| {t} | {_f(f.get('test', {}).get(k, f.get('error', '–')))} | "
-                         f"{_f(i.get('test', {}).get(k, i.get('error', '–')))} | {c.get('int8_drop_points', '–')} | "
-                         f"{i.get('shipped', '–')} | {lat.get('preprocess', 0):.3f} / {lat.get('inference', 0):.3f} / "
-                         f"{lat.get('postprocess', 0):.3f} |")
+            fp32, int8 = (_f(x.get("test", {}).get(k, x.get("error", "–"))) for x in (f, i))
+            stages = " / ".join(f"{lat.get(s, 0):.3f}" for s in ("preprocess", "inference", "postprocess"))
+            lines.append(f"| {t} | {fp32} | {int8} | {c.get('int8_drop_points', '–')} | {i.get('shipped', '–')} | "
+                         f"{stages} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -107,17 +107,20 @@ def dense_value(metric: str, outputs: np.ndarray, y: np.ndarray, context: dict[s
                 labels: list[str] | None) -> float:
     """mAP50 / mAP / mIoU in points of the raw model outputs: the same decode and NMS the device runs
     (``edgekit_runtime.detection``), scored by pycocotools (``edgekit.evaluate.dense_metrics``)."""
-    from ..evaluate.dense_metrics import detection_map_raw, segmentation_metrics_raw
+    from ..evaluate.dense_metrics import (coco_map, detection_map_raw, detections_from_rows, padded_targets,
+                                          segmentation_metrics_raw)
 
     if not labels:
         raise ConfigError(f"the {metric} gate needs the model's class names (model.labels)")
+    post = context.get("postprocess") or {}
     if metric == "miou":
         value = segmentation_metrics_raw(outputs, y, labels)["miou"]
+    elif post.get("type") == "detections":  # the graph ran its own NMS: its rows are the detections
+        value = coco_map(detections_from_rows(outputs), padded_targets(y), labels)[metric]
     else:
-        post = context.get("postprocess") or {}
         if post.get("type") != "detection":
             raise ConfigError(f"the {metric} gate scores detections: set postprocess.type: detection (and its "
-                              f"strides) in the build file")
+                              f"strides), or detections for a graph with NMS inside, in the build file")
         value = detection_map_raw(outputs, y, labels, context["input_hw"], post["strides"])[metric]
     return 100.0 * float(value or 0.0)
 

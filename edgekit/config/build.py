@@ -106,7 +106,9 @@ class PreprocessSpec(Strict):
 class PostprocessSpec(Strict):
     """What the device makes of the first output (docs/bundle-format.md, ``postprocess``)."""
 
-    type: Literal["classification", "detection", "segmentation", "none"] = _POST["type"]
+    type: Literal["classification", "detection", "detections", "segmentation", "none"] = Field(
+        _POST["type"], description="detection: raw [B, A, 4+C] head output, decoded and NMS'd on the device; "
+                                   "detections: [B, N, 6] rows x0, y0, x1, y1, score, class after the graph's own NMS")
     softmax: bool = _POST["softmax"]
     top_k: int = Field(_POST["top_k"], ge=1, le=bundle_spec.MAX_TOP_K)
     strides: list[int] = Field(list(_POST["strides"]), min_length=1, description="detection: the output's levels")

@@ -226,6 +226,7 @@ def split_arrays(folder: Path, preprocess: dict, task: str, labels: list[str] | 
     from edgekit_runtime.processing import preprocess_image
 
     folder = Path(folder)
+    task = "detection" if task == "detections" else task  # boxes either way; only the model's output differs
     if task not in ("detection", "segmentation"):
         raise CalibrationError(f"{folder} holds detection/segmentation annotations, but the build's postprocess "
                                f"type is {task!r}", hint="set postprocess.type: detection (or segmentation)")

@@ -26,6 +26,7 @@ def bundle_task(bundle: Path, keyring: Any) -> str | None:
 
     with edgekit_runtime.load(bundle, keyring=keyring) as model:
         kind = (model.manifest_json.get("postprocess") or {}).get("type")
+    kind = "detection" if kind == "detections" else kind  # a graph with NMS inside: boxes all the same
     return kind if kind in DENSE_TASKS else None
 
 

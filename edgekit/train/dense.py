@@ -286,10 +286,12 @@ def bundle_predictions(bundle: Path, keyring, records: list, batch: int = 16) ->
     out: list[dict[str, Any]] = []
     with edgekit_runtime.load(bundle, keyring=keyring) as model:
         post = dict(model.manifest_json["postprocess"])
-        if post.get("type") == "detection":
+        if post.get("type") in ("detection", "detections"):
             post.update(score_threshold=EVAL_SCORE_THRESHOLD, iou_threshold=EVAL_IOU_THRESHOLD,
                         max_detections=MAX_DETECTIONS)
         files = [r.image for r in records]
+        fixed = model.inputs[0].shape[0]
+        batch = fixed if isinstance(fixed, int) else batch  # a graph exported at batch 1 (NMS inside) takes 1
         for i in range(0, len(files), batch):
             metas: list = []
             raw = model.run(model.preprocess(files[i : i + batch], meta=metas))[model.outputs[0].name]

@@ -14,7 +14,7 @@ import numpy as np
 from . import processing
 from .bundle import VerifiedBundle, open_bundle
 from .contract.errors import EngineError, ErrorCode, InputError
-from .contract.manifest import Manifest, Postprocess
+from .contract.manifest import DENSE_POSTPROCESS, Manifest, Postprocess
 from .engines import Engine, EngineOptions, check_input, create_engine
 from .keyring import Keyring
 
@@ -116,7 +116,7 @@ class Model:
         spec = self.manifest.postprocess
         if top_k is not None:
             spec = replace(spec or Postprocess(), top_k=top_k)
-        if spec is not None and spec.type in ("detection", "segmentation") and meta is None:
+        if spec is not None and spec.type in DENSE_POSTPROCESS and meta is None:
             meta = [self._network_meta()] * len(first)
         return processing.postprocess(first, spec, self.labels, meta)
 

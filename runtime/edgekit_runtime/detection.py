@@ -262,11 +262,40 @@ def postprocess(raw: np.ndarray, meta: ImageMeta, spec: Postprocess | dict[str, 
     kind = getattr(spec, "type", None)
     if kind == "detection":
         return postprocess_detection(raw, meta, spec, labels)
+    if kind == "detections":
+        return postprocess_detections(raw, meta, spec, labels)
     if kind == "segmentation":
         return postprocess_segmentation(raw, meta, labels)
-    raise InputError(f"detection.postprocess handles 'detection' and 'segmentation', not {kind!r}",
+    raise InputError(f"detection.postprocess handles {', '.join(map(repr, DENSE_TYPES))}, not {kind!r}",
                      code=ErrorCode.INPUT_UNSUPPORTED)
 
 
-DENSE_TYPES = ("detection", "segmentation")
+def postprocess_detections(rows: np.ndarray, meta: ImageMeta, spec: Postprocess | dict[str, Any],
+                           labels: Sequence[str] | None) -> dict[str, Any]:
+    """One image's rows from a graph that ran its own NMS, ``(N, 6)``: ``x0, y0, x1, y1, score, class`` in
+    network-input pixels (a YOLO end-to-end export) → the same result as :func:`postprocess_detection`:
+    rows scoring at least ``score_threshold``, best first, at most ``max_detections``, boxes on the original
+    image. Unused rows (score 0, as such exports pad) fall below any positive threshold."""
+    spec = as_postprocess(spec)
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != 6:
+        raise InputError(f"a detections output for one image must be (N, 6) rows x0, y0, x1, y1, score, class, "
+                         f"not {rows.shape}", code=ErrorCode.INPUT_BAD_SHAPE)
+    if not np.isfinite(rows).all():
+        raise InputError("the detections output holds NaN or infinite values", code=ErrorCode.INPUT_BAD_SHAPE)
+    scores = rows[:, 4]
+    kept = np.flatnonzero(scores >= spec.score_threshold)
+    kept = kept[np.argsort(-scores[kept], kind="stable")][: spec.max_detections]
+    classes = np.rint(rows[kept, 5]).astype(np.int64)
+    if labels is not None and len(classes) and (classes.min() < 0 or classes.max() >= len(labels)):
+        raise InputError(f"the model gave class {int(classes.max() if classes.max() >= len(labels) else classes.min())}"
+                         f" but the bundle has {len(labels)} labels", code=ErrorCode.INPUT_BAD_SHAPE,
+                         hint="rebuild the bundle with the model's own labels, in its class order")
+    mapped = meta.boxes_to_original(rows[kept, :4])
+    detections = [{"box": box, "class": int(k), "label": labels[k] if labels else str(k), "score": float(s)}
+                  for box, k, s in zip(mapped.tolist(), classes.tolist(), scores[kept].tolist())]
+    return {"detections": detections, "image_size": [meta.width, meta.height]}
+
+
+DENSE_TYPES = ("detection", "detections", "segmentation")
 """The postprocess types whose results this module makes (per image, with the image's metadata)."""

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .contract.errors import ErrorCode, InputError
-from .contract.manifest import Postprocess, Preprocess
+from .contract.manifest import DENSE_POSTPROCESS, Postprocess, Preprocess
 
 LETTERBOX_FILL = 114  # grey of the letterbox padding, in 0-255 pixel values (before scale/mean/std)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
@@ -370,7 +370,7 @@ def postprocess(output: np.ndarray, spec: Postprocess | Mapping[str, Any] | None
     (:meth:`ImageMeta.identity` keeps them in network-input pixels).
     """
     spec = as_postprocess(spec)
-    if spec is not None and spec.type in ("detection", "segmentation"):
+    if spec is not None and spec.type in DENSE_POSTPROCESS:
         if meta is None or len(meta) != len(output) or any(m is None for m in meta):
             raise InputError(f"{spec.type} post-processing needs each image's ImageMeta (from preprocess_batch's "
                              f"meta=) to map results onto the original image", code=ErrorCode.INPUT_MISSING)

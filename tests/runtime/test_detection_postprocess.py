@@ -328,6 +328,7 @@ def filled(manifest, members):
     (dict(outputs=[{"name": "y", "dtype": "float32", "shape": [1, 336, 4]}]),
      "manifest.outputs[0].shape[2] is 4"),
     (dict(post={"type": "segmentation"}), "reads a [batch, classes, height, width] output"),
+    (dict(post={"type": "detections"}), "reads [batch, boxes, 6] rows (x0, y0, x1, y1, score, class)"),
     (dict(post={"type": "segmentation"}, outputs=[{"name": "y", "dtype": "float32", "shape": [1, 300, 64, 64]}]),
      "1 to 256 classes"),
 ])
@@ -508,3 +509,25 @@ def test_a_segmenter_with_more_channels_than_opencv_takes_at_once():
     logits[3, 8:] = 5.0
     mask = det.postprocess_segmentation(logits, ImageMeta.identity(32, 32), None)["mask"]
     assert mask.shape == (32, 32) and (mask[:14] == 150).all() and (mask[18:] == 3).all()
+
+
+# ----------------------------------------------------------------------------- NMS inside the graph
+def test_rows_from_a_graph_with_its_own_nms_are_kept_sorted_capped_and_mapped_onto_the_photo():
+    """A 64x48 photo letterboxed to 32x32: scale 0.5, 4 rows of padding above (worked out by hand)."""
+    meta = ImageMeta(64, 48, 32, 32, "letterbox", 0.5, 0.5, 0.0, 4.0, 32, 24)
+    rows = np.array([[4, 4, 20, 20, 0.6, 0],       # kept second
+                     [16, 16, 32, 32, 0.9, 1],     # kept first; its bottom edge lies in the padding: clipped
+                     [0, 0, 8, 8, 0.2, 1],         # below the threshold
+                     [0, 0, 0, 0, 0.0, 0]], np.float32)  # padding row
+    spec = {"type": "detections", "score_threshold": 0.25, "max_detections": 10}
+    out = det.postprocess(rows, meta, spec, ["a", "b"])
+    assert out["image_size"] == [64, 48]
+    assert [(d["label"], d["class"]) for d in out["detections"]] == [("b", 1), ("a", 0)]
+    np.testing.assert_allclose(out["detections"][0]["box"], [32, 24, 64, 48])
+    np.testing.assert_allclose(out["detections"][1]["box"], [8, 0, 40, 32])
+    assert out["detections"][0]["score"] == pytest.approx(0.9)
+    assert len(det.postprocess(rows, meta, {**spec, "max_detections": 1}, ["a", "b"])["detections"]) == 1
+    with pytest.raises(InputError, match="the model gave class 1 but the bundle has 1 labels"):
+        det.postprocess(rows, meta, spec, ["a"])
+    with pytest.raises(InputError, match=r"must be \(N, 6\) rows"):
+        det.postprocess(rows[:, :5], meta, spec, ["a", "b"])

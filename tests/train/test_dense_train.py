@@ -258,3 +258,83 @@ def test_an_onnx_detector_from_another_tool_compiles_with_the_postprocessing_its
     assert "| class | AP50 fp32 (torch)" in report
     for png in ("pr_curves.png", "predictions.png", "confusion_0.png", "confusion_2.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 1000
+
+
+def _end_to_end_onnx(det_run: Path, path: Path, size: int = 96, keep: int = 50) -> Path:
+    """The run's detector exported as YOLO end-to-end exports are: decode and class-aware NMS inside the graph
+    (ONNX NonMaxSuppression), one output [1, keep, 6] of rows x0, y0, x1, y1, score, class, padded with zeros."""
+    import torch
+    import torchvision
+
+    from edgekit.train.dense_losses import anchor_points, decode
+    from edgekit.train.models import load_trained
+
+    class EndToEnd(torch.nn.Module):
+        def __init__(self, det):
+            super().__init__()
+            self.det = det
+            points, strides = anchor_points(size, size, [8, 16, 32])
+            self.register_buffer("points", points)
+            self.register_buffer("strides", strides)
+
+        def forward(self, x):
+            boxes, scores = decode(self.det(x)[0], self.points, self.strides)
+            score, cls = scores.max(-1)
+            kept = torchvision.ops.batched_nms(boxes, score, cls, 0.5)[:keep]
+            rows = torch.cat([boxes[kept], score[kept, None], cls[kept, None].float()], 1)
+            return torch.cat([rows, torch.zeros(keep, 6)], 0)[:keep][None]
+
+    model = EndToEnd(load_trained(det_run / "model.pt").eval()).eval()
+    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(path), input_names=["images"],
+                      output_names=["output0"], opset_version=17, dynamo=False)
+    return path
+
+
+def test_an_onnx_detector_with_nms_inside_compiles_gated_on_map50_and_gives_the_runs_boxes(det_run, tmp_path, keys):
+    import onnx
+    import yaml
+
+    from edgekit.train.models import read_checkpoint
+
+    onnx_path = _end_to_end_onnx(det_run, tmp_path / "e2e.onnx")
+    assert "NonMaxSuppression" in {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+    meta = {k: v for k, v in read_checkpoint(det_run / "model.pt").items() if k != "model"}
+    data = Path(yaml.safe_load((det_run / "train.yaml").read_text())["data"]["path"])
+    build = {"model": {"source": str(onnx_path), "name": "e2e-det", "labels": meta["labels"],
+                       "input_name": "images", "output_name": "output0"},
+             "target": "onnxruntime-cpu", "calibration": {"source": str(data / "train")},
+             "validation": {"source": str(data / "val")}, "preprocess": meta["preprocess"],
+             "postprocess": {"type": "detections", "score_threshold": 0.25, "max_detections": 100},
+             "accuracy": {"metric": "map50", "max_accuracy_drop": 100}, "output": str(tmp_path / "e2e.ekb")}
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump(build))
+    code, doc = cli("compile", tmp_path / "build.yaml", "--key", keys["private"])
+    assert code == ExitCode.OK, doc
+    rep = json.loads((tmp_path / "e2e.report.json").read_text())
+    gates = {g["name"]: g for g in rep["gates"]}
+    assert gates["accuracy"]["status"] == "passed" and "map50" in gates["accuracy"]["detail"]
+    assert gates["fidelity.cosine"]["status"] == "not_checked" and "own NMS" in gates["fidelity.cosine"]["detail"]
+    assert rep["accuracy"]["fp32"] > 30
+    # without labelled data its INT8 is refused before any work: a cosine between NMS rows means nothing
+    del build["validation"]
+    (tmp_path / "nolabels.yaml").write_text(yaml.safe_dump(build))
+    code, doc = cli("compile", tmp_path / "nolabels.yaml", "--key", keys["private"])
+    assert code == ExitCode.USAGE and "NMS inside" in doc["error"]["message"]
+    # FP32: the device gives, box for box, what the run-folder bundle's own decode and NMS give
+    code, doc = cli("compile", tmp_path / "build.yaml", "--key", keys["private"], "--no-quantize", "--output",
+                    tmp_path / "e2e-fp32.ekb")
+    assert code == ExitCode.OK, doc
+    code, doc = cli("compile", det_run, "--target", "onnxruntime-cpu", "--no-quantize", "--key", keys["private"],
+                    "--output", tmp_path / "run.ekb")
+    assert code == ExitCode.OK, doc
+    photos = sorted((data / "test" / "images").iterdir())[:4]
+    proc = [subprocess.run([sys.executable, "-m", "edgekit_runtime.cli", "run", str(b), *map(str, photos),
+                            "--keyring", str(keys["public"]), "--json"], capture_output=True, text=True, timeout=120)
+            for b in (tmp_path / "e2e-fp32.ekb", tmp_path / "run.ekb")]
+    assert all(p.returncode == 0 for p in proc), [p.stderr for p in proc]
+    e2e, native = (json.loads(p.stdout) for p in proc)
+    assert any(r["detections"] for r in native)
+    for a, b in zip(e2e, native):
+        assert a["image_size"] == b["image_size"]
+        assert [d["label"] for d in a["detections"]] == [d["label"] for d in b["detections"]]
+        for x, y in zip(a["detections"], b["detections"]):
+            assert np.allclose(x["box"], y["box"], atol=1e-2) and abs(x["score"] - y["score"]) < 1e-4

@@ -65,6 +65,12 @@ class DataStage:
         if val is not None and val.y is None:
             raise CalibrationError(f"validation source {val.source!r} has no labels (use class sub-folders or x/y arrays)")
         out: dict[str, Any] = {}
+        if state.quantize and task == "detections" and (val is None or budget is None
+                                                         or state.profile.accuracy.metric not in ("map50", "map")):
+            raise ConfigError("a graph with NMS inside (postprocess.type: detections) is held to an mAP budget, "
+                              "not to fidelity: its INT8 needs labelled validation data and accuracy.metric map50",
+                              hint="validation: {source: data/val} (a COCO/YOLO split folder), accuracy: {metric: "
+                                   "map50, max_accuracy_drop: 1.0}; or quantize.enabled: false to ship FP32")
         if state.quantize and budget is not None and val is None:
             if budget_asked(cfg):
                 raise ConfigError(

@@ -45,7 +45,9 @@ class ExportStage:
         ref: dict[str, Any] = {"engine": engine, "options": state.measurer.reference_options}
         # one label per output, checked on every build (with or without validation data)
         probe_out = state.measurer.outputs(state.fp32, state.probe, "probe", reference=True)
-        check_labels(state.labels, output_classes(state.cfg.postprocess.type, probe_out))
+        classes = output_classes(state.cfg.postprocess.type, probe_out)
+        if classes is not None:
+            check_labels(state.labels, classes)
         if state.val is not None:
             # The reference is measured the way the device would run FP32, through the same engine.
             acc = AccuracyCheck(profile.accuracy, state.labels, state.metric_context())
@@ -66,9 +68,12 @@ class ExportStage:
         return summary
 
 
-def output_classes(postprocess: str, out: np.ndarray) -> int:
+def output_classes(postprocess: str, out: np.ndarray) -> int | None:
     """How many classes the first output holds: a detector's ``[B, A, 4 + C]`` has C, a segmenter's
-    ``[B, K, H, W]`` has K (background first), a classifier one per output value."""
+    ``[B, K, H, W]`` has K (background first), a classifier one per output value; None for rows after a
+    graph's own NMS, whose class is a value (the device refuses a class beyond the labels)."""
+    if postprocess == "detections":
+        return None
     if postprocess == "detection" and out.ndim == 3:
         return int(out.shape[2]) - 4
     if postprocess == "segmentation" and out.ndim == 4:

@@ -462,8 +462,11 @@ class Preprocess(Section):
             raise _bad(f"{path}.dtype {self.dtype!r} is not one of {', '.join(sorted(spec.DTYPES))}")
 
 
-POSTPROCESS_TYPES = ("classification", "detection", "segmentation")
-"""The postprocessing kinds this runtime applies (``detection`` and ``segmentation`` from format 1.4 on)."""
+POSTPROCESS_TYPES = ("classification", "detection", "detections", "segmentation")
+"""The postprocessing kinds this runtime applies (``detection``, ``detections`` and ``segmentation`` from format
+1.4 on)."""
+DENSE_POSTPROCESS = ("detection", "detections", "segmentation")
+"""The kinds whose results are mapped back onto the original image (each needs the image's ImageMeta)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -473,7 +476,10 @@ class Postprocess(Section):
     ``classification``: the top-k labels (``softmax``, ``top_k``). ``detection`` (1.4): the
     output is ``[B, A, 4 + C]`` over the anchor points of ``strides``; boxes are decoded, kept
     at ``score_threshold`` (each point's best class), class-aware NMS at ``iou_threshold``, at
-    most ``max_detections``, mapped back onto the original image. ``segmentation`` (1.4): the
+    most ``max_detections``, mapped back onto the original image. ``detections`` (1.4): a graph
+    that ran its own NMS outputs ``[B, N, 6]`` rows ``x0, y0, x1, y1, score, class`` in
+    network-input pixels (unused rows scored 0); rows at ``score_threshold`` or above are kept,
+    best first, at most ``max_detections``, mapped back onto the original image. ``segmentation`` (1.4): the
     output is ``[B, K, h, w]`` logits (channel 0 background); a mask at the original size.
     Other types give raw outputs. Every field is written whatever the type; each type reads its own.
     """
@@ -805,7 +811,7 @@ class Manifest(Section):
             self._check_tensor_preprocess_fits(path, self.preprocess, self.inputs[0])
         elif self.preprocess is not None and spec.parse_version(self.format_version) >= (1, 1):
             self._check_preprocess_fits(path, self.preprocess, self.inputs[0])
-        if self.postprocess is not None and self.postprocess.type in ("detection", "segmentation"):
+        if self.postprocess is not None and self.postprocess.type in DENSE_POSTPROCESS:
             self._check_dense_postprocess_fits(path, self.postprocess, self.preprocess, self.outputs[0])
 
     @staticmethod
@@ -835,6 +841,11 @@ class Manifest(Section):
                            f"output, but {path}.outputs[0].shape is {shape}")
             if isinstance(shape[1], int) and not 1 <= shape[1] <= 256:
                 raise _bad(f"{path}.outputs[0].shape[1] is {shape[1]}: a segmentation mask holds 1 to 256 classes")
+            return
+        if post.type == "detections":
+            if len(shape) != 3 or (isinstance(shape[2], int) and shape[2] != 6):
+                raise _bad(f"{path}.postprocess is detections, which reads [batch, boxes, 6] rows (x0, y0, x1, y1, "
+                           f"score, class), but {path}.outputs[0].shape is {shape}")
             return
         if len(shape) != 3:
             raise _bad(f"{path}.postprocess is detection, which reads a [batch, anchors, 4 + classes] output, "
