@@ -218,7 +218,9 @@ def matrix_row(target: str, report: dict) -> dict[str, Any]:
 
 def print_matrix(rows: list[dict[str, Any]]) -> None:
     table = Table(title="targets")
-    for col in ("target", "result", "precision", "size KiB", "metric", "cosine", "host p50 ms", "speed-up"):
+    names = {r.get("metric") for r in rows if r["result"] == "ok" and r.get("metric")}
+    metric_col = {"top1_percent": "top-1 %"}.get(next(iter(names)), next(iter(names))) if len(names) == 1 else "metric"
+    for col in ("target", "result", "precision", "size KiB", metric_col, "cosine", "host p50 ms", "speed-up"):
         table.add_column(col, justify="right" if col not in ("target", "result") else "left")
     notes = []
     for r in rows:
