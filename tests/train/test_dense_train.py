@@ -298,6 +298,14 @@ def test_an_onnx_detector_with_nms_inside_compiles_gated_on_map50_and_gives_the_
     assert gates["accuracy"]["status"] == "passed" and "map50" in gates["accuracy"]["detail"]
     assert gates["fidelity.cosine"]["status"] == "not_checked" and "own NMS" in gates["fidelity.cosine"]["detail"]
     assert rep["accuracy"]["fp32"] > 30
+    # decode and NMS stay float: everything after the last Conv (NonMaxSuppression among them) is excluded
+    ptq = rep["accuracy"]["attempts"][0]
+    assert "after the last weight layer" in ptq["kept_in_float"]
+    from edgekit.build.stages.quantize import float_tail
+    tail = float_tail(onnx_path)
+    nms = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.op_type == "NonMaxSuppression"]
+    assert set(nms) <= set(tail) and not any(n.op_type == "Conv" and n.name in tail
+                                               for n in onnx.load(str(onnx_path)).graph.node)
     # without labelled data its INT8 is refused before any work: a cosine between NMS rows means nothing
     del build["validation"]
     (tmp_path / "nolabels.yaml").write_text(yaml.safe_dump(build))
