@@ -353,11 +353,12 @@ def detections_from_raw(raw: np.ndarray, input_hw: Sequence[int], strides: Seque
 def detections_from_rows(rows: np.ndarray, score_threshold: float = EVAL_SCORE_THRESHOLD,
                          max_detections: int = MAX_DETECTIONS) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per image of a graph's own NMS output ``(B, N, 6)`` (x0, y0, x1, y1, score, class): ``(boxes, labels,
-    scores)`` in network-input pixels, selected as the runtime's ``detections`` post-processing does."""
+    scores)`` in network-input pixels, selected by the runtime's own ``select_rows``."""
+    from edgekit_runtime.detection import select_rows
+
     out = []
     for r in np.asarray(rows, dtype=np.float32):
-        kept = np.flatnonzero(r[:, 4] >= score_threshold)
-        kept = kept[np.argsort(-r[kept, 4], kind="stable")][:max_detections]
+        kept = select_rows(r, score_threshold, max_detections)
         out.append((r[kept, :4], np.rint(r[kept, 5]).astype(np.int64), r[kept, 4]))
     return out
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .contract.errors import ErrorCode, InputError
-from .contract.manifest import Postprocess
+from .contract.manifest import DENSE_POSTPROCESS, Postprocess
 from .processing import ImageMeta, as_postprocess, cv2_module
 
 
@@ -266,8 +266,16 @@ def postprocess(raw: np.ndarray, meta: ImageMeta, spec: Postprocess | dict[str, 
         return postprocess_detections(raw, meta, spec, labels)
     if kind == "segmentation":
         return postprocess_segmentation(raw, meta, labels)
-    raise InputError(f"detection.postprocess handles {', '.join(map(repr, DENSE_TYPES))}, not {kind!r}",
+    raise InputError(f"detection.postprocess handles {', '.join(map(repr, DENSE_POSTPROCESS))}, not {kind!r}",
                      code=ErrorCode.INPUT_UNSUPPORTED)
+
+
+def select_rows(rows: np.ndarray, score_threshold: float, max_detections: int) -> np.ndarray:
+    """Indices of the ``(N, 6)`` rows (x0, y0, x1, y1, score, class) a graph's own NMS gave that are kept:
+    score at least ``score_threshold``, best first (ties in row order), at most ``max_detections``."""
+    scores = rows[:, 4]
+    kept = np.flatnonzero(scores >= score_threshold)
+    return kept[np.argsort(-scores[kept], kind="stable")][:max_detections]
 
 
 def postprocess_detections(rows: np.ndarray, meta: ImageMeta, spec: Postprocess | dict[str, Any],
@@ -284,8 +292,7 @@ def postprocess_detections(rows: np.ndarray, meta: ImageMeta, spec: Postprocess 
     if not np.isfinite(rows).all():
         raise InputError("the detections output holds NaN or infinite values", code=ErrorCode.INPUT_BAD_SHAPE)
     scores = rows[:, 4]
-    kept = np.flatnonzero(scores >= spec.score_threshold)
-    kept = kept[np.argsort(-scores[kept], kind="stable")][: spec.max_detections]
+    kept = select_rows(rows, spec.score_threshold, spec.max_detections)
     classes = np.rint(rows[kept, 5]).astype(np.int64)
     if labels is not None and len(classes) and (classes.min() < 0 or classes.max() >= len(labels)):
         raise InputError(f"the model gave class {int(classes.max() if classes.max() >= len(labels) else classes.min())}"
@@ -295,7 +302,3 @@ def postprocess_detections(rows: np.ndarray, meta: ImageMeta, spec: Postprocess 
     detections = [{"box": box, "class": int(k), "label": labels[k] if labels else str(k), "score": float(s)}
                   for box, k, s in zip(mapped.tolist(), classes.tolist(), scores[kept].tolist())]
     return {"detections": detections, "image_size": [meta.width, meta.height]}
-
-
-DENSE_TYPES = ("detection", "detections", "segmentation")
-"""The postprocess types whose results this module makes (per image, with the image's metadata)."""
