@@ -377,7 +377,6 @@ def _lraspp(input_shape, out_dim, backbone: str = "tiny", width: int = 32, inter
                       in_channels=input_shape[0])
 
 
-DENSE = ("detection", "segmentation")
 ARCHS.update({
     "detector_tiny": ArchInfo(_detector("tiny"), ("image",), "anchor-free single-stage detector, strides "
                               "8/16/32, a tiny strided-conv backbone (fast on 2 CPU cores)", ("detection",)),

@@ -27,7 +27,7 @@ from edgekit_runtime.fileio import atomic_write
 
 from ..config.train import TrainConfig
 from ..errors import ConfigError, EdgekitError, ExitCode
-from .tasks import Task, get_task
+from .tasks import DENSE_TASKS, Task, get_task
 from .trainer import Callbacks, DistInfo, FitResult, Trainer, seed_everything
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
 
 
 def _setup(cfg: TrainConfig, dist: DistInfo) -> _Setup:
-    if cfg.data.task in ("detection", "segmentation"):
+    if cfg.data.task in DENSE_TASKS:
         from .dense import build
 
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same initial weights on every rank
@@ -292,7 +292,7 @@ def finish(cfg: TrainConfig, s: _Setup, fit: FitResult, run_dir: Path, world_siz
     }
     if s.meta.get("distill"):
         metrics["distill"] = s.meta["distill"]
-    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default).encode(),
+    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default).encode(),
                  durable=False)
     if not cfg.evaluate:
         return metrics, None
@@ -303,11 +303,10 @@ def finish(cfg: TrainConfig, s: _Setup, fit: FitResult, run_dir: Path, world_siz
     return metrics, report
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=)`` for metrics.json: numpy scalars and arrays, paths."""
+    if isinstance(o, np.generic):  # np.integer → int, np.floating → float, np.bool_ → bool
+        return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, Path):

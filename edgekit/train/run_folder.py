@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .tasks import DENSE_TASKS
 
 CALIBRATION_SAMPLES = 300
 # regression/forecast runs: the MAE budget as a share of the training targets' standard deviation
@@ -42,7 +43,7 @@ def build_settings(run_dir: Path) -> dict[str, Any]:
     """Build-file settings for compiling ``run_dir`` (flags and a build file override them)."""
     run_dir = Path(run_dir).resolve()
     meta = read_meta(run_dir)
-    if meta["task"] in ("detection", "segmentation"):
+    if meta["task"] in DENSE_TASKS:
         return _dense_settings(run_dir, meta)
     classifies = meta["task"] == "classification"
     labels = meta.get("labels")

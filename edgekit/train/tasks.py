@@ -70,6 +70,8 @@ def _dense_metrics(out: np.ndarray, y: np.ndarray) -> dict[str, float]:
 register(Task("detection", ("image",), "map50", "max", _dense_metrics, False, dense=True, selectable=("map50", "map")))
 register(Task("segmentation", ("image",), "miou", "max", _dense_metrics, False, dense=True,
               selectable=("miou", "dice")))
+DENSE_TASKS = tuple(name for name, task in TASKS.items() if task.dense)
+"""Tasks whose targets are boxes or masks: trained by :mod:`edgekit.train.dense`, gated on mAP/mIoU."""
 
 
 def get_task(name: str, kind: str | None = None) -> Task:
