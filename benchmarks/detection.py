@@ -81,7 +81,7 @@ def latency(bundle: Path, keyring: Path, photos: list[Path]) -> dict[str, Any]:
 def main(argv=None) -> int:
     from edgekit.data.scenes import write_dataset
     from edgekit.train.dense import bundle_predictions, score
-    from edgekit.train.dense_data import _cached_prepared
+    from edgekit.train.dense_data import run_prepared
     from edgekit_runtime.keyring import Keyring
 
     args = parse_args(argv)
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             if trained["exit_code"]:
                 raise SystemExit(f"training failed: {trained.get('error')}")
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        p = _cached_prepared(str(run_dir.resolve()), (run_dir / "train.yaml").stat().st_mtime_ns)
+        p = run_prepared(run_dir)
         records = p.records["test"]
         entry: dict[str, Any] = {"train": {k: metrics[k] for k in ("epochs_run", "best_epoch", "seconds", "params")},
                                  "host_test": {k: metrics["test"].get(k) for k in ("map50", "map", "miou", "dice")},

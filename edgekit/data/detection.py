@@ -210,6 +210,17 @@ def is_split_folder(folder: Path) -> bool:
         (folder / name).exists() for name in ("annotations.json", "labels", "masks"))
 
 
+def load_split_folder(folder: Path, classes: list[str] | None, masks: bool, hint: str) -> Split:
+    """One split folder (``images/`` with COCO, YOLO or masks) read for a model whose classes are ``classes``:
+    COCO names its categories, which must be those; YOLO's class indices take them as names."""
+    folder = Path(folder)
+    split = load_split(folder.parent, folder.name, None if (folder / "annotations.json").is_file() else classes,
+                       masks=masks)
+    if classes is not None and split.classes != list(classes):
+        raise CalibrationError(f"{folder} has classes {split.classes}; the model's are {list(classes)}", hint=hint)
+    return split
+
+
 def split_arrays(folder: Path, preprocess: dict, task: str, labels: list[str] | None = None,
                  targets: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """One split folder as a build's calibration or validation data: every image through the device's own
@@ -232,13 +243,9 @@ def split_arrays(folder: Path, preprocess: dict, task: str, labels: list[str] | 
                                f"type is {task!r}", hint="set postprocess.type: detection (or segmentation)")
     # a segmenter's labels are ["background", *classes]: mask value k is labels[k]
     classes = list(labels[1:]) if labels is not None and task == "segmentation" else labels
-    # COCO names its categories (checked against the model's below); YOLO's class indices take the model's names
-    split = load_split(folder.parent, folder.name, None if (folder / "annotations.json").is_file() else classes,
-                       masks=targets and task == "segmentation")
-    if classes is not None and split.classes != list(classes):
-        raise CalibrationError(f"{folder} has classes {split.classes}; the model's are {list(classes)}",
-                               hint="the build file's model.labels name the model's classes in output order"
-                                    + (" (a segmenter's start with 'background')" if task == "segmentation" else ""))
+    split = load_split_folder(folder, classes, masks=targets and task == "segmentation",
+                              hint="the build file's model.labels name the model's classes in output order"
+                                   + (" (a segmenter's start with 'background')" if task == "segmentation" else ""))
     xs, metas = [], []
     for r in split.records:
         bgr = cv2.imread(str(r.image), cv2.IMREAD_COLOR)

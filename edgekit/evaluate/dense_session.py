@@ -13,63 +13,47 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..errors import ConfigError
-
-DENSE_TASKS = ("detection", "segmentation")
+from ..train.tasks import DENSE_TASKS
+from .report import save_report
 
 
 def bundle_task(bundle: Path, keyring: Any) -> str | None:
     """The bundle's post-processing type when it is detection or segmentation, else None."""
+    return _describe(bundle, keyring)[0]
+
+
+def _describe(bundle: Path, keyring: Any) -> tuple[str | None, list[str], str]:
+    """One load of ``bundle``: its task (detection, segmentation or None), labels and predictor name."""
     import edgekit_runtime
 
     with edgekit_runtime.load(bundle, keyring=keyring) as model:
         kind = (model.manifest_json.get("postprocess") or {}).get("type")
+        labels, backend = list(model.labels or []), model.manifest.backend
     kind = "detection" if kind == "detections" else kind  # a graph with NMS inside: boxes all the same
-    return kind if kind in DENSE_TASKS else None
+    return (kind if kind in DENSE_TASKS else None), labels, f"{backend.precision} ({backend.name})"
 
 
 def _records(data: Path, task: str, classes: list[str]) -> list:
-    from ..data.detection import is_split_folder, load_split
+    from ..data.detection import is_split_folder, load_split_folder
 
     data = Path(data)
     if not is_split_folder(data):
         raise ConfigError(f"--data {data} is not a detection/segmentation split folder",
                           hint="give a folder with images/ and annotations.json (COCO), labels/ (YOLO) or masks/, "
                                "e.g. data/test")
-    split = load_split(data.parent, data.name, classes if (data / "annotations.json").is_file() else None,
-                       masks=task == "segmentation")
-    if split.classes != classes:
-        raise ConfigError(f"{data} has classes {split.classes}; the model's are {classes}",
-                          hint="evaluate on data annotated with the model's classes, in its order")
-    return split.records
+    return load_split_folder(data, classes, masks=task == "segmentation",
+                             hint="evaluate on data annotated with the model's classes, in its order").records
 
-
-def _as_arrays(results: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    return [(np.array([d["box"] for d in r["detections"]], np.float32).reshape(-1, 4),
-             np.array([d["class"] for d in r["detections"]], np.int64),
-             np.array([d["score"] for d in r["detections"]], np.float32)) for r in results]
-
-
-def _name(bundle: Path, keyring: Any, seen: set[str]) -> str:
-    import edgekit_runtime
-
-    with edgekit_runtime.load(bundle, keyring=keyring) as model:
-        backend = model.manifest.backend
-        name = f"{backend.precision} ({backend.name})"
-    if name in seen:
-        name = f"{name} {bundle.stem}"
-    seen.add(name)
-    return name
 
 
 def evaluate_dense(source: Path, *, data: Path | None, compare: list[Path], out: Path | None,
                    keyring: Any) -> dict[str, Any]:
     """Evaluate a detection/segmentation run folder or bundle (and ``compare`` bundles) on ``data``."""
-    from ..train.dense import bundle_predictions, device_predictions, score
+    from ..train.dense import bundle_predictions, device_predictions, eval_postprocess, score
     from ..train.run_folder import is_run_folder, read_meta
-    from .dense_metrics import EVAL_IOU_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, confusion_at_iou
+    from .dense_metrics import confusion_at_iou
     from .dense_plots import plot_detection_gallery, plot_pr_curves, plot_segmentation_overlays
     from .plots import plot_confusion_matrix
 
@@ -77,16 +61,13 @@ def evaluate_dense(source: Path, *, data: Path | None, compare: list[Path], out:
     results: dict[str, list[dict[str, Any]]] = {}
     seen: set[str] = set()
     if is_run_folder(source):
-        from ..train.dense_data import _cached_prepared
+        from ..train.dense_data import run_prepared
         from ..train.models import load_trained
 
         meta = read_meta(source)
         task, labels = meta["task"], list(meta["labels"])
-        p = _cached_prepared(str(source.resolve()), (source / "train.yaml").stat().st_mtime_ns)
-        post = dict(meta["postprocess"])
-        if task == "detection":
-            post.update(score_threshold=EVAL_SCORE_THRESHOLD, iou_threshold=EVAL_IOU_THRESHOLD,
-                        max_detections=MAX_DETECTIONS)
+        p = run_prepared(source)
+        post = eval_postprocess(meta["postprocess"])
         model = load_trained(source / "model.pt")
         if data is None:
             split = "test" if p.records.get("test") else "val"
@@ -97,17 +78,12 @@ def evaluate_dense(source: Path, *, data: Path | None, compare: list[Path], out:
         seen.add("fp32 (torch)")
         out = Path(out or source / "eval")
     else:
-        task = bundle_task(source, keyring)
+        task, labels, _ = _describe(source, keyring)
         if task is None:
             raise ConfigError(f"{source} is not a detection or segmentation bundle")
         if data is None:
             raise ConfigError("evaluating a detection/segmentation bundle needs --data SPLIT_FOLDER (e.g. data/test)")
-        import edgekit_runtime
-
-        with edgekit_runtime.load(source, keyring=keyring) as model:
-            labels = list(model.labels or [])
-        classes = labels if task == "detection" else labels[1:]
-        records, what = _records(data, task, classes), str(data)
+        records, what = _records(data, task, labels if task == "detection" else labels[1:]), str(data)
         compare = [source, *compare]
         out = Path(out or source.with_name(source.stem + "-eval"))
     classes = labels if task == "detection" else labels[1:]
@@ -115,9 +91,13 @@ def evaluate_dense(source: Path, *, data: Path | None, compare: list[Path], out:
         bundle = Path(bundle)
         if bundle.suffix != ".ekb" or not bundle.is_file():
             raise ConfigError(f"--compare {bundle}: give a bundle (.ekb)")
-        if bundle_task(bundle, keyring) != task:
+        kind, _, name = _describe(bundle, keyring)
+        if kind != task:
             raise ConfigError(f"--compare {bundle} is not a {task} bundle")
-        results[_name(bundle, keyring, seen)] = bundle_predictions(bundle, keyring, records)
+        if name in seen:
+            name = f"{name} {bundle.stem}"
+        seen.add(name)
+        results[name] = bundle_predictions(bundle, keyring, records)
     out.mkdir(parents=True, exist_ok=True)
     images = [r.image for r in records]
     metrics: dict[str, Any] = {}
@@ -128,10 +108,10 @@ def evaluate_dense(source: Path, *, data: Path | None, compare: list[Path], out:
         metrics = {n: {k: s[k] for k in ("map50", "map", "map75", "mar100")} |
                    {"per_class_ap50": {c: v["ap50"] for c, v in s["per_class"].items()}} for n, s in scored.items()}
         figures.append(plot_pr_curves(scored, out / "pr_curves.png"))
-        figures.append(plot_detection_gallery(images[:8], gts[:8], {n: _as_arrays(r)[:8] for n, r in results.items()},
+        figures.append(plot_detection_gallery(images[:8], gts[:8], {n: r[:8] for n, r in results.items()},
                                               classes, out / "predictions.png"))
         for i, (n, res) in enumerate(results.items()):
-            cm = confusion_at_iou(_as_arrays(res), gts, len(classes), iou=0.5, score_threshold=0.25)
+            cm = confusion_at_iou(res, gts, len(classes), iou=0.5, score_threshold=0.25)
             metrics[n]["confusion_iou50"] = cm.tolist()
             figures.append(plot_confusion_matrix(cm, [*classes, "background"], out / f"confusion_{i}.png",
                                                  title=f"{n}: confusion at IoU 0.5"))
@@ -174,6 +154,4 @@ def _write_report(out: Path, source: Path, task: str, what: str, n: int, metrics
         lines += [f"| {c} | " + " | ".join(_fmt(metrics[k]["per_class_iou"].get(c)) for k in names) + " |"
                   for c in ["background", *classes]]
     lines += [""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return save_report(out, lines)

@@ -232,10 +232,15 @@ def write_report(out_dir: Path, summary: Mapping[str, Any]) -> Path:
         lines += _worst_section(ev, task)
     else:
         lines += ["No evaluation was run.", ""]
-    notes = summary.get("notes") or []
+    return save_report(out_dir, lines, summary.get("notes"))
+
+
+def save_report(out_dir: Path, lines: Sequence[str], notes: Sequence[str] | None = None) -> Path:
+    """``out_dir/report.md``: ``lines``, then a Notes section where there are notes; returns its path."""
+    lines = list(lines)
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    path = out_dir / "report.md"
+    path = Path(out_dir) / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
 

@@ -23,8 +23,6 @@ import torch
 from ..config.train import TrainConfig
 from ..errors import ConfigError
 from .dense_data import DenseDataset, DensePrepared, prepare_dense
-
-DENSE_TASKS = ("detection", "segmentation")
 STRIDES = (8, 16, 32)
 # what a bundle reports by default on the device
 DEPLOY = {"score_threshold": 0.25, "iou_threshold": 0.5, "max_detections": 100}
@@ -138,26 +136,25 @@ def device_predictions(model, p: DensePrepared, split: str, post: dict[str, Any]
     return results
 
 
-def evaluate_test(model, p: DensePrepared, split: str, post: dict[str, Any]) -> dict[str, Any]:
-    """Test metrics in original image pixels from the device post-processing (evaluation thresholds)."""
-    from ..evaluate.dense_metrics import (EVAL_IOU_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, coco_map,
-                                          segmentation_metrics)
+def eval_postprocess(post: dict[str, Any]) -> dict[str, Any]:
+    """``post`` at COCO's evaluation thresholds (score ≥ 0.001, NMS IoU 0.6, 100 boxes) for boxes; the bundle
+    reports with its own. A segmentation section is returned as it is."""
+    from ..evaluate.dense_metrics import EVAL_IOU_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS
 
+    if post.get("type") not in ("detection", "detections"):
+        return dict(post)
+    return {**post, "score_threshold": EVAL_SCORE_THRESHOLD, "iou_threshold": EVAL_IOU_THRESHOLD,
+            "max_detections": MAX_DETECTIONS}
+
+
+def evaluate_test(model, p: DensePrepared, split: str, post: dict[str, Any]) -> dict[str, Any]:
+    """Test metrics in original image pixels from the device post-processing (evaluation thresholds); the
+    predictions are the runtime's results (boxes) or masks."""
     records = p.records[split]
+    res = device_predictions(model, p, split, eval_postprocess(post))
     if p.task == "detection":
-        post = {**post, "score_threshold": EVAL_SCORE_THRESHOLD, "iou_threshold": EVAL_IOU_THRESHOLD,
-                "max_detections": MAX_DETECTIONS}
-        res = device_predictions(model, p, split, post)
-        preds = [(np.array([d["box"] for d in r["detections"]], np.float32).reshape(-1, 4),
-                  np.array([d["class"] for d in r["detections"]], np.int64),
-                  np.array([d["score"] for d in r["detections"]], np.float32)) for r in res]
-        gts = [(r.boxes, r.labels) for r in records]
-        return {"coco": coco_map(preds, gts, p.classes), "predictions": preds}
-    res = device_predictions(model, p, split, post)
-    masks = [r["mask"] for r in res]
-    return {"segmentation": segmentation_metrics(masks, [r.read_mask() for r in records], len(p.labels),
-                                                 class_names=p.labels),
-            "predictions": masks}
+        return {"coco": score("detection", res, records, p.classes), "predictions": res}
+    return {"segmentation": score("segmentation", res, records, p.labels), "predictions": [r["mask"] for r in res]}
 
 
 def test_metrics(task: str, evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +188,8 @@ def write_figures(p: DensePrepared, split: str, evaluation: dict[str, Any], out_
 
 def write_report(run_dir: Path, summary: dict[str, Any], test: dict[str, Any], figures: list[Path]) -> Path:
     """``report.md`` of a detection or segmentation run: facts, split, headline and per-class metrics, figures."""
+    from ..evaluate.report import save_report
+
     lines = [f"# Evaluation report: {summary['run']}", "", "| | |", "|---|---|"]
     for k in ("task", "arch", "seed", "epochs_run", "best_epoch", "evaluated_on", "input_size"):
         lines.append(f"| {k.replace('_', ' ')} | {summary.get(k)} |")
@@ -218,12 +217,7 @@ def write_report(run_dir: Path, summary: dict[str, Any], test: dict[str, Any], f
     lines.append("")
     for f in figures:
         lines += [f"![{Path(f).stem}]({Path(f).name})", ""]
-    notes = summary.get("notes") or []
-    if notes:
-        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
-    return path
+    return save_report(run_dir, lines, summary.get("notes"))
 
 
 def finish(cfg: TrainConfig, built: dict[str, Any], fit, run_dir: Path, world_size: int,
@@ -233,6 +227,7 @@ def finish(cfg: TrainConfig, built: dict[str, Any], fit, run_dir: Path, world_si
 
     from edgekit_runtime.fileio import atomic_write
     from .models import load_trained
+    from .run import json_default
 
     p: DensePrepared = built["prepared"]
     best = load_trained(run_dir / "model.pt")
@@ -256,7 +251,8 @@ def finish(cfg: TrainConfig, built: dict[str, Any], fit, run_dir: Path, world_si
         "split": p.split_report, "history": fit.history,
     }
     figures = write_figures(p, split, evaluation, run_dir) if cfg.evaluate else []
-    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json).encode(), durable=False)
+    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default).encode(),
+                 durable=False)
     if not cfg.evaluate:
         return metrics, None
     summary = {"run": cfg.run_name, "task": p.task, "arch": built["arch"], "seed": cfg.train.seed,
@@ -265,30 +261,15 @@ def finish(cfg: TrainConfig, built: dict[str, Any], fit, run_dir: Path, world_si
     return metrics, write_report(run_dir, summary, test, figures)
 
 
-def _json(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-
-
 def bundle_predictions(bundle: Path, keyring, records: list, batch: int = 16) -> list[dict[str, Any]]:
     """Each original image through a bundle on the device runtime (its engine, preprocessing and
     post-processing), at the evaluation thresholds for detection: the device's own answers, scorable."""
     import edgekit_runtime
     from edgekit_runtime import detection as det
 
-    from ..evaluate.dense_metrics import EVAL_IOU_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS
-
     out: list[dict[str, Any]] = []
     with edgekit_runtime.load(bundle, keyring=keyring) as model:
-        post = dict(model.manifest_json["postprocess"])
-        if post.get("type") in ("detection", "detections"):
-            post.update(score_threshold=EVAL_SCORE_THRESHOLD, iou_threshold=EVAL_IOU_THRESHOLD,
-                        max_detections=MAX_DETECTIONS)
+        post = eval_postprocess(model.manifest_json["postprocess"])
         files = [r.image for r in records]
         fixed = model.inputs[0].shape[0]
         batch = fixed if isinstance(fixed, int) else batch  # a graph exported at batch 1 (NMS inside) takes 1

@@ -278,18 +278,9 @@ def run_arrays(run: str, split: str = "train", count: int | None = None, labels:
     """Build-file factory for a detection/segmentation run folder: the normalized images of ``split`` as the
     device preprocesses them, and (``labels``) their padded boxes ``(N, M, 5)`` or masks ``(N, H, W)`` in
     network-input pixels; ``count`` takes that many evenly spaced images."""
-    import yaml
-
-    from ..config.base import parse
-    from ..config.train import TrainConfig
     from ..errors import CalibrationError
 
-    run_dir = Path(run).resolve()
-    cfg = parse(TrainConfig, yaml.safe_load((run_dir / "train.yaml").read_text()) or {}, str(run_dir / "train.yaml"))
-    if not Path(cfg.data.path).exists():
-        raise CalibrationError(f"the data {cfg.data.path} the run {run_dir} was trained on is not there; "
-                               "pass --calibration/--validation")
-    p = _cached_prepared(str(run_dir), (run_dir / "train.yaml").stat().st_mtime_ns)
+    p = run_prepared(run)
     if split not in p.images:
         raise CalibrationError(f"the run {run} has no {split} split (it has {', '.join(p.images)})")
     x, y = p.normalize(p.images[split]), p.targets[split]
@@ -299,16 +290,27 @@ def run_arrays(run: str, split: str = "train", count: int | None = None, labels:
     return (x, y.astype(np.float32)) if labels else x
 
 
+def run_prepared(run: Path | str) -> DensePrepared:
+    """A run folder's data as its training prepared it (the split, the size, the normalisation), read once per
+    version of its train.yaml: a build reads calibration and validation of the same run."""
+    run_dir = Path(run).resolve()
+    return _cached_prepared(str(run_dir), (run_dir / "train.yaml").stat().st_mtime_ns)
+
+
 def _cached_prepared(run_dir: str, stamp: int) -> DensePrepared:
     import yaml
 
     from ..config.base import parse
     from ..config.train import TrainConfig
+    from ..errors import CalibrationError
 
     key = (run_dir, stamp)
     if key not in _PREPARED:
         path = Path(run_dir) / "train.yaml"
         cfg = parse(TrainConfig, yaml.safe_load(path.read_text()) or {}, str(path))
+        if not Path(cfg.data.path).exists():
+            raise CalibrationError(f"the data {cfg.data.path} the run {run_dir} was trained on is not there; "
+                                   "pass --calibration/--validation")
         _PREPARED.clear()  # one run at a time: a build reads calibration and validation of the same run
         _PREPARED[key] = prepare_dense(cfg.data, cfg.split, cfg.train.seed)
     return _PREPARED[key]

@@ -80,7 +80,7 @@ def test_detection_bundle_on_the_device_gives_the_host_evaluators_boxes(det_run,
     host evaluator got from the torch model through the same runtime post-processing."""
     import edgekit_runtime
     from edgekit.train.dense import device_predictions
-    from edgekit.train.dense_data import _cached_prepared
+    from edgekit.train.dense_data import run_prepared
     from edgekit.train.models import load_trained
 
     bundle = tmp_path / "det.ekb"
@@ -89,7 +89,7 @@ def test_detection_bundle_on_the_device_gives_the_host_evaluators_boxes(det_run,
     assert code == ExitCode.OK, doc
     with edgekit_runtime.load(bundle, keyring=keys["public"]) as model:
         assert model.manifest.postprocess.type == "detection" and model.manifest.preprocess.resize == "letterbox"
-    p = _cached_prepared(str(det_run.resolve()), (det_run / "train.yaml").stat().st_mtime_ns)
+    p = run_prepared(det_run)
     photos = [r.image for r in p.records["test"][:4]]
     proc = subprocess.run([sys.executable, "-m", "edgekit_runtime.cli", "run", str(bundle), *map(str, photos),
                            "--keyring", str(keys["public"]), "--json"], capture_output=True, text=True, timeout=120)
