@@ -223,11 +223,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], test: dict[str, Any], f
 def finish(cfg: TrainConfig, built: dict[str, Any], fit, run_dir: Path, world_size: int,
            seconds: float) -> tuple[dict[str, Any], Path | None]:
     """Evaluate the best checkpoint on the test split (val where the data has none): metrics.json, report.md."""
-    import json
-
-    from edgekit_runtime.fileio import atomic_write
     from .models import load_trained
-    from .run import json_default
+    from .run_folder import write_metrics
 
     p: DensePrepared = built["prepared"]
     best = load_trained(run_dir / "model.pt")
@@ -251,8 +248,7 @@ def finish(cfg: TrainConfig, built: dict[str, Any], fit, run_dir: Path, world_si
         "split": p.split_report, "history": fit.history,
     }
     figures = write_figures(p, split, evaluation, run_dir) if cfg.evaluate else []
-    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default).encode(),
-                 durable=False)
+    write_metrics(run_dir, metrics)
     if not cfg.evaluate:
         return metrics, None
     summary = {"run": cfg.run_name, "task": p.task, "arch": built["arch"], "seed": cfg.train.seed,

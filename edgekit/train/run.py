@@ -27,6 +27,7 @@ from edgekit_runtime.fileio import atomic_write
 
 from ..config.train import TrainConfig
 from ..errors import ConfigError, EdgekitError, ExitCode
+from .run_folder import write_metrics
 from .tasks import DENSE_TASKS, Task, get_task
 from .trainer import Callbacks, DistInfo, FitResult, Trainer, seed_everything
 
@@ -292,8 +293,7 @@ def finish(cfg: TrainConfig, s: _Setup, fit: FitResult, run_dir: Path, world_siz
     }
     if s.meta.get("distill"):
         metrics["distill"] = s.meta["distill"]
-    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default).encode(),
-                 durable=False)
+    write_metrics(run_dir, metrics)
     if not cfg.evaluate:
         return metrics, None
     summary = {"run": cfg.run_name, "task": s.task.name, "kind": p.kind, "arch": s.arch, "seed": cfg.train.seed,
@@ -301,17 +301,6 @@ def finish(cfg: TrainConfig, s: _Setup, fit: FitResult, run_dir: Path, world_siz
                "split_report": p.split_report, "evaluation": evaluation, "notes": notes}
     report = write_report(run_dir, summary)
     return metrics, report
-
-
-def json_default(o: Any) -> Any:
-    """``json.dumps(default=)`` for metrics.json: numpy scalars and arrays, paths."""
-    if isinstance(o, np.generic):  # np.integer → int, np.floating → float, np.bool_ → bool
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def launch(cfg: TrainConfig, *, resume: bool = False) -> RunResult:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 from .tasks import DENSE_TASKS
 
@@ -95,3 +97,24 @@ def _dense_settings(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "validation": {**data, "kwargs": {"run": str(run_dir), "split": "val"}},
         "accuracy": {"metric": "map50" if meta["task"] == "detection" else "miou", "max_accuracy_drop": DENSE_BUDGET},
     }
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """``run_dir/metrics.json`` (numpy scalars and arrays, paths written as JSON values)."""
+    import json
+
+    from edgekit_runtime.fileio import atomic_write
+
+    atomic_write(Path(run_dir) / "metrics.json", json.dumps(metrics, indent=2, default=json_default).encode(),
+                 durable=False)
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=)`` for metrics.json: numpy scalars and arrays, paths."""
+    if isinstance(o, np.generic):  # np.integer → int, np.floating → float, np.bool_ → bool
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
