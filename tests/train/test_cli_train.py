@@ -106,7 +106,10 @@ def test_ctrl_c_keeps_last_pt_and_resume_finishes(basic_motions, tmp_path):
     cmd = [sys.executable, "-m", "edgekit.cli", "train", "--data", str(basic_motions), "--out", str(out),
            "--epochs", "40", "--batch-size", "16", "--set", "evaluate=false", "--set", "train.early_stopping=null",
            "--set", "model.kwargs={nb_filters: 8, depth: 3}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test suite started in the background by a shell without job
+    # control inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored (no KeyboardInterrupt)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
