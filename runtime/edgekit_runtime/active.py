@@ -28,6 +28,22 @@ from .contract.errors import ErrorCode, RuntimeErrorBase
 log = logging.getLogger("edgekit_runtime.active")
 
 
+def read_pointer(pointer: Path) -> tuple[str | None, str]:
+    """An agent's slot pointer file → ``(slot, its text)``; the text changes with every switch (it holds the
+    switch's time), so a reader keyed on it reloads after a → b → a too. ``(None, ...)`` when nothing is active."""
+    import json
+
+    try:
+        text = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None, ""
+    try:
+        slot = json.loads(text).get("slot") if text.startswith("{") else text
+    except (ValueError, AttributeError):
+        return None, text
+    return (slot if slot in ("a", "b") else None), text
+
+
 class ActiveModel:
     """Loads ``slots/<active>/bundle.ekb`` of an agent's state directory and follows switches.
 
@@ -45,20 +61,6 @@ class ActiveModel:
         self.last_error: RuntimeErrorBase | None = None
         self._loaded_pointer: str | None = None  # the pointer's text when the model in use was loaded
         self._next_check = 0.0
-
-    def _read_pointer(self) -> tuple[str | None, str]:
-        """``(slot, pointer text)``; the text changes with every switch (it holds the switch's time)."""
-        import json
-
-        try:
-            text = self.pointer.read_text().strip()
-        except FileNotFoundError:
-            return None, ""
-        try:
-            slot = json.loads(text).get("slot") if text.startswith("{") else text
-        except ValueError:
-            return None, text
-        return (slot if slot in ("a", "b") else None), text
 
     def get(self) -> Any:
         """The current model; raises ``ENGINE_UNAVAILABLE`` while none could be loaded yet."""
@@ -81,7 +83,7 @@ class ActiveModel:
         """
         from .api import load
 
-        slot, text = self._read_pointer()
+        slot, text = read_pointer(self.pointer)
         if slot is None or (text == self._loaded_pointer and self.model is not None):
             return False
         try:

@@ -4,6 +4,8 @@
     edgekit-runtime run BUNDLE IMAGE... [--top-k N] [--json] [--save-masks DIR]
     edgekit-runtime bench BUNDLE [--queries N] [--seconds T] [--batch B] [--json-out F] [--no-memory]
                          [--profile [--profile-queries N] [--profile-top K]]
+    edgekit-runtime serve BUNDLE_OR_STATE_DIR... [--port P] [--max-batch B] [--max-delay-ms D] [--token-file F]
+                         [--tls-cert C --tls-key K]
 
 Exit codes: 0 ok, 2 usage, 3 a runtime error (its stable code is printed).
 With ``--json`` stdout holds exactly one JSON document, errors included:
@@ -205,6 +207,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeSettings, serve
+
+    token = None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise RuntimeConfigError(f"cannot read the token file {args.token_file} ({exc})") from None
+        if not token:
+            raise RuntimeConfigError(f"the token file {args.token_file} is empty")
+    settings = ServeSettings(host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                             batch_delay=args.batch_delay,
+                             max_queue=args.max_queue, timeout_ms=args.timeout_ms, max_body_mb=args.max_body_mb,
+                             token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                             check_every_s=args.check_every_s)
+    return serve(args.sources, settings, keyring=_keyring(args), threads=args.threads, engine=args.engine)
+
+
 def profile_lines(profile: dict) -> list[str]:
     """A profile (:func:`~.profiling.profile_model`) as plain-text lines: a header, then one line per layer."""
     lines = [f"per-layer ({profile['engine']}, {profile['queries']} profiled queries, layers cover "
@@ -281,6 +302,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer timings from the engine's profiler (OpenVINO, ONNX Runtime), in a separate pass")
     b.add_argument("--profile-queries", type=int, default=50, help="queries in the profiling pass")
     b.add_argument("--profile-top", type=int, default=15, help="layers listed, slowest first")
+    s = sub.add_parser("serve", help="serve bundles over HTTP (KServe v2), with dynamic batching",
+                       description="Serve bundles, or the active slot of an agent's state directory (followed "
+                                   "across installs and rollbacks), over HTTP with the KServe v2 protocol.")
+    s.add_argument("sources", nargs="+", help="bundle (.ekb) or agent state directory; NAME=PATH names the route")
+    s.add_argument("--keyring", action="append", help="trusted public key file or directory (repeatable)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="0: any free port (printed on the first line)")
+    s.add_argument("--max-batch", type=int, default=8, help="rows joined into one batch (1: no batching)")
+    s.add_argument("--max-delay-ms", type=float, default=2.0,
+                   help="longest a request waits for others to join its batch")
+    s.add_argument("--batch-delay", choices=["arriving", "fixed"], default="arriving",
+                   help="arriving: wait only for requests already being received (a lone client never waits); "
+                        "fixed: always wait up to --max-delay-ms")
+    s.add_argument("--max-queue", type=int, default=64, help="queued requests per model before HTTP 429")
+    s.add_argument("--timeout-ms", type=float, default=10_000.0,
+                   help="a request's deadline in the queue, unless it gives parameters.timeout (µs)")
+    s.add_argument("--max-body-mb", type=float, default=32.0, help="larger request bodies get HTTP 413")
+    s.add_argument("--token-file", type=Path, help="file holding the bearer token every request but the "
+                                                   "health probes must send")
+    s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (HTTPS)")
+    s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    s.add_argument("--check-every-s", type=float, default=0.5,
+                   help="how often a state directory's active slot is checked for a switch")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--engine", help="force an engine instead of the manifest's order")
+    s.add_argument("--json", action="store_true", help="errors as one JSON document")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import http.client
 import io
 import json
+import ssl
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -205,3 +207,60 @@ def no_temp_leftovers(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
+
+
+# -- edgekit-runtime serve ---------------------------------------------------------------------------------
+class Client:
+    """One keep-alive HTTP connection, as a KServe client holds it."""
+
+    def __init__(self, server, token: str | None = None, context: ssl.SSLContext | None = None):
+        if context is not None:
+            self.conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=30, context=context)
+        else:
+            self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        self.conn.request(method, path, body=body, headers={**self.headers, **(headers or {})})
+        r = self.conn.getresponse()
+        data = r.read()
+        ctype = r.getheader("Content-Type", "")
+        return r.status, (json.loads(data) if ctype.startswith("application/json") else data), r
+
+    def infer(self, name: str, x: np.ndarray, **params):
+        body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.reshape(-1).tolist()}], **params}).encode()
+        return self.request("POST", f"/v2/models/{name}/infer", body, {"Content-Type": "application/json"})
+
+    def close(self):
+        self.conn.close()
+
+
+def y_of(doc: dict) -> np.ndarray:
+    out = next(o for o in doc["outputs"] if o["name"] == "y")
+    return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+
+@pytest.fixture
+def serve(ring):
+    """Start a server on a free port over the given sources; stopped at teardown. ``serve.Client`` and
+    ``serve.y_of`` are the test client and the reader of a matmul answer."""
+    from edgekit_runtime.serve import Server, ServeSettings
+    from edgekit_runtime.serve.models import Route
+
+    servers: list = []
+
+    def start(*sources: Path, keyring=ring, **settings):
+        s = ServeSettings(port=0, **settings)
+        routes = [Route(p, max_batch=s.max_batch, check_every_s=s.check_every_s, keyring=keyring, threads=1)
+                  for p in sources]
+        server = Server(routes, s)
+        server.start()
+        servers.append(server)
+        return server
+
+    start.Client = Client
+    start.y_of = y_of
+    yield start
+    for s in servers:
+        s.stop()

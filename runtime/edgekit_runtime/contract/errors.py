@@ -49,6 +49,14 @@ class ErrorCode(enum.IntEnum):
     CONFIG_UNAUTHORIZED = 402  # a fleet command without a valid signature from a trusted key
     DEVICE_STORAGE = 403  # the device's own storage failed (disk full, I/O error) during an install
     AGENT_ALREADY_RUNNING = 404  # another agent holds the state directory's lock
+    # 5xx serving (edgekit-runtime serve): what a request was refused for, beside its HTTP status
+    SERVE_BAD_REQUEST = 500  # not a KServe v2 request (not JSON, no inputs, bad binary section)
+    SERVE_OVERLOADED = 501  # the queue is full (HTTP 429): retry later
+    SERVE_DEADLINE_EXCEEDED = 502  # the request's time-out passed before it ran (HTTP 504)
+    SERVE_REQUEST_TOO_LARGE = 503  # body over the server's limit (HTTP 413)
+    SERVE_UNAUTHORIZED = 504  # missing or wrong bearer token (HTTP 401)
+    SERVE_MODEL_NOT_FOUND = 505  # no model of that name or version is served (HTTP 404)
+    SERVE_NOT_READY = 506  # no model is loaded yet, or the server is stopping (HTTP 503)
 
 
 class ExitStatus(enum.IntEnum):
