@@ -1,0 +1,350 @@
+"""``edgekit-runtime serve``: what dynamic batching buys, and what the HTTP endpoint costs.
+
+The model is torchvision's mobilenet_v2 (random weights, BatchNorm statistics re-estimated on
+photo crops), compiled INT8 for ``onnxruntime-cpu`` by ``benchmarks/common.py``'s build (the
+fidelity gate reports rather than refuses for random weights; throughput does not depend on them).
+The server runs as its own process (``python -m edgekit_runtime.cli serve``), the clients in this
+one, on loopback.
+
+1. **Batching**: ``--clients`` closed-loop clients (each sends its next request when the last is
+   answered) for ``--seconds``, with binary FP32 tensors (tritonclient's wire format), against the
+   server started with ``--max-batch 1`` and with ``--max-batch B`` (``--max-delay-ms D``). Reported:
+   requests/s, client-side p50/p99, the server's own batch sizes and per-batch inference p50/p99 (from
+   ``/metrics``), and the throughput ratio.
+2. **Endpoint overhead, one client**: the same image as JPEG bytes through ``POST .../infer``
+   (``Content-Type: image/jpeg``: decode, pre-process, inference, top-k, JSON) and through
+   ``Model.predict`` on the decoded image in this process, alternating blocks of queries; likewise a tensor
+   through binary ``infer`` and ``Model.run``. Reported: p50 of each and the difference.
+
+    .venv/bin/python benchmarks/serve.py [--clients 8] [--seconds 20] [--threads 2]
+
+Writes ``--out``/serve.json and serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import log  # noqa: E402
+
+MODEL, TARGET = "mobilenet_v2", "onnxruntime-cpu"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per server configuration")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-delay-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=common.usable_cores(), help="inference threads of the server")
+    p.add_argument("--overhead-queries", type=int, default=400, help="queries per path in the one-client test")
+    p.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
+    p.add_argument("--rebuild", action="store_true", help="compile even when the cached bundle exists")
+    p.add_argument("--markdown-only", action="store_true")
+    return p.parse_args(argv)
+
+
+class ServerProcess:
+    def __init__(self, bundle: Path, pub: Path, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgekit_runtime.cli", "serve", str(bundle), "--port", "0",
+                                      "--keyring", str(pub), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=common.REPO)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the server did not start: {self.proc.stderr.read()[-2000:]}")
+        info = json.loads(line)
+        self.port = int(info["listening"].rsplit(":", 1)[1])
+        self.name = next(iter(info["models"]))
+
+    def metrics(self) -> str:
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        c.request("GET", "/metrics")
+        return c.getresponse().read().decode()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def build_bundle(threads: int, rebuild: bool) -> dict[str, Any]:
+    """``benchmarks/common.py``'s INT8 build of the model, plus the ImageNet pre-processing preset (what
+    ``edgekit compile --preprocess imagenet`` adds), so the bundle takes images; cached beside the others."""
+    from edgekit.build.pipeline import compile_model
+    from edgekit.cli.compile import preprocess_flags
+    from edgekit.config import load_build
+    from edgekit.signing import load_private_key
+
+    out = common.CACHE / "bundles" / f"{MODEL}-{TARGET}-int8-images.ekb"
+    report = out.with_suffix(".report.json")
+    if out.exists() and report.exists() and not rebuild:
+        log(f"reusing {out.relative_to(common.REPO)}")
+        return {"bundle": out, "report": json.loads(report.read_text())}
+    data, keys = common.ensure_data(log), common.ensure_keys()
+    ckpt = common.ensure_checkpoint(MODEL, threads, log)
+    pre = preprocess_flags("imagenet", None, None, None, None, None, [1, 3, common.SIZE, common.SIZE])
+    pre.pop("_shape", None)
+    pre.pop("_input_shape", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = load_build(None, {
+        "model.source": "benchmarks.common:make_model", "model.kwargs": {"arch": MODEL},
+        "model.checkpoint": str(common.REPO / ckpt["checkpoint"]), "model.name": MODEL,
+        "model.input_shape": [1, 3, common.SIZE, common.SIZE], "target": TARGET,
+        "calibration.source": str(data["calib"]), "accuracy": {"max_accuracy_drop": None},
+        # random weights: the fidelity gate reports, the latency gate is not asked (throughput is the subject)
+        "fidelity": {"min_cosine": None}, "latency": {"on_slower": "keep_int8"},
+        "preprocess": pre, "output": str(out)})
+    log(f"compiling {MODEL} INT8 for {TARGET} with ImageNet pre-processing")
+    result = compile_model(cfg, load_private_key(keys["private"]))
+    return {"bundle": out, "report": result.report}
+
+
+def tensor_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
+                                "Content-Type": "application/octet-stream"}
+
+
+def post(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    conn.request("POST", path, body=body, headers=headers)
+    r = conn.getresponse()
+    data = r.read()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {data[:300]!r}")
+    return data
+
+
+def load_test(server: ServerProcess, body: bytes, headers: dict[str, str], clients: int, seconds: float
+              ) -> dict[str, Any]:
+    """Closed-loop clients for ``seconds`` after a 2 s warm-up; latencies of the measured window only."""
+    path = f"/v2/models/{server.name}/infer"
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    start_at = time.monotonic() + 2.0
+    stop_at = start_at + seconds
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        while True:
+            t = time.monotonic()
+            if t >= stop_at:
+                break
+            try:
+                post(conn, path, body, headers)
+            except Exception as exc:  # noqa: BLE001 - counted, the run goes on
+                errors.append(str(exc))
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+                continue
+            if t >= start_at:
+                lat[i].append(time.monotonic() - t)
+
+    before = server.metrics()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = server.metrics()
+    allv = sorted(v for per in lat for v in per)
+    return {"requests": len(allv), "errors": len(errors), "error_examples": errors[:3],
+            "throughput_rps": len(allv) / seconds, "latency_ms": _pcts(allv),
+            "server": _server_side(before, after, server.name)}
+
+
+def _pcts(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    a = np.asarray(values) * 1000
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()) \
+                and line.split("}")[0].count("=") == want.count("="):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _server_side(before: str, after: str, model: str) -> dict[str, Any]:
+    """Batches run and rows in them during the window (counter differences), per-batch inference quantiles."""
+    count = (_sample(after, "edgekit_serve_batch_size_count", model=model) or 0) - (
+        _sample(before, "edgekit_serve_batch_size_count", model=model) or 0)
+    rows = (_sample(after, "edgekit_serve_batch_size_sum", model=model) or 0) - (
+        _sample(before, "edgekit_serve_batch_size_sum", model=model) or 0)
+    q = {f"p{int(float(qq) * 100)}": 1000 * (_sample(after, "edgekit_serve_stage_seconds", model=model,
+                                                     stage="inference", quantile=qq) or float("nan"))
+         for qq in ("0.5", "0.99")}
+    queue = {f"p{int(float(qq) * 100)}": 1000 * (_sample(after, "edgekit_serve_stage_seconds", model=model,
+                                                         stage="queue", quantile=qq) or float("nan"))
+             for qq in ("0.5", "0.99")}
+    return {"batches": int(count), "rows": int(rows), "mean_batch": rows / count if count else None,
+            "inference_per_batch_ms": q, "queue_ms": queue}
+
+
+def overhead(server: ServerProcess, bundle: Path, pub: Path, threads: int, queries: int) -> dict[str, Any]:
+    """One client: the endpoint against the in-process API, alternating blocks of 20 queries."""
+    import cv2
+
+    import edgekit_runtime
+
+    photo = common.random_crops(common.sample_photos(), 1, 7)[0]
+    ok, jpeg = cv2.imencode(".jpg", photo[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    jpeg = jpeg.tobytes()
+    path = f"/v2/models/{server.name}/infer"
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    out: dict[str, Any] = {"jpeg_bytes": len(jpeg), "image": list(photo.shape)}
+    with edgekit_runtime.load(bundle, keyring=pub, threads=threads) as model:
+        x = model.preprocess([photo])
+        body, headers = tensor_body(x)
+        paths = {
+            "http_image": lambda: post(conn, path, jpeg, {"Content-Type": "image/jpeg"}),
+            "predict_image": lambda: model.predict([cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8),
+                                                                             cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)]),
+            "http_tensor": lambda: post(conn, path, body, headers),
+            "run_tensor": lambda: model.run(x),
+        }
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for fn in paths.values():  # warm-up
+            for _ in range(20):
+                fn()
+        block = 20
+        for b in range(queries // block):
+            order = list(paths) if b % 2 == 0 else list(reversed(paths))
+            for k in order:
+                fn = paths[k]
+                for _ in range(block):
+                    t = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t)
+    for k, v in times.items():
+        out[k] = _pcts(v)
+    out["image_added_p50_ms"] = out["http_image"]["p50"] - out["predict_image"]["p50"]
+    out["tensor_added_p50_ms"] = out["http_tensor"]["p50"] - out["run_tensor"]["p50"]
+    return out
+
+
+def engine_ceiling(bundle: Path, pub: Path, threads: int, max_batch: int, rounds: int = 30) -> dict[str, Any]:
+    """The engine alone, in this process: rows/s at batch 1 and at ``max_batch`` (alternating rounds of the same
+    work), the most any server's batching can gain on this machine."""
+    import edgekit_runtime
+
+    x = np.random.default_rng(0).normal(size=(max_batch, 3, common.SIZE, common.SIZE)).astype(np.float32)
+    times: dict[int, list[float]] = {1: [], max_batch: []}
+    with edgekit_runtime.load(bundle, keyring=pub, threads=threads) as model:
+        for _ in range(3):
+            model.run(x[:1])
+            model.run(x)
+        for r in range(rounds):
+            for n in ((1, max_batch) if r % 2 == 0 else (max_batch, 1)):
+                t = time.perf_counter()
+                for _ in range(max_batch // n):
+                    model.run(x[:n])
+                times[n].append(time.perf_counter() - t)
+    rows = {n: max_batch / statistics.median(v) for n, v in times.items()}
+    return {"rows_per_s_batch_1": rows[1], f"rows_per_s_batch_{max_batch}": rows[max_batch],
+            "ratio": rows[max_batch] / rows[1]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.markdown_only:
+        doc = json.loads((args.out / "serve.json").read_text())
+        return common.write_results(args.out, "serve", None, markdown)
+    from edgekit_runtime.bench import system_description
+
+    common.ensure_importable()
+    built = build_bundle(args.threads, args.rebuild)
+    bundle, pub = built["bundle"], common.ensure_keys()["public"]
+    x = np.random.default_rng(0).normal(size=(1, 3, common.SIZE, common.SIZE)).astype(np.float32)
+    body, headers = tensor_body(x)
+    doc: dict[str, Any] = {**common.run_header("serve/1", argv), "model": MODEL, "target": TARGET,
+                           "precision": built["report"].get("precision"), "settings": vars(args) | {"out": None},
+                           "system": system_description(), "provenance": common.provenance(), "runs": {}}
+    configs = {"max_batch_1": ["--max-batch", "1"],
+               f"max_batch_{args.max_batch}": ["--max-batch", str(args.max_batch), "--max-delay-ms",
+                                               str(args.max_delay_ms)]}
+    for name, extra in configs.items():
+        server = ServerProcess(bundle, pub, "--threads", str(args.threads), *extra)
+        try:
+            log(f"{name}: {args.clients} clients for {args.seconds:.0f}s")
+            doc["runs"][name] = {"server_args": extra, **load_test(server, body, headers, args.clients, args.seconds)}
+            r = doc["runs"][name]
+            log(f"  {r['throughput_rps']:.1f} req/s, p50 {r['latency_ms']['p50']:.1f} ms, p99 "
+                f"{r['latency_ms']['p99']:.1f} ms, mean batch {r['server']['mean_batch']}")
+            if name == "max_batch_1":
+                log("one-client overhead (endpoint vs in-process)")
+                doc["overhead"] = overhead(server, bundle, pub, args.threads, args.overhead_queries)
+        finally:
+            server.stop()
+    log("the engine alone: batch 1 against batch B, in this process")
+    doc["engine_ceiling"] = engine_ceiling(bundle, pub, args.threads, args.max_batch)
+    one, many = doc["runs"]["max_batch_1"], doc["runs"][f"max_batch_{args.max_batch}"]
+    doc["speedup"] = many["throughput_rps"] / one["throughput_rps"]
+    inf = many["server"]["inference_per_batch_ms"]
+    doc["p99_bound_ms"] = args.max_delay_ms + inf["p99"]
+    log(f"batching: {doc['speedup']:.2f}x throughput (the engine alone: {doc['engine_ceiling']['ratio']:.2f}x); p99 {many['latency_ms']['p99']:.1f} ms vs delay + batch "
+        f"p99 {doc['p99_bound_ms']:.1f} ms; one client adds {doc['overhead']['image_added_p50_ms']:.2f} ms (image), "
+        f"{doc['overhead']['tensor_added_p50_ms']:.2f} ms (tensor)")
+    common.write_results(args.out, "serve", doc, markdown)
+    return 0
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    s = doc["settings"]
+    sysinfo = doc["system"]
+    lines = [
+        "# Serving: dynamic batching and endpoint overhead", "",
+        f"{doc.get('generated_at', '')} · `{doc.get('command', '')}` · {sysinfo.get('cpu', '')} "
+        f"({', '.join(sysinfo.get('cpu_flags', [])) or 'no AVX-512/VNNI'}), {sysinfo.get('usable_cores', '?')} cores · "
+        f"{s['threads']} inference thread(s) · {doc['model']} {doc['precision']} on {doc['target']} (ONNX Runtime)", "",
+        f"## {s['clients']} closed-loop clients, binary FP32 tensors, {s['seconds']:.0f} s per configuration", "",
+        "| server | req/s | p50 ms | p99 ms | mean batch | inference per batch p50 / p99 ms | queue p50 / p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for name, r in doc["runs"].items():
+        sv = r["server"]
+        lines.append(f"| `{' '.join(r['server_args'])}` | {r['throughput_rps']:.1f} | {r['latency_ms']['p50']:.1f} | "
+                     f"{r['latency_ms']['p99']:.1f} | {sv['mean_batch']:.2f} | "
+                     f"{sv['inference_per_batch_ms']['p50']:.1f} / {sv['inference_per_batch_ms']['p99']:.1f} | "
+                     f"{sv['queue_ms']['p50']:.1f} / {sv['queue_ms']['p99']:.1f} | {r['errors']} |")
+    many = doc["runs"][f"max_batch_{s['max_batch']}"]
+    ceil, mb = doc["engine_ceiling"], s["max_batch"]
+    lines += ["", f"Dynamic batching: **{doc['speedup']:.2f}×** the throughput of `--max-batch 1`. The engine alone, "
+              f"in one process without HTTP, runs {ceil[f'rows_per_s_batch_{mb}']:.0f} rows/s in "
+              f"batches of {mb} against {ceil['rows_per_s_batch_1']:.0f} at batch 1 "
+              f"(**{ceil['ratio']:.2f}×**): the most batching can give for this model on this CPU. "
+              f"p99 with batching {many['latency_ms']['p99']:.1f} ms against the configured delay plus one batch's "
+              f"p99 inference ({s['max_delay_ms']:g} + {many['server']['inference_per_batch_ms']['p99']:.1f} = "
+              f"{doc['p99_bound_ms']:.1f} ms).", ""]
+    o = doc["overhead"]
+    lines += ["## One client: the endpoint against the in-process API (alternating blocks, p50 ms)", "",
+              "| input | HTTP endpoint | in-process | added by the endpoint |", "|---|---:|---:|---:|",
+              f"| JPEG {o['jpeg_bytes']} bytes ({o['image'][1]}×{o['image'][0]}) → top-k | "
+              f"{o['http_image']['p50']:.2f} | {o['predict_image']['p50']:.2f} (`Model.predict`) | "
+              f"{o['image_added_p50_ms']:.2f} |",
+              f"| FP32 tensor, binary | {o['http_tensor']['p50']:.2f} | {o['run_tensor']['p50']:.2f} (`Model.run`) | "
+              f"{o['tensor_added_p50_ms']:.2f} |", "",
+              "Clients and server share the machine's cores (loopback); the server is a separate process.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
