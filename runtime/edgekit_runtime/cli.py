@@ -6,6 +6,8 @@
                          [--profile [--profile-queries N] [--profile-top K]]
     edgekit-runtime serve BUNDLE_OR_STATE_DIR... [--port P] [--max-batch B] [--max-delay-ms D] [--token-file F]
                          [--tls-cert C --tls-key K]
+    edgekit-runtime stream BUNDLE --source 0|video.mp4|rtsp://... [--jsonl F] [--mqtt URL --topic T]
+                         [--video-out F] [--max-frames N] [--duration S] [--pace auto|none]
 
 Exit codes: 0 ok, 2 usage, 3 a runtime error (its stable code is printed).
 With ``--json`` stdout holds exactly one JSON document, errors included:
@@ -223,7 +225,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_queue=args.max_queue, timeout_ms=args.timeout_ms, max_body_mb=args.max_body_mb,
                              token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                              check_every_s=args.check_every_s)
-    return serve(args.sources, settings, keyring=_keyring(args), threads=args.threads, engine=args.engine)
+    return serve(args.sources, settings, keyring=_keyring(args), threads=args.threads, engine=args.engine,
+                 shadow=args.shadow, shadow_report=args.shadow_report)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from . import stream as st
+
+    settings = st.StreamSettings(source=args.source, pace=args.pace, max_frames=args.max_frames,
+                                 duration_s=args.duration, stats_every_s=args.stats_every, top_k=args.top_k)
+    stop = threading.Event()
+    closers = []
+    with load(args.bundle, keyring=_keyring(args), threads=args.threads, engine=args.engine) as model:
+        pre = model.manifest.preprocess
+        if pre is None or pre.type != "image":
+            raise RuntimeConfigError("stream needs a bundle that takes images (image pre-processing)",
+                                     hint="use `edgekit-runtime run` with .npz tensors for this bundle")
+        sinks, reporters = [], [st.print_stats]
+        out = None
+        if args.jsonl is not None:
+            out = sys.stdout if str(args.jsonl) == "-" else open(args.jsonl, "w")  # noqa: SIM115 - closed below
+            sinks.append(st.jsonl_sink(out))
+        if args.mqtt:
+            if not args.topic:
+                raise RuntimeConfigError("--mqtt needs --topic")
+            from .agent.stream_mqtt import stream_publisher
+
+            result, stats, close = stream_publisher(args.mqtt, args.topic)
+            sinks.append(result)
+            reporters.append(stats)
+            closers.append(close)
+        if args.video_out is not None:
+            size, fps = _video_geometry(args.source)
+            write, release = st.video_sink(args.video_out, args.video_fps or fps or 30.0, size)
+            sinks.append(write)
+            closers.append(release)
+        if args.stats_json is not None:
+            reporters.append(lambda doc: doc["final"] and Path(args.stats_json).write_text(json.dumps(doc, indent=2)))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        try:
+            st.run_stream(model, settings, sinks, on_stats=lambda doc: [r(doc) for r in reporters], stop=stop)
+        finally:
+            for close in closers:
+                close()
+            if out is not None and out is not sys.stdout:
+                out.close()
+    return ExitStatus.OK
+
+
+def _video_geometry(source: str) -> tuple[tuple[int, int], float | None]:
+    """(width, height) of the source's frames and its frame rate, read from one frame."""
+    from . import stream as st
+
+    cap, _ = st.open_source(source)
+    try:
+        cv2 = st.cv2_module()
+        ok, frame = cap.read()
+        if not ok:
+            raise RuntimeConfigError(f"no frame could be read from {source!r}")
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        return (frame.shape[1], frame.shape[0]), (float(fps) if fps and fps > 0 else None)
+    finally:
+        cap.release()
 
 
 def profile_lines(profile: dict) -> list[str]:
@@ -325,10 +392,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument("--check-every-s", type=float, default=0.5,
                    help="how often a state directory's active slot is checked for a switch")
+    s.add_argument("--shadow", metavar="[NAME=]BUNDLE",
+                   help="run this candidate bundle beside the served model on the same inputs, never serving its "
+                        "results; agreement and latency at /v2/models/NAME/shadow and in /metrics")
+    s.add_argument("--shadow-report", type=Path, metavar="FILE",
+                   help="write the shadow report (JSON) here every 10 s, for the agent's telemetry")
     s.add_argument("--threads", type=int)
     s.add_argument("--engine", help="force an engine instead of the manifest's order")
     s.add_argument("--json", action="store_true", help="errors as one JSON document")
     s.set_defaults(func=cmd_serve)
+    t = sub.add_parser("stream", help="run a camera, video file or RTSP stream through a bundle",
+                       description="Frames from a camera, file or stream through an image bundle; frames are "
+                                   "dropped, never queued, when inference falls behind.")
+    common(t)
+    t.add_argument("--source", required=True, help="camera index (0), video file, or rtsp:// / http:// URL")
+    t.add_argument("--jsonl", type=Path, metavar="FILE", help="one JSON result per processed frame ('-': stdout)")
+    t.add_argument("--mqtt", metavar="URL", help="publish results to this broker (mqtt://host:port); needs --topic")
+    t.add_argument("--topic", help="MQTT topic for results (statistics go to TOPIC/stats)")
+    t.add_argument("--video-out", type=Path, metavar="FILE", help="annotated video of the processed frames "
+                                                                  "(.avi MJPG or .mp4 mp4v)")
+    t.add_argument("--video-fps", type=float, help="frame rate of --video-out (default: the source's)")
+    t.add_argument("--pace", choices=["auto", "none"], default="auto",
+                   help="auto: a file plays at its own frame rate, like a camera (frames drop when inference "
+                        "is slower); none: every frame of a file, no drops")
+    t.add_argument("--max-frames", type=int, help="stop after this many captured frames")
+    t.add_argument("--duration", type=float, help="stop after this many seconds")
+    t.add_argument("--stats-every", type=float, default=5.0, help="seconds between statistics lines")
+    t.add_argument("--stats-json", type=Path, help="write the final statistics here")
+    t.add_argument("--top-k", type=int)
+    t.add_argument("--threads", type=int)
+    t.add_argument("--engine", help="force an engine instead of the manifest's order")
+    t.set_defaults(func=cmd_stream)
     return p
 
 
