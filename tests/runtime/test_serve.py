@@ -297,3 +297,75 @@ def test_tritonclient_http_works_unchanged(kit, serve, tmp_path):
     np.testing.assert_array_equal(np.asarray(out["y"], np.float32),
                                   (np.arange(8, dtype=np.float32).reshape(2, 4) / 4) @ kit.WEIGHTS)
     assert out["results"][0]["image_size"] == [40, 40] and "detections" in out["results"][0]
+
+
+def test_a_shadow_candidate_is_compared_on_live_traffic_and_never_served(kit, key, serve, tmp_path):
+    """The candidate (-W: every output flipped) runs on the served batches; the answers stay the served model's,
+    and the report says how far the candidate is: cosine -1, top-1 agreement well under 1, and its latency."""
+    import edgekit_runtime
+
+    manifest, members = kit.parts()
+    members["model.onnx"] = kit.matmul_onnx(-kit.WEIGHTS)
+    members["health/expected_output.npy"] = kit.npy(kit.SAMPLE @ -kit.WEIGHTS)
+    manifest["model"].update(version="2.0.0", release=2)
+    candidate = kit.write("cand.ekb", manifest=manifest, members=members)
+    (tmp_path / "k.pub").write_bytes(kit.public_pem(key))
+    server = serve(kit.write("m.ekb"))
+    shadow = server.add_shadow("matmul", edgekit_runtime.load(candidate, keyring=tmp_path / "k.pub", threads=1),
+                               report_file=None)
+    c = serve.Client(server)
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        x = rng.normal(size=(2, 4)).astype(np.float32)
+        status, doc, r = c.infer("matmul", x)
+        assert status == 200 and r.getheader("Edgekit-Model-Version") == "1.0.0"
+        assert np.allclose(serve.y_of(doc), x @ kit.WEIGHTS, atol=1e-5)  # the served model's answer, always
+    deadline = time.monotonic() + 10
+    while shadow.report()["rows"] + 2 * shadow.report()["skipped_batches"] < 80 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status, report, _ = c.request("GET", "/v2/models/matmul/shadow")
+    assert status == 200 and report["candidate"]["version"] == "2.0.0" and report["served"]["version"] == "1.0.0"
+    assert report["rows"] >= 2 and report["failed_batches"] == 0
+    assert report["agreement"]["cosine"] == pytest.approx(-1.0, abs=1e-6) and report["agreement"]["top1"] < 0.5
+    assert report["latency_ms"]["candidate_p50"] > 0 and report["latency_ms"]["ratio"] > 0
+    metrics = c.request("GET", "/metrics")[1].decode()
+    assert 'edgekit_serve_shadow_agreement{model="matmul",candidate="2.0.0",measure="cosine"} -1.0' in metrics
+    assert c.request("GET", "/v2/models/nosuch/shadow")[0] == 404
+
+
+def test_a_shadow_detector_against_itself_agrees_box_for_box(serve):
+    import cv2
+
+    import edgekit_runtime
+
+    ring = Keyring.from_paths(GOLDEN / "v1.4-golden.pub")
+    bundle = GOLDEN / "v1.4-onnxruntime-detector.ekb"
+    server = serve(bundle, keyring=ring)
+    shadow = server.add_shadow("golden-detector", edgekit_runtime.load(bundle, keyring=ring, threads=1))
+    c = serve.Client(server)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        ok, png = cv2.imencode(".png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+        assert c.request("POST", "/v2/models/golden-detector/infer", png.tobytes(),
+                         {"Content-Type": "image/png"})[0] == 200
+    deadline = time.monotonic() + 10
+    while shadow.report()["rows"] + shadow.report()["skipped_batches"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    agreement = shadow.report()["agreement"]
+    assert agreement["box_f1"] == 1.0 and agreement["cosine"] == pytest.approx(1.0)
+    assert agreement.get("box_iou", 1.0) == pytest.approx(1.0)
+
+
+def test_a_shadow_that_takes_other_inputs_is_refused(kit, serve):
+    import edgekit_runtime
+
+    from edgekit_runtime.contract.errors import RuntimeConfigError
+
+    server = serve(kit.write("m.ekb"))
+    other = edgekit_runtime.load(GOLDEN / "v1.4-onnxruntime-detector.ekb",
+                                 keyring=Keyring.from_paths(GOLDEN / "v1.4-golden.pub"))
+    try:
+        with pytest.raises(RuntimeConfigError, match="inputs"):
+            server.add_shadow("matmul", other)
+    finally:
+        other.close()

@@ -74,6 +74,7 @@ class Batcher:
             raise ValueError(f"delay must be 'arriving' or 'fixed', not {delay!r}")
         self.delay = delay
         self._arriving = 0  # requests being received or pre-processed, not queued yet
+        self.shadow: Any = None  # a Shadow the served batches are offered to
         self.name = route_name
         self.metrics = metrics
         self.max_batch = max(1, max_batch)
@@ -205,8 +206,11 @@ class Batcher:
             for p in batch:
                 p.finish(error=err)
             return
-        self.metrics.stage(self.name, "inference", time.monotonic() - start)
+        took = time.monotonic() - start
+        self.metrics.stage(self.name, "inference", took)
         self.metrics.batch(self.name, sum(rows))
+        if self.shadow is not None:
+            self.shadow.offer(loaded, feeds, outputs, took)
         at = 0
         for p, n in zip(batch, rows):
             p.finish(outputs={k: v[at:at + n] for k, v in outputs.items()})

@@ -18,6 +18,14 @@ from ..agent.metrics import LatencyHistogram
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "total")
 QUANTILES = (0.5, 0.95, 0.99)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SHADOW_FAMILIES = (
+    ("edgekit_serve_shadow_rows_total", "counter", "Rows the shadow candidate ran and compared."),
+    ("edgekit_serve_shadow_skipped_batches_total", "counter", "Served batches the candidate was too busy for."),
+    ("edgekit_serve_shadow_failed_batches_total", "counter", "Batches the candidate failed on."),
+    ("edgekit_serve_shadow_agreement", "gauge",
+     "Candidate vs served, mean since the start: cosine, top1, box_f1, box_iou, mask."),
+    ("edgekit_serve_shadow_inference_seconds", "summary", "Inference per batch, served model and candidate."),
+)
 
 
 class _Window:
@@ -66,6 +74,7 @@ class ServeMetrics:
         self.load_failures: Counter[str] = Counter()
         self.queue_depth: dict[str, Callable[[], int]] = {}
         self.model_info: dict[str, Callable[[], dict]] = {}
+        self.shadows: dict[str, Callable[[], list[str]]] = {}  # route → its Shadow's sample lines
         self.started = time.time()
 
     def request(self, model: str, status: int) -> None:
@@ -149,6 +158,9 @@ class ServeMetrics:
                     labels = ",".join(f'{k}="{_esc(str(v))}"' for k, v in sorted(d.items()))
                     info.append(f'edgekit_serve_model_info{{model="{_esc(m)}",{labels}}} 1')
             family("edgekit_serve_model_info", "gauge", "The model version each route serves now.", info)
+            shadow_lines = [ln for fn in self.shadows.values() for ln in fn()]
+            for name, kind, help_ in SHADOW_FAMILIES:
+                family(name, kind, help_, (ln for ln in shadow_lines if ln.startswith(name + "{")))
             family("edgekit_serve_start_time_seconds", "gauge", "When the server started (Unix time).",
                    [f"edgekit_serve_start_time_seconds {self.started:.3f}"])
         return "\n".join(lines) + "\n"

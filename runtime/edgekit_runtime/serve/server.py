@@ -12,6 +12,7 @@ Endpoints::
     GET  /v2                                         server metadata
     GET  /v2/models/NAME[/versions/V]                model metadata (inputs, outputs, version)
     GET  /v2/models/NAME[/versions/V]/ready
+    GET  /v2/models/NAME/shadow                      the shadow candidate's agreement and latency (--shadow)
     POST /v2/models/NAME[/versions/V]/infer          KServe v2 JSON, or JSON + binary tensors;
                                                      or a bare image (Content-Type: image/*)
     GET  /metrics                                    Prometheus text
@@ -57,7 +58,8 @@ from .protocol import HEADER_LENGTH, InferRequest, ProtocolError, encode_respons
 
 log = logging.getLogger("edgekit_runtime.serve")
 
-_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
+_MODEL_PATH = re.compile(
+    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer|/shadow)?$")
 
 
 @dataclass
@@ -134,6 +136,35 @@ class Server:
         self.port = self.httpd.server_address[1]
         self._stopped = threading.Event()
 
+    def add_shadow(self, route_name: str, candidate: Any, report_file: Path | None = None) -> Any:
+        """Run ``candidate`` (a loaded :class:`~..api.Model`) in shadow of ``route_name``'s served model."""
+        from .models import warm_up
+        from .shadow import Shadow, check_compatible
+
+        route = self.routes.get(route_name)
+        if route is None or route.current is None:
+            raise RuntimeConfigError(f"--shadow: no model is served as {route_name!r}",
+                                     hint=f"routes: {', '.join(self.routes)}")
+        check_compatible(route.current.model, candidate)
+        warm_up(candidate, 1)
+        shadow = Shadow(route_name, candidate)
+        self.batchers[route_name].shadow = shadow
+        self.metrics.shadows[route_name] = shadow.metric_lines
+        if report_file is not None:
+            self._report_thread = threading.Thread(target=self._write_reports, args=(shadow, report_file),
+                                                   daemon=True)
+            self._report_thread.start()
+        return shadow
+
+    def _write_reports(self, shadow: Any, path: Path, every_s: float = 10.0) -> None:
+        from ..fileio import atomic_write
+
+        while not self._stopped.wait(every_s):
+            try:
+                atomic_write(path, json.dumps(shadow.report(), indent=1).encode())
+            except OSError as exc:
+                log.warning("cannot write the shadow report %s (%s)", path, exc)
+
     def _switched(self, route: Route, new: Loaded, old: Loaded | None) -> None:
         if old is not None:
             self.metrics.count("switches", route.name)
@@ -161,6 +192,8 @@ class Server:
     def _shutdown_rest(self) -> None:
         for b in self.batchers.values():
             b.stop()
+            if b.shadow is not None:
+                b.shadow.close()
         for route in self.routes.values():
             route.close()
         self.httpd.server_close()
@@ -308,6 +341,12 @@ class _Handler(BaseHTTPRequestHandler):
             route = app.route(m["name"], m["version"])
             if m["rest"] == "/ready":
                 return self._json(200 if route.ready else 503, {"name": route.name, "ready": route.ready})
+            if m["rest"] == "/shadow":
+                shadow = app.batchers[route.name].shadow
+                if shadow is None:
+                    raise ProtocolError(f"{route.name!r} has no shadow candidate", status=404,
+                                        code=ErrorCode.SERVE_MODEL_NOT_FOUND, hint="start serve with --shadow")
+                return self._json(200, shadow.report())
             return self._json(200, app.model_metadata(route))
         except RuntimeErrorBase as exc:
             self._error(exc)
@@ -550,7 +589,8 @@ def _jsonable(value: Any, key: str | None = None) -> Any:
 
 
 def serve(sources: list[str], settings: ServeSettings, *, keyring: Any = None, threads: int | None = None,
-          engine: str | None = None, ready_file: Path | None = None) -> int:
+          engine: str | None = None, ready_file: Path | None = None, shadow: str | None = None,
+          shadow_report: Path | None = None) -> int:
     """Serve until SIGTERM/SIGINT; ``sources``: bundle paths or state directories, each optionally ``NAME=PATH``."""
     routes = []
     try:
@@ -568,6 +608,21 @@ def serve(sources: list[str], settings: ServeSettings, *, keyring: Any = None, t
         for r in routes:
             r.close()
         raise
+    if shadow is not None:
+        from ..api import load
+
+        name, _, path = shadow.rpartition("=") if "=" in shadow and not Path(shadow).exists() else ("", "", shadow)
+        if not name and len(server.routes) != 1:
+            raise RuntimeConfigError("--shadow with several routes needs NAME=PATH", hint=f"routes: {', '.join(server.routes)}")
+        candidate = load(path, keyring=keyring, threads=threads, engine=engine)
+        try:
+            server.add_shadow(name or next(iter(server.routes)), candidate, shadow_report)
+        except Exception:
+            candidate.close()
+            server.httpd.server_close()
+            for r in routes:
+                r.close()
+            raise
 
     def stop(signum: int, frame: Any) -> None:
         threading.Thread(target=server.httpd.shutdown, daemon=True).start()
