@@ -42,6 +42,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.common import log  # noqa: E402
 
 MODEL, TARGET = "mobilenet_v2", "onnxruntime-cpu"
+STREAM_MODEL = "resnet50"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=common.usable_cores(), help="inference threads of the server")
     p.add_argument("--overhead-queries", type=int, default=400, help="queries per path in the one-client test")
     p.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
+    p.add_argument("--stream-seconds", type=float, default=60.0, help="length of the 30 fps video for stream (0: skip)")
+    p.add_argument("--only-stream", action="store_true", help="run the stream part only (keep the rest of the JSON)")
     p.add_argument("--rebuild", action="store_true", help="compile even when the cached bundle exists")
     p.add_argument("--markdown-only", action="store_true")
     return p.parse_args(argv)
@@ -80,34 +83,34 @@ class ServerProcess:
         self.proc.wait(30)
 
 
-def build_bundle(threads: int, rebuild: bool) -> dict[str, Any]:
-    """``benchmarks/common.py``'s INT8 build of the model, plus the ImageNet pre-processing preset (what
+def build_bundle(threads: int, rebuild: bool, arch: str = MODEL, precision: str = "int8") -> dict[str, Any]:
+    """``benchmarks/common.py``'s build of ``arch``, plus the ImageNet pre-processing preset (what
     ``edgekit compile --preprocess imagenet`` adds), so the bundle takes images; cached beside the others."""
     from edgekit.build.pipeline import compile_model
     from edgekit.cli.compile import preprocess_flags
     from edgekit.config import load_build
     from edgekit.signing import load_private_key
 
-    out = common.CACHE / "bundles" / f"{MODEL}-{TARGET}-int8-images.ekb"
+    out = common.CACHE / "bundles" / f"{arch}-{TARGET}-{precision}-images.ekb"
     report = out.with_suffix(".report.json")
     if out.exists() and report.exists() and not rebuild:
         log(f"reusing {out.relative_to(common.REPO)}")
         return {"bundle": out, "report": json.loads(report.read_text())}
     data, keys = common.ensure_data(log), common.ensure_keys()
-    ckpt = common.ensure_checkpoint(MODEL, threads, log)
+    ckpt = common.ensure_checkpoint(arch, threads, log)
     pre = preprocess_flags("imagenet", None, None, None, None, None, [1, 3, common.SIZE, common.SIZE])
     pre.pop("_shape", None)
     pre.pop("_input_shape", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = load_build(None, {
-        "model.source": "benchmarks.common:make_model", "model.kwargs": {"arch": MODEL},
-        "model.checkpoint": str(common.REPO / ckpt["checkpoint"]), "model.name": MODEL,
+        "model.source": "benchmarks.common:make_model", "model.kwargs": {"arch": arch},
+        "model.checkpoint": str(common.REPO / ckpt["checkpoint"]), "model.name": arch,
         "model.input_shape": [1, 3, common.SIZE, common.SIZE], "target": TARGET,
         "calibration.source": str(data["calib"]), "accuracy": {"max_accuracy_drop": None},
         # random weights: the fidelity gate reports, the latency gate is not asked (throughput is the subject)
         "fidelity": {"min_cosine": None}, "latency": {"on_slower": "keep_int8"},
-        "preprocess": pre, "output": str(out)})
-    log(f"compiling {MODEL} INT8 for {TARGET} with ImageNet pre-processing")
+        "preprocess": pre, "output": str(out), **({"quantize": {"enabled": False}} if precision == "fp32" else {})})
+    log(f"compiling {arch} {precision} for {TARGET} with ImageNet pre-processing")
     result = compile_model(cfg, load_private_key(keys["private"]))
     return {"bundle": out, "report": result.report}
 
@@ -263,6 +266,57 @@ def engine_ceiling(bundle: Path, pub: Path, threads: int, max_batch: int, rounds
             "ratio": rows[max_batch] / rows[1]}
 
 
+def stream_run(threads: int, rebuild: bool, seconds: float) -> dict[str, Any]:
+    """``edgekit-runtime stream`` (the CLI, as a device runs it) on a 30 fps 640×480 file of ``seconds``
+    through resnet50 FP32 on one thread — a model slower than a frame — sampling the process's resident
+    memory every second."""
+    import tempfile
+
+    import cv2
+
+    built = build_bundle(threads, rebuild, STREAM_MODEL, "fp32")
+    pub = common.ensure_keys()["public"]
+    with tempfile.TemporaryDirectory() as d:
+        clip = Path(d) / "clip.avi"
+        writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (640, 480))
+        photos = common.sample_photos()
+        for i in range(int(30 * seconds)):
+            frame = cv2.resize(photos[(i // 90) % len(photos)], (640, 480))[:, :, ::-1].copy()
+            cv2.rectangle(frame, ((7 * i) % 560, 100), ((7 * i) % 560 + 80, 220), (0, 200, 255), -1)
+            writer.write(frame)
+        writer.release()
+        stats_path = Path(d) / "stats.json"
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit_runtime.cli", "stream", str(built["bundle"]),
+                                 "--keyring", str(pub), "--source", str(clip), "--threads", "1", "--jsonl",
+                                 str(Path(d) / "results.jsonl"), "--stats-json", str(stats_path),
+                                 "--stats-every", "10"], cwd=common.REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        t0, rss = time.monotonic(), []
+        while proc.poll() is None:
+            try:
+                kb = next(int(line.split()[1]) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                          if line.startswith("VmRSS:"))
+                rss.append((time.monotonic() - t0, kb / 1024))
+            except (OSError, StopIteration):
+                pass
+            time.sleep(1.0)
+        err = proc.stderr.read()
+        if proc.returncode != 0:
+            raise RuntimeError(f"stream failed: {err[-2000:]}")
+        stats = json.loads(stats_path.read_text())
+    return {"model": STREAM_MODEL, "precision": "fp32", "video": {"fps": 30, "size": [640, 480], "seconds": seconds},
+            "stats": stats, "rss_mib_samples": rss, **rss_trend(rss)}
+
+
+def rss_trend(rss: list[tuple[float, float]]) -> dict[str, float | None]:
+    """Resident memory while streaming: after 10 s (the model loaded, the first frames through), its maximum, and
+    the slope of a line fitted from 10 s on — leaving out the last two samples, taken while the process exits."""
+    steady = [(t, m) for t, m in rss[:-2] if t >= 10]
+    slope = float(np.polyfit([t for t, _ in steady], [m for _, m in steady], 1)[0]) * 60 if len(steady) > 2 else None
+    return {"rss_mib_after_10s": steady[0][1] if steady else None,
+            "rss_mib_max": max(m for _, m in steady) if steady else None, "rss_slope_mib_per_min": slope}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.markdown_only:
@@ -271,6 +325,10 @@ def main(argv=None) -> int:
     from edgekit_runtime.bench import system_description
 
     common.ensure_importable()
+    if args.only_stream:
+        doc = json.loads((args.out / "serve.json").read_text())
+        doc["stream"] = stream_run(args.threads, args.rebuild, args.stream_seconds)
+        return common.write_results(args.out, "serve", doc, markdown)
     built = build_bundle(args.threads, args.rebuild)
     bundle, pub = built["bundle"], common.ensure_keys()["public"]
     x = np.random.default_rng(0).normal(size=(1, 3, common.SIZE, common.SIZE)).astype(np.float32)
@@ -303,8 +361,10 @@ def main(argv=None) -> int:
     log(f"batching: {doc['speedup']:.2f}x throughput (the engine alone: {doc['engine_ceiling']['ratio']:.2f}x); p99 {many['latency_ms']['p99']:.1f} ms vs delay + batch "
         f"p99 {doc['p99_bound_ms']:.1f} ms; one client adds {doc['overhead']['image_added_p50_ms']:.2f} ms (image), "
         f"{doc['overhead']['tensor_added_p50_ms']:.2f} ms (tensor)")
-    common.write_results(args.out, "serve", doc, markdown)
-    return 0
+    if args.stream_seconds > 0:
+        log(f"stream: {args.stream_seconds:.0f} s of 30 fps video through {STREAM_MODEL} FP32, one thread")
+        doc["stream"] = stream_run(args.threads, args.rebuild, args.stream_seconds)
+    return common.write_results(args.out, "serve", doc, markdown)
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -343,6 +403,21 @@ def markdown(doc: dict[str, Any]) -> str:
               f"| FP32 tensor, binary | {o['http_tensor']['p50']:.2f} | {o['run_tensor']['p50']:.2f} (`Model.run`) | "
               f"{o['tensor_added_p50_ms']:.2f} |", "",
               "Clients and server share the machine's cores (loopback); the server is a separate process.", ""]
+    if doc.get("stream"):
+        st = doc["stream"]
+        ss = st["stats"]
+        inf = ss["stages"]["inference"]
+        lines += ["## `edgekit-runtime stream`: a 30 fps file through a model slower than a frame", "",
+                  f"{st['video']['seconds']:.0f} s of {st['video']['size'][0]}×{st['video']['size'][1]} MJPG at 30 fps, "
+                  f"paced at its own rate as a camera delivers it; {st['model']} {st['precision']} on one thread "
+                  f"(inference p50 {inf['p50_ms']:.1f} ms, p99 {inf['p99_ms']:.1f} ms).", "",
+                  "| captured | processed | dropped | drop rate | processed fps | frames held at most | "
+                  "RSS after 10 s | RSS max | RSS slope after 10 s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {ss['captured']} | {ss['processed']} | {ss['dropped']} | {ss['drop_rate']:.1%} | "
+                  f"{ss['processed_fps']:.1f} | {ss['frames_held_max']} | {st['rss_mib_after_10s']:.1f} MiB | "
+                  f"{st['rss_mib_max']:.1f} MiB | {st['rss_slope_mib_per_min']:+.2f} MiB/min |", "",
+                  "p50 per stage (ms): " + ", ".join(f"{k} {v['p50_ms']:.2f}" for k, v in ss["stages"].items()
+                                                    if v.get("count")), ""]
     return "\n".join(lines)
 
 
