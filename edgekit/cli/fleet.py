@@ -353,3 +353,40 @@ def simulate_cmd(
 from .fleet_retention import prune_cmd  # noqa: E402  (registered last: it reuses this module's options)
 
 app.command("prune")(prune_cmd)
+
+
+# ----------------------------------------------------------------------------- samples
+samples_app = typer.Typer(help="Samples devices captured for retraining (serve/stream --capture-dir).",
+                          no_args_is_help=True)
+app.add_typer(samples_app, name="samples")
+
+
+@samples_app.command("pull")
+@handle_errors
+def samples_pull_cmd(
+    device: str = typer.Argument(..., help="The device (its host name, unless --host says how to reach it)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder the samples go into (edgekit train --data)"),
+    host: Optional[str] = typer.Option(None, "--host", help="user@host[:port] over SSH [default: DEVICE]"),
+    remote_dir: str = typer.Option("/var/lib/edgekit/samples", "--remote-dir",
+                                   help="The device's capture folder (its --capture-dir)"),
+    delete: bool = typer.Option(False, "--delete", help="Remove each sample from the device once it is here"),
+    port: Optional[int] = typer.Option(None, "--port", "-p", help="SSH port"),
+    identity: Optional[Path] = typer.Option(None, "--identity", "-i", help="SSH private key"),
+    known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", help="known_hosts file [default: ~/.ssh]"),
+    accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key",
+                                             help="Trust an unknown host's key on first use (never a changed one)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fetch a device's captured samples over SSH into a folder `edgekit train` reads, labelled with the model's
+    answers for review: one folder per predicted class, or COCO annotations for detections."""
+    from ..flash.samples import pull_samples
+
+    result = pull_samples(host or device, remote_dir, out, device=device, port=port, identity=identity,
+                          known_hosts=known_hosts, accept_new_host_key=accept_new_host_key, delete=delete)
+    if as_json:
+        print_json(result)
+    else:
+        kinds = ", ".join(f"{n} {k}" for k, n in result["by_kind"].items()) or "none new"
+        console.print(f"{result['pulled']} sample(s) pulled from {result['host']} into {result['out']} ({kinds}); "
+                      f"{result['already_here']} already here" + (f", {result['deleted']} removed from the device"
+                                                                 if delete else ""), highlight=False)

@@ -209,6 +209,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
+def _capture_settings(args: argparse.Namespace):
+    from .capture import settings_from_args
+
+    return settings_from_args(args.capture_dir, args.capture_rate, args.capture_low_confidence,
+                              args.capture_per_minute, args.capture_max_files, args.capture_max_mb)
+
+
+def _capture_flags(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("sample capture (off unless --capture-dir is given)")
+    g.add_argument("--capture-dir", type=Path, metavar="DIR",
+                   help="keep sampled inputs with the model's results here, for retraining "
+                        "(`edgekit fleet samples pull` fetches them)")
+    g.add_argument("--capture-rate", type=float, default=0.01, help="share of ordinary inputs kept at random")
+    g.add_argument("--capture-low-confidence", type=float, default=0.5,
+                   help="keep inputs whose top-1 (or best detection) score is below this")
+    g.add_argument("--capture-per-minute", type=float, default=30.0, help="at most this many samples a minute")
+    g.add_argument("--capture-max-files", type=int, default=5000, help="samples kept on disk at most")
+    g.add_argument("--capture-max-mb", type=float, default=512.0, help="disk the samples may use at most")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeSettings, serve
 
@@ -224,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              batch_delay=args.batch_delay,
                              max_queue=args.max_queue, timeout_ms=args.timeout_ms, max_body_mb=args.max_body_mb,
                              token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                             check_every_s=args.check_every_s)
+                             check_every_s=args.check_every_s, capture=_capture_settings(args))
     return serve(args.sources, settings, keyring=_keyring(args), threads=args.threads, engine=args.engine,
                  shadow=args.shadow, shadow_report=args.shadow_report)
 
@@ -268,6 +288,14 @@ def cmd_stream(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         try:
+            capture = _capture_settings(args)
+            if capture is not None:
+                from .capture import SampleCapture
+
+                sampler = SampleCapture(capture)
+                info = {"name": model.manifest.model.name, "version": model.manifest.model.version,
+                        "release": model.manifest.model.release}
+                sinks.append(lambda result, frame: sampler.offer(frame, result, info, source=args.source, bgr=True))
             st.run_stream(model, settings, sinks, on_stats=lambda doc: [r(doc) for r in reporters], stop=stop)
         finally:
             for close in closers:
@@ -400,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--engine", help="force an engine instead of the manifest's order")
     s.add_argument("--json", action="store_true", help="errors as one JSON document")
+    _capture_flags(s)
     s.set_defaults(func=cmd_serve)
     t = sub.add_parser("stream", help="run a camera, video file or RTSP stream through a bundle",
                        description="Frames from a camera, file or stream through an image bundle; frames are "
@@ -422,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-k", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--engine", help="force an engine instead of the manifest's order")
+    _capture_flags(t)
     t.set_defaults(func=cmd_stream)
     return p
 

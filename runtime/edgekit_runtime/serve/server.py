@@ -76,6 +76,7 @@ class ServeSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     check_every_s: float = 0.5  # how often a state directory's slot pointer is read
+    capture: Any = None  # CaptureSettings: keep sampled image requests with their results (off: None)
     idle_timeout_s: float = 120.0  # keep-alive connections idle this long are closed
 
     def check(self) -> None:
@@ -121,6 +122,11 @@ class Server:
             self.metrics.model_info[route.name] = (lambda r=route: r.current.info() if r.current else {})
             route.on_switch = self._switched
             route.on_failure = lambda r, exc: self.metrics.count("load_failures", r.name)
+        self.capture = None
+        if settings.capture is not None:
+            from ..capture import SampleCapture
+
+            self.capture = SampleCapture(settings.capture)
         self.ssl_context = None
         if settings.tls_cert is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -457,8 +463,11 @@ class _Handler(BaseHTTPRequestHandler):
                 raise pending.error
             t_post = time.monotonic()
             outputs = dict(pending.outputs)
+            rows = None
             if post:
-                outputs["results"] = _results(loaded, outputs, metas)
+                rows = loaded.model.postprocess(outputs, meta=metas)
+                outputs["results"] = _object_array([json.dumps(_jsonable(r), separators=(",", ":")).encode()
+                                                    for r in rows])
                 if req.outputs is None and metas is not None:  # images: the results, raw outputs when named
                     outputs = {"results": outputs["results"]}
             if req.outputs is not None:
@@ -475,6 +484,11 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["Edgekit-Model-Slot"] = loaded.slot
             self._reply(200, response, headers)
             metrics.stage(route.name, "total", time.monotonic() - t0)
+            if app.capture is not None and rows is not None and metas is not None:  # after the answer went out
+                images = next(iter(req.inputs.values())).reshape(-1)
+                model_info = {"name": route.name, **loaded.info()}
+                for image, row in zip(images, rows):
+                    app.capture.offer(image, row, model_info, source="serve")
             return 200
         finally:
             route.release(loaded)
@@ -565,12 +579,6 @@ def _check(model: Any, feeds: dict[str, np.ndarray]) -> None:
             raise InputError(f"input {spec.name!r} has shape {list(x.shape)}, the model takes "
                              f"{[d if isinstance(d, int) else -1 for d in spec.shape]} (any batch)",
                              code=ErrorCode.INPUT_BAD_SHAPE)
-
-
-def _results(loaded: Loaded, outputs: dict[str, np.ndarray], metas: list[ImageMeta] | None) -> np.ndarray:
-    """Post-processed results, one JSON document per row, as a BYTES tensor."""
-    rows = loaded.model.postprocess(outputs, meta=metas)
-    return _object_array([json.dumps(_jsonable(r), separators=(",", ":")).encode() for r in rows])
 
 
 def _jsonable(value: Any, key: str | None = None) -> Any:
