@@ -74,6 +74,9 @@ def flash_cmd(
     agent_command: str = typer.Option("edgekit-agent", "--agent-command", help="The agent CLI on the device"),
     agent_config: str = typer.Option("/etc/edgekit/agent.toml", "--agent-config", help="Agent config on the device"),
     keep_upload: bool = typer.Option(False, "--keep-upload", help="Leave the uploaded copy on the device"),
+    shadow: bool = typer.Option(False, "--shadow",
+                                help="--host: install into the idle slot without switching; `edgekit-runtime serve` "
+                                     "on the device runs it beside the active model and reports agreement"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Flash BUNDLE to one board (--host, SSH) or to a fleet (--fleet, signed MQTT command, canary first).
@@ -99,6 +102,9 @@ def flash_cmd(
         raise ConfigError("say where to flash: --host user@device (one board over SSH) or --fleet NAME (MQTT)")
     if resume is None and bundle is None:
         raise ConfigError("which bundle? edgekit flash BUNDLE --host/--fleet ...")
+    if shadow and host is None:
+        raise ConfigError("--shadow installs a candidate on one board: use it with --host user@device (a fleet "
+                          "rollout switches devices; judge the candidate on a board first)")
     if host is not None:
         from ..flash.fleet_flash import read_bundle
         from ..flash.ssh import flash_over_ssh
@@ -108,7 +114,7 @@ def flash_cmd(
             result = flash_over_ssh(bundle, host, port=port, identity=identity, known_hosts=known_hosts,
                                     accept_new_host_key=accept_new_host_key, agent_command=agent_command,
                                     agent_config=agent_config, allow_downgrade=allow_downgrade,
-                                    keep_upload=keep_upload)
+                                    keep_upload=keep_upload, shadow=shadow)
         if as_json:
             print_json(result)
         else:
@@ -172,6 +178,8 @@ def _print_ssh_result(result: dict[str, Any]) -> None:
         hc = agent.get("health") or {}
         lat = hc.get("latency") or {}
         what = ("already active" if agent.get("already_active") else
+                f"installed as a shadow candidate in slot {agent.get('shadow_slot')}, not switched to (slot "
+                f"{agent.get('slot')} still serves)" if agent.get("shadow") else
                 f"installed in slot {agent.get('slot')} (previous {agent.get('previous_slot') or 'none'})")
         console.print(f"[green]ok[/] {result['host']}: {m.get('name')} {m.get('version')} (release "
                       f"{m.get('release')}) {what}; {copy}", highlight=False)

@@ -453,7 +453,7 @@ def _agent_reply(stdout: bytes) -> dict | None:
 
 
 def _install(client: paramiko.SSHClient, target: SSHTarget, remote_path: str, sha256: str, *, agent_command: str,
-             agent_config: str, allow_downgrade: bool, timeout: float) -> dict:
+             agent_config: str, allow_downgrade: bool, timeout: float, shadow: bool = False) -> dict:
     try:
         argv = shlex.split(agent_command)
     except ValueError as exc:
@@ -463,6 +463,8 @@ def _install(client: paramiko.SSHClient, target: SSHTarget, remote_path: str, sh
     argv += ["install", remote_path, "--config", agent_config, "--json", "--sha256", sha256]
     if allow_downgrade:
         argv.append("--allow-downgrade")
+    if shadow:
+        argv.append("--shadow")
     command = shlex.join(argv)
     try:
         status, out, err = _exec(client, command, timeout)
@@ -517,7 +519,7 @@ def flash_over_ssh(bundle: Path, target: str, *, port: int | None = None, identi
                    remote_dir: str = "/var/tmp/edgekit-uploads", allow_downgrade: bool = False, retries: int = 3,
                    timeout: float = 30.0, install_timeout: float = 600.0,
                    progress: Callable[[int, int], None] | None = None, retry_delay: float = 1.0,
-                   keep_upload: bool = False) -> dict[str, Any]:
+                   keep_upload: bool = False, shadow: bool = False) -> dict[str, Any]:
     """Copy ``bundle`` to ``target`` over SSH (resumable, checked on the device) and install it there.
 
     ``target`` is ``user@host``, ``host`` or ``user@host:port`` (``[v6]:port``). Host keys
@@ -527,6 +529,8 @@ def flash_over_ssh(bundle: Path, target: str, *, port: int | None = None, identi
     given; otherwise the ssh-agent and ``~/.ssh/id_*``. A connection that drops during
     the copy is re-made (up to ``retries`` times, ``retry_delay`` doubling) and the copy
     resumes. ``progress(bytes_on_device, total)`` is called as the upload advances.
+    ``shadow``: the agent installs into the idle slot and health-checks without switching
+    (``edgekit-agent install --shadow``), for ``edgekit-runtime serve`` to run it beside the active model.
 
     ``agent_command`` is split like a shell would (so ``"sudo -n edgekit-agent"`` works).
     A ``<sha256>.ekb`` already in ``remote_dir`` is used only if its sha256, computed on
@@ -587,7 +591,7 @@ def flash_over_ssh(bundle: Path, target: str, *, port: int | None = None, identi
         copy_s = time.monotonic() - started
         started = time.monotonic()
         reply = _install(client, t, copy.final, sha256, agent_command=agent_command, agent_config=agent_config,
-                         allow_downgrade=allow_downgrade, timeout=install_timeout)
+                         allow_downgrade=allow_downgrade, timeout=install_timeout, shadow=shadow)
         install_s = time.monotonic() - started
         # the agent answered: it has (or refused) its own copy, so ours is no longer needed
         upload_removed = False if keep_upload else _remove_upload(client, t, copy.final, timeout)

@@ -244,9 +244,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              batch_delay=args.batch_delay,
                              max_queue=args.max_queue, timeout_ms=args.timeout_ms, max_body_mb=args.max_body_mb,
                              token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                             check_every_s=args.check_every_s, capture=_capture_settings(args))
+                             check_every_s=args.check_every_s, capture=_capture_settings(args),
+                             shadow_report=args.shadow_report)
     return serve(args.sources, settings, keyring=_keyring(args), threads=args.threads, engine=args.engine,
-                 shadow=args.shadow, shadow_report=args.shadow_report)
+                 shadow=args.shadow)
 
 
 def cmd_stream(args: argparse.Namespace) -> int:

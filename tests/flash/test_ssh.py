@@ -427,3 +427,23 @@ def test_edgekit_flash_host_command(sshd, device, real_agent):
     refused = cli(device.tampered())
     assert refused.returncode == 4 and json.loads(refused.stdout)["agent"]["error"]["code"] == 105
     assert device.sha256_of(device.active_bundle()) == device.sha256_of(bundle)
+
+
+def test_flash_shadow_installs_the_candidate_without_switching(sshd, device, real_agent):
+    """`edgekit flash --host --shadow`: the candidate lands in the idle slot, health-checked, the active model
+    stays; without --host the flag is refused (a fleet rollout switches devices)."""
+    first = device.bundle("first.ekb", release=1)
+    assert flash(sshd, device, first, agent=real_agent)["ok"] is True
+    candidate = device.bundle("candidate.ekb", release=2)
+    result = flash(sshd, device, candidate, agent=real_agent, shadow=True)
+    assert result["ok"] is True and result["agent"]["shadow"] is True, result
+    assert device.sha256_of(device.active_bundle()) == device.sha256_of(first)  # not switched
+    shadow = json.loads((device.state_dir / "shadow").read_text())
+    assert shadow["sha256"] == device.sha256_of(candidate)
+    assert device.sha256_of(device.state_dir / "slots" / shadow["slot"] / "bundle.ekb") == shadow["sha256"]
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+
+    out = CliRunner().invoke(app, ["flash", str(candidate), "--fleet", "f1", "--shadow", "--json"])
+    assert out.exit_code == 2 and "--host" in json.loads(out.stdout)["error"]["message"]

@@ -311,8 +311,7 @@ def test_a_shadow_candidate_is_compared_on_live_traffic_and_never_served(kit, ke
     candidate = kit.write("cand.ekb", manifest=manifest, members=members)
     (tmp_path / "k.pub").write_bytes(kit.public_pem(key))
     server = serve(kit.write("m.ekb"))
-    shadow = server.add_shadow("matmul", edgekit_runtime.load(candidate, keyring=tmp_path / "k.pub", threads=1),
-                               report_file=None)
+    shadow = server.add_shadow("matmul", edgekit_runtime.load(candidate, keyring=tmp_path / "k.pub", threads=1))
     c = serve.Client(server)
     rng = np.random.default_rng(3)
     for _ in range(40):

@@ -2,7 +2,7 @@
 
     edgekit-agent run --config /etc/edgekit/agent.toml [--log-level info]
     edgekit-agent status --config /etc/edgekit/agent.toml [--json]
-    edgekit-agent install BUNDLE --config /etc/edgekit/agent.toml [--sha256 HEX] [--allow-downgrade] [--json]
+    edgekit-agent install BUNDLE --config /etc/edgekit/agent.toml [--sha256 HEX] [--allow-downgrade] [--shadow] [--json]
     edgekit-agent rollback --config /etc/edgekit/agent.toml [--reason TEXT] [--json]
 
 ``install`` and ``rollback`` hand the request to the running agent (through
@@ -143,7 +143,8 @@ def _change(config: AgentConfig, command: str, args: dict[str, Any], timeout: fl
         try:
             if command == "install":
                 result, model = installer.install(InstallRequest(args["path"], args.get("sha256"), None,
-                                                                 bool(args.get("allow_downgrade")), request_id))
+                                                                 bool(args.get("allow_downgrade")), request_id,
+                                                                 shadow=bool(args.get("shadow"))))
             else:
                 result, model = installer.rollback(args.get("reason"), request_id)
         except InstallError as exc:
@@ -190,8 +191,14 @@ def cmd_install(args: argparse.Namespace) -> int:
     if not args.bundle.is_file():
         raise RuntimeErrorBase(f"{args.bundle} does not exist", code=ErrorCode.BUNDLE_UNREADABLE)
     reply = _change(config, "install", {"path": str(args.bundle.resolve()), "sha256": args.sha256,
-                                        "allow_downgrade": args.allow_downgrade}, args.timeout)
-    if reply["ok"]:
+                                        "allow_downgrade": args.allow_downgrade, "shadow": args.shadow},
+                    args.timeout)
+    if reply["ok"] and reply.get("shadow"):
+        m = reply["model"]
+        text = (f"installed {m['name']} {m['version']} (release {m['release']}) as a shadow candidate in slot "
+                f"{reply['shadow_slot']}; {_health_words(reply)}; slot {reply['slot']} still serves "
+                "(`edgekit-runtime serve` on the state directory runs the candidate beside it)")
+    elif reply["ok"]:
         m = reply["model"]
         text = (f"{m['name']} {m['version']} (release {m['release']}) is already active in slot {reply['slot']}"
                 if reply.get("already_active") else
@@ -244,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--config", required=True, type=Path)
     ins.add_argument("--sha256", help="refuse the file unless it has this sha256 (pinned by the sender)")
     ins.add_argument("--allow-downgrade", action="store_true", help="install an older release than the active one")
+    ins.add_argument("--shadow", action="store_true",
+                     help="install into the idle slot and health-check it, without switching: a shadow candidate "
+                          "that `edgekit-runtime serve` on the state directory runs beside the active model")
     ins.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for a running agent's answer")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_install)

@@ -433,7 +433,7 @@ class Agent:
             try:
                 req = (InstallRequest.from_args(args, request_id) if cmd is not None else
                        InstallRequest(args["path"], args.get("sha256"), None, bool(args.get("allow_downgrade")),
-                                      request_id))
+                                      request_id, shadow=bool(args.get("shadow"))))
             except (ValueError, KeyError) as exc:
                 return refuse("bad_request", str(exc))
         else:
@@ -503,6 +503,9 @@ class Agent:
                             previous_slot=result.get("previous_slot"), model=core.model_info(),
                             **({"reason": result.get("reason")} if command == "rollback" else {}))
             self.link.publish_state()
+        elif ok and (result or {}).get("shadow"):
+            core.emit_event("shadow_installed", request_id=(cmd.request_id if cmd else local["request_id"]),
+                            slot=result["shadow_slot"], active_slot=result["slot"], model=result["model"])
         elif not ok:
             core.emit_event("install_failed" if command == "install" else "rollback_failed",
                             request_id=(cmd.request_id if cmd else local["request_id"]), **error)

@@ -86,11 +86,12 @@ class InstallRequest:
     allow_downgrade: bool = False
     request_id: str | None = None
     rollout: str | None = None
+    shadow: bool = False  # install into the idle slot, health-check, and do not switch (a shadow candidate)
 
     @classmethod
     def from_args(cls, args: dict[str, Any], request_id: str | None) -> "InstallRequest":
         """The ``install`` command's args (see docs/flash.md); raises ValueError with the problem."""
-        unknown = set(args) - {"url", "sha256", "size", "allow_downgrade", "rollout"}
+        unknown = set(args) - {"url", "sha256", "size", "allow_downgrade", "rollout", "shadow"}
         if unknown:
             raise ValueError(f"install does not take {sorted(unknown)}")
         url, sha, size = args.get("url"), args.get("sha256"), args.get("size")
@@ -106,7 +107,10 @@ class InstallRequest:
         rollout = args.get("rollout")
         if rollout is not None and not isinstance(rollout, str):
             raise ValueError("args.rollout must be a string")
-        return cls(url, sha, size, allow, request_id, rollout)
+        shadow = args.get("shadow", False)
+        if not isinstance(shadow, bool):
+            raise ValueError("args.shadow must be true or false")
+        return cls(url, sha, size, allow, request_id, rollout, shadow)
 
 
 class Installer:
@@ -217,10 +221,18 @@ class Installer:
 
         model = None
         path: Path | None = None
+        if req.shadow and active is None:
+            raise InstallError("no_active", "nothing is active to shadow: a shadow candidate runs beside the "
+                               "active model", step=None, code=ErrorCode.CONFIG_INVALID,
+                               hint="install a model first (without --shadow)")
         if active is not None and req.sha256 is not None:
             rec = sd.read_slot(active)
             if rec.get("sha256") == req.sha256 and rec.get("model"):
                 if self._intact(active, req.sha256):
+                    if req.shadow:
+                        raise InstallError("already_active", "this bundle is the active model: there is nothing to "
+                                           "shadow it against", step="verify", code=ErrorCode.CONFIG_INVALID,
+                                           hint="send the candidate's bundle with --shadow")
                     # already serving it (a re-sent command, or one redelivered after the switch): nothing to fetch
                     return {"slot": active, "previous_slot": pointer.get("previous"), "model": rec["model"],
                             "sha256": req.sha256, "already_active": True, "health": rec.get("health"),
@@ -279,6 +291,10 @@ class Installer:
                 rec = sd.read_slot(active)
                 # (a pinned sha256 was already compared with the active slot before the download)
                 if req.sha256 is None and rec.get("sha256") == sha and self._intact(active, sha):
+                    if req.shadow:
+                        raise InstallError("already_active", "this bundle is the active model: there is nothing to "
+                                           "shadow it against", step="verify", code=ErrorCode.CONFIG_INVALID,
+                                           hint="send the candidate's bundle with --shadow")
                     sd.clear_marker()
                     self._discard_download(sha)
                     result = {"slot": active, "previous_slot": pointer.get("previous"), "model": _model(verified),
@@ -294,8 +310,10 @@ class Installer:
                         "to install it anyway")
             done("verify")
 
-            # unpack: the idle slot is marked "installing" (with this transaction) before it is emptied
+            # unpack: the idle slot is marked "installing" (with this transaction) before it is emptied; a shadow
+            # candidate it held is gone from here on
             self._step(marker, "unpack")
+            sd.clear_shadow()
             sd.write_slot(target, {"state": "installing", "sha256": sha, "txn": marker["txn"]})
             _empty_slot(sd.slot_dir(target))
             bundle_path = sd.place_bundle(path, target, link=True)  # downloads/ is ours: no third copy
@@ -333,18 +351,25 @@ class Installer:
                                    code=ErrorCode.ENGINE_HEALTH_CHECK_FAILED)
             done("health_check")
 
-            # switch: mark good, then one atomic pointer replace; the marker goes last
+            # switch: mark good, then one atomic pointer replace; the marker goes last. A shadow install marks
+            # the slot "shadow" and names it in the shadow file instead: the pointer is never touched.
             self._step(marker, "switch")
             info = _model(verified)
-            sd.write_slot(target, {"state": "good", "sha256": sha, "model": info, "key_id": verified.key_id,
-                                   "health": health, "installed_at": time.time(), "request_id": req.request_id,
-                                   "rollout": req.rollout, "txn": marker["txn"]})
-            try:
-                sd.write_pointer(target, previous_after, txn=marker["txn"], request_id=req.request_id)
-            except OSError:
-                if (sd.read_pointer() or {}).get("txn") != marker["txn"]:
-                    raise
-                log.exception("after the pointer switch to slot %s", target)  # (the rename happened: switched)
+            sd.write_slot(target, {"state": "shadow" if req.shadow else "good", "sha256": sha, "model": info,
+                                   "key_id": verified.key_id, "health": health, "installed_at": time.time(),
+                                   "request_id": req.request_id, "rollout": req.rollout, "txn": marker["txn"]})
+            if req.shadow:
+                sd.write_shadow({"slot": target, "sha256": sha, "model": info, "txn": marker["txn"],
+                                 "request_id": req.request_id, "active_slot": active})
+                model.close()  # the agent serves the active model; the workload runs the candidate beside it
+                model = None
+            else:
+                try:
+                    sd.write_pointer(target, previous_after, txn=marker["txn"], request_id=req.request_id)
+                except OSError:
+                    if (sd.read_pointer() or {}).get("txn") != marker["txn"]:
+                        raise
+                    log.exception("after the pointer switch to slot %s", target)  # (the rename happened: switched)
         except InstallError as exc:
             if model is not None:
                 model.close()
@@ -380,9 +405,12 @@ class Installer:
             self._undo(marker, target)
             raise
 
-        # The new slot is active from here on: nothing below may turn this into a failure.
+        # The new slot is active (or, for a shadow, installed) from here on: nothing below may turn this into a failure.
         result = {"slot": target, "previous_slot": previous_after, "model": info, "sha256": sha,
                   "already_active": False, "health": health, "timings_s": timings}
+        if req.shadow:
+            result.update(shadow=True, slot=active, previous_slot=pointer.get("previous") if pointer else None,
+                          shadow_slot=target)
         try:
             self._fault("switched")  # tests: a crash between the pointer switch and the marker removal
             sd.clear_marker()
@@ -566,6 +594,13 @@ class Installer:
         prev, cur = pointer["previous"], pointer["slot"]
         rec = sd.read_slot(prev)
         bundle = sd.slot_dir(prev) / "bundle.ekb"
+        if rec.get("state") == "shadow":
+            m = rec.get("model") or {}
+            raise InstallError("no_previous", f"slot {prev} holds the shadow candidate {m.get('name')} "
+                               f"{m.get('version')} (installed with --shadow), not the previous model", step="rollback",
+                               code=ErrorCode.CONFIG_INVALID,
+                               hint="install the previous bundle again to go back to it, or install the candidate "
+                                    "without --shadow to switch to it")
         if rec.get("state") != "good" or not bundle.is_file():
             raise InstallError("no_previous", f"slot {prev} holds no good model (state {rec.get('state')}); "
                                "it was overwritten by a later install", step="rollback",
@@ -608,6 +643,9 @@ class Installer:
         else:
             if slot in SLOTS and (pointer is None or pointer["slot"] != slot):
                 # only a slot this install had marked was written to (the crash may have come before that)
+                shadow = sd.read_shadow()
+                if shadow is not None and shadow.get("slot") == slot:
+                    sd.clear_shadow()  # its slot is emptied below (or was being overwritten)
                 if sd.read_slot(slot).get("txn") == marker.get("txn"):
                     _empty_slot(sd.slot_dir(slot))
                     sd.write_slot(slot, {"state": "aborted", "txn": marker.get("txn"), "failed_step": step,

@@ -8,6 +8,9 @@ Layout of ``state_dir``::
                       absent: nothing installed (agents before A/B installs wrote plain "a")
       install.json    the install transaction marker: present only while an install runs (or was
                       cut short: the next start finishes or undoes it, see install.py)
+      shadow          {"slot": "b", "sha256", "model", ...}: the idle slot holds a shadow candidate
+                      (`install --shadow`: verified and health-checked, never switched to); a workload
+                      (`edgekit-runtime serve STATE_DIR`) runs it beside the active model
       slots/a/        bundle.ekb, slot.json {"state": "good"|"installing"|"bad"|"aborted", ...},
       slots/b/        model/ (the extracted bundle and engine caches)
       downloads/      <sha256>.part (resumed with HTTP Range) and <sha256>.ekb
@@ -81,6 +84,7 @@ class StateDir:
         self.status_file = self.root / "agent.json"
         self.lock_file = self.root / "agent.lock"
         self.marker_file = self.root / "install.json"
+        self.shadow_file = self.root / "shadow"  # the idle slot holds a shadow candidate (install --shadow)
         self.downloads = self.root / "downloads"
         self.inbox = self.root / "inbox"
         self.outbox = self.root / "outbox"
@@ -212,6 +216,25 @@ class StateDir:
 
     def write_slot(self, slot: str, record: dict[str, Any]) -> None:
         atomic_write(self.slot_dir(slot) / "slot.json", json.dumps({**record, "updated_at": time.time()}).encode())
+
+    # -- shadow candidate -----------------------------------------------------------------
+    def read_shadow(self) -> dict[str, Any] | None:
+        """``{"slot", "sha256", "model", "txn", ...}`` when the idle slot holds a shadow candidate, else None."""
+        try:
+            doc = json.loads(self.shadow_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) and doc.get("slot") in SLOTS else None
+
+    def write_shadow(self, record: dict[str, Any]) -> None:
+        atomic_write(self.shadow_file, json.dumps({**record, "written_at": time.time()}).encode())
+
+    def clear_shadow(self) -> None:
+        try:
+            self.shadow_file.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.root)
 
     # -- install transaction marker ------------------------------------------------------
     def read_marker(self) -> dict[str, Any] | None:

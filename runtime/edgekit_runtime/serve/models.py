@@ -10,6 +10,7 @@ old model serving; the failure is logged and counted.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -117,6 +118,9 @@ class Route:
         self.load_kwargs = load_kwargs
         self.on_switch = on_switch
         self.on_failure = on_failure
+        # a followed state directory's shadow candidate changed: (route, its bundle or None)
+        self.on_shadow: Callable[["Route", Path | None], None] | None = None
+        self._shadow_text: str | None = None
         self._lock = threading.Lock()
         self._current: Loaded | None = None
         self._pointer: str | None = None
@@ -183,11 +187,40 @@ class Route:
             self._watcher.start()
 
     def _watch(self) -> None:
+        self._check_shadow()
         while not self._stop.wait(self.check_every_s):
             try:
                 self._check_pointer()
+                self._check_shadow()
             except Exception:  # noqa: BLE001 - keep watching whatever one check did
                 log.exception("checking %s for a switch failed", self.source)
+
+    def _check_shadow(self) -> None:
+        """The agent's ``shadow`` file (``edgekit-agent install --shadow``) names the idle slot's candidate."""
+        if self.on_shadow is None:
+            return
+        try:
+            text = (self.source / "shadow").read_text()
+        except FileNotFoundError:
+            text = ""
+        key = f"{text}|{self._current.slot if self._current else None}"
+        if key == self._shadow_text:
+            return
+        self._shadow_text = key
+        bundle = None
+        try:
+            doc = json.loads(text) if text else {}
+        except ValueError:
+            doc = {}
+        slot = doc.get("slot") if isinstance(doc, dict) else None
+        if slot in ("a", "b") and self._current is not None and slot != self._current.slot:
+            try:
+                state = json.loads((self.source / "slots" / slot / "slot.json").read_text()).get("state")
+            except (OSError, ValueError):
+                state = None
+            if state == "shadow":
+                bundle = self.source / "slots" / slot / "bundle.ekb"
+        self.on_shadow(self, bundle)
 
     # -- requests ----------------------------------------------------------
     def acquire(self) -> Loaded:

@@ -77,6 +77,7 @@ class ServeSettings:
     tls_key: Path | None = None
     check_every_s: float = 0.5  # how often a state directory's slot pointer is read
     capture: Any = None  # CaptureSettings: keep sampled image requests with their results (off: None)
+    shadow_report: Path | None = None  # write the shadow candidates' reports here every 10 s
     idle_timeout_s: float = 120.0  # keep-alive connections idle this long are closed
 
     def check(self) -> None:
@@ -122,6 +123,9 @@ class Server:
             self.metrics.model_info[route.name] = (lambda r=route: r.current.info() if r.current else {})
             route.on_switch = self._switched
             route.on_failure = lambda r, exc: self.metrics.count("load_failures", r.name)
+            route.on_shadow = self._shadow_changed
+        self.shadow_report: Path | None = settings.shadow_report
+        self._report_thread: threading.Thread | None = None
         self.capture = None
         if settings.capture is not None:
             from ..capture import SampleCapture
@@ -142,8 +146,10 @@ class Server:
         self.port = self.httpd.server_address[1]
         self._stopped = threading.Event()
 
-    def add_shadow(self, route_name: str, candidate: Any, report_file: Path | None = None) -> Any:
-        """Run ``candidate`` (a loaded :class:`~..api.Model`) in shadow of ``route_name``'s served model."""
+    def add_shadow(self, route_name: str, candidate: Any) -> Any:
+        """Run ``candidate`` (a loaded :class:`~..api.Model`, owned from here on) in shadow of ``route_name``'s
+        served model, in place of any shadow it had. Raises ``CONFIG_INVALID`` for a candidate that cannot run the
+        served model's inputs (the caller closes it then)."""
         from .models import warm_up
         from .shadow import Shadow, check_compatible
 
@@ -153,21 +159,55 @@ class Server:
                                      hint=f"routes: {', '.join(self.routes)}")
         check_compatible(route.current.model, candidate)
         warm_up(candidate, 1)
+        self.remove_shadow(route_name)
         shadow = Shadow(route_name, candidate)
         self.batchers[route_name].shadow = shadow
         self.metrics.shadows[route_name] = shadow.metric_lines
-        if report_file is not None:
-            self._report_thread = threading.Thread(target=self._write_reports, args=(shadow, report_file),
-                                                   daemon=True)
+        if self.shadow_report is not None and self._report_thread is None:
+            self._report_thread = threading.Thread(target=self._write_reports, args=(self.shadow_report,),
+                                                   name="edgekit-serve-shadow-report", daemon=True)
             self._report_thread.start()
         return shadow
 
-    def _write_reports(self, shadow: Any, path: Path, every_s: float = 10.0) -> None:
+    def remove_shadow(self, route_name: str) -> None:
+        batcher = self.batchers[route_name]
+        old, batcher.shadow = batcher.shadow, None
+        self.metrics.shadows.pop(route_name, None)
+        if old is not None:
+            old.close()
+
+    def _shadow_changed(self, route: Route, bundle: Path | None) -> None:
+        """A followed state directory's shadow slot changed: run the new candidate, or none."""
+        if bundle is None:
+            if self.batchers[route.name].shadow is not None:
+                log.info("%s: the shadow candidate is gone", route.name)
+            self.remove_shadow(route.name)
+            return
+        from ..api import load
+
+        try:
+            candidate = load(bundle, **route.load_kwargs)
+        except RuntimeErrorBase as exc:
+            log.error("%s: the shadow candidate %s does not load (%s)", route.name, bundle, exc)
+            self.remove_shadow(route.name)
+            return
+        try:
+            self.add_shadow(route.name, candidate)
+        except RuntimeErrorBase as exc:
+            candidate.close()
+            self.remove_shadow(route.name)
+            log.error("%s: the shadow candidate cannot run beside the served model (%s)", route.name, exc)
+            return
+        log.info("%s: running %s %s in shadow", route.name, candidate.manifest.model.name,
+                 candidate.manifest.model.version)
+
+    def _write_reports(self, path: Path, every_s: float = 10.0) -> None:
         from ..fileio import atomic_write
 
         while not self._stopped.wait(every_s):
+            reports = {name: b.shadow.report() for name, b in self.batchers.items() if b.shadow is not None}
             try:
-                atomic_write(path, json.dumps(shadow.report(), indent=1).encode())
+                atomic_write(path, json.dumps(reports, indent=1).encode(), durable=False)
             except OSError as exc:
                 log.warning("cannot write the shadow report %s (%s)", path, exc)
 
@@ -597,8 +637,7 @@ def _jsonable(value: Any, key: str | None = None) -> Any:
 
 
 def serve(sources: list[str], settings: ServeSettings, *, keyring: Any = None, threads: int | None = None,
-          engine: str | None = None, ready_file: Path | None = None, shadow: str | None = None,
-          shadow_report: Path | None = None) -> int:
+          engine: str | None = None, ready_file: Path | None = None, shadow: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT; ``sources``: bundle paths or state directories, each optionally ``NAME=PATH``."""
     routes = []
     try:
@@ -624,7 +663,7 @@ def serve(sources: list[str], settings: ServeSettings, *, keyring: Any = None, t
             raise RuntimeConfigError("--shadow with several routes needs NAME=PATH", hint=f"routes: {', '.join(server.routes)}")
         candidate = load(path, keyring=keyring, threads=threads, engine=engine)
         try:
-            server.add_shadow(name or next(iter(server.routes)), candidate, shadow_report)
+            server.add_shadow(name or next(iter(server.routes)), candidate)
         except Exception:
             candidate.close()
             server.httpd.server_close()

@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from edgekit_runtime.keyring import Keyring
 
@@ -89,3 +90,58 @@ def test_a_slot_that_does_not_load_keeps_the_old_model_serving(agent_env, serve,
     status, doc, _ = serve.Client(server).infer("matmul", np.ones((1, 4), np.float32))
     assert status == 200 and doc["model_version"] == "1.0.0"
     capsys.readouterr()
+
+
+def test_a_shadow_install_runs_beside_the_active_model_until_it_is_promoted(agent_env, capsys, serve, tmp_path):
+    """`edgekit-agent install --shadow`: the idle slot gets the candidate, the pointer does not move; the server
+    on the state directory runs it in shadow and reports; rollback refuses the shadow slot; a plain install of
+    the same bundle promotes it, and the shadow ends."""
+    from edgekit_runtime.agent.cli import main as agent_cli
+    from edgekit_runtime.agent.state import StateDir
+
+    def agent(*args):
+        rc = agent_cli([*args, "--config", str(config), "--json"])
+        return rc, json.loads(capsys.readouterr().out)
+
+    config = agent_env.config_file()
+    v1, v2 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0), agent_env.model_bundle("v2.ekb", release=2)
+    v3 = agent_env.model_bundle("v3.ekb", release=3, scale=3.0)
+    assert agent("install", str(v1))[0] == 0
+    rc, reply = agent("install", str(v2), "--shadow")
+    assert rc == 0 and reply["shadow"] and reply["slot"] == "a" and reply["shadow_slot"] == "b"
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    assert sd.read_pointer()["slot"] == "a" and sd.read_slot("b")["state"] == "shadow"
+    assert sd.read_shadow()["sha256"] == reply["sha256"]
+    rc, reply = agent("install", str(v1), "--shadow")
+    assert rc == 3 and "nothing to shadow" in reply["error"]["message"]  # the active bundle itself
+    assert agent("install", str(v2))[0] == 0  # promotes v2 (it was the shadow): slot b active, no shadow left
+    assert sd.read_pointer()["slot"] == "b" and sd.read_shadow() is None
+    rc, reply = agent("install", str(v3), "--shadow")
+    assert rc == 0 and reply["shadow"] and reply["shadow_slot"] == "a" and sd.read_pointer()["slot"] == "b"
+    server = serve(agent_env.tmp / "state-dev1", keyring=Keyring.from_paths(agent_env.keys), check_every_s=0.05,
+                   shadow_report=tmp_path / "shadow.json")
+    c = serve.Client(server)
+    x = np.ones((1, 4), np.float32)
+    deadline = time.monotonic() + 10
+    while server.batchers["matmul"].shadow is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(20):
+        status, doc, _ = c.infer("matmul", x)
+        assert status == 200 and doc["model_version"] == "2.0.0"
+        assert np.allclose(serve.y_of(doc), x @ (2 * agent_env.kit.WEIGHTS))  # never the candidate's answer
+    deadline = time.monotonic() + 10
+    report = {}
+    while report.get("rows", 0) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        report = c.request("GET", "/v2/models/matmul/shadow")[1]
+    assert report["candidate"]["version"] == "3.0.0" and report["served"]["version"] == "2.0.0"
+    assert report["agreement"]["cosine"] == pytest.approx(1.0) and report["agreement"]["top1"] == 1.0
+    rc, reply = agent("rollback")
+    assert rc == 3 and "shadow candidate" in reply["error"]["message"]
+    assert agent("install", str(v3))[0] == 0  # promote: the server switches to v3 and the shadow ends
+    deadline = time.monotonic() + 10
+    while (server.routes["matmul"].current.version != "3.0.0" or server.batchers["matmul"].shadow is not None) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.routes["matmul"].current.version == "3.0.0" and server.batchers["matmul"].shadow is None
+    assert c.request("GET", "/v2/models/matmul/shadow")[0] == 404
