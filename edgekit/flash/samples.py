@@ -36,6 +36,13 @@ def _atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _safe_name(name: object) -> bool:
+    """A plain file name from the device: no folder part, no '..', not hidden (a device is not trusted with
+    paths on this machine, nor with naming files elsewhere on itself)."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name == posixpath.basename(name)
+            and "\\" not in name and "\0" not in name and not name.startswith("."))
+
+
 def _label_dir(name: str) -> str:
     bad = '/\\\0:'
     clean = "".join("_" if c in bad else c for c in name).strip(". ") or "unnamed"
@@ -92,6 +99,8 @@ def pull_samples(target: str, remote_dir: str, out: Path, *, device: str | None 
                              "--capture-dir there, or pass the folder it uses as --remote-dir") from None
         with log_path.open("a") as log_file:
             for day in days:
+                if not _safe_name(day):
+                    continue
                 folder = posixpath.join(remote_dir, day)
                 names = sorted(sftp.listdir(folder))
                 for name in names:
@@ -101,18 +110,26 @@ def pull_samples(target: str, remote_dir: str, out: Path, *, device: str | None 
                     try:
                         with sftp.open(remote_side, "rb") as fh:
                             doc = json.loads(fh.read())
-                        remote_image = posixpath.join(folder, doc["image"])
-                    except (OSError, ValueError, KeyError):
+                        image_name = doc["image"]
+                        if not _safe_name(image_name) or not isinstance(doc.get("result"), dict):
+                            raise ValueError(f"not a sample sidecar: image {image_name!r}")
+                        remote_image = posixpath.join(folder, image_name)
+                    except (OSError, ValueError, KeyError, TypeError) as exc:
                         counts["skipped_incomplete"] += 1  # being written, or not a sample
+                        log.warning("skipping %s: %s", remote_side, exc)
                         continue
                     key = (device, remote_image)
                     if key in seen:
                         counts["already_here"] += 1
                     else:
                         local = _place(out, doc, day)
-                        with sftp.open(remote_image, "rb") as fh:
-                            fh.prefetch()
-                            data = fh.read()
+                        try:
+                            with sftp.open(remote_image, "rb") as fh:
+                                fh.prefetch()
+                                data = fh.read()
+                        except OSError:  # evicted on the device between its sidecar and its image
+                            counts["skipped_incomplete"] += 1
+                            continue
                         local.parent.mkdir(parents=True, exist_ok=True)
                         _atomic(local, data)
                         kind = _kind(doc["result"])
@@ -134,8 +151,8 @@ def pull_samples(target: str, remote_dir: str, out: Path, *, device: str | None 
         sftp.close()
     finally:
         client.close()
-    if coco["images"]:
-        _atomic(coco_path, json.dumps(coco, indent=1).encode())
+        if coco["images"]:  # also after a failure: samples.jsonl already says these were pulled
+            _atomic(coco_path, json.dumps(coco, indent=1).encode())
     return {"ok": True, "device": device, "host": str(settings.target), "remote_dir": remote_dir, "out": str(out),
             **counts}
 

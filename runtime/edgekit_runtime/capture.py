@@ -140,17 +140,19 @@ class SampleCapture:
                "model": model, "result": _plain(result)}
         if source:
             doc["source"] = source
-        side = day / f"{stem}.json"
+        side, image_path = day / f"{stem}.json", day / (stem + suffix)
+        sidecar = json.dumps(doc, separators=(",", ":")).encode()
         try:
             day.mkdir(exist_ok=True)
-            atomic_write(day / (stem + suffix), data, durable=False)  # samples: a crash may lose the last few
-            atomic_write(side, json.dumps(doc, separators=(",", ":")).encode(), durable=False)
+            atomic_write(image_path, data, durable=False)  # samples: a crash may lose the last few
+            atomic_write(side, sidecar, durable=False)
         except OSError as exc:
             log.warning("capture: cannot write %s (%s)", side, exc)
+            image_path.unlink(missing_ok=True)  # an image without its sidecar is not a sample: not left behind
             return None
         with self._lock:
             self.kept[reason] += 1
-            self._index.append((now, reason, side, len(data) + side.stat().st_size))
+            self._index.append((now, reason, side, len(data) + len(sidecar)))
             self._evict()
         return side
 

@@ -296,7 +296,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 sampler = SampleCapture(capture)
                 info = {"name": model.manifest.model.name, "version": model.manifest.model.version,
                         "release": model.manifest.model.release}
-                sinks.append(lambda result, frame: sampler.offer(frame, result, info, source=args.source, bgr=True))
+                shown = st.redact(args.source)  # an rtsp:// password never goes into a sample's sidecar
+                sinks.append(lambda result, frame: sampler.offer(frame, result, info, source=shown, bgr=True))
             st.run_stream(model, settings, sinks, on_stats=lambda doc: [r(doc) for r in reporters], stop=stop)
         finally:
             for close in closers:

@@ -28,7 +28,7 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from .agent.metrics import LatencyHistogram
-from .contract.errors import ErrorCode, InputError, RuntimeConfigError
+from .contract.errors import ErrorCode, InputError, RuntimeConfigError, RuntimeErrorBase
 from .processing import cv2_module
 
 log = logging.getLogger("edgekit_runtime.stream")
@@ -46,6 +46,22 @@ class StreamSettings:
     top_k: int | None = None
 
 
+def redact(source: str) -> str:
+    """A source as it may be written down: an URL without its user and password."""
+    if "://" not in source:
+        return source
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(source)
+    if u.username is None and u.password is None:
+        return source
+    host = u.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if u.port is not None:
+        netloc += f":{u.port}"
+    return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+
+
 def open_source(source: str) -> tuple[Any, bool]:
     """``(cv2.VideoCapture, live)``: a camera index ("0"), a file, or a URL (rtsp://, http://)."""
     cv2 = cv2_module()
@@ -58,7 +74,7 @@ def open_source(source: str) -> tuple[Any, bool]:
                              hint="give a file, a camera index such as 0, or an rtsp:// URL")
         cap = cv2.VideoCapture(source)
     if not cap.isOpened():
-        raise InputError(f"OpenCV cannot open the video source {source!r}", code=ErrorCode.INPUT_UNREADABLE,
+        raise InputError(f"OpenCV cannot open the video source {redact(source)!r}", code=ErrorCode.INPUT_UNREADABLE,
                          hint="check the camera index, the file's codec, or the stream URL")
     if live:
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not a backlog in the driver
@@ -227,7 +243,7 @@ def run_stream(model: Any, settings: StreamSettings, sinks: list[Sink], *,
                     sink(result, frame)
                 stats.stages["sink"].add(time.monotonic() - t)
                 stats.processed += 1
-            except InputError as exc:
+            except RuntimeErrorBase as exc:  # a frame the model refused or failed on: counted, the stream goes on
                 stats.failed += 1
                 log.warning("frame %d: %s", index, exc)
             finally:

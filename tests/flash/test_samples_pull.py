@@ -73,3 +73,21 @@ def test_a_missing_capture_folder_says_what_to_do(sshd, tmp_path):
                                  str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--json"])
     assert result.exit_code != 0
     assert "--capture-dir" in json.loads(result.stdout)["error"]["message"]
+
+
+def test_a_sidecar_naming_a_path_is_skipped_never_followed(sshd, tmp_path):
+    """A device is not trusted with paths: a sidecar whose image is '../../x' or '/etc/passwd' is skipped; nothing
+    is written outside --out and nothing else is read (or deleted) on the device."""
+    remote, out = tmp_path / "device" / "samples", tmp_path / "data"
+    capture_some(remote)
+    day = next(p for p in remote.iterdir() if p.name != "junk")
+    victim = tmp_path / "device" / "precious.txt"
+    victim.write_text("keep me")
+    for i, name in enumerate(("../../precious.txt", str(victim), "..", ".hidden.jpg")):
+        (day / f"evil{i}.json").write_text(json.dumps({"image": name, "captured_at": 0, "result": {"top_k": [
+            {"index": 0, "label": "../../../escaped", "score": 0.1}]}}))
+    result = pull(sshd, remote, out, "--delete")
+    assert result["pulled"] == 4 and result["skipped_incomplete"] == 4
+    assert victim.read_text() == "keep me"
+    assert not any(p for p in tmp_path.rglob("*") if "escaped" in p.name)
+    assert all(out in p.parents for p in out.rglob("*.jpg"))

@@ -93,6 +93,38 @@ def test_malformed_requests_get_a_4xx_with_the_runtime_code_and_the_server_keeps
     assert 'edgekit_serve_requests_total{model="matmul",code="413"} 1' in metrics
 
 
+def test_a_refused_post_never_leaves_its_body_to_be_read_as_the_next_request(kit, serve):
+    """An unknown route, or a missing token, refuses before the body is read: the connection closes, so a body
+    that looks like a request is never answered as one."""
+    for token in (None, "t0ken"):
+        server = serve(kit.write(f"m-{token}.ekb"), token=token)
+        smuggled = b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n"
+        path = "/v2/models/matmul/infer" if token else "/v2/models/nosuch/infer"
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+                    + smuggled)
+        got = b""
+        while True:
+            chunk = raw.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        raw.close()
+        assert got.count(b"HTTP/1.1 ") == 1 and got.startswith(b"HTTP/1.1 40"), got[:200]
+
+
+def test_a_malformed_request_gets_an_answer_not_a_reset(kit, serve):
+    server = serve(kit.write("m.ekb"))
+    c = serve.Client(server)
+    for doc in ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4],
+                             "parameters": [1]}]},
+                {"inputs": [{"name": "x", "shape": [2**32, 2**32], "datatype": "FP32", "data": [1]}]},
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "UINT8", "data": [300, 1, 2, 3]}]}):
+        status, err, _ = c.request("POST", "/v2/models/matmul/infer", json.dumps(doc).encode())
+        assert status == 400 and err["code"] in (300, 301, 500), err
+    assert c.infer("matmul", np.ones((1, 4), np.float32))[0] == 200
+
+
 def test_images_are_decoded_preprocessed_and_answered_with_the_devices_results(tmp_path, serve):
     """The golden detector (letterbox 32×32, NMS on the device): a PNG sent bare or as a BYTES tensor gives
     the boxes Model.predict gives for that image."""

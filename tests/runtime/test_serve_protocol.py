@@ -273,3 +273,35 @@ def test_metrics_render_as_prometheus_text():
     assert 'edgekit_serve_stage_seconds_count{model="m",stage="inference"} 5' in text
     for ln in text.splitlines():  # every sample line is NAME{labels} VALUE
         assert ln.startswith("#") or len(ln.rsplit(" ", 1)) == 2 and float(ln.rsplit(" ", 1)[1]) >= 0
+
+
+@pytest.mark.parametrize("doc,code", [
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1], "parameters": [1]}]},
+     ErrorCode.SERVE_BAD_REQUEST),
+    ({"inputs": [{"name": "x", "shape": [2**32, 2**32], "datatype": "FP32", "data": [1]}]}, ErrorCode.INPUT_BAD_SHAPE),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]}, ErrorCode.INPUT_BAD_DTYPE),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [2**70]}]}, ErrorCode.INPUT_BAD_DTYPE),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+      "outputs": [{"name": "y", "parameters": "binary"}]}, ErrorCode.SERVE_BAD_REQUEST),
+])
+def test_hostile_requests_are_refused_not_crashed_on(doc, code):
+    with pytest.raises(ProtocolError) as info:
+        parse_request(json.dumps(doc).encode(), None)
+    assert info.value.code == code and info.value.status == 400
+
+
+def test_a_tiny_request_cannot_ask_for_gigabytes_of_bytes_elements():
+    head = json.dumps({"inputs": [{"name": "b", "shape": [2_000_000_000], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 8}}]}).encode()
+    t = time.monotonic()
+    with pytest.raises(ProtocolError, match="cannot hold"):
+        parse_request(head + b"\0" * 8, str(len(head)))
+    assert time.monotonic() - t < 0.5
+
+
+def test_binary_data_false_on_an_output_beats_binary_data_output():
+    req = parse_request(json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+                                    "parameters": {"binary_data_output": True},
+                                    "outputs": [{"name": "y", "parameters": {"binary_data": False}},
+                                                {"name": "z"}]}).encode(), None)
+    assert not req.wants_binary("y") and req.wants_binary("z")

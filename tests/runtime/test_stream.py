@@ -152,3 +152,11 @@ def test_bad_sources_and_bundles_are_refused_with_the_runtime_code(kit, tmp_path
     with pytest.raises(InputError) as info:
         open_source(str(tmp_path / "junk.avi"))
     assert info.value.code == ErrorCode.INPUT_UNREADABLE
+
+
+def test_a_stream_url_is_written_down_without_its_password():
+    from edgekit_runtime.stream import redact
+
+    assert redact("rtsp://admin:s3cret@cam.local:554/live") == "rtsp://cam.local:554/live"
+    assert redact("rtsp://cam.local/live") == "rtsp://cam.local/live" and redact("0") == "0"
+    assert redact("/videos/a.mp4") == "/videos/a.mp4"

@@ -176,7 +176,14 @@ class Batcher:
             if batch is None:
                 return
             if batch:
-                self._run(batch)
+                try:
+                    self._run(batch)
+                except Exception as exc:  # noqa: BLE001 - a bug of ours must not leave requests waiting forever
+                    log.exception("batch of %d failed", len(batch))
+                    for p in batch:
+                        if not p.done.is_set():
+                            p.finish(error=RuntimeErrorBase(f"{type(exc).__name__}: {exc}",
+                                                            code=ErrorCode.ENGINE_INFERENCE_FAILED))
 
     def _run(self, batch: list[Pending]) -> None:
         loaded = batch[0].loaded
@@ -209,8 +216,9 @@ class Batcher:
         took = time.monotonic() - start
         self.metrics.stage(self.name, "inference", took)
         self.metrics.batch(self.name, sum(rows))
-        if self.shadow is not None:
-            self.shadow.offer(loaded, feeds, outputs, took)
+        shadow = self.shadow  # (read once: it may be removed meanwhile)
+        if shadow is not None:
+            shadow.offer(loaded, feeds, outputs, took)
         at = 0
         for p, n in zip(batch, rows):
             p.finish(outputs={k: v[at:at + n] for k, v in outputs.items()})

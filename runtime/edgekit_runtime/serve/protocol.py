@@ -17,6 +17,7 @@ Refusals are :class:`ProtocolError`: an HTTP status plus the runtime's stable er
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 from ..contract.errors import ErrorCode, RuntimeErrorBase
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_ELEMENTS = 1 << 31  # elements of one input tensor at most (the body limit bounds the bytes)
 
 # KServe v2 datatypes ↔ numpy; BYTES is an object array of bytes
 DATATYPES: dict[str, np.dtype] = {
@@ -69,10 +71,11 @@ class InferRequest:
     # names of the outputs asked for (None: all) and which of them come back binary
     outputs: list[str] | None = None
     binary_outputs: set[str] = field(default_factory=set)
+    json_outputs: set[str] = field(default_factory=set)  # binary_data: false, over binary_data_output
     binary_default: bool = False
 
     def wants_binary(self, name: str) -> bool:
-        return name in self.binary_outputs or self.binary_default
+        return name in self.binary_outputs or (self.binary_default and name not in self.json_outputs)
 
 
 def _json(data: bytes, what: str) -> Any:
@@ -91,6 +94,9 @@ def _shape(raw: Any, name: str) -> tuple[int, ...]:
 
 def _bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
     """BYTES in the binary form: ``count`` elements, each a uint32 LE length and that many bytes."""
+    if 4 * count > len(buf):  # before allocating: a tiny body must not ask for gigabytes
+        raise ProtocolError(f"input {name!r}: {len(buf)} bytes cannot hold {count} BYTES elements",
+                            code=ErrorCode.INPUT_BAD_SHAPE)
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
@@ -120,8 +126,13 @@ def _tensor(spec: Any, binary: memoryview | None, offset: int) -> tuple[str, np.
     if datatype != "BYTES" and datatype not in DATATYPES:
         raise ProtocolError(f"input {name!r}: datatype {datatype!r} is not a KServe v2 datatype",
                             code=ErrorCode.INPUT_BAD_DTYPE, hint=f"one of BYTES, {', '.join(DATATYPES)}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise ProtocolError(f"input {name!r}: shape {list(shape)} has {count} elements, more than any request may",
+                            code=ErrorCode.INPUT_BAD_SHAPE)
     params = spec.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(f"input {name!r}: 'parameters' must be an object")
     size = params.get("binary_data_size")
     if size is not None:
         if binary is None:
@@ -145,7 +156,7 @@ def _tensor(spec: Any, binary: memoryview | None, offset: int) -> tuple[str, np.
     if datatype == "BYTES":
         flat = data if isinstance(data, list) else [data]
         flat = list(_flatten(flat))
-        if len(flat) != count or not all(isinstance(s, str) for s in flat):
+        if len(flat) != count or not all(isinstance(x, str) for x in flat):
             raise ProtocolError(f"input {name!r}: BYTES data must be {count} strings for shape {list(shape)}",
                                 code=ErrorCode.INPUT_BAD_SHAPE)
         arr = np.empty(count, dtype=object)
@@ -153,7 +164,7 @@ def _tensor(spec: Any, binary: memoryview | None, offset: int) -> tuple[str, np.
         return name, arr.reshape(shape), 0
     try:
         arr = np.asarray(data, dtype=DATATYPES[datatype])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"input {name!r}: data is not {datatype} numbers ({exc})",
                             code=ErrorCode.INPUT_BAD_DTYPE) from None
     if arr.size != count:
@@ -211,8 +222,13 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
                 raise ProtocolError(f"an output is {out!r:.80}, not an object with a 'name'")
             req.outputs.append(out["name"])
-            if (out.get("parameters") or {}).get("binary_data"):
+            oparams = out.get("parameters") or {}
+            if not isinstance(oparams, dict):
+                raise ProtocolError(f"output {out['name']!r}: 'parameters' must be an object")
+            if oparams.get("binary_data") is True:
                 req.binary_outputs.add(out["name"])
+            elif oparams.get("binary_data") is False:
+                req.json_outputs.add(out["name"])
     return req
 
 

@@ -205,7 +205,8 @@ class Server:
         from ..fileio import atomic_write
 
         while not self._stopped.wait(every_s):
-            reports = {name: b.shadow.report() for name, b in self.batchers.items() if b.shadow is not None}
+            shadows = {name: b.shadow for name, b in self.batchers.items()}
+            reports = {name: sh.report() for name, sh in shadows.items() if sh is not None}
             try:
                 atomic_write(path, json.dumps(reports, indent=1).encode(), durable=False)
             except OSError as exc:
@@ -408,6 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
         m = _MODEL_PATH.match(path)
         label = m["name"] if m and m["name"] in app.routes else "-"
         status = 500
+        body_read = False
         try:
             if not self._authorized():
                 status = 401
@@ -415,17 +417,26 @@ class _Handler(BaseHTTPRequestHandler):
             if m is None or m["rest"] != "/infer":
                 raise ProtocolError(f"no such endpoint: POST {path}", status=404, code=ErrorCode.SERVE_BAD_REQUEST,
                                     hint="POST /v2/models/NAME/infer")
-            route = app.route(m["name"], m["version"])
+            route = app.route(m["name"], None)
             batcher = app.batchers[route.name]
             with batcher.arrival() as arrival:
                 body = self._body(app.settings.max_body_mb)
-                status = self._infer(app, route, body, t0, batcher, arrival)
+                body_read = True
+                status = self._infer(app, route, body, t0, batcher, arrival, m["version"])
         except RuntimeErrorBase as exc:
             status = self._error(exc)
         except (ConnectionError, TimeoutError):
             self.close_connection = True
             status = 499
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: an HTTP answer all the same, and the log
+            log.exception("unexpected error answering POST %s", path)
+            status = self._error(RuntimeErrorBase(f"{type(exc).__name__}: {exc}",
+                                                  code=ErrorCode.ENGINE_INFERENCE_FAILED))
         finally:
+            if not body_read:
+                # refused before its body was read (token, route, endpoint): that body must not be taken for
+                # the next request on this connection
+                self.close_connection = True
             app.metrics.request(label, status)
 
     def _body(self, max_mb: float) -> bytes:
@@ -468,8 +479,11 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _client_gone(self) -> bool:
-        """Whether the client closed its connection (an EOF waits to be read) while its request is queued."""
+        """Whether the client closed its connection (an EOF waits to be read) while its request is queued.
+        Not known over TLS (a closing client's close_notify is data on the socket): such requests run."""
         sock = self.connection
+        if isinstance(sock, ssl.SSLSocket):
+            return False
         try:
             readable, _, _ = select.select([sock], [], [], 0)
             if not readable:
@@ -478,11 +492,16 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def _infer(self, app: Server, route: Route, body: bytes, t0: float, batcher: Batcher, arrival: Any) -> int:
+    def _infer(self, app: Server, route: Route, body: bytes, t0: float, batcher: Batcher, arrival: Any,
+               version: str | None = None) -> int:
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         loaded = route.acquire()
         metrics = app.metrics
         try:
+            if version is not None and loaded.version != version:  # checked on the model that will answer
+                raise ProtocolError(f"{route.name!r} serves version {loaded.version!r}, not {version!r}",
+                                    status=404, code=ErrorCode.SERVE_MODEL_NOT_FOUND,
+                                    hint="leave the version out to reach whichever is active")
             if ctype.startswith("image/"):
                 req = InferRequest(inputs={"image": _object_array([body])})
             else:
@@ -493,9 +512,13 @@ class _Handler(BaseHTTPRequestHandler):
                       else app.settings.timeout_ms / 1000)
             pending = Pending(loaded, feeds, deadline=time.monotonic() + budget)
             batcher.submit(pending, arrival)
+            give_up = pending.deadline + 300.0  # queued past its deadline it is dropped; running, 5 min at most
             while not pending.done.wait(0.01):
                 if not pending.cancelled and pending.started is None and self._client_gone():
                     pending.cancelled = True  # the batcher drops it unrun
+                if time.monotonic() > give_up:
+                    raise RuntimeErrorBase("the engine did not answer within 5 minutes",
+                                           code=ErrorCode.ENGINE_INFERENCE_FAILED)
             if pending.cancelled and pending.error is not None:
                 self.close_connection = True
                 return 499

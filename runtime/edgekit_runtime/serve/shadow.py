@@ -31,6 +31,7 @@ import numpy as np
 from ..agent.metrics import LatencyHistogram
 from ..api import Model
 from ..contract.errors import ErrorCode, RuntimeConfigError
+from .metrics import _esc
 
 log = logging.getLogger("edgekit_runtime.serve")
 
@@ -203,7 +204,7 @@ class Shadow:
     def metric_lines(self) -> list[str]:
         """Prometheus samples (the families are declared by :class:`~.metrics.ServeMetrics`)."""
         r = self.report()
-        m = f'model="{self.route}",candidate="{r["candidate"]["version"]}"'
+        m = f'model="{_esc(self.route)}",candidate="{_esc(str(r["candidate"]["version"]))}"'
         lines = [f"edgekit_serve_shadow_rows_total{{{m}}} {r['rows']}",
                  f"edgekit_serve_shadow_skipped_batches_total{{{m}}} {r['skipped_batches']}",
                  f"edgekit_serve_shadow_failed_batches_total{{{m}}} {r['failed_batches']}"]
