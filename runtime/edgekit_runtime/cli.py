@@ -245,7 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_queue=args.max_queue, timeout_ms=args.timeout_ms, max_body_mb=args.max_body_mb,
                              token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                              check_every_s=args.check_every_s, capture=_capture_settings(args),
-                             shadow_report=args.shadow_report)
+                             shadow_report=args.shadow_report, report_dir=args.report_dir)
     return serve(args.sources, settings, keyring=_keyring(args), threads=args.threads, engine=args.engine,
                  shadow=args.shadow)
 
@@ -284,6 +284,13 @@ def cmd_stream(args: argparse.Namespace) -> int:
             write, release = st.video_sink(args.video_out, args.video_fps or fps or 30.0, size)
             sinks.append(write)
             closers.append(release)
+        if args.report_dir is not None:
+            from .fileio import atomic_write
+
+            args.report_dir.mkdir(parents=True, exist_ok=True)
+            reporters.append(lambda doc: atomic_write(args.report_dir / "stream.json",
+                                                      json.dumps({**doc, "source": st.redact(args.source)}).encode(),
+                                                      durable=False))
         if args.stats_json is not None:
             reporters.append(lambda doc: doc["final"] and Path(args.stats_json).write_text(json.dumps(doc, indent=2)))
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -427,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "results; agreement and latency at /v2/models/NAME/shadow and in /metrics")
     s.add_argument("--shadow-report", type=Path, metavar="FILE",
                    help="write the shadow report (JSON) here every 10 s, for the agent's telemetry")
+    s.add_argument("--report-dir", type=Path, metavar="DIR",
+                   help="write serve-ROUTE.json (requests, stages, batches, shadow) here every 10 s: the agent's "
+                        "reports_dir, whose fresh reports ride in its MQTT telemetry")
     s.add_argument("--threads", type=int)
     s.add_argument("--engine", help="force an engine instead of the manifest's order")
     s.add_argument("--json", action="store_true", help="errors as one JSON document")
@@ -450,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--duration", type=float, help="stop after this many seconds")
     t.add_argument("--stats-every", type=float, default=5.0, help="seconds between statistics lines")
     t.add_argument("--stats-json", type=Path, help="write the final statistics here")
+    t.add_argument("--report-dir", type=Path, metavar="DIR",
+                   help="write stream.json (the statistics) here at every report: the agent's reports_dir, whose "
+                        "fresh reports ride in its MQTT telemetry")
     t.add_argument("--top-k", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--engine", help="force an engine instead of the manifest's order")

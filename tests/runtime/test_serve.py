@@ -361,6 +361,10 @@ def test_a_shadow_candidate_is_compared_on_live_traffic_and_never_served(kit, ke
     assert report["latency_ms"]["candidate_p50"] > 0 and report["latency_ms"]["ratio"] > 0
     metrics = c.request("GET", "/metrics")[1].decode()
     assert 'edgekit_serve_shadow_agreement{model="matmul",candidate="2.0.0",measure="cosine"} -1.0' in metrics
+    route = server.route_report("matmul")  # what --report-dir leaves for the agent's telemetry
+    assert route["requests"] == {"200": 40} and route["rows"] == 80 and route["model"]["version"] == "1.0.0"
+    assert route["stages"]["inference"]["p50_ms"] > 0 and route["shadow"]["candidate"]["version"] == "2.0.0"
+    json.dumps(route)
     assert c.request("GET", "/v2/models/nosuch/shadow")[0] == 404
 
 

@@ -102,8 +102,10 @@ def test_a_30_fps_file_through_a_slow_model_drops_frames_and_says_how_many(slow_
 def test_pace_none_processes_every_frame_of_a_file(slow_bundle, kit, tmp_path):
     clip = video(tmp_path / "clip.avi", 12)
     rows, stats, _ = stream(slow_bundle, kit, tmp_path, "--source", str(clip), "--pace", "none", "--video-out",
-                            str(tmp_path / "out.avi"))
+                            str(tmp_path / "out.avi"), "--report-dir", str(tmp_path / "reports"))
     assert [r["frame"] for r in rows] == list(range(12)) and stats["dropped"] == 0
+    report = json.loads((tmp_path / "reports" / "stream.json").read_text())  # for the agent's telemetry
+    assert report["final"] and report["processed"] == 12 and report["source"] == str(clip)
     import cv2
 
     cap = cv2.VideoCapture(str(tmp_path / "out.avi"))

@@ -110,6 +110,9 @@ class AgentConfig:
     download_max_s: float = 3600.0  # an install whose download takes longer fails (a trickling link)
     download_ca_file: Path | None = None  # CA for https:// bundle URLs (default: the system's)
     workload: WorkloadConfig | None = None
+    # where workloads (`edgekit-runtime serve|stream --report-dir`) leave their reports: each fresh one rides
+    # in the telemetry as body["workloads"][name]
+    reports_dir: Path | None = None
     source: Path | None = field(default=None, compare=False)  # the file this was read from
 
     # -- derived ----------------------------------------------------------------
@@ -288,6 +291,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...] | str, bool]] = {
     "require_signed_commands": ((bool,), False), "health_latency_runs": ((int,), False),
     "health_latency_budget_ms": ((float,), True), "download_timeout_s": ((float,), False),
     "download_retries": ((int,), False), "download_max_s": ((float,), False), "download_ca_file": (_PATH, True),
+    "reports_dir": (_PATH, True),
 }
 _WORKLOAD_FIELDS: dict[str, tuple[tuple[type, ...] | str, bool]] = {
     "rate_hz": ((float,), False), "images": (_PATH, True), "synthetic": ((bool,), False),

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -329,6 +330,8 @@ class AgentCore:
         body["drift"] = drift
         body["spool"] = self.spool.stats()
         body["bad_commands"] = self.bad_commands
+        if self.config.reports_dir is not None:
+            body["workloads"] = workload_reports(self.config.reports_dir, 3 * self.config.telemetry_interval_s)
         msg = self.publish("telemetry", body)
         for change in changes:
             self.emit_event(change.pop("type"), **change)
@@ -557,3 +560,29 @@ def _peek_request_id(payload: bytes) -> str | None:
         return None
     return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
 
+
+MAX_REPORT_BYTES = 32 * 1024  # one workload report in a telemetry message; larger ones are left out
+
+
+def workload_reports(folder: Path, fresh_s: float) -> dict[str, Any]:
+    """The reports workloads wrote into ``folder`` (``NAME.json``) within the last ``fresh_s`` seconds, by name:
+    a stopped workload's last report is not sent as if it were current. Unreadable or oversized files are named
+    with the reason, never raised."""
+    out: dict[str, Any] = {}
+    now = time.time()
+    try:
+        files = sorted(Path(folder).glob("*.json"))[:16]
+    except OSError:
+        return out
+    for f in files:
+        try:
+            st = f.stat()
+            if now - st.st_mtime > fresh_s:
+                continue
+            if st.st_size > MAX_REPORT_BYTES:
+                out[f.stem] = {"error": f"report of {st.st_size} bytes left out (limit {MAX_REPORT_BYTES})"}
+                continue
+            out[f.stem] = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            out[f.stem] = {"error": f"unreadable report ({type(exc).__name__})"}
+    return out

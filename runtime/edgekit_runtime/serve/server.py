@@ -78,6 +78,7 @@ class ServeSettings:
     check_every_s: float = 0.5  # how often a state directory's slot pointer is read
     capture: Any = None  # CaptureSettings: keep sampled image requests with their results (off: None)
     shadow_report: Path | None = None  # write the shadow candidates' reports here every 10 s
+    report_dir: Path | None = None  # write serve-ROUTE.json here every 10 s (the agent's reports_dir)
     idle_timeout_s: float = 120.0  # keep-alive connections idle this long are closed
 
     def check(self) -> None:
@@ -217,9 +218,42 @@ class Server:
             self.metrics.count("switches", route.name)
 
     # -- lifecycle -----------------------------------------------------------
+    def route_report(self, name: str) -> dict[str, Any]:
+        """What a route did lately, for the agent's telemetry: requests by status, queue, batch sizes, stage
+        quantiles (ms), the model it serves, and its shadow candidate's report."""
+        route, m = self.routes[name], self.metrics
+        with m._lock:
+            codes = {str(c): n for (r, c), n in m.requests.items() if r == name}
+            sizes = dict(m.batches.get(name, {}))
+        stages = {}
+        for stage in ("decode", "preprocess", "queue", "inference", "postprocess", "total"):
+            q = m.stage_quantiles(name, stage)
+            if q:
+                stages[stage] = {f"p{int(k * 100)}_ms": 1000 * v for k, v in q.items()}
+        shadow = self.batchers[name].shadow
+        return {"type": "serve", "route": name, "model": route.current.info() if route.current else None,
+                "requests": codes, "queue_depth": self.batchers[name].depth(),
+                "batches": sum(sizes.values()), "rows": sum(k * n for k, n in sizes.items()), "stages": stages,
+                "shadow": shadow.report() if shadow is not None else None, "written_at": time.time()}
+
+    def _write_route_reports(self, folder: Path, every_s: float = 10.0) -> None:
+        from ..fileio import atomic_write
+
+        folder.mkdir(parents=True, exist_ok=True)
+        while not self._stopped.wait(every_s):
+            for name in list(self.routes):
+                try:
+                    atomic_write(folder / f"serve-{name}.json", json.dumps(self.route_report(name)).encode(),
+                                 durable=False)
+                except OSError as exc:
+                    log.warning("cannot write the report of %s into %s (%s)", name, folder, exc)
+
     def serve_forever(self) -> None:
         for route in self.routes.values():
             route.start()
+        if self.settings.report_dir is not None:
+            threading.Thread(target=self._write_route_reports, args=(self.settings.report_dir,),
+                             name="edgekit-serve-reports", daemon=True).start()
         try:
             self.httpd.serve_forever(poll_interval=0.2)
         finally:

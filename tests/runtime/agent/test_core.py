@@ -225,3 +225,24 @@ def test_a_tensor_bundle_normalizes_raw_float_rows(core_of, kit):
         assert got == model.predict(raw)
         logits = ((raw - mean) / std) @ kit.WEIGHTS
         assert [t["index"] for t in got[0]["top_k"]] == list(np.argsort(-logits[0], kind="stable"))
+
+
+def test_fresh_workload_reports_ride_in_the_telemetry(core_of, tmp_path):
+    """reports_dir: what serve/stream --report-dir leave there comes along in body["workloads"], when fresh."""
+    import os
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "stream.json").write_text(json.dumps({"type": "stream_stats", "dropped": 7, "drop_rate": 0.5}))
+    (reports / "serve-det.json").write_text(json.dumps({"type": "serve", "shadow": {"agreement": {"top1": 0.9}}}))
+    old = reports / "serve-old.json"
+    old.write_text("{}")
+    os.utime(old, (1, 1))  # a workload that stopped long ago: not reported as current
+    (reports / "big.json").write_text(json.dumps({"x": "y" * 40_000}))
+    (reports / "broken.json").write_text("{not json")
+    core = core_of(reports_dir=str(reports), telemetry_interval_s=10.0)
+    body = core.tick()["body"]
+    w = body["workloads"]
+    assert w["stream"]["dropped"] == 7 and w["serve-det"]["shadow"]["agreement"]["top1"] == 0.9
+    assert "serve-old" not in w and "left out" in w["big"]["error"] and "unreadable" in w["broken"]["error"]
+    assert "workloads" not in core_of(device="dev2").tick()["body"]  # no reports_dir: nothing read
