@@ -5,6 +5,9 @@ image the device runs is *offered*; it is kept when
 
 * the model was unsure of it — top-1 score (classification) or best detection score below
   ``low_confidence`` — the inputs a retraining set needs most; or
+* its input is unlike the calibration set the bundle was built with — the mean of its pre-processed
+  tensor more than ``drift_z`` standard deviations from the calibration samples' means (the
+  manifest's ``input_stats[...].sample_mean``): a dark, washed-out or unfamiliar scene; or
 * it wins the random draw of ``sample_rate`` (a uniform sample of ordinary traffic),
 
 and, either way, only while the rate limit allows (``max_per_minute``, a token bucket: a burst of
@@ -44,6 +47,7 @@ class CaptureSettings:
     folder: Path
     sample_rate: float = 0.01  # share of ordinary inputs kept at random
     low_confidence: float | None = 0.5  # inputs whose confidence is below this are kept (None: never preferred)
+    drift_z: float | None = 3.0  # inputs this far (in std of the calibration's sample means) are kept
     max_per_minute: float = 30.0
     max_files: int = 5000  # samples (image + JSON) kept at most
     max_mb: float = 512.0
@@ -80,7 +84,7 @@ class SampleCapture:
         self._rng = random.Random(seed)
         self._tokens = min(settings.max_per_minute, 10.0)
         self._refilled = time.monotonic()
-        self.kept = {"low_confidence": 0, "random": 0}
+        self.kept = {"low_confidence": 0, "drift": 0, "random": 0}
         self.skipped_rate = 0
         self.evicted = 0
         self._index = self._scan()
@@ -108,20 +112,22 @@ class SampleCapture:
             return True
         return False
 
-    def decide(self, result: dict[str, Any]) -> str | None:
-        """Why this input would be kept ("low_confidence" or "random"), or None."""
+    def decide(self, result: dict[str, Any], drift_z: float | None = None) -> str | None:
+        """Why this input would be kept ("low_confidence", "drift" or "random"), or None."""
         conf = confidence_of(result)
         if self.s.low_confidence is not None and conf is not None and conf < self.s.low_confidence:
             return "low_confidence"
+        if self.s.drift_z is not None and drift_z is not None and abs(drift_z) > self.s.drift_z:
+            return "drift"
         with self._lock:
             return "random" if self._rng.random() < self.s.sample_rate else None
 
     def offer(self, image: np.ndarray | bytes, result: dict[str, Any], model: dict[str, Any],
-              *, source: str | None = None, bgr: bool = False) -> Path | None:
+              *, source: str | None = None, bgr: bool = False, drift_z: float | None = None) -> Path | None:
         """Keep ``image`` (RGB/gray uint8 — BGR with ``bgr`` — or encoded bytes) with ``result`` when the policy
         says so; the sidecar's path, or None. Never raises for a disk problem: a failed write is logged and counted
         as not kept."""
-        reason = self.decide(result)
+        reason = self.decide(result, drift_z)
         if reason is None:
             return None
         with self._lock:
@@ -137,7 +143,7 @@ class SampleCapture:
         day = self.folder / time.strftime("%Y-%m-%d", time.gmtime(now))
         stem = f"{time.strftime('%H%M%S', time.gmtime(now))}-{uuid.uuid4().hex[:10]}"
         doc = {"image": stem + suffix, "captured_at": now, "reason": reason, "confidence": confidence_of(result),
-               "model": model, "result": _plain(result)}
+               "drift_z": drift_z, "model": model, "result": _plain(result)}
         if source:
             doc["source"] = source
         side, image_path = day / f"{stem}.json", day / (stem + suffix)
@@ -201,6 +207,16 @@ class SampleCapture:
                     "evicted": self.evicted}
 
 
+def drift_z(model: Any, x: np.ndarray) -> np.ndarray | None:
+    """Per row of ``x`` (the model's first input, pre-processed): how many standard deviations its mean lies from
+    the calibration samples' means (``input_stats[...].sample_mean``); None when the bundle has no reference."""
+    stats = model.manifest.input_stats.get(model.inputs[0].name)
+    ref = stats.sample_mean if stats is not None else None
+    if ref is None or not ref.std or ref.std <= 0:
+        return None
+    return (x.reshape(len(x), -1).astype(np.float64).mean(1) - ref.mean) / ref.std
+
+
 def _plain(result: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in result.items():
@@ -211,9 +227,9 @@ def _plain(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def settings_from_args(folder: Path | None, rate: float, low: float | None, per_minute: float, max_files: int,
-                       max_mb: float) -> CaptureSettings | None:
+                       max_mb: float, drift: float | None = 3.0) -> CaptureSettings | None:
     """The CLIs' ``--capture-*`` flags → settings, or None when capture is off (no folder)."""
     if folder is None:
         return None
     return CaptureSettings(folder=Path(os.path.expanduser(str(folder))), sample_rate=rate, low_confidence=low,
-                           max_per_minute=per_minute, max_files=max_files, max_mb=max_mb)
+                           drift_z=drift, max_per_minute=per_minute, max_files=max_files, max_mb=max_mb)

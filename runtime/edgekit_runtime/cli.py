@@ -213,7 +213,8 @@ def _capture_settings(args: argparse.Namespace):
     from .capture import settings_from_args
 
     return settings_from_args(args.capture_dir, args.capture_rate, args.capture_low_confidence,
-                              args.capture_per_minute, args.capture_max_files, args.capture_max_mb)
+                              args.capture_per_minute, args.capture_max_files, args.capture_max_mb,
+                              args.capture_drift_z)
 
 
 def _capture_flags(sp: argparse.ArgumentParser) -> None:
@@ -224,6 +225,9 @@ def _capture_flags(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--capture-rate", type=float, default=0.01, help="share of ordinary inputs kept at random")
     g.add_argument("--capture-low-confidence", type=float, default=0.5,
                    help="keep inputs whose top-1 (or best detection) score is below this")
+    g.add_argument("--capture-drift-z", type=float, default=3.0,
+                   help="keep inputs whose mean lies this many standard deviations from the calibration samples' "
+                        "(the bundle's input_stats)")
     g.add_argument("--capture-per-minute", type=float, default=30.0, help="at most this many samples a minute")
     g.add_argument("--capture-max-files", type=int, default=5000, help="samples kept on disk at most")
     g.add_argument("--capture-max-mb", type=float, default=512.0, help="disk the samples may use at most")
@@ -304,7 +308,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 info = {"name": model.manifest.model.name, "version": model.manifest.model.version,
                         "release": model.manifest.model.release}
                 shown = st.redact(args.source)  # an rtsp:// password never goes into a sample's sidecar
-                sinks.append(lambda result, frame: sampler.offer(frame, result, info, source=shown, bgr=True))
+                sinks.append(lambda result, frame: sampler.offer(frame, result, info, source=shown, bgr=True,
+                                                                 drift_z=result.get("input_z")))
             st.run_stream(model, settings, sinks, on_stats=lambda doc: [r(doc) for r in reporters], stop=stop)
         finally:
             for close in closers:

@@ -28,6 +28,7 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from .agent.metrics import LatencyHistogram
+from .capture import drift_z
 from .contract.errors import ErrorCode, InputError, RuntimeConfigError, RuntimeErrorBase
 from .processing import cv2_module
 
@@ -278,9 +279,12 @@ def _infer(model: Any, frame: np.ndarray, color: str, stats: StreamStats, top_k:
     outputs = model.run(x)
     t2 = time.monotonic()
     stats.stages["inference"].add(t2 - t1)
-    result = model.postprocess(outputs, top_k=top_k, meta=meta)[0]
+    result = dict(model.postprocess(outputs, top_k=top_k, meta=meta)[0])
     stats.stages["postprocess"].add(time.monotonic() - t2)
-    return dict(result)
+    z = drift_z(model, x)
+    if z is not None:  # how unlike the calibration set this frame is (capture prefers such frames)
+        result["input_z"] = round(float(z[0]), 3)
+    return result
 
 
 # -- sinks ---------------------------------------------------------------------------------------------

@@ -116,3 +116,24 @@ def test_capture_is_off_unless_a_folder_is_given():
     assert settings_from_args(None, 1.0, 0.5, 10, 10, 10) is None
     with pytest.raises(Exception, match="sample rate"):
         SampleCapture(CaptureSettings(Path("/tmp/x-never-made"), sample_rate=2.0))
+
+
+def test_inputs_unlike_the_calibration_set_are_kept_as_drift(tmp_path):
+    from types import SimpleNamespace
+
+    from edgekit_runtime.capture import drift_z
+    from edgekit_runtime.contract.manifest import InputStats, SampleMean
+
+    model = SimpleNamespace(inputs=[SimpleNamespace(name="x")],
+                            manifest=SimpleNamespace(input_stats={"x": InputStats(sample_mean=SampleMean(mean=0.0,
+                                                                                                       std=0.1))}))
+    x = np.stack([np.full((3, 4, 4), 0.05, np.float32), np.full((3, 4, 4), 0.9, np.float32)])
+    z = drift_z(model, x)
+    assert z == pytest.approx([0.5, 9.0])
+    assert drift_z(SimpleNamespace(inputs=model.inputs, manifest=SimpleNamespace(input_stats={})), x) is None
+    cap = SampleCapture(CaptureSettings(tmp_path, sample_rate=0.0, low_confidence=0.5, drift_z=3.0,
+                                        max_per_minute=1e6))
+    assert cap.offer(image(), cls_result(0.9), MODEL, drift_z=float(z[0])) is None  # familiar and sure
+    side = cap.offer(image(), cls_result(0.9), MODEL, drift_z=float(z[1]))
+    assert side is not None and json.loads(side.read_text())["reason"] == "drift"
+    assert cap.stats()["kept"] == {"low_confidence": 0, "drift": 1, "random": 0}

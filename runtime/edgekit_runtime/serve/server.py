@@ -582,10 +582,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, response, headers)
             metrics.stage(route.name, "total", time.monotonic() - t0)
             if app.capture is not None and rows is not None and metas is not None:  # after the answer went out
+                from ..capture import drift_z
+
                 images = next(iter(req.inputs.values())).reshape(-1)
                 model_info = {"name": route.name, **loaded.info()}
-                for image, row in zip(images, rows):
-                    app.capture.offer(image, row, model_info, source="serve")
+                z = drift_z(loaded.model, feeds[loaded.model.inputs[0].name])
+                for i, (image, row) in enumerate(zip(images, rows)):
+                    app.capture.offer(image, row, model_info, source="serve",
+                                      drift_z=float(z[i]) if z is not None else None)
             return 200
         finally:
             route.release(loaded)
