@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-delay-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=common.usable_cores(), help="inference threads of the server")
+    p.add_argument("--open-loop-share", type=float, default=0.6,
+                   help="open-loop arrival rate, as a share of --max-batch 1's closed-loop throughput")
     p.add_argument("--overhead-queries", type=int, default=400, help="queries per path in the one-client test")
     p.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
     p.add_argument("--stream-seconds", type=float, default=60.0, help="length of the 30 fps video for stream (0: skip)")
@@ -166,6 +168,58 @@ def load_test(server: ServerProcess, body: bytes, headers: dict[str, str], clien
     allv = sorted(v for per in lat for v in per)
     return {"requests": len(allv), "errors": len(errors), "error_examples": errors[:3],
             "throughput_rps": len(allv) / seconds, "latency_ms": _pcts(allv),
+            "server": _server_side(before, after, server.name)}
+
+
+def open_loop(server: ServerProcess, body: bytes, headers: dict[str, str], rate: float, seconds: float,
+              connections: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Poisson arrivals at ``rate`` requests/s for ``seconds`` (after 2 s of warm-up): a load below saturation,
+    as independent devices or cameras make it. Latency counts from each request's scheduled time, so a client
+    that could not send on time is not hidden (no coordinated omission)."""
+    import queue as queue_mod
+
+    path = f"/v2/models/{server.name}/infer"
+    rng = np.random.default_rng(seed)
+    start = time.monotonic() + 1.0
+    times, t = [], 0.0
+    while t < seconds + 2.0:
+        t += rng.exponential(1.0 / rate)
+        times.append(start + t)
+    todo: queue_mod.Queue = queue_mod.Queue()
+    for at in times:
+        todo.put(at)
+    lat: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        while True:
+            try:
+                at = todo.get_nowait()
+            except queue_mod.Empty:
+                return
+            wait = at - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                post(conn, path, body, headers)
+            except Exception as exc:  # noqa: BLE001 - counted
+                errors.append(str(exc))
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+                continue
+            if at >= start + 2.0:
+                with lock:
+                    lat.append(time.monotonic() - at)
+
+    before = server.metrics()
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    after = server.metrics()
+    return {"rate_rps": rate, "requests": len(lat), "errors": len(errors), "latency_ms": _pcts(sorted(lat)),
             "server": _server_side(before, after, server.name)}
 
 
@@ -352,6 +406,18 @@ def main(argv=None) -> int:
                 doc["overhead"] = overhead(server, bundle, pub, args.threads, args.overhead_queries)
         finally:
             server.stop()
+    # below saturation, on a fresh server (its /metrics quantiles cover the last minutes: no closed-loop figures)
+    rate = args.open_loop_share * doc["runs"]["max_batch_1"]["throughput_rps"]
+    log(f"open loop: Poisson arrivals at {rate:.0f} req/s ({args.open_loop_share:.0%} of max-batch 1's closed-loop "
+        "throughput)")
+    server = ServerProcess(bundle, pub, "--threads", str(args.threads), *configs[f"max_batch_{args.max_batch}"])
+    try:
+        doc["open_loop"] = open_loop(server, body, headers, rate, args.seconds)
+    finally:
+        server.stop()
+    ol = doc["open_loop"]
+    log(f"  p50 {ol['latency_ms']['p50']:.1f} ms, p99 {ol['latency_ms']['p99']:.1f} ms, mean batch "
+        f"{ol['server']['mean_batch']}")
     log("the engine alone: batch 1 against batch B, in this process")
     doc["engine_ceiling"] = engine_ceiling(bundle, pub, args.threads, args.max_batch)
     one, many = doc["runs"]["max_batch_1"], doc["runs"][f"max_batch_{args.max_batch}"]
@@ -394,6 +460,17 @@ def markdown(doc: dict[str, Any]) -> str:
               f"p99 with batching {many['latency_ms']['p99']:.1f} ms against the configured delay plus one batch's "
               f"p99 inference ({s['max_delay_ms']:g} + {many['server']['inference_per_batch_ms']['p99']:.1f} = "
               f"{doc['p99_bound_ms']:.1f} ms).", ""]
+    if doc.get("open_loop"):
+        ol = doc["open_loop"]
+        sv = ol["server"]
+        bound = s["max_delay_ms"] + sv["inference_per_batch_ms"]["p99"]
+        lines += [f"## Open loop (below saturation), `--max-batch {mb}`: Poisson arrivals at {ol['rate_rps']:.0f} req/s", "",
+                  "Latency from each request's scheduled time. Under the closed loop above the engine never idles, "
+                  "so a request also waits for the batch in progress; below saturation it should not.", "",
+                  "| req/s | p50 ms | p99 ms | mean batch | inference per batch p99 ms | delay + batch p99 | errors |",
+                  "|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {ol['requests'] / s['seconds']:.1f} | {ol['latency_ms']['p50']:.1f} | {ol['latency_ms']['p99']:.1f} | "
+                  f"{sv['mean_batch']:.2f} | {sv['inference_per_batch_ms']['p99']:.1f} | {bound:.1f} | {ol['errors']} |", ""]
     o = doc["overhead"]
     lines += ["## One client: the endpoint against the in-process API (alternating blocks, p50 ms)", "",
               "| input | HTTP endpoint | in-process | added by the endpoint |", "|---|---:|---:|---:|",
