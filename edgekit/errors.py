@@ -101,6 +101,7 @@ _RUNTIME_GROUPS = {
     2: ExitCode.DEVICE,  # 2xx engine: missing backend, load, inference, health check
     3: ExitCode.USAGE,  # 3xx input: the image or array given does not fit the model
     4: ExitCode.DEVICE,  # 4xx the runtime's own configuration and storage
+    5: ExitCode.DEVICE,  # 5xx what a device's inference server refused (queue full, deadline, token, size)
 }
 
 

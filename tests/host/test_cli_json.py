@@ -112,7 +112,8 @@ def test_every_edgekit_error_has_its_exit_code():
 def test_runtime_errors_map_by_code_range():
     # the range decides: every code the runtime has, and ones appended later
     for code in ErrorCode:
-        want = {1: ExitCode.VERIFY, 2: ExitCode.DEVICE, 3: ExitCode.USAGE, 4: ExitCode.DEVICE}[int(code) // 100]
+        want = {1: ExitCode.VERIFY, 2: ExitCode.DEVICE, 3: ExitCode.USAGE, 4: ExitCode.DEVICE,
+                5: ExitCode.DEVICE}[int(code) // 100]
         assert exit_code_of(RuntimeErrorBase("x", code=code)) == want, code
     assert exit_code_for_runtime_code(199) == ExitCode.VERIFY and exit_code_for_runtime_code(250) == ExitCode.DEVICE
     assert exit_code_for_runtime_code(None) == ExitCode.DEVICE and exit_code_for_runtime_code(999) == ExitCode.DEVICE
