@@ -227,6 +227,29 @@ def show_cmd(device: str, db: str = DbOpt, fleet: Optional[str] = FleetOpt, as_j
     for a in out["alerts"]:
         console.print(f"alert {a['kind']}: {a['message']} — opened {_ts(a['opened'])}"
                       + (f", closed {_ts(a['closed'])}" if a["closed"] else " (open)"), highlight=False)
+    for name, w in sorted(out.get("workloads", {}).items()):
+        console.print(escape(f"workload {name}: {_workload_line(w)}"), highlight=False)
+
+
+def _workload_line(w: dict) -> str:
+    """One line per workload report: a stream's drops, a serve route's answers and its shadow's agreement."""
+    if not isinstance(w, dict) or "error" in w:
+        return str((w or {}).get("error") if isinstance(w, dict) else w)
+    if w.get("type") == "stream_stats":
+        inf = (w.get("stages") or {}).get("inference") or {}
+        return (f"{w.get('processed')} processed, {w.get('dropped')} dropped ({(w.get('drop_rate') or 0):.0%}), "
+                f"{(w.get('processed_fps') or 0):.1f} fps, inference p50 {inf.get('p50_ms', float('nan')):.1f} ms")
+    parts = [f"model {(w.get('model') or {}).get('version')}", f"answers {w.get('requests')}"]
+    total = (w.get("stages") or {}).get("total") or {}
+    if total:
+        parts.append(f"p99 {total.get('p99_ms', float('nan')):.1f} ms")
+    sh = w.get("shadow")
+    if sh:
+        agree = ", ".join(f"{k} {v:.3f}" for k, v in (sh.get("agreement") or {}).items())
+        ratio = (sh.get("latency_ms") or {}).get("ratio")
+        parts.append(f"shadow {sh['candidate']['version']} on {sh.get('rows')} rows: {agree or 'nothing compared yet'}"
+                     + (f", {ratio:.2f}x the served latency" if ratio else ""))
+    return "; ".join(parts)
 
 
 @app.command("history")

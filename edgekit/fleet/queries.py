@@ -54,13 +54,19 @@ def list_devices(db: str | Path, fleet: Optional[str] = None) -> list[dict[str, 
 
 
 def device_detail(db: str | Path, device: str, fleet: Optional[str] = None) -> dict[str, Any]:
-    """One device: ``device`` (as in :func:`list_devices`), ``gaps``, ``alerts`` and ``messages`` per kind."""
+    """One device: ``device`` (as in :func:`list_devices`), ``gaps``, ``alerts``, ``messages`` per kind, and the
+    ``workloads`` its latest telemetry reported (serve routes with their shadow candidates, streams)."""
     with open_store(db) as store:
         fleet_name, name = store.find_device(device, fleet)
         info = next((d for d in store.devices(fleet_name) if d["device"] == name), None)
+        latest = store.history(fleet_name, name, kinds=["telemetry"], limit=1)
+        body = (latest[-1].get("body") or {}) if latest else {}
+        workloads = body.get("workloads") if isinstance(body, dict) else None
         return {"device": info or {"fleet": fleet_name, "device": name, "status": "unknown"},
                 "gaps": store.gaps(fleet_name, name), "alerts": store.alerts(fleet_name, name),
-                "messages": store.message_counts(fleet_name, name)}
+                "messages": store.message_counts(fleet_name, name),
+                # what serve/stream --report-dir said in the latest telemetry (shadow agreement, dropped frames)
+                "workloads": workloads if isinstance(workloads, dict) else {}}
 
 
 def device_history(db: str | Path, device: str, fleet: Optional[str] = None, since: Optional[float] = None,

@@ -137,3 +137,28 @@ def test_broker_command_runs_mosquitto_in_the_foreground(tmp_path, mqtt_broker):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_show_says_what_the_devices_workloads_reported(fleet, fleet_tools):
+    """serve/stream --report-dir → the agent's telemetry → the store → `fleet show`: a shadow candidate's
+    agreement and a stream's dropped frames, from the latest telemetry."""
+    workloads = {
+        "serve-det": {"type": "serve", "route": "det", "model": {"version": "1.0.0"}, "requests": {"200": 120},
+                      "stages": {"total": {"p50_ms": 4.0, "p99_ms": 9.5}},
+                      "shadow": {"candidate": {"version": "2.0.0"}, "rows": 118,
+                                 "agreement": {"top1": 0.975, "cosine": 0.998}, "latency_ms": {"ratio": 0.8}}},
+        "stream": {"type": "stream_stats", "processed": 300, "dropped": 290, "drop_rate": 0.49,
+                   "processed_fps": 15.2, "stages": {"inference": {"p50_ms": 61.0}}},
+    }
+    run = fleet.start_monitor()
+    now = time.time()
+    fleet.online("cam-9", seq=1)
+    fleet.publish("telemetry", "cam-9", 2, fleet_tools.telemetry_body(), ts=now - 20)
+    fleet.publish("telemetry", "cam-9", 3, fleet_tools.telemetry_body(workloads=workloads), ts=now - 10)
+    fleet.wait_device("cam-9", lambda d: d["seq"] == 3)
+    run.stop()
+    db = str(fleet.db)
+    shown = json.loads(_invoke("fleet", "show", "cam-9", "--db", db, "--json"))
+    assert shown["workloads"]["serve-det"]["shadow"]["agreement"]["top1"] == 0.975
+    text = _invoke("fleet", "show", "cam-9", "--db", db)
+    assert "shadow 2.0.0 on 118 rows: top1 0.975" in text and "290 dropped (49%)" in text
