@@ -252,8 +252,11 @@ def _server_side(before: str, after: str, model: str) -> dict[str, Any]:
     queue = {f"p{int(float(qq) * 100)}": 1000 * (_sample(after, "edgekit_serve_stage_seconds", model=model,
                                                          stage="queue", quantile=qq) or float("nan"))
              for qq in ("0.5", "0.99")}
+    total = {f"p{int(float(qq) * 100)}": 1000 * (_sample(after, "edgekit_serve_stage_seconds", model=model,
+                                                         stage="total", quantile=qq) or float("nan"))
+             for qq in ("0.5", "0.99")}
     return {"batches": int(count), "rows": int(rows), "mean_batch": rows / count if count else None,
-            "inference_per_batch_ms": q, "queue_ms": queue}
+            "inference_per_batch_ms": q, "queue_ms": queue, "server_total_ms": total}
 
 
 def overhead(server: ServerProcess, bundle: Path, pub: Path, threads: int, queries: int) -> dict[str, Any]:
@@ -467,9 +470,12 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [f"## Open loop (below saturation), `--max-batch {mb}`: Poisson arrivals at {ol['rate_rps']:.0f} req/s", "",
                   "Latency from each request's scheduled time. Under the closed loop above the engine never idles, "
                   "so a request also waits for the batch in progress; below saturation it should not.", "",
-                  "| req/s | p50 ms | p99 ms | mean batch | inference per batch p99 ms | delay + batch p99 | errors |",
-                  "|---:|---:|---:|---:|---:|---:|---:|",
+                  "| req/s | client p50 ms | client p99 ms | server p50 / p99 ms (read to reply) | mean batch | "
+                  "inference per batch p99 ms | delay + batch p99 | errors |",
+                  "|---:|---:|---:|---|---:|---:|---:|---:|",
                   f"| {ol['requests'] / s['seconds']:.1f} | {ol['latency_ms']['p50']:.1f} | {ol['latency_ms']['p99']:.1f} | "
+                  f"{sv.get('server_total_ms', {}).get('p50', float('nan')):.1f} / "
+                  f"{sv.get('server_total_ms', {}).get('p99', float('nan')):.1f} | "
                   f"{sv['mean_batch']:.2f} | {sv['inference_per_batch_ms']['p99']:.1f} | {bound:.1f} | {ol['errors']} |", ""]
     o = doc["overhead"]
     lines += ["## One client: the endpoint against the in-process API (alternating blocks, p50 ms)", "",
