@@ -75,8 +75,9 @@ def flash_cmd(
     agent_config: str = typer.Option("/etc/edgekit/agent.toml", "--agent-config", help="Agent config on the device"),
     keep_upload: bool = typer.Option(False, "--keep-upload", help="Leave the uploaded copy on the device"),
     shadow: bool = typer.Option(False, "--shadow",
-                                help="--host: install into the idle slot without switching; `edgekit-runtime serve` "
-                                     "on the device runs it beside the active model and reports agreement"),
+                                help="Install into the idle slot without switching (--host, or --fleet with "
+                                     "--devices); `edgekit-runtime serve` on the device runs it beside the active "
+                                     "model and reports agreement"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Flash BUNDLE to one board (--host, SSH) or to a fleet (--fleet, signed MQTT command, canary first).
@@ -103,8 +104,13 @@ def flash_cmd(
     if resume is None and bundle is None:
         raise ConfigError("which bundle? edgekit flash BUNDLE --host/--fleet ...")
     if shadow and host is None:
-        raise ConfigError("--shadow installs a candidate on one board: use it with --host user@device (a fleet "
-                          "rollout switches devices; judge the candidate on a board first)")
+        if fleet is None or not devices or resume is not None:
+            raise ConfigError("--shadow installs a candidate beside the active model on chosen boards: give --host "
+                              "user@device, or --fleet NAME with --devices (a pattern or list; no canary waves, "
+                              "nothing switches)")
+        _shadow_fleet(bundle, fleet, devices, key, broker_settings(broker, username, password, cafile, cert, cert_key),
+                      url, serve, advertise, record_dir, device_timeout, as_json)
+        return
     if host is not None:
         from ..flash.fleet_flash import read_bundle
         from ..flash.ssh import flash_over_ssh
@@ -141,6 +147,33 @@ def _fleet_settings(fleet, devices, canary, max_failures, wave_size, rollback_on
                               wave_size=wave_size, rollback_on_halt=rollback_on_halt, device_timeout_s=device_timeout,
                               command_expiry_s=expiry, allow_downgrade=allow_downgrade, record_dir=record_dir,
                               **rate)
+
+
+def _shadow_fleet(bundle, fleet, devices, key, broker, url, serve, advertise, record_dir, timeout: float,
+                  as_json: bool) -> None:
+    """`edgekit flash BUNDLE --fleet F --devices D --shadow`: each device installs the candidate without switching."""
+    from ..flash.fleet_flash import BundleSource, shadow_devices
+    from ..signing import load_private_key
+
+    answers = shadow_devices(bundle, broker, fleet, devices, load_private_key(key),
+                             source=BundleSource(url=url, serve=serve, advertise_host=advertise),
+                             record_dir=record_dir, timeout_s=timeout)
+    failed = {d: a for d, a in answers.items() if not a.get("ok")}
+    if as_json:
+        print_json({"ok": not failed, "shadow": True, "devices": answers})
+    else:
+        for d, a in sorted(answers.items()):
+            if a.get("ok"):
+                r = a.get("result") or {}
+                m = r.get("model") or {}
+                console.print(f"[green]ok[/] {d}: {m.get('name')} {m.get('version')} in slot {r.get('shadow_slot')} as "
+                              f"a shadow candidate; slot {r.get('slot')} still serves", highlight=False)
+            else:
+                e = a.get("error") or {}
+                err_console.print(escape(f"refused by {d}: {e.get('reason')}: {e.get('message')}"), highlight=False)
+    if failed:
+        codes = [(a.get("error") or {}).get("code") for a in failed.values()]
+        raise fail(exit_code_for_runtime_code(next((c for c in codes if c is not None), None)))
 
 
 def _flash_fleet(bundle, resume, key, broker, settings, url, serve, advertise, as_json: bool) -> None:

@@ -237,3 +237,33 @@ def rollback_devices(broker: BrokerSettings, fleet: str, devices: str, sign_key:
     return {d: a or {"ok": False, "error": {"reason": "timeout", "message": f"no answer in {timeout_s:.0f} s"}}
             for d, a in answers.items()}
 
+
+def shadow_devices(bundle: Path, broker: Optional[BrokerSettings], fleet: str, devices: str, sign_key: Any, *,
+                   source: BundleSource, record_dir: Path = Path("."), timeout_s: float = 600.0,
+                   client: Optional[FleetClient] = None) -> dict[str, dict[str, Any]]:
+    """Install ``bundle`` as a shadow candidate on the selected devices: a signed ``install`` with
+    ``args.shadow`` — downloaded, verified, health-checked into the idle slot, never switched to (no canary
+    waves: nothing a device serves changes). Device → its answer; a device that does not answer within
+    ``timeout_s`` gets ``{"ok": False, "error": {"reason": "timeout"}}``."""
+    info = read_bundle(bundle)
+    source.check()
+    with contextlib.ExitStack() as stack:
+        url = source.url
+        if source.serve is not None:
+            host, port = source.address()
+            served_dir = Path(record_dir) / "served"
+            served_dir.mkdir(parents=True, exist_ok=True)
+            server = BundleServer(served_dir, host, port, advertise_host=source.advertise_host).start()
+            stack.callback(server.stop)
+            url = server.add(info.path)["url"]
+        if client is None:
+            if broker is None:
+                raise ConfigError("no broker to reach the fleet through")
+            client = stack.enter_context(FleetClient(broker, fleet))
+        targets = select_devices(client.discover(), devices, None)
+        args = {"url": url, "sha256": info.sha256, "size": info.size, "shadow": True}
+        sent = {d: client.send(d, "install", args, sign_key=sign_key, expires_s=max(timeout_s, 3600.0))
+                for d in targets}
+        answers = {d: client.wait_ack(rid, timeout_s) for d, rid in sent.items()}
+    return {d: a or {"ok": False, "error": {"reason": "timeout", "message": f"no answer in {timeout_s:.0f} s"}}
+            for d, a in answers.items()}

@@ -279,3 +279,25 @@ def test_answers_held_back_from_the_record_are_asked_for_again_after_a_crash(key
     assert {b["device"]: b["request_id"] for b in again.sent if b["device"] in held} == ids
     assert all(len(a.executed) == 1 for a in fleet.agents.values())
     assert statuses(load_record(rollout.record_path)) == {d: "succeeded" for d in names(8)}
+
+
+def test_shadow_on_chosen_devices_installs_without_switching(live_fleet, flash_signing_key, tmp_path):
+    """`edgekit flash --fleet --devices --shadow` as a library call, live: the chosen devices get release 2 in
+    their idle slot as a shadow candidate and keep serving release 1; the others get nothing."""
+    from edgekit.flash.fleet_flash import shadow_devices
+    from edgekit_runtime.agent.state import StateDir
+
+    fleet, (v2, url) = live_fleet(3)
+    with FleetClient(BrokerSettings.from_url(fleet.url), FLEET) as client:
+        answers = shadow_devices(v2, None, FLEET, "dev000,dev002", flash_signing_key, source=BundleSource(url=url),
+                                 client=client, timeout_s=60.0)
+    assert sorted(answers) == ["dev000", "dev002"] and all(a["ok"] for a in answers.values()), answers
+    for d in fleet.names:
+        sd = StateDir(fleet.root / f"state-{d}")
+        shadow = sd.read_shadow()
+        if d == "dev001":
+            assert shadow is None and not fleet.installs_run(d)
+        else:
+            assert shadow is not None and sd.read_slot(shadow["slot"])["model"]["release"] == 2
+            assert answers[d]["result"]["shadow_slot"] == shadow["slot"]
+        assert fleet.serves(d, 1), (d, fleet.log(d))

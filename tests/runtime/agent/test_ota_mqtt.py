@@ -257,3 +257,25 @@ def test_tampered_and_truncated_downloads_are_refused(agent_env, broker, subscri
     sd = StateDir(agent_env.tmp / "state-dev1")
     assert sd.read_pointer()["slot"] == "a" and sd.read_marker() is None
     agent_env.stop_agent(agent)
+
+
+def test_a_shadow_install_over_mqtt_leaves_the_active_model_serving(agent_env, broker, subscriber, kit, served):
+    """`install` with args.shadow: the idle slot gets the candidate, health-checked; the agent keeps serving v1,
+    answers with the shadow slot, and says `shadow_installed`."""
+    sub = subscriber()
+    agent = _running_v1(agent_env, sub)
+    server = served()
+    v2 = server.add(agent_env.model_bundle("v2.ekb", release=2))
+    bad = _ack(sub, _send(sub, "dev1", "install", {"url": v2["url"], "sha256": v2["sha256"], "shadow": "yes"},
+                          kit.key))
+    assert bad["ok"] is False and "shadow" in bad["error"]["message"]
+    rid = _send(sub, "dev1", "install", {"url": v2["url"], "sha256": v2["sha256"], "size": v2["size"],
+                                         "shadow": True}, kit.key)
+    body = _ack(sub, rid)
+    assert body["ok"], body
+    assert body["result"]["shadow"] is True and body["result"]["shadow_slot"] == "b" and body["result"]["slot"] == "a"
+    np.testing.assert_allclose(agent.core.model.run(kit.SAMPLE)["y"], kit.SAMPLE @ kit.WEIGHTS, rtol=1e-6)
+    events = sub.wait(lambda s: [e for e in s.events("shadow_installed") if e["body"]["request_id"] == rid],
+                      what="shadow_installed")
+    assert events[0]["body"]["slot"] == "b" and events[0]["body"]["model"]["release"] == 2
+    assert not [e for e in sub.events("model_installed") if e["body"]["request_id"] == rid]
