@@ -264,7 +264,10 @@ class Route:
             self._watcher.join(timeout=5)
         with self._lock:
             cur, self._current = self._current, None
-        if cur is not None:
+            idle = cur is not None and cur.refs == 0
+            if cur is not None:
+                cur.retired = True  # a request still on it (a drain that timed out) closes it on its release
+        if idle:
             self._close(cur)
 
     def wait_ready(self, timeout_s: float) -> bool:
