@@ -109,7 +109,7 @@ def flash_cmd(
                               "user@device, or --fleet NAME with --devices (a pattern or list; no canary waves, "
                               "nothing switches)")
         _shadow_fleet(bundle, fleet, devices, key, broker_settings(broker, username, password, cafile, cert, cert_key),
-                      url, serve, advertise, record_dir, device_timeout, as_json)
+                      url, serve, advertise, record_dir, device_timeout, allow_downgrade, as_json)
         return
     if host is not None:
         from ..flash.fleet_flash import read_bundle
@@ -150,14 +150,14 @@ def _fleet_settings(fleet, devices, canary, max_failures, wave_size, rollback_on
 
 
 def _shadow_fleet(bundle, fleet, devices, key, broker, url, serve, advertise, record_dir, timeout: float,
-                  as_json: bool) -> None:
+                  allow_downgrade: bool, as_json: bool) -> None:
     """`edgekit flash BUNDLE --fleet F --devices D --shadow`: each device installs the candidate without switching."""
     from ..flash.fleet_flash import BundleSource, shadow_devices
     from ..signing import load_private_key
 
     answers = shadow_devices(bundle, broker, fleet, devices, load_private_key(key),
                              source=BundleSource(url=url, serve=serve, advertise_host=advertise),
-                             record_dir=record_dir, timeout_s=timeout)
+                             record_dir=record_dir, timeout_s=timeout, allow_downgrade=allow_downgrade)
     failed = {d: a for d, a in answers.items() if not a.get("ok")}
     if as_json:
         print_json({"ok": not failed, "shadow": True, "devices": answers})

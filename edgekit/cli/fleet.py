@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -231,24 +231,32 @@ def show_cmd(device: str, db: str = DbOpt, fleet: Optional[str] = FleetOpt, as_j
         console.print(escape(f"workload {name}: {_workload_line(w)}"), highlight=False)
 
 
-def _workload_line(w: dict) -> str:
-    """One line per workload report: a stream's drops, a serve route's answers and its shadow's agreement."""
+def _workload_line(w: Any) -> str:
+    """One line per workload report (device data: any field may be missing or of another type): a stream's drops,
+    a serve route's answers and its shadow's agreement."""
+    def d(x: Any) -> dict:
+        return x if isinstance(x, dict) else {}
+
+    def num(x: Any, spec: str) -> str:
+        return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "?"
+
     if not isinstance(w, dict) or "error" in w:
-        return str((w or {}).get("error") if isinstance(w, dict) else w)
+        return str(w.get("error") if isinstance(w, dict) else w)
     if w.get("type") == "stream_stats":
-        inf = (w.get("stages") or {}).get("inference") or {}
-        return (f"{w.get('processed')} processed, {w.get('dropped')} dropped ({(w.get('drop_rate') or 0):.0%}), "
-                f"{(w.get('processed_fps') or 0):.1f} fps, inference p50 {inf.get('p50_ms', float('nan')):.1f} ms")
-    parts = [f"model {(w.get('model') or {}).get('version')}", f"answers {w.get('requests')}"]
-    total = (w.get("stages") or {}).get("total") or {}
+        inf = d(d(w.get("stages")).get("inference"))
+        return (f"{w.get('processed')} processed, {w.get('dropped')} dropped ({num(w.get('drop_rate'), '.0%')}), "
+                f"{num(w.get('processed_fps'), '.1f')} fps, inference p50 {num(inf.get('p50_ms'), '.1f')} ms")
+    parts = [f"model {d(w.get('model')).get('version')}", f"answers {w.get('requests')}"]
+    total = d(d(w.get("stages")).get("total"))
     if total:
-        parts.append(f"p99 {total.get('p99_ms', float('nan')):.1f} ms")
-    sh = w.get("shadow")
+        parts.append(f"p99 {num(total.get('p99_ms'), '.1f')} ms")
+    sh = d(w.get("shadow"))
     if sh:
-        agree = ", ".join(f"{k} {v:.3f}" for k, v in (sh.get("agreement") or {}).items())
-        ratio = (sh.get("latency_ms") or {}).get("ratio")
-        parts.append(f"shadow {sh['candidate']['version']} on {sh.get('rows')} rows: {agree or 'nothing compared yet'}"
-                     + (f", {ratio:.2f}x the served latency" if ratio else ""))
+        agree = ", ".join(f"{k} {num(v, '.3f')}" for k, v in d(sh.get("agreement")).items())
+        ratio = d(sh.get("latency_ms")).get("ratio")
+        parts.append(f"shadow {d(sh.get('candidate')).get('version')} on {sh.get('rows')} rows: "
+                     f"{agree or 'nothing compared yet'}"
+                     + (f", {num(ratio, '.2f')}x the served latency" if ratio else ""))
     return "; ".join(parts)
 
 

@@ -15,6 +15,7 @@ Nothing here prints: progress is the record (``job.rollout.record``, ``on_change
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -240,11 +241,14 @@ def rollback_devices(broker: BrokerSettings, fleet: str, devices: str, sign_key:
 
 def shadow_devices(bundle: Path, broker: Optional[BrokerSettings], fleet: str, devices: str, sign_key: Any, *,
                    source: BundleSource, record_dir: Path = Path("."), timeout_s: float = 600.0,
+                   allow_downgrade: bool = False,
                    client: Optional[FleetClient] = None) -> dict[str, dict[str, Any]]:
     """Install ``bundle`` as a shadow candidate on the selected devices: a signed ``install`` with
     ``args.shadow`` — downloaded, verified, health-checked into the idle slot, never switched to (no canary
-    waves: nothing a device serves changes). Device → its answer; a device that does not answer within
-    ``timeout_s`` gets ``{"ok": False, "error": {"reason": "timeout"}}``."""
+    waves: nothing a device serves changes). Device → its answer. Only online devices are sent the command, and
+    it expires with ``timeout_s`` (a device that comes back later must not install a candidate nobody waits for,
+    from a server that has stopped); an offline device gets ``{"ok": False, "error": {"reason": "offline"}}``, one
+    that does not answer in time ``{"reason": "timeout"}``."""
     info = read_bundle(bundle)
     source.check()
     with contextlib.ExitStack() as stack:
@@ -260,10 +264,17 @@ def shadow_devices(bundle: Path, broker: Optional[BrokerSettings], fleet: str, d
             if broker is None:
                 raise ConfigError("no broker to reach the fleet through")
             client = stack.enter_context(FleetClient(broker, fleet))
-        targets = select_devices(client.discover(), devices, None)
-        args = {"url": url, "sha256": info.sha256, "size": info.size, "shadow": True}
-        sent = {d: client.send(d, "install", args, sign_key=sign_key, expires_s=max(timeout_s, 3600.0))
-                for d in targets}
-        answers = {d: client.wait_ack(rid, timeout_s) for d, rid in sent.items()}
-    return {d: a or {"ok": False, "error": {"reason": "timeout", "message": f"no answer in {timeout_s:.0f} s"}}
-            for d, a in answers.items()}
+        known = client.discover()
+        targets = select_devices(known, devices, None)
+        online = [d for d in targets if (known.get(d) or {}).get("status") == "online"]
+        args = {"url": url, "sha256": info.sha256, "size": info.size, "shadow": True,
+                "allow_downgrade": allow_downgrade}
+        sent = {d: client.send(d, "install", args, sign_key=sign_key, expires_s=timeout_s) for d in online}
+        deadline = time.monotonic() + timeout_s  # one deadline for all: not N × timeout
+        answers = {d: client.wait_ack(rid, max(0.0, deadline - time.monotonic())) for d, rid in sent.items()}
+    out: dict[str, dict[str, Any]] = {
+        d: {"ok": False, "error": {"reason": "offline", "message": "offline: not sent (send again when it is back)"}}
+        for d in targets if d not in sent}
+    out.update({d: a or {"ok": False, "error": {"reason": "timeout", "message": f"no answer in {timeout_s:.0f} s"}}
+                for d, a in answers.items()})
+    return out

@@ -331,7 +331,9 @@ class AgentCore:
         body["spool"] = self.spool.stats()
         body["bad_commands"] = self.bad_commands
         if self.config.reports_dir is not None:
-            body["workloads"] = workload_reports(self.config.reports_dir, 3 * self.config.telemetry_interval_s)
+            # fresh: written within three telemetry intervals, and never less than 30 s (serve writes every 10 s)
+            body["workloads"] = workload_reports(self.config.reports_dir,
+                                                 max(3 * self.config.telemetry_interval_s, 30.0))
         msg = self.publish("telemetry", body)
         for change in changes:
             self.emit_event(change.pop("type"), **change)
@@ -568,21 +570,29 @@ def workload_reports(folder: Path, fresh_s: float) -> dict[str, Any]:
     """The reports workloads wrote into ``folder`` (``NAME.json``) within the last ``fresh_s`` seconds, by name:
     a stopped workload's last report is not sent as if it were current. Unreadable or oversized files are named
     with the reason, never raised."""
+    import stat as stat_mod
+
     out: dict[str, Any] = {}
     now = time.time()
+    fresh: list[tuple[Path, int]] = []
     try:
-        files = sorted(Path(folder).glob("*.json"))[:16]
+        for f in sorted(Path(folder).glob("*.json")):
+            st = f.stat()
+            if stat_mod.S_ISREG(st.st_mode) and now - st.st_mtime <= fresh_s:  # (a FIFO would block the agent)
+                fresh.append((f, st.st_size))
     except OSError:
         return out
-    for f in files:
+    for f, size in fresh[:16]:
+        if size > MAX_REPORT_BYTES:
+            out[f.stem] = {"error": f"report of {size} bytes left out (limit {MAX_REPORT_BYTES})"}
+            continue
         try:
-            st = f.stat()
-            if now - st.st_mtime > fresh_s:
+            with open(f, "rb") as fh:
+                data = fh.read(MAX_REPORT_BYTES + 1)  # (it may have grown since the stat)
+            if len(data) > MAX_REPORT_BYTES:
+                out[f.stem] = {"error": f"report over {MAX_REPORT_BYTES} bytes left out"}
                 continue
-            if st.st_size > MAX_REPORT_BYTES:
-                out[f.stem] = {"error": f"report of {st.st_size} bytes left out (limit {MAX_REPORT_BYTES})"}
-                continue
-            out[f.stem] = json.loads(f.read_text())
+            out[f.stem] = json.loads(data)
         except (OSError, ValueError) as exc:
             out[f.stem] = {"error": f"unreadable report ({type(exc).__name__})"}
     return out

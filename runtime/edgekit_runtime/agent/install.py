@@ -225,14 +225,19 @@ class Installer:
             raise InstallError("no_active", "nothing is active to shadow: a shadow candidate runs beside the "
                                "active model", step=None, code=ErrorCode.CONFIG_INVALID,
                                hint="install a model first (without --shadow)")
-        if active is not None and req.sha256 is not None:
+        if req.shadow and req.sha256 is not None:
+            # a shadow install never moves the pointer, so it never takes the damaged-active repair path below
+            if sd.read_slot(active).get("sha256") == req.sha256:
+                raise InstallError("already_active", "this bundle is the active model: there is nothing to "
+                                   "shadow it against", step="verify", code=ErrorCode.CONFIG_INVALID,
+                                   hint="send the candidate's bundle with --shadow")
+            done_before = self._already_shadow(req.sha256, active, pointer)
+            if done_before is not None:
+                return done_before, None
+        if active is not None and req.sha256 is not None and not req.shadow:
             rec = sd.read_slot(active)
             if rec.get("sha256") == req.sha256 and rec.get("model"):
                 if self._intact(active, req.sha256):
-                    if req.shadow:
-                        raise InstallError("already_active", "this bundle is the active model: there is nothing to "
-                                           "shadow it against", step="verify", code=ErrorCode.CONFIG_INVALID,
-                                           hint="send the candidate's bundle with --shadow")
                     # already serving it (a re-sent command, or one redelivered after the switch): nothing to fetch
                     return {"slot": active, "previous_slot": pointer.get("previous"), "model": rec["model"],
                             "sha256": req.sha256, "already_active": True, "health": rec.get("health"),
@@ -290,11 +295,17 @@ class Installer:
             if active is not None:
                 rec = sd.read_slot(active)
                 # (a pinned sha256 was already compared with the active slot before the download)
+                if req.shadow and req.sha256 is None:
+                    done_before = self._already_shadow(sha, active, pointer)
+                    if done_before is not None:
+                        sd.clear_marker()
+                        self._discard_download(sha)
+                        return done_before, None
+                if req.shadow and rec.get("sha256") == sha:
+                    raise InstallError("already_active", "this bundle is the active model: there is nothing to "
+                                       "shadow it against", step="verify", code=ErrorCode.CONFIG_INVALID,
+                                       hint="send the candidate's bundle with --shadow")
                 if req.sha256 is None and rec.get("sha256") == sha and self._intact(active, sha):
-                    if req.shadow:
-                        raise InstallError("already_active", "this bundle is the active model: there is nothing to "
-                                           "shadow it against", step="verify", code=ErrorCode.CONFIG_INVALID,
-                                           hint="send the candidate's bundle with --shadow")
                     sd.clear_marker()
                     self._discard_download(sha)
                     result = {"slot": active, "previous_slot": pointer.get("previous"), "model": _model(verified),
@@ -313,8 +324,8 @@ class Installer:
             # unpack: the idle slot is marked "installing" (with this transaction) before it is emptied; a shadow
             # candidate it held is gone from here on
             self._step(marker, "unpack")
-            sd.clear_shadow()
             sd.write_slot(target, {"state": "installing", "sha256": sha, "txn": marker["txn"]})
+            sd.clear_shadow()  # (after the record: a crash between the two is undone by the marker, shadow and all)
             _empty_slot(sd.slot_dir(target))
             bundle_path = sd.place_bundle(path, target, link=True)  # downloads/ is ours: no third copy
             done("unpack")
@@ -409,8 +420,10 @@ class Installer:
         result = {"slot": target, "previous_slot": previous_after, "model": info, "sha256": sha,
                   "already_active": False, "health": health, "timings_s": timings}
         if req.shadow:
-            result.update(shadow=True, slot=active, previous_slot=pointer.get("previous") if pointer else None,
-                          shadow_slot=target)
+            # the idle slot held the previous model: it holds the candidate now, so there is no rollback target
+            result.update(shadow=True, slot=active, previous_slot=None, shadow_slot=target,
+                          note=f"slot {target} now holds the shadow candidate: there is no previous model to roll "
+                               "back to until a model is installed again")
         try:
             self._fault("switched")  # tests: a crash between the pointer switch and the marker removal
             sd.clear_marker()
@@ -451,6 +464,19 @@ class Installer:
         os.replace(tmp, dest)
         return dest
 
+    def _already_shadow(self, sha: str, active: str | None, pointer: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The answer to a shadow install of the candidate already in the idle slot (a re-sent command): no second
+        install under the workload that runs it."""
+        shadow = self.sd.read_shadow()
+        if shadow is None or shadow.get("sha256") != sha or shadow.get("slot") == active:
+            return None
+        rec = self.sd.read_slot(shadow["slot"])
+        if rec.get("state") != "shadow" or not self._intact(shadow["slot"], sha):
+            return None
+        return {"slot": active, "previous_slot": None, "model": rec.get("model"), "sha256": sha,
+                "already_active": False, "already_shadow": True, "shadow": True, "shadow_slot": shadow["slot"],
+                "health": rec.get("health"), "timings_s": {}}
+
     def _intact(self, slot: str, sha: str) -> bool:
         """The slot's bundle is still the file that was installed, and still verifies (not damaged since)."""
         from ..bundle import open_bundle
@@ -472,6 +498,9 @@ class Installer:
         if sd.read_marker() is None:
             return
         if sd.read_slot(target).get("txn") == marker["txn"]:  # this install marked (and so began to write) it
+            shadow = sd.read_shadow()
+            if shadow is not None and shadow.get("slot") == target:
+                sd.clear_shadow()  # its slot is emptied now
             _empty_slot(sd.slot_dir(target))
             sd.write_slot(target, {"state": "aborted", "txn": marker["txn"], "failed_step": marker.get("step")})
         sd.clear_marker()
@@ -637,16 +666,20 @@ class Installer:
         pointer = sd.read_pointer()
         slot = marker.get("slot")
         step = marker.get("step")
-        if pointer is not None and slot in SLOTS and pointer["slot"] == slot and pointer.get("txn") == marker.get("txn"):
-            sd.clear_marker()  # the switch happened; only the marker removal was lost
+        shadow = sd.read_shadow()
+        switched = (pointer is not None and slot in SLOTS and pointer["slot"] == slot
+                    and pointer.get("txn") == marker.get("txn"))
+        shadowed = (shadow is not None and shadow.get("slot") == slot and shadow.get("txn") == marker.get("txn")
+                    and sd.read_slot(slot).get("state") == "shadow")
+        if switched or shadowed:
+            sd.clear_marker()  # the switch (or the shadow install) happened; only the marker removal was lost
             outcome = "completed"
         else:
             if slot in SLOTS and (pointer is None or pointer["slot"] != slot):
                 # only a slot this install had marked was written to (the crash may have come before that)
-                shadow = sd.read_shadow()
-                if shadow is not None and shadow.get("slot") == slot:
-                    sd.clear_shadow()  # its slot is emptied below (or was being overwritten)
                 if sd.read_slot(slot).get("txn") == marker.get("txn"):
+                    if shadow is not None and shadow.get("slot") == slot:
+                        sd.clear_shadow()  # the slot it names is emptied below
                     _empty_slot(sd.slot_dir(slot))
                     sd.write_slot(slot, {"state": "aborted", "txn": marker.get("txn"), "failed_step": step,
                                          "note": "the agent stopped during the install"})

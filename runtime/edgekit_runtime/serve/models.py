@@ -187,13 +187,15 @@ class Route:
             self._watcher.start()
 
     def _watch(self) -> None:
-        self._check_shadow()
-        while not self._stop.wait(self.check_every_s):
+        first = True
+        while first or not self._stop.wait(self.check_every_s):
             try:
-                self._check_pointer()
+                if not first:
+                    self._check_pointer()
                 self._check_shadow()
             except Exception:  # noqa: BLE001 - keep watching whatever one check did
                 log.exception("checking %s for a switch failed", self.source)
+            first = False
 
     def _check_shadow(self) -> None:
         """The agent's ``shadow`` file (``edgekit-agent install --shadow``) names the idle slot's candidate."""

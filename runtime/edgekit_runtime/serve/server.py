@@ -188,13 +188,13 @@ class Server:
 
         try:
             candidate = load(bundle, **route.load_kwargs)
-        except RuntimeErrorBase as exc:
+        except Exception as exc:  # noqa: BLE001 - a candidate that does not load never takes serving down
             log.error("%s: the shadow candidate %s does not load (%s)", route.name, bundle, exc)
             self.remove_shadow(route.name)
             return
         try:
             self.add_shadow(route.name, candidate)
-        except RuntimeErrorBase as exc:
+        except Exception as exc:  # noqa: BLE001 - (incompatible inputs, a failing warm-up, an engine error)
             candidate.close()
             self.remove_shadow(route.name)
             log.error("%s: the shadow candidate cannot run beside the served model (%s)", route.name, exc)

@@ -304,3 +304,60 @@ def test_engines_are_cached_in_the_state_directory(agent_env, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(agent_env.tmp / "elsewhere"))
     make_installer(sd, agent_env.config("x"))
     assert EngineCache().directory == agent_env.tmp / "elsewhere"
+
+
+@pytest.mark.parametrize("step", [*STEPS, "switched"])
+def test_kill_9_at_every_step_of_a_shadow_install(agent_env, capsys, step):
+    """A shadow install SIGKILLed at ``step``: the active model never moves; before the end the candidate is undone
+    (no shadow file naming an emptied slot), after it the candidate stays (only the marker removal was lost)."""
+    path = agent_env.config_file()
+    v1, v2 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0), agent_env.model_bundle("v2.ekb", release=2)
+    assert _install(path, v1, capsys=capsys)[0] == 0
+    flag = agent_env.tmp / "paused"
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit_runtime.agent.cli", "install", str(v2), "--shadow",
+                             "--config", str(path), "--json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, EDGEKIT_AGENT_FAULT=f"pause:{step}", EDGEKIT_AGENT_FAULT_FILE=str(flag)))
+    try:
+        agent_env.wait_until(lambda: flag.exists() or proc.poll() is not None, 60, what=f"pause at {step}")
+        if not flag.exists() or flag.read_text() != step:
+            proc.kill()
+            pytest.fail(f"the install did not pause at {step}: {proc.communicate()[0].decode()}")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    served, recovered = _served(agent_env)
+    _consistent(sd)
+    assert served["release"] == 1 and served["slot"] == "a"  # the active model, whatever the step
+    shadow = sd.read_shadow()
+    if step == "switched":
+        assert recovered["outcome"] == "completed"
+        assert shadow is not None and shadow["slot"] == "b" and sd.read_slot("b")["state"] == "shadow"
+        assert _sha(sd.slot_dir("b") / "bundle.ekb") == shadow["sha256"] == _sha(v2)
+    else:
+        assert recovered["outcome"] == "undone" and shadow is None and sd.read_slot("b").get("state") != "shadow"
+
+
+def test_a_shadow_install_never_moves_the_pointer_and_a_resent_one_is_not_redone(agent_env, capsys):
+    path = agent_env.config_file()
+    v1, v2 = agent_env.model_bundle("v1.ekb", release=1, scale=1.0), agent_env.model_bundle("v2.ekb", release=2)
+    v3 = agent_env.model_bundle("v3.ekb", release=3, scale=3.0)
+    assert _install(path, v1, capsys=capsys)[0] == 0 and _install(path, v2, capsys=capsys)[0] == 0  # b active
+    sd = StateDir(agent_env.tmp / "state-dev1")
+    # the active copy is damaged: a normal install of it would fall back and repair; a shadow of it never moves
+    # the pointer (and the active bundle cannot be its own shadow)
+    (sd.slot_dir("b") / "bundle.ekb").write_bytes(b"damaged")
+    rc, reply = _install(path, v2, "--shadow", "--sha256", _sha(v2), capsys=capsys)
+    assert rc == 3 and reply["error"]["reason"] == "already_active"
+    assert sd.read_pointer()["slot"] == "b" and sd.read_pointer()["previous"] == "a"
+    assert _install(path, v2, capsys=capsys)[0] == 0  # (a normal install repairs it: falls back, reinstalls)
+    pointer = sd.read_pointer()
+    rc, reply = _install(path, v3, "--shadow", capsys=capsys)
+    assert rc == 0 and reply["shadow"] and reply["previous_slot"] is None and "no previous model" in reply["note"]
+    slot_file = sd.slot_dir(reply["shadow_slot"]) / "bundle.ekb"
+    mtime = slot_file.stat().st_mtime_ns
+    rc, again = _install(path, v3, "--shadow", "--sha256", _sha(v3), capsys=capsys)  # a re-sent command
+    assert rc == 0 and again["already_shadow"] and again["shadow_slot"] == reply["shadow_slot"]
+    rc, again = _install(path, v3, "--shadow", capsys=capsys)  # unpinned: known at verify
+    assert rc == 0 and again["already_shadow"]
+    assert slot_file.stat().st_mtime_ns == mtime and sd.read_pointer()["slot"] == pointer["slot"]
