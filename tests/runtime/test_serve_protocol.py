@@ -305,3 +305,14 @@ def test_binary_data_false_on_an_output_beats_binary_data_output():
                                     "outputs": [{"name": "y", "parameters": {"binary_data": False}},
                                                 {"name": "z"}]}).encode(), None)
     assert not req.wants_binary("y") and req.wants_binary("z")
+
+
+def test_non_finite_outputs_are_null_in_json_and_exact_in_binary():
+    y = np.array([[1.0, np.nan, np.inf]], np.float32)
+    body, _ = encode_response("m", "1", {"y": y}, InferRequest(inputs={}))
+    out = json.loads(body)["outputs"][0]  # strict JSON: parses
+    assert out["data"] == [1.0, None, None] and out["parameters"]["non_finite"] == "null"
+    body, h = encode_response("m", "1", {"y": y}, InferRequest(inputs={}, binary_default=True))
+    n = int(h[HEADER_LENGTH])
+    got = np.frombuffer(body[n:], np.float32)
+    assert got[0] == 1.0 and np.isnan(got[1]) and np.isinf(got[2])

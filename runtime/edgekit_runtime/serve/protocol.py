@@ -254,7 +254,12 @@ def encode_response(model_name: str, model_version: str, outputs: dict[str, np.n
         elif arr.dtype.kind == "O":
             entry["data"] = [x.decode() if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            data = arr.reshape(-1).tolist()
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                # JSON has no NaN or infinity: null, and the binary form carries the values as they are
+                data = [v if math.isfinite(v) else None for v in data]
+                entry["parameters"] = {"non_finite": "null"}
+            entry["data"] = data
         entries.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
     if req.id is not None:
