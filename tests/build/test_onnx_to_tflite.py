@@ -248,3 +248,28 @@ def test_a_model_the_converter_cannot_lower_is_an_import_error_with_a_way_out(tm
         TFLiteCompiler().fp32(src, tmp_path)
     assert "x86-openvino-cpu" in err.value.hint
     assert isinstance(err.value.__cause__, ConcretizationTypeError)
+
+
+def test_ai_edge_quantizer_refusing_to_keep_ops_in_float_ends_the_search_not_the_build(tmp_path, monkeypatch):
+    """The zoo found it (wide_resnet50_2): ai-edge-quantizer raises ValueError for some ops kept in float. The
+    recovery keeps what it tried and lets the gate judge, with the reason in the attempt; no bare traceback."""
+    from types import SimpleNamespace
+
+    from edgekit.build.backends import quantize_tflite as qt
+    from edgekit.build.gates import Attempt, GateResult
+
+    class Aeq:
+        x = np.zeros((4, 3, 8, 8), np.float32)
+
+        def rank(self, scratch, samples):
+            raise ValueError("Failed to get quantization parameters for tensor: conv. Error: input operand has more "
+                             "dimensions than allowed by the axis remapping")
+
+    art = SimpleNamespace(details={"int8_ops": {"int8": 1, "float": 0}})
+    monkeypatch.setattr(qt.TFLiteCompiler, "_aeq", lambda self, src, calib, settings, workdir: (Aeq(), art))
+    failed = [GateResult("fidelity.cosine", "failed", 0.93, 0.99)]  # the full-INT8 recipe misses the gate
+    goal = SimpleNamespace(evaluate=lambda a, strategy, details: Attempt(strategy, a, failed, details=dict(details)))
+    settings = SimpleNamespace(max_excluded_nodes=8, calibration_count=4)
+    attempts = qt.TFLiteCompiler().recover(None, Aeq.x, settings, tmp_path, goal, None)
+    assert [a.strategy for a in attempts] == ["ai_edge_quantizer"] and not attempts[0].passed
+    assert "axis remapping" in attempts[0].details["mixed_precision_failed"]

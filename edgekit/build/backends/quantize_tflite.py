@@ -210,11 +210,22 @@ class TFLiteCompiler(BackendCompiler):
         attempts = [goal.evaluate(art, "ai_edge_quantizer", art.details)]
         if attempts[0].passed or settings.max_excluded_nodes == 0:
             return attempts
-        ranking = aeq.rank(workdir / "sensitivity", aeq.x[:RANKING_SAMPLES])
-        return attempts + search_fewest(
-            ranking, settings.max_excluded_nodes,
-            lambda names: aeq.artifact(workdir / f"tflite-int8-aeq-x{len(names)}", exclude=names), goal,
-            details=lambda art: {"int8_ops": art.details["int8_ops"]})
+        try:
+            ranking = aeq.rank(workdir / "sensitivity", aeq.x[:RANKING_SAMPLES])
+            return attempts + search_fewest(
+                ranking, settings.max_excluded_nodes,
+                lambda names: aeq.artifact(workdir / f"tflite-int8-aeq-x{len(names)}", exclude=names), goal,
+                details=lambda art: {"int8_ops": art.details["int8_ops"]})
+        except EdgekitError:
+            raise
+        except Exception as exc:  # ai-edge-quantizer refuses some ops alone or in float ("more dimensions than
+            # allowed by the axis remapping", a wide ResNet's convolution): the search ends, the gate judges what was
+            # tried and says so
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            log.warning("ai-edge-quantizer cannot keep this model's ops in float one by one (%s: %s); the mixed "
+                        "precision search stops", type(exc).__name__, first)
+            attempts[0].details["mixed_precision_failed"] = f"{type(exc).__name__}: {first}"
+            return attempts
 
     def signature(self, artifact: Artifact, sig: Signature) -> Signature:
         io = artifact.details["io"]
