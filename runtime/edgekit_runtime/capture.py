@@ -143,7 +143,7 @@ class SampleCapture:
         day = self.folder / time.strftime("%Y-%m-%d", time.gmtime(now))
         stem = f"{time.strftime('%H%M%S', time.gmtime(now))}-{uuid.uuid4().hex[:10]}"
         doc = {"image": stem + suffix, "captured_at": now, "reason": reason, "confidence": confidence_of(result),
-               "drift_z": drift_z, "model": model, "result": _plain(result)}
+               "drift_z": drift_z, "model": model, "result": plain_result(result)}
         if source:
             doc["source"] = source
         side, image_path = day / f"{stem}.json", day / (stem + suffix)
@@ -217,7 +217,8 @@ def drift_z(model: Any, x: np.ndarray) -> np.ndarray | None:
     return (x.reshape(len(x), -1).astype(np.float64).mean(1) - ref.mean) / ref.std
 
 
-def _plain(result: dict[str, Any]) -> dict[str, Any]:
+def plain_result(result: dict[str, Any]) -> dict[str, Any]:
+    """A device result as JSON-ready values, without its mask (as large as the image; the classes stay)."""
     out = {}
     for k, v in result.items():
         if k == "mask":

@@ -28,7 +28,7 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from .agent.metrics import LatencyHistogram
-from .capture import drift_z
+from .capture import drift_z, plain_result
 from .contract.errors import ErrorCode, InputError, RuntimeConfigError, RuntimeErrorBase
 from .processing import cv2_module
 
@@ -288,13 +288,8 @@ def _infer(model: Any, frame: np.ndarray, color: str, stats: StreamStats, top_k:
 
 
 # -- sinks ---------------------------------------------------------------------------------------------
-def jsonable(result: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in result.items():
-        if k == "mask":  # a segmentation mask is the annotated video's business, not a JSON line's
-            continue
-        out[k] = v.tolist() if isinstance(v, np.ndarray) else v
-    return out
+# a result as a JSON line: what a capture sidecar keeps (a mask is the annotated video's business)
+jsonable = plain_result
 
 
 def jsonl_sink(stream: TextIO) -> Sink:
