@@ -4,8 +4,9 @@
 axes as an input (opset 18) and every Reshape carries ``allowzero=1``. onnx2torch has converters up to
 opset 13–17 and does not implement ``allowzero=1``, so every such file was refused for
 android-arm64-tflite (the zoo coverage run: squeezenet1_1 "no converter for ReduceMean; Reshape").
-The graph is converted down to an opset onnx2torch covers and the flag cleared where it changes
-nothing; the torch module must match ONNX Runtime on the original file.
+edgekit registers converters for the versions torch writes (``onnx2torch_ops``), else converts the graph
+down to an opset onnx2torch covers, and clears the flag where it changes nothing; the torch module must
+match ONNX Runtime on the original file and pass torch.export(strict=True).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def opset20_classifier(path: Path, target: list[int] | None = None, side: int = 
 
 def test_opset20_export_converts_and_matches_onnxruntime(tmp_path):
     path = opset20_classifier(tmp_path / "m.onnx")
-    # the premise: at the file's own opset onnx2torch lacks both converters
-    assert set(unsupported_ops(onnx.load(str(path)))) == {"ReduceMean", "Reshape"}
+    # onnx2torch 1.5.15 has neither converter at opset 20; edgekit registers both (ReduceMean-18 with its
+    # constant axes input, Reshape-19 where allowzero is cleared)
+    assert unsupported_ops(onnx.load(str(path))) == {}
     module = onnx_to_torch(path)
     x = np.random.default_rng(1).normal(size=(3, 3, 16, 16)).astype(np.float32)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -106,3 +108,109 @@ def test_split_18_is_written_as_slices_and_matches_onnxruntime(tmp_path, channel
         got = module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     torch.export.export(module, (torch.from_numpy(x[:1]),), strict=True)  # what the TFLite path does next
+
+
+def _opset20(path: Path, nodes: list, inputs: list, outputs: list, arrays: dict[str, np.ndarray]) -> Path:
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _matches_onnxruntime(path: Path, x: np.ndarray):
+    """The converted module against ONNX Runtime on the file, and what the TFLite path does next (strict export)."""
+    module = onnx_to_torch(path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    torch.export.export(module, (torch.from_numpy(x),), strict=True)
+    return module
+
+
+def transformer_block(path: Path, approximate: str = "none") -> Path:
+    """What torch exports for ViT/Swin/ConvNeXt at opset 20: Pad-19 with an axes input (Swin's window padding),
+    LayerNormalization, Gelu-20, Gather with a constant scalar index (ViT's class token), ReduceMean-18."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+    arrays = {"pads": np.array([0, 1, 0, 2], np.int64), "pad_axes": np.array([1, 2], np.int64),
+              "ln_w": rng.normal(1, 0.1, 6).astype(np.float32), "ln_b": rng.normal(0, 0.1, 6).astype(np.float32),
+              "w": rng.normal(0, 0.4, (6, 6)).astype(np.float32), "token": np.array(0, np.int64),
+              "axes": np.array([1], np.int64), "shape": np.array([-1, 6], np.int64)}
+    nodes = [helper.make_node("Pad", ["x", "pads", "", "pad_axes"], ["p"], name="node_pad"),  # [2, 4, 6+1+2, 6]
+             helper.make_node("Reshape", ["p", "shape"], ["rows"], name="node_view"),  # keeps allowzero=0
+             helper.make_node("LayerNormalization", ["rows", "ln_w", "ln_b"], ["ln"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["ln", "w"], ["mm"], name="fc"),
+             helper.make_node("Gelu", ["mm"], ["g"], name="node_gelu", approximate=approximate),
+             helper.make_node("Reshape", ["g", "grid"], ["back"], name="node_view_1"),
+             helper.make_node("Gather", ["back", "token"], ["cls"], name="node_select", axis=1),
+             helper.make_node("ReduceMean", ["cls", "axes"], ["out"], name="node_mean", keepdims=0)]
+    arrays["grid"] = np.array([2, 4, 9, 6], np.int64)
+    return _opset20(path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])],
+                    [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 6])], arrays)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_transformer_ops_at_opset20_convert_without_a_down_converter(tmp_path, approximate):
+    # the premise: ONNX has no adapter down from Gelu-20 or Pad-18, and onnx2torch no converter at opset 20
+    from onnx import version_converter
+
+    path = transformer_block(tmp_path / "block.onnx", approximate)
+    with pytest.raises(Exception, match="Gelu"):
+        version_converter.convert_version(onnx.load(str(path)), 17)
+    assert unsupported_ops(onnx.load(str(path))) == {}  # registered by edgekit.build.backends.onnx2torch_ops
+    module = _matches_onnxruntime(path, np.random.default_rng(5).normal(size=(2, 4, 6, 6)).astype(np.float32))
+    gelus = [m for m in module.modules() if isinstance(m, torch.nn.GELU)]
+    assert [g.approximate for g in gelus] == [approximate]  # litert-torch lowers this to TFLite's GELU
+    assert "OnnxGather" not in {type(m).__name__ for m in module.modules()}  # written in as a constant index
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_pad_18_axes_input_matches_onnxruntime(tmp_path, mode):
+    from onnx import TensorProto, helper
+
+    arrays = {"pads": np.array([1, 2, 2, 1], np.int64), "axes": np.array([-1, 2], np.int64)}
+    inputs = ["x", "pads", "value" if mode == "constant" else "", "axes"]
+    if mode == "constant":
+        arrays["value"] = np.array(0.5, np.float32)
+    node = helper.make_node("Pad", inputs, ["y"], name="node_pad", mode=mode)
+    path = _opset20(tmp_path / "pad.onnx", [node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], arrays)
+    _matches_onnxruntime(path, np.random.default_rng(6).normal(size=(1, 2, 5, 5)).astype(np.float32))
+
+
+@pytest.mark.parametrize("indices", [[2, -1, 0], [[1, 0], [3, 3]]])
+def test_gather_with_constant_index_lists_matches_onnxruntime(tmp_path, indices):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Gather", ["x", "idx"], ["y"], name="node_index", axis=2)
+    path = _opset20(tmp_path / "gather.onnx", [node], [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                      [1, 3, 4, 2])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, *np.shape(indices), 2])],
+                    {"idx": np.array(indices, np.int64)})
+    _matches_onnxruntime(path, np.random.default_rng(7).normal(size=(1, 3, 4, 2)).astype(np.float32))
+
+
+@pytest.mark.parametrize("node_kwargs,reason,side", [
+    ({"op_type": "AveragePool", "kernel_shape": [2, 2], "dilations": [2, 2]}, "dilations", 4),
+    ({"op_type": "Pad", "mode": "wrap"}, "wrap", 8),
+])
+def test_a_newer_feature_onnx2torch_lacks_is_refused_with_its_name(tmp_path, node_kwargs, reason, side):
+    # the converter of the older version would ignore the attribute and compute something else
+    from onnx import TensorProto, helper
+
+    kwargs = dict(node_kwargs)
+    op = kwargs.pop("op_type")
+    inputs = ["x", "pads"] if op == "Pad" else ["x"]
+    node = helper.make_node(op, inputs, ["y"], name="node_odd", **kwargs)
+    path = _opset20(tmp_path / "odd.onnx", [node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, side, side])],
+                    {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)})
+    with pytest.raises(ModelImportError, match=f"node_odd.*{reason}"):
+        onnx_to_torch(path)

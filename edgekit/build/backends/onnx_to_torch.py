@@ -22,7 +22,9 @@ with constant scales is not rewritten yet: such a model fails export and is refu
 
 onnx2torch's converters stop at opset 13–17 for most ops, while torch's exporter writes opset 18+
 (``torch.onnx.export(dynamo=True)``: opset 20), where ReduceMean takes its axes as an input and
-Reshape has a new version: every such file was refused. :func:`older_opset` converts the graph
+Reshape has a new version: every such file was refused. :mod:`.onnx2torch_ops` registers converters for
+the versions torch writes (type-only bumps, Reduce*-18 and Pad-18 with constant axes, Gelu-20), each checked
+against the node; for anything else :func:`older_opset` converts the graph
 down (``onnx.version_converter``) to the newest opset in :data:`FALLBACK_OPSETS` at which
 onnx2torch has a converter for every node, before refusing; and the same exporter marks every
 Reshape ``allowzero=1``, which onnx2torch does not implement: :func:`drop_allowzero` clears it
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ModelImportError
+from .onnx2torch_ops import register
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ def unsupported_ops(model: Any) -> dict[str, list[str]]:
     """Op type → names of the nodes onnx2torch has no converter for (empty when it can take the whole graph)."""
     from onnx2torch.node_converters.registry import get_converter
 
+    register()
     opsets = {o.domain or "": o.version for o in model.opset_import}
     missing: dict[str, list[str]] = defaultdict(list)
     for i, node in enumerate(model.graph.node):
@@ -188,6 +192,7 @@ def onnx_to_torch(onnx_path: Path):
     import onnx
     from onnx2torch import convert
 
+    register()
     model = onnx.load(str(onnx_path))
     missing = unsupported_ops(model)
     if "Split" in missing and splits_as_slices(model):
@@ -232,6 +237,13 @@ def _unsqueeze(x, axes: tuple[int, ...]):
     return x
 
 
+def _take(x, axis: int, indices):
+    """ONNX Gather (numpy.take) with constant indices: an int selects (the axis goes), a list indexes."""
+    if isinstance(indices, int):
+        return x.select(axis, indices)
+    return x[(slice(None),) * (axis % x.dim()) + (indices,)]
+
+
 def _plain(value):
     """Slices and lists with Python ints only (numpy or torch scalars do not survive FX code generation)."""
     if isinstance(value, slice):
@@ -273,12 +285,14 @@ def _constant(module, arg):
 
 
 def static_reshapes(module):
-    """Reshape, Slice, Squeeze and Unsqueeze with constant shapes/axes, as calls with those values written in.
+    """Reshape, Slice, Squeeze, Unsqueeze and Gather with constant shapes/axes/indices, as calls with those values
+    written in.
 
     onnx2torch's modules for these read shapes and axes from buffers and branch on their values
     (``if torch.any(shape == 0)``, loops over an axes tensor), which torch.export rejects as
     data-dependent control flow; exporters write most flattens and heads this way
-    (``Reshape(x, [1, -1])``, ``Squeeze(x, [2, 3])``). Resize with constant scales is not
+    (``Reshape(x, [1, -1])``, ``Squeeze(x, [2, 3])``). A Gather with a constant scalar index (ViT's class
+    token, Swin's q/k/v split) indexes with a tensor, which export turns into an unbacked size. Resize with constant scales is not
     rewritten yet: such a model is refused with the export's reason."""
     import torch
 
@@ -289,13 +303,17 @@ def static_reshapes(module):
             continue
         kind = type(module.get_submodule(node.target)).__name__
         rest = list(node.args[1:])
-        if kind not in ("OnnxReshape", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeDynamicAxes", "OnnxSlice") or \
+        if kind not in ("OnnxReshape", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeDynamicAxes", "OnnxSlice",
+                        "OnnxGather") or \
                 not rest or node.kwargs or any(a is not None and _constant(module, a) is None for a in rest):
             continue
         consts = [None if a is None else _constant(module, a) for a in rest]
         if any(c is not None and (not isinstance(c, torch.Tensor) or c.is_floating_point()) for c in consts):
             continue
-        call = _static_call(kind, consts)
+        if kind == "OnnxGather":  # the axis is the module's; indices keep their shape (0-d: the axis goes)
+            call = (_take, (int(module.get_submodule(node.target)._axis), consts[0].tolist()))
+        else:
+            call = _static_call(kind, consts)
         if call is None:
             continue
         with graph.inserting_after(node):
@@ -305,5 +323,6 @@ def static_reshapes(module):
         changed = True
     if changed:
         graph.eliminate_dead_code()
+        module.delete_all_unused_submodules()  # the replaced modules (and the buffers they held) go
         module.recompile()
     return module
