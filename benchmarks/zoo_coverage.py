@@ -5,6 +5,8 @@ For every classification constructor in ``torchvision.models`` (``list_models(mo
 1. **Model**: random weights (``weights=None``, ``torch.manual_seed(0)``) at a small input (64×64; the
    ViTs, inception_v3 and maxvit_t at the sizes ``benchmarks/prune_zoo.py`` gives them). BatchNorm
    statistics are re-estimated on real image crops (scikit-learn's two sample photos; no downloads).
+   Layers the constructor zero-initializes (ViT's head) get default random weights, else the model
+   answers 0 to everything and the fidelity gate compares zeros.
 2. **ONNX file**: exported with the build's own exporter (``export_onnx`` + ``check_onnx``) with a dynamic
    batch, or with batch 1 where the dynamic export fails, as a user would hand it to ``edgekit compile``.
 3. **Compile** for each target through the build pipeline ``edgekit compile`` runs, with the overrides
@@ -184,6 +186,21 @@ def run_isolated(fn: Callable[[], dict[str, Any]], timeout: float) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------- export
+def reinit_zero_layers(model) -> list[str]:
+    """Linear/conv layers whose weights the constructor sets to zero (ViT's classification head), reset to
+    torch's default random init: with random weights elsewhere such a model answers 0 for every input, and
+    the fidelity gate would compare zeros with zeros (cosine 1.0, INT8 "within the gate" by construction)."""
+    import torch
+
+    names = []
+    for name, m in model.named_modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and weight is not None and not torch.count_nonzero(weight):
+            m.reset_parameters()
+            names.append(name)
+    return names
+
+
 def export_model(name: str, side_arg: int, threads: int, work: Path) -> dict[str, Any]:
     """The model with re-estimated BatchNorm statistics as ``work``/NAME.onnx (dynamic batch, else batch 1)."""
     import torch
@@ -197,10 +214,12 @@ def export_model(name: str, side_arg: int, threads: int, work: Path) -> dict[str
     torch.manual_seed(0)
     kwargs, side = build_kwargs(name, side_arg)
     model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    zeroed = reinit_zero_layers(model)
     reestimate_bn(model, images(BN_IMAGES, 2, side))
     src = ModelSource(source=f"torchvision.models:{name}", name=name, input_shape=[1, 3, side, side])
     path = work / f"{name}.onnx"
-    notes = []
+    notes = [f"zero-initialized {', '.join(zeroed)} given default random weights (else every output is 0)"] \
+        if zeroed else []
     try:
         export_onnx(model, src, path)
         dynamic = True
