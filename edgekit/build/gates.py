@@ -222,6 +222,26 @@ class FidelityCheck:
             out["cosine_min"] = min([out["cosine_min"], *(float(c.min()) for c in each.values())])
         return out
 
+    def check_reference(self, fp32_outputs: np.ndarray) -> None:
+        """Refuse a reference that cannot make the fidelity gate mean anything: the FP32 model answering the same
+        for every held-back sample (a model built without its trained weights, whose zero-initialized head
+        answers 0, does this), where any INT8 artifact that also answers it agrees at cosine 1.0."""
+        if self.settings.min_cosine is None and self.settings.min_top1_agreement is None:
+            return
+        flat = fp32_outputs.reshape(len(fp32_outputs), -1).astype(np.float64)
+        if len(flat) < 2:
+            return
+        spread, scale = float(np.abs(flat - flat[0]).max()), float(np.abs(flat).max())
+        if spread <= 1e-6 * scale:
+            what = "0 for every value" if scale == 0 else f"the same values (largest |value| {scale:.4g})"
+            raise GateError(
+                f"the FP32 model answers {what} for all {len(flat)} held-back calibration samples: INT8 fidelity "
+                f"measured against a constant output means nothing, no bundle written",
+                {"result": "failed: constant reference", "fidelity": {"samples": len(flat), "spread": spread,
+                                                                       "largest": scale}},
+                hint="load the trained weights (a freshly constructed model's zero-initialized head answers 0), "
+                     "and check that the preprocessing does not turn every image into the same input")
+
     def gates(self, figures: dict[str, Any]) -> list[GateResult]:
         out = []
         for name, threshold in (("cosine", self.settings.min_cosine),

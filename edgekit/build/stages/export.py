@@ -11,7 +11,7 @@ from edgekit_runtime.engines import engine_class
 
 from ...config import TargetProfile
 from ...errors import ConfigError
-from ..gates import AccuracyCheck, check_labels
+from ..gates import AccuracyCheck, FidelityCheck, check_labels
 from ..measure import Measurer
 from ..state import BuildState
 
@@ -56,6 +56,8 @@ class ExportStage:
             acc.check_reference(out, state.val.y, ref["accuracy"], state.val.source)
         if state.holdout is not None:
             ref["holdout_outputs"] = state.measurer.outputs(state.fp32, state.holdout, "holdout", reference=True)
+            if getattr(state.cfg.postprocess, "type", None) != "detections":  # rows after NMS: not gated by fidelity (quantize stage)
+                FidelityCheck(profile.fidelity).check_reference(ref["holdout_outputs"])
             # a model with several outputs: INT8 is held to each of them (a detector's boxes as well as its scores)
             ref["holdout_more_outputs"] = {name: state.measurer.outputs(state.fp32, state.holdout, "holdout",
                                                                         reference=True, output=name)
