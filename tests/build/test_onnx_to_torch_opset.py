@@ -214,3 +214,16 @@ def test_a_newer_feature_onnx2torch_lacks_is_refused_with_its_name(tmp_path, nod
                     {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)})
     with pytest.raises(ModelImportError, match=f"node_odd.*{reason}"):
         onnx_to_torch(path)
+
+
+def test_expand_with_a_constant_shape_broadcasts_both_ways_and_exports(tmp_path):
+    # onnx2torch builds torch.Size(shape_tensor), which torch.export cannot (Swin-V2's cosine attention)
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Expand", ["x", "shape"], ["y"], name="node_expand")
+    path = _opset20(tmp_path / "expand.onnx", [node], [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                      [1, 3, 1, 2])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 2])],
+                    {"shape": np.array([2, 1, 4, 1], np.int64)})
+    module = _matches_onnxruntime(path, np.random.default_rng(8).normal(size=(1, 3, 1, 2)).astype(np.float32))
+    assert "OnnxExpand" not in {type(m).__name__ for m in module.modules()}

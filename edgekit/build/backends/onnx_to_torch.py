@@ -237,6 +237,13 @@ def _unsqueeze(x, axes: tuple[int, ...]):
     return x
 
 
+def _expand(x, shape: tuple[int, ...]):
+    """ONNX Expand with a constant shape: bidirectional broadcast of the input against it."""
+    import torch
+
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), shape))
+
+
 def _take(x, axis: int, indices):
     """ONNX Gather (numpy.take) with constant indices: an int selects (the axis goes), a list indexes."""
     if isinstance(indices, int):
@@ -260,6 +267,8 @@ def _static_call(kind: str, consts: list):
     ints = [tuple(int(v) for v in c.flatten().tolist()) if c is not None else None for c in consts]
     if kind == "OnnxReshape":
         return _reshape, (ints[0],)
+    if kind == "OnnxExpand":
+        return _expand, (ints[0],)
     if kind == "OnnxSqueezeDynamicAxes":
         return (_squeeze, (ints[0],)) if ints and ints[0] else None
     if kind == "OnnxUnsqueezeDynamicAxes":
@@ -285,14 +294,15 @@ def _constant(module, arg):
 
 
 def static_reshapes(module):
-    """Reshape, Slice, Squeeze, Unsqueeze and Gather with constant shapes/axes/indices, as calls with those values
-    written in.
+    """Reshape, Slice, Squeeze, Unsqueeze, Expand and Gather with constant shapes/axes/indices, as calls with those
+    values written in.
 
     onnx2torch's modules for these read shapes and axes from buffers and branch on their values
     (``if torch.any(shape == 0)``, loops over an axes tensor), which torch.export rejects as
     data-dependent control flow; exporters write most flattens and heads this way
     (``Reshape(x, [1, -1])``, ``Squeeze(x, [2, 3])``). A Gather with a constant scalar index (ViT's class
-    token, Swin's q/k/v split) indexes with a tensor, which export turns into an unbacked size. Resize with constant scales is not
+    token, Swin's q/k/v split) indexes with a tensor, which export turns into an unbacked size; Expand builds a
+    ``torch.Size`` from its shape tensor (Swin-V2's cosine attention). Resize with constant scales is not
     rewritten yet: such a model is refused with the export's reason."""
     import torch
 
@@ -304,7 +314,7 @@ def static_reshapes(module):
         kind = type(module.get_submodule(node.target)).__name__
         rest = list(node.args[1:])
         if kind not in ("OnnxReshape", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeDynamicAxes", "OnnxSlice",
-                        "OnnxGather") or \
+                        "OnnxGather", "OnnxExpand") or \
                 not rest or node.kwargs or any(a is not None and _constant(module, a) is None for a in rest):
             continue
         consts = [None if a is None else _constant(module, a) for a in rest]
