@@ -16,11 +16,14 @@ does not implement is a refusal naming it, never a silently different graph:
 - **AveragePool-19** (``dilations``), **Resize-18/19** (``antialias``, ``axes``, a new
   coordinate mode), **ScatterND-18** (``max``/``min`` reductions): the older converter where the
   node leaves the new attribute at its default;
-- **Reduce*-18/20** (axes moved from an attribute to an input): constant axes, as the opset-13
-  module with them written in;
+- **Reduce*-18/20** (axes moved from an attribute to an input): constant axes, made non-negative
+  from the input's rank (onnx2torch's own Max/Min/Prod module is wrong for negative axes with
+  ``keepdims=0``);
 - **Pad-18/19/21** (an ``axes`` input, ``wrap`` mode): constant pads/axes/value, padding
   computed once (a static pad torch.export accepts, where onnx2torch's own reads its pads tensor
-  at run time);
+  at run time); reflect/edge padding of an axis torch cannot pad in that mode is refused;
+- **IsInf-20**: onnx2torch's converter, where ``detect_negative``/``detect_positive`` are 1 (it
+  detects both signs whatever they say);
 - **Gelu-20**: ``torch.nn.GELU`` with the node's ``approximate``, which litert-torch lowers to
   TFLite's GELU.
 """
@@ -38,6 +41,8 @@ TYPE_ONLY: dict[str, tuple[tuple[int, ...], int]] = {
     "Identity": ((19, 21), 16), "Shape": ((19, 21), 15), "Flatten": ((21,), 13), "Transpose": ((21,), 13),
     "Unsqueeze": ((21,), 13), "IsInf": ((20,), 10), "IsNaN": ((20,), 13),
 }
+# reflect/replicate padding in torch: how many trailing axes of a tensor of each rank it can pad
+PAD_TRAILING = {2: 1, 3: 2, 4: 3, 5: 3}
 REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
               "ReduceProd", "ReduceSumSquare")
 
@@ -76,6 +81,12 @@ def _alias(registry: dict, description: Any, op: str, old: int, check: Callable[
     return convert
 
 
+def _isinf_check(node) -> str | None:
+    if node.attributes.get("detect_negative", 1) != 1 or node.attributes.get("detect_positive", 1) != 1:
+        return "detect_negative/detect_positive other than 1 are not implemented by onnx2torch (it detects both)"
+    return None
+
+
 def _reshape_check(node) -> str | None:
     if node.attributes.get("allowzero", 0):
         return ("allowzero=1 (a 0 in the target shape means a 0-sized dimension) is not implemented by onnx2torch; "
@@ -107,16 +118,44 @@ def _scatter_check(node) -> str | None:
     return None if reduction in ("none", "add", "mul") else f"reduction={reduction!r} (ScatterND-18) is not implemented"
 
 
+@functools.cache
+def _reduce_module():
+    import torch
+    from onnx2torch.node_converters.reduce import _TORCH_FUNCTION_FROM_ONNX_TYPE
+    from onnx2torch.utils.common import OnnxToTorchModule
+
+    class OnnxReduceAxes(torch.nn.Module, OnnxToTorchModule):
+        """ONNX Reduce* with constant axes, made non-negative from the input's rank (a Python int at trace time).
+        onnx2torch's own module reduces Max/Min/Prod one axis at a time, shifting each axis by the ones already
+        removed, which is wrong for negative axes with keepdims=0."""
+
+        def __init__(self, operation_type: str, axes: list[int] | None, keepdims: bool):
+            super().__init__()
+            self.operation_type, self.axes, self.keepdims = operation_type, axes, keepdims
+
+        def forward(self, x):
+            axes = sorted({a % x.dim() for a in self.axes}) if self.axes else list(range(x.dim()))
+            if self.operation_type == "ReduceMax":
+                return torch.amax(x, dim=axes, keepdim=self.keepdims)
+            if self.operation_type == "ReduceMin":
+                return torch.amin(x, dim=axes, keepdim=self.keepdims)
+            if self.operation_type == "ReduceProd":
+                for axis in reversed(axes):  # the highest first: the lower axes keep their index
+                    x = torch.prod(x, dim=axis, keepdim=self.keepdims)
+                return x
+            return _TORCH_FUNCTION_FROM_ONNX_TYPE[self.operation_type](x, dim=axes, keepdim=self.keepdims)
+
+    return OnnxReduceAxes
+
+
 def _reduce(node, graph):
-    """Reduce*-18/20: the axes input (constant) written into onnx2torch's opset-13 module."""
-    from onnx2torch.node_converters.reduce import OnnxReduceStaticAxes
+    """Reduce*-18/20: the axes input (constant) written into the module."""
     from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 
     axes = _const_ints(node, graph, 1)
     if not axes and node.attributes.get("noop_with_empty_axes", 0):
         raise _unsupported(node, "noop_with_empty_axes=1 with no axes is not implemented")
-    module = OnnxReduceStaticAxes(operation_type=node.operation_type, axes=axes or None,
-                                  keepdims=node.attributes.get("keepdims", 1))
+    module = _reduce_module()(node.operation_type, axes or None, bool(node.attributes.get("keepdims", 1)))
     mapping = onnx_mapping_from_node(node)
     return OperationConverterResult(torch_module=module, onnx_mapping=mapping._replace(inputs=mapping.inputs[:1]))
 
@@ -130,9 +169,11 @@ def _pad_module():
         """ONNX Pad (opset 18+) with constant pads, axes and value: the torch padding is computed from the input's
         rank, a Python int at trace time, so torch.export sees a static pad."""
 
-        def __init__(self, axes: list[int] | None, begins: list[int], ends: list[int], mode: str, value: float):
+        def __init__(self, axes: list[int] | None, begins: list[int], ends: list[int], mode: str, value: float,
+                     node: str = ""):
             super().__init__()
             self.axes, self.begins, self.ends, self.mode, self.value = axes, begins, ends, mode, value
+            self.node = node
 
         def forward(self, x):
             rank = x.dim()
@@ -143,6 +184,9 @@ def _pad_module():
                 return x
             first = min(padded)
             if self.mode != "constant":  # torch pads the last 2–3 dims of a 4-D/5-D tensor in these modes
+                if first < rank - PAD_TRAILING.get(rank, 0):
+                    raise NotImplementedError(f"Pad node {self.node!r}: {self.mode} padding of axis {first} of a "
+                                              f"{rank}-D tensor (torch pads only its last {PAD_TRAILING.get(rank, 0)})")
                 first = min(first, rank - {4: 2, 5: 3}.get(rank, 1))
             pads: list[int] = []
             for a in range(rank - 1, first - 1, -1):  # torch: last dim first, (begin, end) each
@@ -176,9 +220,25 @@ def _pad(node, graph):
     if pads is None or len(pads) % 2 or (axes is not None and len(pads) != 2 * len(axes)):
         raise _unsupported(node, f"pads {pads} do not fit axes {axes}")
     half = len(pads) // 2
-    module = _pad_module()(axes, pads[:half], pads[half:], modes[mode], value)
+    rank = _rank(graph, node.input_values[0])
+    if mode != "constant" and rank is not None:
+        axes_n = [a % rank for a in axes] if axes is not None else list(range(rank))
+        outer = [a for a, b, e in zip(axes_n, pads[:half], pads[half:]) if (b, e) != (0, 0)
+                 and a < rank - PAD_TRAILING.get(rank, 0)]
+        if outer:
+            raise _unsupported(node, f"{mode} padding of axis {outer[0]} of a {rank}-D tensor: torch pads only the "
+                                     f"last {PAD_TRAILING.get(rank, 0)} axes in this mode")
+    module = _pad_module()(axes, pads[:half], pads[half:], modes[mode], value, node.name)
     mapping = onnx_mapping_from_node(node)
     return OperationConverterResult(torch_module=module, onnx_mapping=mapping._replace(inputs=mapping.inputs[:1]))
+
+
+def _rank(graph, name: str) -> int | None:
+    """The rank of a graph value where shape inference recorded it."""
+    for vi in (graph.value_info.get(name), *(i for i in graph.proto.input if i.name == name)):
+        if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+    return None
 
 
 def _gelu(node, graph):
@@ -207,7 +267,7 @@ def register() -> None:
 
     for op, (versions, old) in TYPE_ONLY.items():
         for v in versions:
-            add(op, v, _alias(registry, description, op, old))
+            add(op, v, _alias(registry, description, op, old, _isinf_check if op == "IsInf" else None))
     for v in (14, 19, 21):
         add("Reshape", v, _alias(registry, description, "Reshape", 13, _reshape_check))
     add("AveragePool", 19, _alias(registry, description, "AveragePool", 11, _avg_pool_check))
