@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
     p.add_argument("--stream-seconds", type=float, default=60.0, help="length of the 30 fps video for stream (0: skip)")
     p.add_argument("--only-stream", action="store_true", help="run the stream part only (keep the rest of the JSON)")
+    p.add_argument("--only-engine", action="store_true",
+                   help="run the engine-scaling part only: rows/s by batch size for 1 and --threads threads, spin-wait "
+                        "on and off (keep the rest of the JSON)")
     p.add_argument("--rebuild", action="store_true", help="compile even when the cached bundle exists")
     p.add_argument("--markdown-only", action="store_true")
     return p.parse_args(argv)
@@ -301,26 +304,41 @@ def overhead(server: ServerProcess, bundle: Path, pub: Path, threads: int, queri
     return out
 
 
-def engine_ceiling(bundle: Path, pub: Path, threads: int, max_batch: int, rounds: int = 30) -> dict[str, Any]:
-    """The engine alone, in this process: rows/s at batch 1 and at ``max_batch`` (alternating rounds of the same
-    work), the most any server's batching can gain on this machine."""
+def engine_ceiling(bundle: Path, pub: Path, threads: int, max_batch: int, rounds: int = 30,
+                   spin_wait: bool | None = None, sizes: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The engine alone, in this process: rows/s at batch 1 and at ``max_batch`` (and ``sizes``; rounds of the
+    same rows, the order rotating), the most any server's batching can gain on this machine."""
     import edgekit_runtime
 
-    x = np.random.default_rng(0).normal(size=(max_batch, 3, common.SIZE, common.SIZE)).astype(np.float32)
-    times: dict[int, list[float]] = {1: [], max_batch: []}
-    with edgekit_runtime.load(bundle, keyring=pub, threads=threads) as model:
+    batches = sorted({1, max_batch, *sizes})
+    rows_per_round = max(batches)
+    x = np.random.default_rng(0).normal(size=(rows_per_round, 3, common.SIZE, common.SIZE)).astype(np.float32)
+    times: dict[int, list[float]] = {n: [] for n in batches}
+    with edgekit_runtime.load(bundle, keyring=pub, threads=threads, spin_wait=spin_wait) as model:
         for _ in range(3):
-            model.run(x[:1])
-            model.run(x)
+            for n in batches:
+                model.run(x[:n])
         for r in range(rounds):
-            for n in ((1, max_batch) if r % 2 == 0 else (max_batch, 1)):
+            for n in batches[r % len(batches):] + batches[:r % len(batches)]:
                 t = time.perf_counter()
-                for _ in range(max_batch // n):
+                for _ in range(rows_per_round // n):
                     model.run(x[:n])
-                times[n].append(time.perf_counter() - t)
-    rows = {n: max_batch / statistics.median(v) for n, v in times.items()}
-    return {"rows_per_s_batch_1": rows[1], f"rows_per_s_batch_{max_batch}": rows[max_batch],
-            "ratio": rows[max_batch] / rows[1]}
+                times[n].append((time.perf_counter() - t) / (rows_per_round // n * n))
+    rows = {n: 1.0 / statistics.median(v) for n, v in times.items()}
+    return {**{f"rows_per_s_batch_{n}": rows[n] for n in batches}, "ratio": rows[max_batch] / rows[1]}
+
+
+def engine_scaling(bundle: Path, pub: Path, threads: int, max_batch: int) -> list[dict[str, Any]]:
+    """:func:`engine_ceiling` for one thread and ``threads``, spin-wait on and off: where batching's gain comes from
+    (one thread: the per-row cost alone; several: the thread pool's idle time that a bigger batch fills)."""
+    out = []
+    for n_threads in sorted({1, threads}):
+        for spin in (True, False):
+            log(f"engine scaling: {n_threads} thread(s), spin-wait {'on' if spin else 'off'}")
+            out.append({"threads": n_threads, "spin_wait": spin,
+                        **engine_ceiling(bundle, pub, n_threads, max_batch, rounds=12, spin_wait=spin,
+                                         sizes=(4, 16, 32))})
+    return out
 
 
 def stream_run(threads: int, rebuild: bool, seconds: float) -> dict[str, Any]:
@@ -388,6 +406,11 @@ def main(argv=None) -> int:
         return common.write_results(args.out, "serve", doc, markdown)
     built = build_bundle(args.threads, args.rebuild)
     bundle, pub = built["bundle"], common.ensure_keys()["public"]
+    if args.only_engine:
+        doc = json.loads((args.out / "serve.json").read_text())
+        doc["engine_scaling"] = engine_scaling(bundle, pub, args.threads, args.max_batch)
+        doc["engine_scaling_system"] = system_description()
+        return common.write_results(args.out, "serve", doc, markdown)
     x = np.random.default_rng(0).normal(size=(1, 3, common.SIZE, common.SIZE)).astype(np.float32)
     body, headers = tensor_body(x)
     doc: dict[str, Any] = {**common.run_header("serve/1", argv), "model": MODEL, "target": TARGET,
@@ -463,6 +486,17 @@ def markdown(doc: dict[str, Any]) -> str:
               f"p99 with batching {many['latency_ms']['p99']:.1f} ms against the configured delay plus one batch's "
               f"p99 inference ({s['max_delay_ms']:g} + {many['server']['inference_per_batch_ms']['p99']:.1f} = "
               f"{doc['p99_bound_ms']:.1f} ms).", ""]
+    if doc.get("engine_scaling"):
+        sizes = sorted(int(k.rsplit("_", 1)[1]) for k in doc["engine_scaling"][0] if k.startswith("rows_per_s_batch_"))
+        lines += ["## The engine alone: rows/s by batch size (`--only-engine`)", "",
+                  "One process, no HTTP; every batch size runs the same rows per round, the order rotating. What "
+                  "batching can gain is the gain here: with one thread a row costs the same alone or in a batch.", "",
+                  "| threads | spin-wait | " + " | ".join(f"batch {n}" for n in sizes) + f" | batch {mb} ÷ batch 1 |",
+                  "|---:|---|" + "---:|" * (len(sizes) + 1)]
+        for e in doc["engine_scaling"]:
+            lines.append(f"| {e['threads']} | {'on' if e['spin_wait'] else 'off'} | "
+                         + " | ".join(f"{e[f'rows_per_s_batch_{n}']:.0f}" for n in sizes) + f" | {e['ratio']:.2f}× |")
+        lines.append("")
     if doc.get("open_loop"):
         ol = doc["open_loop"]
         sv = ol["server"]
