@@ -273,3 +273,24 @@ def test_ai_edge_quantizer_refusing_to_keep_ops_in_float_ends_the_search_not_the
     attempts = qt.TFLiteCompiler().recover(None, Aeq.x, settings, tmp_path, goal, None)
     assert [a.strategy for a in attempts] == ["ai_edge_quantizer"] and not attempts[0].passed
     assert "axis remapping" in attempts[0].details["mixed_precision_failed"]
+
+
+def test_ai_edge_quantizer_failing_on_the_whole_model_leaves_ptq_to_the_gate(tmp_path, monkeypatch):
+    """The zoo again (wide_resnet50_2 after the opset-20 converters): the whole-model recipe itself raised the
+    'axis remapping' ValueError. Nothing else to try: no attempt is added, the reason is on the PTQ artifact."""
+    from types import SimpleNamespace
+
+    from edgekit.build.backends import quantize_tflite as qt
+
+    def aeq(self, src, calib, settings, workdir):
+        raise ValueError("Failed to get quantization parameters for tensor: conv. Error: input operand has more "
+                         "dimensions than allowed by the axis remapping")
+
+    monkeypatch.setattr(qt.TFLiteCompiler, "_aeq", aeq)
+    ptq = SimpleNamespace(details={"int8_ops": {"int8": 1, "float": 0}})
+    settings = SimpleNamespace(max_excluded_nodes=8, calibration_count=4)
+    attempts = qt.TFLiteCompiler().recover(None, np.zeros((4, 3, 8, 8), np.float32), settings, tmp_path,
+                                           SimpleNamespace(evaluate=None), ptq)
+    assert attempts == []
+    assert ptq.details["ai_edge_quantizer_failed"].startswith("ValueError: ") and \
+        "axis remapping" in ptq.details["ai_edge_quantizer_failed"]

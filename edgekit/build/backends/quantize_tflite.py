@@ -206,7 +206,17 @@ class TFLiteCompiler(BackendCompiler):
                 goal: RecoveryGoal, first: Artifact) -> list[Attempt]:
         """ai-edge-quantizer's static int8 (all-int8 residual adds, other rounding); if that fails a gate too,
         the fewest ranked ops kept in float on the same recipe."""
-        aeq, art = self._aeq(src, calib, settings, workdir)
+        try:
+            aeq, art = self._aeq(src, calib, settings, workdir)
+        except EdgekitError:
+            raise
+        except Exception as exc:  # its whole-model recipe fails on some graphs too (wide_resnet50_2 from ONNX:
+            # "axis remapping" on a convolution): nothing else to try; the gate judges PTQ, the reason is recorded
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            log.warning("ai-edge-quantizer cannot quantize this model (%s: %s); the gate judges the PTQ artifact",
+                        type(exc).__name__, first_line)
+            first.details["ai_edge_quantizer_failed"] = f"{type(exc).__name__}: {first_line}"
+            return []
         attempts = [goal.evaluate(art, "ai_edge_quantizer", art.details)]
         if attempts[0].passed or settings.max_excluded_nodes == 0:
             return attempts

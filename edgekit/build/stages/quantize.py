@@ -107,6 +107,8 @@ class QuantizeStage:
             state.progress("quantize: fallback")
             goal = recovery_goal(state, attempts[0])
             attempts += state.compiler.recover(state.src, state.calib.x, q, state.workdir, goal, art)
+            # a fallback that could not run at all says why on the artifact it started from: shown with PTQ's attempt
+            attempts[0].details.update({k: v for k, v in art.details.items() if k.endswith("_failed")})
         best = max(attempts, key=lambda a: a.score)  # max keeps the first of equals: plain PTQ wins ties
         state.attempts = attempts
         state.chosen = best.artifact
