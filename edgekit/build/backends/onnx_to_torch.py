@@ -192,9 +192,8 @@ def onnx_to_torch(onnx_path: Path):
     import onnx
     from onnx2torch import convert
 
-    register()
     model = onnx.load(str(onnx_path))
-    missing = unsupported_ops(model)
+    missing = unsupported_ops(model)  # registers edgekit's converters first
     if "Split" in missing and splits_as_slices(model):
         missing = unsupported_ops(model)
     if missing and (older := older_opset(model)) is not None:

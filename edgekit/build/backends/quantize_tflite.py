@@ -66,6 +66,11 @@ def _module(src: SourceModel):
     return model.eval()
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's text, cut to ``limit`` (what a warning and an attempt record)."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
+
+
 def _sample(src: SourceModel):
     import torch
 
@@ -186,7 +191,7 @@ class TFLiteCompiler(BackendCompiler):
     def _quantize_fp32_tflite(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings,
                               workdir: Path, pt2e_error: Exception) -> Artifact:
         """INT8 by ai-edge-quantizer on the FP32 ``.tflite`` where litert-torch cannot convert the PT2E graph."""
-        first_line = (str(pt2e_error).strip().splitlines() or [""])[0][:300]
+        first_line = _first_line(pt2e_error, 300)
         log.warning("litert-torch could not convert the PT2E INT8 graph (%s: %s); quantizing the FP32 .tflite "
                     "with ai-edge-quantizer instead", type(pt2e_error).__name__, first_line)
         try:
@@ -212,7 +217,7 @@ class TFLiteCompiler(BackendCompiler):
             raise
         except Exception as exc:  # its whole-model recipe fails on some graphs too (wide_resnet50_2 from ONNX:
             # "axis remapping" on a convolution): nothing else to try; the gate judges PTQ, the reason is recorded
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            first_line = _first_line(exc)
             log.warning("ai-edge-quantizer cannot quantize this model (%s: %s); the gate judges the PTQ artifact",
                         type(exc).__name__, first_line)
             first.details["ai_edge_quantizer_failed"] = f"{type(exc).__name__}: {first_line}"
@@ -231,10 +236,10 @@ class TFLiteCompiler(BackendCompiler):
         except Exception as exc:  # ai-edge-quantizer refuses some ops alone or in float ("more dimensions than
             # allowed by the axis remapping", a wide ResNet's convolution): the search ends, the gate judges what was
             # tried and says so
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            first_line = _first_line(exc)
             log.warning("ai-edge-quantizer cannot keep this model's ops in float one by one (%s: %s); the mixed "
-                        "precision search stops", type(exc).__name__, first)
-            attempts[0].details["mixed_precision_failed"] = f"{type(exc).__name__}: {first}"
+                        "precision search stops", type(exc).__name__, first_line)
+            attempts[0].details["mixed_precision_failed"] = f"{type(exc).__name__}: {first_line}"
             return attempts
 
     def signature(self, artifact: Artifact, sig: Signature) -> Signature:
