@@ -10,9 +10,9 @@ STAMP  := $(VENV)/.edgekit-installed
 
 $(STAMP): pyproject.toml runtime/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
 	# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e '.[dev]'
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 

@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     p.add_argument("--timeout", type=float, default=600, help="seconds (wall clock) one export or one compile may take")
     p.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
-    p.add_argument("--resume", action="store_true", help="skip the models the JSON already has")
+    p.add_argument("--resume", action="store_true", help="run only the cells the JSON lacks (or that timed out or died)")
     p.add_argument("--markdown-only", action="store_true", help="only re-render zoo_coverage.md from the JSON")
     return p.parse_args(argv)
 
@@ -327,13 +327,18 @@ def _load_target(name: str) -> str:
     return load_target(name).name
 
 
-def finished(row: dict[str, Any], targets: list[str]) -> bool:
-    """Whether ``--resume`` may skip the model: every target has a final answer (a timeout or a child that
-    died is tried again, e.g. with a longer ``--timeout`` on a quiet machine)."""
-    retry = ("timeout", "died")
+RETRY = ("timeout", "died")
+
+
+def pending(row: dict[str, Any] | None, targets: list[str]) -> list[str]:
+    """The targets ``--resume`` still runs for a model: those without a final answer in its row (a timeout
+    or a child that died is tried again, e.g. with a longer ``--timeout`` on a quiet machine)."""
+    if not row:
+        return list(targets)
     if "export_failure" in row:
-        return row["export_failure"].get("kind") not in retry
-    return all(t in row.get("targets", {}) and row["targets"][t]["result"] not in retry for t in targets)
+        return list(targets) if row["export_failure"].get("kind") in RETRY else []
+    cells = row.get("targets", {})
+    return [t for t in targets if t not in cells or cells[t]["result"] in RETRY]
 
 
 def merge_row(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
@@ -545,8 +550,10 @@ def main(argv=None) -> int:
     else:
         targets_shown, history, quick = targets, [], bool(args.quick and not args.models)
     command = " ".join(shlex.quote(a) for a in ["benchmarks/zoo_coverage.py", *(argv or sys.argv[1:])])
-    if args.resume:
-        names = [n for n in names if not (n in previous and finished(previous[n], targets))]
+    todo = {n: list(targets) for n in names}
+    if args.resume:  # a model runs only the targets its row lacks (or that timed out): hours saved on big models
+        todo = {n: pending(previous.get(n), targets) for n in names}
+        names = [n for n in names if todo[n]]
     if not names:
         log(f"nothing to run: every model asked for is in {out_json}")
         return 0
@@ -558,7 +565,7 @@ def main(argv=None) -> int:
         calibration = write_calibration(calib_dir / "crops")
         rows: list[dict[str, Any]] = []
         for i, name in enumerate(names, 1):
-            row = run_model(name, targets, args, calibration, key)
+            row = run_model(name, todo[name], args, calibration, key)
             cells = row.get("targets", {})
             log(f"[{i}/{len(names)}] {name}: " + ("export failed: " + row["export_failure"].get("message", "")
                                                   if "export_failure" in row else

@@ -110,14 +110,17 @@ def test_a_tiny_model_compiles_like_the_cli_and_its_row_renders(tmp_path, keys):
     assert "Not run (1 of 3): never_run." in md and "**noisy**" in md
 
 
-def test_resume_retries_timeouts_and_a_one_target_rerun_keeps_the_other_cells():
+def test_resume_retries_timeouts_and_missing_targets_only_and_a_one_target_rerun_keeps_the_other_cells():
     targets = ["x86-openvino-cpu", "android-arm64-tflite"]
     done = {"targets": {"x86-openvino-cpu": {"result": "converted"}, "android-arm64-tflite": {"result": "error"}}}
-    assert zc.finished(done, targets)
-    assert not zc.finished({"targets": {**done["targets"], "android-arm64-tflite": {"result": "timeout"}}}, targets)
-    assert not zc.finished({"targets": {"x86-openvino-cpu": {"result": "converted"}}}, targets)  # a target not run
-    assert zc.finished({"export_failure": {"kind": "error"}, "targets": {}}, targets)
-    assert not zc.finished({"export_failure": {"kind": "died"}, "targets": {}}, targets)
+    assert zc.pending(done, targets) == []
+    assert zc.pending(None, targets) == targets  # a model never run
+    timed_out = {"targets": {**done["targets"], "android-arm64-tflite": {"result": "timeout"}}}
+    assert zc.pending(timed_out, targets) == ["android-arm64-tflite"]  # the converted cell is not re-run
+    assert zc.pending({"targets": {"x86-openvino-cpu": {"result": "converted"}}}, targets) == ["android-arm64-tflite"]
+    assert zc.pending({"targets": {"x86-openvino-cpu": {"result": "died"}}}, targets) == targets
+    assert zc.pending({"export_failure": {"kind": "error"}, "targets": {}}, targets) == []
+    assert zc.pending({"export_failure": {"kind": "died"}, "targets": {}}, targets) == targets
     rerun = {"model": "m", "export_cpu_s": 3.0, "targets": {"android-arm64-tflite": {"result": "converted"}}}
     merged = zc.merge_row({"model": "m", "export_cpu_s": 1.0, **done}, rerun)
     assert merged["targets"] == {"x86-openvino-cpu": {"result": "converted"},
