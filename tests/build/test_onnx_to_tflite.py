@@ -294,3 +294,74 @@ def test_ai_edge_quantizer_failing_on_the_whole_model_leaves_ptq_to_the_gate(tmp
     assert attempts == []
     assert ptq.details["ai_edge_quantizer_failed"].startswith("ValueError: ") and \
         "axis remapping" in ptq.details["ai_edge_quantizer_failed"]
+
+
+def test_a_float_tflite_that_differs_from_its_module_is_converted_again_then_refused(tmp_path, monkeypatch):
+    """litert-torch 0.10 converts some onnx2torch modules differently from run to run (a torchscript-exported
+    ViT: right in 1 of 5). fp32() checks the .tflite against the module on a probe input: a wrong conversion is
+    redone, and refused when every try is wrong; a right one on the second try ships, counted."""
+    import litert_torch
+    import torch
+
+    from edgekit.build.backends.base import SourceModel
+    from edgekit.build.backends.quantize_tflite import CONVERSION_TRIES, TFLiteCompiler, _run
+    from edgekit.models.digits_cnn import build
+
+    torch.manual_seed(0)
+    model, other = build(width=8).eval(), build(width=8).eval()  # other: the same graph, other weights
+    real_convert, calls = litert_torch.convert, []
+
+    def flaky(wrong_tries: int):
+        def convert(module, args, **kwargs):
+            calls.append(module)
+            return real_convert(other if len(calls) <= wrong_tries else module, args, **kwargs)
+        return convert
+
+    src = SourceModel(tmp_path / "model.onnx", torch=model, input_shape=[1, 1, 8, 8])
+    monkeypatch.setattr(litert_torch, "convert", flaky(CONVERSION_TRIES))
+    with pytest.raises(ModelImportError, match=f"does not compute what the torch module computes: largest "
+                                               f"difference .* in {CONVERSION_TRIES} conversions"):
+        TFLiteCompiler().fp32(src, tmp_path / "a")
+    assert len(calls) == CONVERSION_TRIES
+
+    calls.clear()
+    monkeypatch.setattr(litert_torch, "convert", flaky(1))
+    art = TFLiteCompiler().fp32(src, tmp_path / "b")
+    assert len(calls) == 2 and art.details["conversion_tries"] == 2
+    x = np.random.default_rng(1).normal(size=(4, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(art.directory / art.main, x), model(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+    calls.clear()
+    monkeypatch.setattr(litert_torch, "convert", real_convert)
+    assert "conversion_tries" not in TFLiteCompiler().fp32(src, tmp_path / "c").details  # one right conversion
+
+
+def test_export_checks_a_converted_fp32_artifact_against_onnx_runtime(tmp_path):
+    """The INT8 gates compare with the FP32 artifact; a converter that changed the model would pass them. The
+    export stage runs the source ONNX through ONNX Runtime on the probe inputs and refuses a non-ONNX artifact
+    whose outputs disagree; an ONNX artifact is the source itself and is not re-checked."""
+    from types import SimpleNamespace
+
+    import onnxruntime as ort
+    import torch
+
+    from edgekit.build.stages.export import MIN_CONVERSION_COSINE, check_conversion
+    from edgekit.models.digits_cnn import build
+
+    torch.manual_seed(0)
+    path = tmp_path / "cnn.onnx"
+    torch.onnx.export(build(width=8).eval(), torch.zeros(1, 1, 8, 8), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
+    probe = np.random.default_rng(0).normal(size=(6, 1, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": probe})[0]
+    tflite, onnx_art = SimpleNamespace(main="model.tflite"), SimpleNamespace(main="model.onnx")
+
+    ok = check_conversion(path, tflite, probe, ref + 1e-6)
+    assert ok["cosine_min"] > MIN_CONVERSION_COSINE and ok["samples"] == 6 and ok["max_abs_diff"] < 1e-5
+    wrong = ref + np.random.default_rng(1).normal(size=ref.shape).astype(np.float32) * np.abs(ref).max()
+    with pytest.raises(ModelImportError, match="does not compute what cnn.onnx computes") as err:
+        check_conversion(path, tflite, probe, wrong)
+    assert "onnxruntime-cpu" in err.value.hint
+    assert check_conversion(path, onnx_art, probe, wrong) is None
+    assert check_conversion(path, tflite, None, ref) is None

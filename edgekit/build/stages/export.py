@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from edgekit_runtime.engines import engine_class
 
 from ...config import TargetProfile
-from ...errors import ConfigError
+from ...errors import ConfigError, ModelImportError
 from ..gates import AccuracyCheck, FidelityCheck, check_labels
 from ..measure import Measurer
 from ..state import BuildState
@@ -45,6 +46,8 @@ class ExportStage:
         ref: dict[str, Any] = {"engine": engine, "options": state.measurer.reference_options}
         # one label per output, checked on every build (with or without validation data)
         probe_out = state.measurer.outputs(state.fp32, state.probe, "probe", reference=True)
+        if (conversion := check_conversion(state.src.onnx, state.fp32, state.probe, probe_out)) is not None:
+            ref["conversion"] = conversion
         classes = output_classes(state.cfg.postprocess.type, probe_out)
         if classes is not None:
             check_labels(state.labels, classes)
@@ -68,6 +71,50 @@ class ExportStage:
         if "accuracy" in ref:
             summary["fp32_" + profile.accuracy.metric] = ref["accuracy"]
         return summary
+
+
+# an FP32 artifact in another format computes what the ONNX file computes, up to float rounding: a lower cosine
+# on any probe input is a converter's error, not quantization's
+MIN_CONVERSION_COSINE = 0.999
+
+
+def check_conversion(onnx_path, fp32, probe: np.ndarray | None, probe_out: np.ndarray) -> dict[str, Any] | None:
+    """The FP32 artifact's first output against ONNX Runtime's on the source ONNX file, on the probe inputs.
+
+    Only for artifacts that are not the ONNX file itself (OpenVINO IR, ``.tflite``) and single-input graphs
+    whose first output has the artifact's shape; returns the figures (None when not checked), or refuses a
+    conversion that changed what the model computes. The INT8 gates compare with the FP32 artifact, so a
+    converter's error would otherwise pass them: INT8 agrees with a wrong FP32.
+    """
+    if probe is None or fp32.main.endswith(".onnx") or len(probe) == 0:
+        return None
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    if len(sess.get_inputs()) != 1:
+        return None
+    name = sess.get_inputs()[0].name
+    try:
+        ref = np.concatenate([sess.run(None, {name: probe[i : i + 1]})[0] for i in range(len(probe))])
+    except Exception as exc:  # noqa: BLE001 - a graph ORT cannot run one sample at a time: not checked here
+        log.info("conversion not checked against ONNX Runtime: %s", exc)
+        return None
+    if ref.shape != probe_out.shape or not np.issubdtype(ref.dtype, np.floating):
+        return None
+    a, b = ref.reshape(len(ref), -1).astype(np.float64), probe_out.reshape(len(ref), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(norms > 0, (a * b).sum(1) / np.maximum(norms, 1e-300), np.all(a == b, axis=1).astype(float))
+    out = {"cosine_min": float(cos.min()), "max_abs_diff": float(np.abs(a - b).max()), "samples": len(ref),
+           "against": "onnxruntime on the source ONNX"}
+    if out["cosine_min"] < MIN_CONVERSION_COSINE:
+        raise ModelImportError(
+            f"the FP32 {fp32.main} does not compute what {Path(onnx_path).name} computes: cosine "
+            f"{out['cosine_min']:.4f} (at least {MIN_CONVERSION_COSINE}) and largest difference "
+            f"{out['max_abs_diff']:.3g} on {len(ref)} probe inputs, against ONNX Runtime. The converter changed the "
+            f"model; nothing was quantized or written",
+            hint="compile it for onnxruntime-cpu or x86-openvino-cpu, or give this target the torch module "
+                 "(module:factory or .pt2) rather than an ONNX file")
+    return out
 
 
 def output_classes(postprocess: str, out: np.ndarray) -> int | None:
