@@ -6,6 +6,15 @@
   residual ADDs in float — calibrated in batches, converted with int8 input and
   output tensors (scale/zero-point recorded in the manifest; the runtime
   quantizes and dequantizes, so users still pass float images);
+* ``recipe="transformer"`` (graphs with attention, tried when PTQ misses a gate):
+  ai-edge-quantizer's int16-activation / int8-weight recipe (TFLite's "16x8"
+  mode). On a ViT no single op type carries the INT8 loss — keeping every
+  Softmax, GELU, LayerNorm piece, residual ADD or matmul in float moved the
+  cosine to FP32 by under 0.005 each — it accumulates over every int8 activation
+  on the residual stream; int16 activations remove it (4-block ViT: 0.963 →
+  0.999). The weights stay int8 (a quarter of the float size), but most CPU
+  kernels for int16 activations are reference code (on an x86 host 20× slower
+  than float XNNPACK): the latency gate decides whether it ships;
 * fallback when over budget: ai-edge-quantizer's static int8 recipe on the
   float model (a different calibration and rounding path); if that misses the
   gates too, mixed precision by sensitivity (:mod:`.sensitivity`) on the same
@@ -34,6 +43,7 @@ import numpy as np
 from ...config import QuantizeSettings, RuntimeSettings
 from ...errors import ConfigError, EdgekitError, ModelImportError
 from ..gates import Attempt, RecoveryGoal
+from .attention import find_attention
 from .base import Artifact, BackendCompiler, Signature, SourceModel, runtime_options
 from .onnx_to_torch import converter_version, onnx_to_torch
 from .sensitivity import RANKING_SAMPLES, LayerError, relative_error, search_fewest
@@ -42,6 +52,8 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "0")
 
 CALIBRATION_BATCH = 16
+CONVERSION_TRIES = 2  # litert-torch conversions of one module, until the float .tflite matches it (see fp32())
+CONVERSION_TOLERANCE = 1e-3  # largest output difference allowed, relative to the output's largest magnitude
 # TFLite ops worth keeping in float (they compute); data movement follows its input's precision
 RANKED_TFL_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "FULLY_CONNECTED", "BATCH_MATMUL",
                             "ADD", "SUB", "MUL", "MEAN", "SUM", "AVERAGE_POOL_2D", "CONCATENATION", "SOFTMAX",
@@ -131,19 +143,50 @@ class TFLiteCompiler(BackendCompiler):
                                    "export a single-input, single-output model for the phone")
 
     def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
+        """The float ``.tflite``, checked against the torch module it was converted from.
+
+        litert-torch 0.10 does not always convert the same module the same way: an onnx2torch module of a
+        torchscript-exported ViT converted correctly in 1 of 5 runs (the others differed by 0.25-0.36 in the
+        logits, the torch module and its ``torch.export`` program agreeing to 1e-7). A conversion that does not
+        match the module on a probe input is converted again (:data:`CONVERSION_TRIES` in all), then refused."""
         import litert_torch
+        import torch
 
         out = workdir / "tflite-fp32"
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            litert_torch.convert(_module(src), (_sample(src),)).export(str(out / "model.tflite"))
-        except Exception as exc:  # the converter's own lowering (JAX, MLIR passes) refuses some graphs outright
-            via = "the torch module onnx2torch made from the ONNX file" if src.torch is None else "the torch module"
+        model, sample = _module(src), _sample(src)
+        probe = torch.from_numpy(np.random.default_rng(0).normal(size=tuple(sample.shape)).astype(np.float32))
+        with torch.no_grad():
+            y = model(probe)
+        expected = y.numpy() if isinstance(y, torch.Tensor) else None  # several outputs: the export stage checks
+        differences = []
+        for _ in range(CONVERSION_TRIES):
+            try:
+                litert_torch.convert(model, (sample,)).export(str(out / "model.tflite"))
+            except Exception as exc:  # the converter's own lowering (JAX, MLIR passes) refuses some graphs outright
+                via = "the torch module onnx2torch made from the ONNX file" if src.torch is None else "the torch module"
+                raise ModelImportError(
+                    f"litert-torch could not convert {via} to TFLite: {type(exc).__name__}: {str(exc)[:300]}",
+                    hint="compile it for x86-openvino-cpu or onnxruntime-cpu, or give the TFLite target the original "
+                         "torch model (a .pt module) rather than an ONNX file") from exc
+            if expected is None:
+                break
+            got = _run(out / "model.tflite", probe.numpy())
+            differences.append(float(np.abs(got.reshape(expected.shape) - expected).max()))
+            if differences[-1] <= CONVERSION_TOLERANCE * max(1.0, float(np.abs(expected).max())):
+                break
+            log.warning("litert-torch's float .tflite differs from the torch module by %.3g; converting again",
+                        differences[-1])
+        else:
             raise ModelImportError(
-                f"litert-torch could not convert {via} to TFLite: {type(exc).__name__}: {str(exc)[:300]}",
+                f"litert-torch's float .tflite does not compute what the torch module computes: largest difference "
+                f"{min(differences):.3g} in {CONVERSION_TRIES} conversions",
                 hint="compile it for x86-openvino-cpu or onnxruntime-cpu, or give the TFLite target the original "
-                     "torch model (a .pt module) rather than an ONNX file") from exc
-        return _artifact(out, "fp32", {"converter": "litert_torch.convert", **self._source(src)})
+                     "torch model rather than an ONNX file")
+        details = {"converter": "litert_torch.convert", **self._source(src)}
+        if len(differences) > 1:
+            details["conversion_tries"] = len(differences)
+        return _artifact(out, "fp32", details)
 
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                  exclude: list[str] | None = None, recipe: str | None = None) -> Artifact:
@@ -155,8 +198,10 @@ class TFLiteCompiler(BackendCompiler):
 
         if exclude:
             raise NotImplementedError("the TFLite compiler has no per-layer exclusion; recover() uses another recipe")
+        if recipe == "transformer":
+            return self._aeq(src, calib, settings, workdir, activation_bits=16)[1]
         if recipe is not None:
-            raise ValueError(f"the TFLite compiler has no INT8 recipe {recipe!r} (recipes(): none)")
+            raise ValueError(f"the TFLite compiler has no INT8 recipe {recipe!r} (recipes(): transformer)")
         x = torch.from_numpy(calib[: settings.calibration_count])
         batches = [x[i : i + CALIBRATION_BATCH] for i in range(0, len(x), CALIBRATION_BATCH)]
         model = _module(src)
@@ -181,12 +226,18 @@ class TFLiteCompiler(BackendCompiler):
                                        "strict_export": strict, "calibration_samples": len(x),
                                        "int8_ops": int8_op_share(out / "model.tflite"), **self._source(src)})
 
-    def _aeq(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings,
-             workdir: Path) -> tuple["_AeqRecipes", Artifact]:
-        """ai-edge-quantizer's static INT8 of the FP32 ``.tflite``, and the recipes object that made it."""
+    def recipes(self, src: SourceModel) -> list[str]:
+        """``transformer`` (int16 activations) where the graph has attention (:func:`.attention.find_attention`)."""
+        return ["transformer"] if find_attention(src.onnx) else []
+
+    def _aeq(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
+             activation_bits: int = 8) -> tuple["_AeqRecipes", Artifact]:
+        """ai-edge-quantizer's static quantization of the FP32 ``.tflite`` (int8 weights, ``activation_bits``
+        activations), and the recipes object that made it."""
         fp32 = self.fp32(src, workdir)
-        aeq = _AeqRecipes(fp32.directory / fp32.main, calib[: settings.calibration_count], self._source(src))
-        return aeq, aeq.artifact(workdir / "tflite-int8-aeq")
+        aeq = _AeqRecipes(fp32.directory / fp32.main, calib[: settings.calibration_count], self._source(src),
+                          activation_bits)
+        return aeq, aeq.artifact(workdir / ("tflite-int8-aeq" if activation_bits == 8 else "tflite-a16w8-aeq"))
 
     def _quantize_fp32_tflite(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings,
                               workdir: Path, pt2e_error: Exception) -> Artifact:
@@ -287,15 +338,22 @@ def _export(model, batches: list, x) -> tuple[Any, bool, list]:
 class _AeqRecipes:
     """ai-edge-quantizer on one float ``.tflite``: calibrated once, then any op set kept float or quantized alone."""
 
-    def __init__(self, float_path: Path, x: np.ndarray, source: dict[str, str] | None = None):
+    def __init__(self, float_path: Path, x: np.ndarray, source: dict[str, str] | None = None,
+                 activation_bits: int = 8):
         from ai_edge_quantizer import quantizer as aeq_quantizer
-        from ai_edge_quantizer import recipe as aeq_recipe
 
-        self.float_path, self.x, self.source = float_path, x, source or {}
+        if activation_bits not in (8, 16):
+            raise ValueError(f"ai-edge-quantizer's static recipes have 8 or 16-bit activations, not {activation_bits}")
+        self.float_path, self.x, self.source, self.bits = float_path, x, source or {}, activation_bits
         qt = aeq_quantizer.Quantizer(str(float_path))
-        qt.load_quantization_recipe(aeq_recipe.static_wi8_ai8())
+        qt.load_quantization_recipe(self._recipe())
         name = _input_name(float_path)
         self.stats = qt.calibrate({"serving_default": [{name: x[i : i + 1]} for i in range(len(x))]})
+
+    def _recipe(self):
+        from ai_edge_quantizer import recipe as aeq_recipe
+
+        return aeq_recipe.static_wi8_ai8() if self.bits == 8 else aeq_recipe.static_wi8_ai16()
 
     def layers(self) -> list[tuple[str, str]]:
         """(scope, op name) of every op the ranking considers: the scope is how a recipe names an op."""
@@ -313,15 +371,14 @@ class _AeqRecipes:
 
     def write(self, out: Path, exclude: list[str] | None = None, only: str | None = None) -> Path:
         from ai_edge_quantizer import quantizer as aeq_quantizer
-        from ai_edge_quantizer import recipe as aeq_recipe
         from ai_edge_quantizer.algorithm_manager import AlgorithmName
         from ai_edge_quantizer.qtyping import TFLOperationName
 
         qt = aeq_quantizer.Quantizer(str(self.float_path))
         if only is not None:  # ops matched by no config are not quantized
-            qt.add_static_config(_exact(only), TFLOperationName.ALL_SUPPORTED, 8, 8)
+            qt.add_static_config(_exact(only), TFLOperationName.ALL_SUPPORTED, self.bits, 8)
         else:
-            qt.load_quantization_recipe(aeq_recipe.static_wi8_ai8())
+            qt.load_quantization_recipe(self._recipe())
             for scope in exclude or []:  # the latest matching config wins
                 qt.update_quantization_recipe(_exact(scope), TFLOperationName.ALL_SUPPORTED,
                                               algorithm_key=AlgorithmName.NO_QUANTIZE)
@@ -331,7 +388,8 @@ class _AeqRecipes:
 
     def artifact(self, out: Path, exclude: list[str] | None = None) -> Artifact:
         self.write(out, exclude)
-        details = {"method": "ai-edge-quantizer static_wi8_ai8", "calibration_samples": len(self.x),
+        details = {"method": f"ai-edge-quantizer static_wi8_ai{self.bits}", "activations": f"int{self.bits}",
+                   "calibration_samples": len(self.x),
                    "int8_ops": int8_op_share(out / "model.tflite"), **self.source}
         if exclude:
             details["excluded_nodes"] = list(exclude)
