@@ -267,3 +267,33 @@ def test_pad_of_an_axis_torch_cannot_pad_in_that_mode_is_refused_at_conversion(t
                     {"pads": np.array([1, 1], np.int64), "axes": np.array([0], np.int64)})
     with pytest.raises(ModelImportError, match=f"node_pad.*{mode} padding of axis 0 of a 4-D"):
         onnx_to_torch(path)
+
+
+def test_shapes_computed_from_a_symbolic_batch_are_folded_at_batch_1(tmp_path):
+    """The torchscript exporter writes ViT's class-token expand as Shape → Gather → Unsqueeze → Concat → Where →
+    Expand of the dynamic batch, which torch.export cannot trace; the graph is converted at batch 1 with ONNX
+    Runtime's basic (standard-op) folding instead, and still matches ONNX Runtime on the original file."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from edgekit.build.backends.onnx_to_torch import dynamic_shape_nodes, fold_at_batch_1
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10).eval()
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.02)
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(vit, torch.zeros(1, 3, 32, 32), path, input_names=["x"], output_names=["y"], opset_version=17,
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
+    assert any(n.op_type == "Expand" for n in onnx.load(str(path)).graph.node)
+    module = onnx_to_torch(path)
+    assert dynamic_shape_nodes(module) == []
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    with torch.no_grad():
+        got = np.concatenate([module(torch.from_numpy(x[i : i + 1])).numpy() for i in range(3)])
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    torch.export.export(module, (torch.from_numpy(x[:1]),), strict=True)
+    # another symbolic dimension than the batch: not folded (the converted graph would fix a size it was not given)
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"
+    assert fold_at_batch_1(model) is None

@@ -19,6 +19,8 @@ INT8 cosine to ONNX FP32 0.9999 (paddle-style), 0.9985 (resnet18), 0.96 (efficie
 onnx2torch reads Reshape targets and Slice/Squeeze/Unsqueeze axes from buffers and branches on
 their values, which torch.export rejects; :func:`static_reshapes` writes constant ones in. Resize
 with constant scales is not rewritten yet: such a model fails export and is refused with the reason.
+Shapes computed from a symbolic batch (``Shape → Gather → Concat → Expand``, a torchscript export's ViT
+class token) are folded to constants by converting the graph at batch 1 (:func:`fold_at_batch_1`).
 
 onnx2torch's converters stop at opset 13–17 for most ops, while torch's exporter writes opset 18+
 (``torch.onnx.export(dynamo=True)``: opset 20), where ReduceMean takes its axes as an input and
@@ -190,7 +192,6 @@ def onnx_to_torch(onnx_path: Path):
     """The ONNX file as an evaluated ``torch.fx.GraphModule``; an op or attribute onnx2torch cannot take is a
     :class:`ModelImportError` that names it."""
     import onnx
-    from onnx2torch import convert
 
     model = onnx.load(str(onnx_path))
     missing = unsupported_ops(model)  # registers edgekit's converters first
@@ -209,13 +210,76 @@ def onnx_to_torch(onnx_path: Path):
             f"converter for {listed}",
             hint="re-export the model without that op (or give the torch module: module:factory or .pt2), "
                  "or compile it for an ONNX target (onnxruntime, openvino, tensorrt)")
+    module = static_reshapes(_convert(model, onnx_path))
+    if dynamic_shape_nodes(module) and (folded := fold_at_batch_1(model)) is not None:
+        # shapes computed from the input's symbolic batch (a torchscript export's Shape→Gather→Concat→Expand for
+        # ViT's class token): export cannot trace them; at batch 1 ONNX Runtime folds them to constants
+        log.info("%s: %d reshape/expand/slice node(s) with computed shapes; converting the graph at batch 1 with "
+                 "its shape arithmetic folded", onnx_path.name, len(dynamic_shape_nodes(module)))
+        module = static_reshapes(_convert(folded, onnx_path))
+    return module.eval()
+
+
+def _convert(model: Any, onnx_path: Path):
+    from onnx2torch import convert
+
     try:
-        module = convert(model)
+        return convert(model)
     except (NotImplementedError, ValueError, RuntimeError, KeyError) as exc:  # an attribute or form it lacks
         raise ModelImportError(
             f"{onnx_path.name}: {converter_version()} could not convert the model: {exc}",
             hint="give the torch module (module:factory or .pt2), or compile it for an ONNX target") from None
-    return static_reshapes(module).eval()
+
+
+SHAPE_MODULES = ("OnnxReshape", "OnnxExpand", "OnnxSlice", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeDynamicAxes")
+
+
+def dynamic_shape_nodes(module) -> list[str]:
+    """The shape-taking modules :func:`static_reshapes` left (their shapes are computed, not constant)."""
+    return [n.name for n in module.graph.nodes
+            if n.op == "call_module" and type(module.get_submodule(n.target)).__name__ in SHAPE_MODULES]
+
+
+def fold_at_batch_1(model: Any) -> Any | None:
+    """``model`` with its inputs' batch fixed at 1 and ONNX Runtime's basic graph optimizations applied (constant
+    folding, Shape of a static tensor, redundant nodes: standard ONNX ops only), or None where that cannot be
+    done: another input dimension is symbolic, or ONNX Runtime refuses the graph (a >2 GB model, say).
+
+    The TFLite model has a fixed batch of 1 anyway (:func:`.quantize_tflite._export` then calibrates one sample
+    at a time)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value") or dim.dim_value <= 0:
+                if axis != 0:
+                    return None
+                dim.Clear()
+                dim.dim_value = 1
+    for value in fixed.graph.output:  # re-inferred
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+    with tempfile.TemporaryDirectory(prefix="edgekit_fold_") as tmp:
+        src, out = Path(tmp) / "batch1.onnx", Path(tmp) / "folded.onnx"
+        onnx.save(fixed, str(src))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(out)
+        try:
+            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+            folded = onnx.load(str(out))
+        except Exception as exc:  # noqa: BLE001 - folding is an attempt; the unfolded module's export says why
+            log.info("ONNX Runtime could not fold the batch-1 graph (%s: %s)", type(exc).__name__, exc)
+            return None
+    if any(n.domain not in ("", "ai.onnx") for n in folded.graph.node):
+        return None  # a contrib op: onnx2torch has no converter for it
+    return folded
 
 
 def _reshape(x, shape: tuple[int, ...]):
