@@ -51,6 +51,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -314,7 +315,7 @@ def run_model(name: str, targets: list[str], args: argparse.Namespace, calibrati
             res = run_isolated(lambda t=target, o=out: compile_target(onnx, t, calibration, o, key), args.timeout)
             cell = ({k: v for k, v in res.items() if k != "ok"} if res["ok"]
                     else {"result": res["failure"]["kind"], "failure": res["failure"], "cpu_s": res["cpu_s"]})
-            row["targets"][target] = cell
+            row["targets"][target] = {**cell, "machine": system().get("cpu")}  # a resumed run may be elsewhere
             shutil.rmtree(out.parent, ignore_errors=True)  # bundles and work folders: GBs over the zoo
         return row
     finally:
@@ -501,9 +502,13 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"Not run ({len(missing)} of {len(zoo)}): {', '.join(missing)}."]
     cpu = [r.get("export_cpu_s", 0) + sum(c.get("cpu_s", 0) for c in r.get("targets", {}).values()) for r in rows]
     if cpu:
+        machines = Counter(c.get("machine") or doc["system"].get("cpu", "?")
+                           for r in rows for c in r.get("targets", {}).values())
         lines += ["", f"CPU seconds per model (children: export + every target's compile): median "
-                      f"{np.median(cpu):.0f}, total {sum(cpu):.0f}. Machine: {doc['system'].get('cpu', '?')}, "
-                      f"{doc['system'].get('usable_cores', '?')} usable cores."]
+                      f"{np.median(cpu):.0f}, total {sum(cpu):.0f}. Machine: "
+                      + "; ".join(f"{m} ({n} cells)" for m, n in machines.most_common())
+                      + f", {doc['system'].get('usable_cores', '?')} usable cores (resumed runs may land on "
+                        f"another machine: speed-ups compare within a cell only)."]
     return "\n".join(lines) + "\n"
 
 
