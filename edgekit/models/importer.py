@@ -145,6 +145,22 @@ def onnx_io_names(path: Path) -> tuple[list[str], list[str]]:
     return [i.name for i in m.graph.input if i.name not in inits], [o.name for o in m.graph.output]
 
 
+def onnx_first_output(onnx_path: Path, samples: np.ndarray) -> np.ndarray | None:
+    """The ONNX file's first output on ``samples``, one at a time, by ONNX Runtime on the CPU: what the source
+    model computes. None for a graph with several inputs or one ONNX Runtime cannot run sample by sample."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    if len(sess.get_inputs()) != 1:
+        return None
+    name = sess.get_inputs()[0].name
+    try:
+        return np.concatenate([sess.run(None, {name: samples[i : i + 1]})[0] for i in range(len(samples))])
+    except Exception as exc:  # noqa: BLE001 - the callers check what they can; this one is not checked
+        log.info("%s not run by ONNX Runtime one sample at a time: %s", onnx_path.name, exc)
+        return None
+
+
 def compare_with_torch(model, onnx_path: Path, samples: np.ndarray, atol: float) -> float:
     """Max |torch - ORT| over ``samples``; raises if over ``atol`` (plus a relative 1e-3)."""
     import onnxruntime as ort

@@ -12,6 +12,7 @@ from edgekit_runtime.engines import engine_class
 
 from ...config import TargetProfile
 from ...errors import ConfigError, ModelImportError
+from ...models.importer import onnx_first_output
 from ..gates import AccuracyCheck, FidelityCheck, check_labels
 from ..measure import Measurer
 from ..state import BuildState
@@ -88,18 +89,8 @@ def check_conversion(onnx_path, fp32, probe: np.ndarray | None, probe_out: np.nd
     """
     if probe is None or fp32.main.endswith(".onnx") or len(probe) == 0:
         return None
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    if len(sess.get_inputs()) != 1:
-        return None
-    name = sess.get_inputs()[0].name
-    try:
-        ref = np.concatenate([sess.run(None, {name: probe[i : i + 1]})[0] for i in range(len(probe))])
-    except Exception as exc:  # noqa: BLE001 - a graph ORT cannot run one sample at a time: not checked here
-        log.info("conversion not checked against ONNX Runtime: %s", exc)
-        return None
-    if ref.shape != probe_out.shape or not np.issubdtype(ref.dtype, np.floating):
+    ref = onnx_first_output(onnx_path, probe)
+    if ref is None or ref.shape != probe_out.shape or not np.issubdtype(ref.dtype, np.floating):
         return None
     a, b = ref.reshape(len(ref), -1).astype(np.float64), probe_out.reshape(len(ref), -1).astype(np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
