@@ -119,6 +119,8 @@ class TFLiteCompiler(BackendCompiler):
 
     def __init__(self) -> None:
         self.from_onnx = False  # set once a source without a torch module is seen: the manifest names onnx2torch
+        # (workdir, source) → its checked float .tflite: the export stage's, reused by ai-edge-quantizer's recipes
+        self._fp32: dict[tuple[str, str, int], Artifact] = {}
 
     def library_version(self) -> str:
         import importlib.metadata as md
@@ -152,6 +154,9 @@ class TFLiteCompiler(BackendCompiler):
         import litert_torch
         import torch
 
+        key = (str(workdir), str(src.onnx), id(src.torch))
+        if key in self._fp32 and (self._fp32[key].directory / self._fp32[key].main).is_file():
+            return self._fp32[key]  # converted and checked once: a second conversion could differ (see above)
         out = workdir / "tflite-fp32"
         out.mkdir(parents=True, exist_ok=True)
         model, sample = _module(src), _sample(src)
@@ -186,7 +191,8 @@ class TFLiteCompiler(BackendCompiler):
         details = {"converter": "litert_torch.convert", **self._source(src)}
         if len(differences) > 1:
             details["conversion_tries"] = len(differences)
-        return _artifact(out, "fp32", details)
+        self._fp32[key] = _artifact(out, "fp32", details)
+        return self._fp32[key]
 
     def quantize(self, src: SourceModel, calib: np.ndarray, settings: QuantizeSettings, workdir: Path,
                  exclude: list[str] | None = None, recipe: str | None = None) -> Artifact:
