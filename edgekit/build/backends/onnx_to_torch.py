@@ -211,11 +211,11 @@ def onnx_to_torch(onnx_path: Path):
             hint="re-export the model without that op (or give the torch module: module:factory or .pt2), "
                  "or compile it for an ONNX target (onnxruntime, openvino, tensorrt)")
     module = static_reshapes(_convert(model, onnx_path))
-    if dynamic_shape_nodes(module) and (folded := fold_at_batch_1(model)) is not None:
+    if (computed := dynamic_shape_nodes(module)) and (folded := fold_at_batch_1(model)) is not None:
         # shapes computed from the input's symbolic batch (a torchscript export's Shape→Gather→Concat→Expand for
         # ViT's class token): export cannot trace them; at batch 1 ONNX Runtime folds them to constants
         log.info("%s: %d reshape/expand/slice node(s) with computed shapes; converting the graph at batch 1 with "
-                 "its shape arithmetic folded", onnx_path.name, len(dynamic_shape_nodes(module)))
+                 "its shape arithmetic folded", onnx_path.name, len(computed))
         module = static_reshapes(_convert(folded, onnx_path))
     return module.eval()
 
