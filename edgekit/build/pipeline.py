@@ -71,6 +71,7 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Progress | 
                      "checked": False, "budget_pts": metric.max_accuracy_drop if profile.quantize.enabled else None},
     }
     state = BuildState(cfg, profile, backend, compiler, workdir, key, progress, report)
+    stage, t0 = None, t_start
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         for stage in STAGES:
@@ -86,6 +87,10 @@ def compile_model(cfg: BuildConfig, key: Ed25519PrivateKey, on_step: Progress | 
             exc.report = report
         report.setdefault("result", f"failed: {type(exc).__name__}")
         report["error"] = str(exc)
+        if stage is not None:  # where it stopped and what that stage cost before it did (a gate's recovery can be long)
+            report["stages"].append({"name": stage.name, "seconds": round(time.perf_counter() - t0, 3),
+                                     "failed": type(exc).__name__})
+        report["seconds"] = time.perf_counter() - t_start
         log.info("build failed; report at %s", write_report(cfg, report))
         raise
     finally:

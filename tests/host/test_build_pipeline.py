@@ -66,7 +66,14 @@ def test_slower_int8_fails_the_build_when_the_profile_says_fail(tmp_path, digits
         compile_model(cfg, signing_key)
     assert info.value.exit_code == ExitCode.GATE
     assert not out.exists() and _leftovers(tmp_path) == ["m.report.json"]  # no bundle, no work folder
-    assert json.loads(out.with_suffix(".report.json").read_text())["result"] == "failed: latency gate"
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["result"] == "failed: latency gate"
+    # the report names the stage that refused and its cost; the stages before it passed
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["data", "import", "optimize", "export", "quantize", "evaluate"], names
+    assert report["stages"][-1]["failed"] == "GateError" and report["stages"][-1]["seconds"] > 0
+    assert not any("failed" in s for s in report["stages"][:-1])
+    assert report["seconds"] >= sum(s["seconds"] for s in report["stages"])
 
 
 def test_failed_health_check_leaves_nothing_at_the_output(tmp_path, digits_checkpoint, signing_key, monkeypatch):
@@ -124,7 +131,9 @@ def test_preprocessing_the_device_would_refuse_is_a_config_error_up_front(tmp_pa
     with pytest.raises(ConfigError, match=r"preprocess\.mean has 2 values.*fix the build file"):
         compile_model(cfg, signing_key)
     report = json.loads((tmp_path / "m.report.json").read_text())
-    assert report["stages"] == [] and not (tmp_path / "m.ekb").exists()
+    # refused in the first stage, before any model work
+    assert [(s["name"], s["failed"]) for s in report["stages"]] == [("data", "ConfigError")]
+    assert not (tmp_path / "m.ekb").exists()
 
 
 def test_label_count_is_checked_without_validation_data(tmp_path, digits_checkpoint, signing_key):
