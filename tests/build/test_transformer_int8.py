@@ -161,3 +161,32 @@ def test_litert_transformer_recipe_is_int16_activations_and_beats_int8(vit_onnx,
     c16, c8 = (cosine(ref, qt._run(a.directory / a.main, test)) for a in (a16, int8))
     assert c16 > 0.985 and (1 - c16) < 0.5 * (1 - c8), (c16, c8)
 
+
+
+def test_an_onnx_vit_converts_to_the_float_tflite_it_is_on_the_first_try_every_time(vit_onnx, tmp_path):
+    """onnx2torch writes a torchscript-exported ViT's ``Gemm(transB=1)`` weights as transposed views, and
+    litert-torch 0.10 caches inlined constants by the storage address of their contiguous copies: temporaries,
+    so a later block could get an earlier one's same-shaped weights (wrong logits in most conversions, which
+    ones depending on the allocator). ``_module`` makes every constant contiguous first; then each conversion
+    computes what ONNX Runtime computes, with no second try."""
+    import onnxruntime as ort
+    import torch
+
+    from edgekit.build.backends import quantize_tflite as qt
+    from edgekit.build.backends.base import SourceModel
+    from edgekit.build.backends.onnx_to_torch import onnx_to_torch
+
+    raw = onnx_to_torch(vit_onnx)
+    views = [n for n, p in raw.named_parameters() if not p.is_contiguous()]
+    assert len(views) >= 4  # the attention and MLP projections of both blocks: what the cache mixed up
+    before = {n: p.detach().clone() for n, p in raw.named_parameters()}
+    assert qt.contiguous_constants(raw) == len(views)
+    assert all(p.is_contiguous() and torch.equal(p, before[n]) for n, p in raw.named_parameters())
+
+    src = SourceModel(vit_onnx, input_shape=[1, 3, 32, 32])
+    x = np.random.default_rng(3).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    want = ort.InferenceSession(str(vit_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    for i in range(3):
+        art = qt.TFLiteCompiler().fp32(src, tmp_path / str(i))
+        assert "conversion_tries" not in art.details
+        np.testing.assert_allclose(qt._run(art.directory / art.main, x), want, atol=1e-4)

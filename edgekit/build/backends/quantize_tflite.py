@@ -71,11 +71,40 @@ def _module(src: SourceModel):
         if key not in _CONVERTED:
             _CONVERTED.clear()  # one build's model at a time
             _CONVERTED[key] = onnx_to_torch(src.onnx)
+            contiguous_constants(_CONVERTED[key])
         return _CONVERTED[key]
     model = src.torch
     if not isinstance(model, torch.nn.Module):  # a torch.export program
         model = model.module()
+    contiguous_constants(model)
     return model.eval()
+
+
+def contiguous_constants(module) -> int:
+    """Give every parameter, buffer and tensor attribute of ``module`` its own contiguous storage; returns how
+    many were copied.
+
+    litert-torch 0.10 inlines each constant under a cache key made from the storage address of
+    ``tensor.contiguous()`` (``backend/inline_consts.py``). For a transposed weight that is a temporary, freed
+    before the next constant is lowered, so two same-shaped transposed weights can get the same address and the
+    second layer silently gets the first one's weights. onnx2torch writes every ``Gemm(transB=1)`` weight as such
+    a view (a ViT's attention and MLP projections): a 2-block ViT converted wrong in most runs, right in some,
+    which of them depending on the allocator. Contiguous, every constant is inlined from its own storage."""
+    import torch
+
+    copied = 0
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for t in table.values():
+                if t is not None and not t.is_contiguous():
+                    t.data = t.data.contiguous()
+                    copied += 1
+        for name, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                    and not value.is_contiguous():
+                setattr(sub, name, value.contiguous())
+                copied += 1
+    return copied
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
@@ -147,10 +176,12 @@ class TFLiteCompiler(BackendCompiler):
     def fp32(self, src: SourceModel, workdir: Path) -> Artifact:
         """The float ``.tflite``, checked against the torch module it was converted from.
 
-        litert-torch 0.10 does not always convert the same module the same way: an onnx2torch module of a
-        torchscript-exported ViT converted correctly in 1 of 5 runs (the others differed by 0.25-0.36 in the
-        logits, the torch module and its ``torch.export`` program agreeing to 1e-7). A conversion that does not
-        match the module on a probe input is converted again (:data:`CONVERSION_TRIES` in all), then refused."""
+        litert-torch 0.10 did not always convert the same module the same way: an onnx2torch module of a
+        torchscript-exported ViT converted correctly in 1 of 5 runs, its later blocks given an earlier block's
+        weights by the converter's address-keyed constant cache (:func:`contiguous_constants`, applied by
+        ``_module``, removes that cause). The check stays for what else a converter may get wrong: a conversion
+        that does not match the module on a probe input is converted again (:data:`CONVERSION_TRIES` in all),
+        then refused."""
         import litert_torch
         import torch
 
@@ -220,6 +251,7 @@ class TFLiteCompiler(BackendCompiler):
                 prepared(xb)
         converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
         converted.training = False
+        contiguous_constants(converted)
         out = workdir / "tflite-int8"
         out.mkdir(parents=True, exist_ok=True)
         try:
