@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
@@ -104,7 +105,7 @@ def test_a_tiny_model_compiles_like_the_cli_and_its_row_renders(tmp_path, keys):
     md = zc.markdown(doc)
     assert "**Bare tracebacks (bugs: an exception that is not an edgekit error): 1.**" in md
     assert "| onnxruntime-cpu | 1 | 1 (100% of run, 33% of zoo) |" in md
-    assert f"| tiny | 32 | dynamic | onnxruntime-cpu | converted | {cell['strategy']} | {cell['cosine']:.4f}" in md
+    assert f"| tiny | 32 | dynamic | – | onnxruntime-cpu | converted | {cell['strategy']} | {cell['cosine']:.4f}" in md
     assert "- **tiny** · android-arm64-tflite: **bare traceback** IndexError" in md
     assert "- **other** · export: USAGE (2) ConfigError: the build has no 'preprocess' section" in md
     assert "Not run (1 of 3): never_run." in md and "**noisy**" in md
@@ -125,3 +126,40 @@ def test_resume_retries_timeouts_and_missing_targets_only_and_a_one_target_rerun
     merged = zc.merge_row({"model": "m", "export_cpu_s": 1.0, **done}, rerun)
     assert merged["targets"] == {"x86-openvino-cpu": {"result": "converted"},
                                  "android-arm64-tflite": {"result": "converted"}}
+
+
+def _outlier_net():
+    """Conv 1×1 whose first output channel is 1000× the others, and a head that never reads that channel."""
+    import torch
+
+    torch.manual_seed(0)
+    conv, head = torch.nn.Conv2d(3, 8, 1), torch.nn.Linear(8 * 4 * 4, 10)
+    with torch.no_grad():
+        conv.weight[0] *= 1000
+        head.weight.view(10, 8, 16)[:, 0] = 0
+    return torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Flatten(), head).eval()
+
+
+def test_the_textbook_int8_reference_sees_what_per_tensor_activations_lose_and_leaves_the_model_alone():
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(40, 3, 4, 4)).astype(np.float32)
+    net = _outlier_net()
+    before = net(torch.from_numpy(x)).detach()
+    ref = zc.simulate_int8(net, x[:32], x[32:])
+    # per-channel weights keep the small channels; one per-tensor activation range rounds them away
+    assert ref["w8_cosine"] > 0.999 and ref["w8a8_cosine"] < 0.9 and ref["samples"] == 8
+    assert ref["w8a8_min_cosine"] <= ref["w8a8_cosine"]
+    assert torch.equal(net(torch.from_numpy(x)).detach(), before)  # the model itself is not quantized
+
+    tame = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(128, 10)).eval()
+    assert zc.simulate_int8(tame, x[:32], x[32:])["w8a8_cosine"] > 0.99
+
+    gate = {"result": "error", "failure": {"kind": "error", "code": "GATE", "min_cosine": 0.99}}
+    doc = {"settings": {"targets": ["onnxruntime-cpu"]}, "zoo": ["a", "b", "c"],
+           "rows": [{"model": "a", "int8_reference": {"w8a8_cosine": 0.89}, "targets": {"onnxruntime-cpu": gate}},
+                    {"model": "b", "int8_reference": {"w8a8_cosine": 0.997}, "targets": {"onnxruntime-cpu": gate}},
+                    {"model": "c", "targets": {"onnxruntime-cpu": gate}}]}  # a row from before the reference
+    st = zc.summarize(doc)["targets"]["onnxruntime-cpu"]
+    assert st["failures"] == {"gate": 3} and st["gate_reference_misses"] == 1
