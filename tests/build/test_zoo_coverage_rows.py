@@ -160,6 +160,11 @@ def test_the_textbook_int8_reference_sees_what_per_tensor_activations_lose_and_l
     doc = {"settings": {"targets": ["onnxruntime-cpu"]}, "zoo": ["a", "b", "c"],
            "rows": [{"model": "a", "int8_reference": {"w8a8_cosine": 0.89}, "targets": {"onnxruntime-cpu": gate}},
                     {"model": "b", "int8_reference": {"w8a8_cosine": 0.997}, "targets": {"onnxruntime-cpu": gate}},
-                    {"model": "c", "targets": {"onnxruntime-cpu": gate}}]}  # a row from before the reference
+                    {"model": "c", "targets": {"onnxruntime-cpu": gate}},  # a row from before the reference
+                    {"model": "d", "int8_reference": {"w8a8_cosine": 0.95}, "targets": {"onnxruntime-cpu": {
+                        "result": "error", "failure": {"kind": "error", "code": "GATE", "message":
+                                                       "fidelity.cosine gate failed, no bundle written: cosine "
+                                                       "0.9 on 19 held-back calibration samples (at least 0.97)."}}}}]}
     st = zc.summarize(doc)["targets"]["onnxruntime-cpu"]
-    assert st["failures"] == {"gate": 3} and st["gate_reference_misses"] == 1
+    # d: an older cell without min_cosine, whose message states the threshold (0.95 misses 0.97)
+    assert st["failures"] == {"gate": 4} and st["gate_reference_misses"] == 2
