@@ -297,3 +297,38 @@ def test_shapes_computed_from_a_symbolic_batch_are_folded_at_batch_1(tmp_path):
     model = onnx.load(str(path))
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"
     assert fold_at_batch_1(model) is None
+
+
+def test_equal_initializers_the_exporter_shares_through_identity_convert(tmp_path):
+    """torch's exporter stores equal initializers once and gives each further use an Identity of it: a freshly
+    initialized CNN's BatchNorm-folded biases are all zero. onnx2torch reads a Conv's bias only from initializers
+    and failed with a bare KeyError; the Identities are removed first and the module matches ONNX Runtime."""
+    from edgekit.build.backends.onnx_to_torch import initializer_identities
+    from edgekit.models.digits_cnn import build
+
+    torch.manual_seed(0)
+    path = tmp_path / "cnn.onnx"
+    torch.onnx.export(build(width=8).eval(), torch.zeros(1, 1, 8, 8), str(path), dynamo=False, input_names=["x"])
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    shared = [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits]
+    assert shared  # what the exporter wrote: the case under test
+    x = np.random.default_rng(0).normal(size=(1, 1, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        got = onnx_to_torch(path)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    # an Identity that is itself a graph output stays (removing it would drop the output's name)
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["w_out"]), helper.make_node("Identity", ["w"], ["w2"]),
+         helper.make_node("Add", ["x", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("w_out", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.ones(2, np.float32), "w")])
+    m = helper.make_model(g)
+    assert initializer_identities(m) == 1
+    assert [(n.op_type, list(n.input)) for n in m.graph.node] == [("Identity", ["w"]), ("Add", ["x", "w"])]

@@ -97,6 +97,36 @@ def older_opset(model: Any) -> tuple[Any, int] | None:
     return None
 
 
+def initializer_identities(model: Any) -> int:
+    """Remove every ``Identity`` of an initializer, its consumers reading the initializer itself; returns how many.
+
+    torch's exporter stores equal initializers once and hands each further use an ``Identity`` of it (the
+    zero biases BatchNorm folding leaves in a freshly initialized CNN, tied weights). onnx2torch takes a Conv's
+    or Gemm's weight and bias only from initializers, and failed on such a bias with a bare ``KeyError``."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return 0
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+
+    def rewire(nodes) -> None:
+        for node in nodes:
+            for i, name in enumerate(node.input):
+                if name in alias:
+                    node.input[i] = alias[name]
+            for attr in node.attribute:  # an If's or Loop's body may read the outer name too
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    rewire(sub.node)
+
+    rewire(kept)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(alias)
+
+
 def drop_allowzero(model: Any) -> int:
     """Clear ``allowzero=1`` on Reshapes whose target shape is a constant without a 0 entry; how many were cleared.
 
@@ -194,6 +224,7 @@ def onnx_to_torch(onnx_path: Path):
     import onnx
 
     model = onnx.load(str(onnx_path))
+    initializer_identities(model)
     missing = unsupported_ops(model)  # registers edgekit's converters first
     if "Split" in missing and splits_as_slices(model):
         missing = unsupported_ops(model)
