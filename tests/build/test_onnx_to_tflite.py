@@ -367,3 +367,30 @@ def test_export_checks_a_converted_fp32_artifact_against_onnx_runtime(tmp_path):
     assert "onnxruntime-cpu" in err.value.hint
     assert check_conversion(path, onnx_art, probe, wrong) is None
     assert check_conversion(path, tflite, None, ref) is None
+
+
+@pytest.mark.parametrize("scope, readable", [
+    # a torch module: each level <module>.<Class>_<attribute>; a fused Conv+BN+ReLU lists the Conv last
+    ("edgekit.models.digits_cnn.DigitsCNN/torch.nn.modules.container.Sequential_features/"
+     "torch.nn.modules.container.Sequential_1/torch.nn.modules.activation.ReLU_2;;edgekit.models.digits_cnn."
+     "DigitsCNN/torch.nn.modules.container.Sequential_features/torch.nn.modules.container.Sequential_1/"
+     "torch.nn.modules.conv.Conv2d_0;1;", "features.1.0 (Conv2d)"),
+    ("edgekit.models.digits_cnn.DigitsCNN/torch.nn.modules.linear.Linear_classifier;", "classifier (Linear)"),
+    # an onnx2torch module under non-strict export: the ONNX node's path follows the qualified level
+    ("torch.export._trace._non_strict_export.<locals>._tuplify_outputs.<locals>._aot_export_non_strict.<locals>."
+     "Wrapper/torch.nn.modules.activation.ReLU_features/features/0/features/0/2/Relu;;torch.export._trace."
+     "_non_strict_export.<locals>._tuplify_outputs.<locals>._aot_export_non_strict.<locals>.Wrapper/"
+     "torch.nn.modules.conv.Conv2d_features/features/0/features/0/0/Conv;;",
+     "features.features.0.features.0.0.Conv (Conv2d)"),
+    ("serving_default_output_0", "serving_default_output_0"),  # another form: as it is
+])
+def test_an_op_kept_in_float_is_named_by_its_module_path(scope, readable):
+    """The gate's message lists what mixed precision kept in float; litert-torch's scopes run to 500 characters of
+    qualified names (the zoo's messages were cut off before the first layer's name)."""
+    from edgekit.build.backends.quantize_tflite import readable_scope
+    from edgekit.build.gates import Attempt
+    from edgekit.build.stages.quantize import describe_attempts
+
+    assert readable_scope(scope) == readable
+    attempt = Attempt("mixed_precision", None, [], details={"excluded_nodes": [scope], "excluded_layers": [readable]})
+    assert describe_attempts([attempt]) == f"mixed_precision (kept in float: {readable})"

@@ -80,6 +80,29 @@ def _module(src: SourceModel):
     return model.eval()
 
 
+def readable_scope(scope: str) -> str:
+    """An op's scope as a module path a user can find in the model: ``features.0.0 (Conv2d)``.
+
+    litert-torch names an op's output after the module path it came from, each level written
+    ``<module>.<Class>_<attribute>`` under the root's qualified name (under non-strict export, a
+    ``torch.export…<locals>.Wrapper``; for an onnx2torch module the ONNX node's path follows in plain
+    levels), with ``;;`` between the locations of fused ops (a Conv with its BatchNorm and ReLU lists the
+    ReLU first and the Conv last). The last location is the op the others were fused into; a scope in
+    another form is returned as it is."""
+    location = [part for part in scope.split(";;") if part][-1].split(";")[0] if scope else scope
+    levels = location.split("/")
+    if len(levels) < 2 or "." not in levels[0]:  # not a qualified root: a name of another form
+        return scope
+    attrs, kind = [], None
+    for level in levels[1:]:  # onnx2torch's modules are named by ONNX node paths: their levels go on unqualified
+        if "." in level:
+            kind, _, attr = level.rsplit(".", 1)[-1].partition("_")  # Conv2d_0: the class and the attribute
+            attrs.append(attr or kind)
+        else:
+            attrs.append(level)
+    return ".".join(attrs) + (f" ({kind})" if kind else "")
+
+
 def contiguous_constants(module) -> int:
     """Give every parameter, buffer and tensor attribute of ``module`` its own contiguous storage; returns how
     many were copied.
@@ -319,7 +342,7 @@ class TFLiteCompiler(BackendCompiler):
             return attempts + search_fewest(
                 ranking, settings.max_excluded_nodes,
                 lambda names: aeq.artifact(workdir / f"tflite-int8-aeq-x{len(names)}", exclude=names), goal,
-                details=lambda art: {"int8_ops": art.details["int8_ops"]})
+                details=lambda art: {k: art.details[k] for k in ("int8_ops", "excluded_layers") if k in art.details})
         except EdgekitError:
             raise
         except Exception as exc:  # ai-edge-quantizer refuses some ops alone or in float ("more dimensions than
@@ -431,6 +454,7 @@ class _AeqRecipes:
                    "int8_ops": int8_op_share(out / "model.tflite"), **self.source}
         if exclude:
             details["excluded_nodes"] = list(exclude)
+            details["excluded_layers"] = [readable_scope(scope) for scope in exclude]
         return _artifact(out, "int8", details)
 
     def rank(self, scratch: Path, samples: np.ndarray) -> list[LayerError]:

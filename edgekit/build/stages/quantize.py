@@ -220,7 +220,8 @@ def summarize(a: Attempt) -> dict[str, Any]:
 def describe_attempts(attempts: list[Attempt]) -> str:
     parts = []
     for a in attempts:
-        kept = a.details.get("excluded_nodes") or a.details.get("ignored") or a.details.get("reverted_layers")
+        kept = (a.details.get("excluded_layers") or a.details.get("excluded_nodes") or a.details.get("ignored")
+                or a.details.get("reverted_layers"))  # excluded_layers: a backend's readable form of its node names
         parts.append(a.strategy + (f" (kept in float: {', '.join(map(str, kept))})" if kept else ""))
     return "; ".join(parts)
 
