@@ -213,7 +213,7 @@ def matrix_row(target: str, report: dict) -> dict[str, Any]:
             "bundle_bytes": report.get("bundle_bytes"), "metric": acc.get("metric"), "value": metric,
             "drop": acc.get("drop_pts"), "fidelity_cosine": (report.get("fidelity") or {}).get("cosine"),
             "p50_ms": shipped.get("p50_ms"), "speedup": lat.get("speedup"), "engine": lat.get("engine"),
-            "note": lat.get("not_gated_reason")}
+            "note": lat.get("warning") or lat.get("not_gated_reason")}
 
 
 def print_matrix(rows: list[dict[str, Any]]) -> None:

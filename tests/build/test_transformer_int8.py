@@ -190,3 +190,20 @@ def test_an_onnx_vit_converts_to_the_float_tflite_it_is_on_the_first_try_every_t
         art = qt.TFLiteCompiler().fp32(src, tmp_path / str(i))
         assert "conversion_tries" not in art.details
         np.testing.assert_allclose(qt._run(art.directory / art.main, x), want, atol=1e-4)
+
+
+def test_int8_far_slower_than_fp32_on_a_host_that_is_not_the_device_is_warned_about():
+    """The latency gate cannot judge a phone's INT8 on an x86 host, but an int16-activation .tflite running 18x
+    slower than FP32 there (ViT-B/32 in the zoo: 618 ms vs 34 ms) is a difference of kernels the user must hear of."""
+    from edgekit.build.stages.evaluate import UNGATED_SLOWDOWN_WARNING, slow_ungated_warning
+
+    ungated = {"gated": False, "not_gated_reason": "measured on this x86_64 host; the device is arm64",
+               "int8": {"p50_ms": 617.8}, "fp32": {"p50_ms": 33.5}, "speedup": 33.5 / 617.8}
+    warning = slow_ungated_warning(ungated, {"activations": "int16"})
+    assert warning.startswith("INT8 ran 18.4x slower than FP32 on this host (its activations are int16")
+    assert "edgekit bench" in warning and "quantize.enabled: false" in warning
+    assert "activations" not in slow_ungated_warning(ungated, {"method": "litert-torch PT2E static"})
+    assert slow_ungated_warning({**ungated, "gated": True, "not_gated_reason": None}, {}) is None  # the gate judges
+    near = 1 / (UNGATED_SLOWDOWN_WARNING * 0.9)
+    assert slow_ungated_warning({**ungated, "speedup": near}, {"activations": "int16"}) is None
+    assert slow_ungated_warning({k: v for k, v in ungated.items() if k != "int8"} | {"speedup": None}, {}) is None
