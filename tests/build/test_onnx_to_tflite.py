@@ -387,10 +387,22 @@ def test_export_checks_a_converted_fp32_artifact_against_onnx_runtime(tmp_path):
 def test_an_op_kept_in_float_is_named_by_its_module_path(scope, readable):
     """The gate's message lists what mixed precision kept in float; litert-torch's scopes run to 500 characters of
     qualified names (the zoo's messages were cut off before the first layer's name)."""
-    from edgekit.build.backends.quantize_tflite import readable_scope
+    from edgekit.build.backends.quantize_tflite import readable_scope, readable_scopes
     from edgekit.build.gates import Attempt
     from edgekit.build.stages.quantize import describe_attempts
 
     assert readable_scope(scope) == readable
+    assert readable_scopes([scope]) == [readable]
     attempt = Attempt("mixed_precision", None, [], details={"excluded_nodes": [scope], "excluded_layers": [readable]})
     assert describe_attempts([attempt]) == f"mixed_precision (kept in float: {readable})"
+
+
+def test_ops_lowered_from_one_module_keep_the_number_that_tells_them_apart():
+    from edgekit.build.backends.quantize_tflite import readable_scopes
+
+    wrapper = ("torch.export._trace._non_strict_export.<locals>._tuplify_outputs.<locals>._aot_export_non_strict."
+               "<locals>.Wrapper/torch.nn.modules.normalization.LayerNorm_encoder/layers/encoder_layer_0/ln_1/"
+               "LayerNormalization")
+    ln = "encoder.layers.encoder_layer_0.ln_1.LayerNormalization (LayerNorm)"
+    assert readable_scopes([f"{wrapper};11", f"{wrapper};12", "m.M/torch.nn.modules.linear.Linear_head;"]) == [
+        f"{ln} #11", f"{ln} #12", "head (Linear)"]

@@ -103,6 +103,23 @@ def readable_scope(scope: str) -> str:
     return ".".join(attrs) + (f" ({kind})" if kind else "")
 
 
+def readable_scopes(scopes: list[str]) -> list[str]:
+    """:func:`readable_scope` of each, told apart where several ops came from one module (a LayerNorm lowers to
+    a mean, a subtraction, a rsqrt …): those carry the number litert-torch gave the op, ``… (LayerNorm) #11``."""
+    names = [readable_scope(s) for s in scopes]
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+    out = []
+    for scope, name in zip(scopes, names):
+        if seen[name] > 1 and name != scope:
+            location = [part for part in scope.split(";;") if part][-1]
+            number = location.split(";")[1] if ";" in location else ""
+            name = f"{name} #{number or '?'}"
+        out.append(name)
+    return out
+
+
 def contiguous_constants(module) -> int:
     """Give every parameter, buffer and tensor attribute of ``module`` its own contiguous storage; returns how
     many were copied.
@@ -454,7 +471,7 @@ class _AeqRecipes:
                    "int8_ops": int8_op_share(out / "model.tflite"), **self.source}
         if exclude:
             details["excluded_nodes"] = list(exclude)
-            details["excluded_layers"] = [readable_scope(scope) for scope in exclude]
+            details["excluded_layers"] = readable_scopes(list(exclude))
         return _artifact(out, "int8", details)
 
     def rank(self, scratch: Path, samples: np.ndarray) -> list[LayerError]:
