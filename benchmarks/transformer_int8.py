@@ -19,6 +19,7 @@ Writes ``--out``/transformer_int8.json and ``.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from benchmarks.common import log  # noqa: E402
 
-TARGETS = ("x86-openvino-cpu", "onnxruntime-cpu", "jetson-orin-nano")
-TIMED = ("x86-openvino-cpu", "onnxruntime-cpu")
+TARGETS = ("x86-openvino-cpu", "onnxruntime-cpu", "jetson-orin-nano", "android-arm64-tflite")
+TIMED = ("x86-openvino-cpu", "onnxruntime-cpu")  # the others' host figures say nothing about their devices
 SIDE = 224
 
 
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
     p.add_argument("--work", type=Path, default=common.CACHE / "transformer_int8")
     p.add_argument("--markdown-only", action="store_true", help="only re-render the Markdown from the JSON")
+    p.add_argument("--keep-others", action="store_true",
+                   help="keep the JSON's rows of targets not run now (each row names the machine it ran on)")
     return p.parse_args(argv)
 
 
@@ -74,7 +77,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
 def compile_one(onnx_path: Path, calib: Path, target: str, work: Path, key) -> dict[str, Any]:
     from edgekit.build.pipeline import compile_model
     from edgekit.config import load_build
-    from edgekit.errors import GateError
+    from edgekit.errors import EdgekitError
 
     over = {"model.source": str(onnx_path), "model.name": "vit_ti16", "target": target,
             "output": work / f"{target}.ekb", "calibration.source": str(calib),
@@ -83,8 +86,9 @@ def compile_one(onnx_path: Path, calib: Path, target: str, work: Path, key) -> d
     t = time.perf_counter()
     try:
         rep = compile_model(load_build(None, over), key).report
-    except GateError as exc:
-        rep = exc.report
+    except EdgekitError as exc:  # a gate's refusal carries the attempts; a conversion error only its message
+        rep = getattr(exc, "report", None) or {"result": f"failed: {type(exc).__name__}", "accuracy": {}}
+        rep.setdefault("error", str(exc))
     attempts = rep["accuracy"].get("attempts") or []
     lat = rep.get("latency_ms") or {}
     row: dict[str, Any] = {
@@ -92,10 +96,12 @@ def compile_one(onnx_path: Path, calib: Path, target: str, work: Path, key) -> d
         "attempts": [{"strategy": a["strategy"], "passed": a["passed"],
                       "cosine": round(a["fidelity"]["cosine"], 5), "cosine_min": round(a["fidelity"]["cosine_min"], 5),
                       "top1_agreement": round(a["fidelity"]["top1_agreement"], 4),
-                      **{k: a[k] for k in ("model_type", "quantized_op_types", "recipe_name") if k in a},
+                      **{k: a[k] for k in ("model_type", "quantized_op_types", "recipe_name", "method",
+                                           "activations") if k in a},
                       **({"float_nodes": len(a["recipe_float_nodes"])} if "recipe_float_nodes" in a else {})}
                      for a in attempts if "fidelity" in a],
         "shipped": next((a["strategy"] for a in attempts if a["passed"]), None),
+        "error": None if rep.get("result") == "ok" else rep.get("error"),
     }
     if target in TIMED and "int8" in lat:
         row["latency"] = {"fp32_p50_ms": round(lat["fp32"]["p50_ms"], 3), "int8_p50_ms": round(lat["int8"]["p50_ms"], 3),
@@ -121,7 +127,14 @@ def markdown(doc: dict[str, Any]) -> str:
         ptq, tr = by.get("ptq"), by.get("ptq_transformer")
         what = (f"model_type {tr['model_type']}" if tr and "model_type" in tr else
                 f"Q/DQ on {'/'.join(tr['quantized_op_types'])}, {tr.get('float_nodes', 0)} attention MatMuls float"
-                if tr and "quantized_op_types" in tr else "–")
+                if tr and "quantized_op_types" in tr else
+                f"{tr['method']}: {tr['activations']} activations, int8 weights" if tr and "activations" in tr
+                else "–")
+        if ptq is None:  # refused before any INT8 attempt (a conversion error)
+            lines.append(f"| {target} | – | – | – | nothing: {str(r.get('error'))[:160]} | – | – | – |")
+            continue
+        if r.get("machine") and r["machine"] != sysd.get("cpu"):
+            target = f"{target} ({r['machine']})"
         lat = r.get("latency") or {}
         lines.append(
             f"| {target} | {ptq['cosine']:.4f} / {ptq['top1_agreement']:.2f} | "
@@ -129,7 +142,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{r['shipped'] or 'nothing (refused)'} | {lat.get('fp32_p50_ms', '–')} | {lat.get('int8_p50_ms', '–')} | "
             + (f"{lat['speedup']:.2f}×" if lat else "– (not this host's figure)") + " |")
     lines += ["", f"Latency: the build's latency gate, FP32 and INT8 interleaved single-stream, batch 1, engine "
-                  f"default threads. {doc['caveat']}", ""]
+                  f"default threads; rows that name a machine ran there (their figures compare within the row). "
+                  f"{doc['caveat']}", ""]
     return "\n".join(lines)
 
 
@@ -151,9 +165,15 @@ def main(argv=None) -> int:
     results = {}
     for target in args.targets.split(","):
         log(f"{target}: compiling ViT-Ti/16")
-        results[target] = compile_one(onnx_path, calib, target, args.work, key)
+        results[target] = {**compile_one(onnx_path, calib, target, args.work, key),
+                           "machine": system_description().get("cpu")}
         log(f"{target}: {results[target]['shipped']} · {results[target]['attempts']}")
     cpu_during = mon.stop()
+    previous = args.out / f"{stem}.json"
+    if args.keep_others and previous.is_file():  # rows of other targets, run before (maybe on another machine)
+        old = json.loads(previous.read_text())
+        results = {**{t: {"machine": old["system"].get("cpu"), **r} for t, r in old["results"].items()
+                      if t not in results}, **results}
     doc = {
         **common.run_header("transformer_int8", argv),
         "system": system_description(), "provenance": common.provenance(), "cpu_during": cpu_during,
