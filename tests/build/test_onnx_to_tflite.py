@@ -406,3 +406,22 @@ def test_ops_lowered_from_one_module_keep_the_number_that_tells_them_apart():
     ln = "encoder.layers.encoder_layer_0.ln_1.LayerNormalization (LayerNorm)"
     assert readable_scopes([f"{wrapper};11", f"{wrapper};12", "m.M/torch.nn.modules.linear.Linear_head;"]) == [
         f"{ln} #11", f"{ln} #12", "head (Linear)"]
+
+
+def test_ranking_ops_for_mixed_precision_leaves_no_candidate_models_on_disk(tmp_path):
+    """Each op INT8 alone is a whole model; kept, a ViT-B/16's candidates filled the disk (ENOSPC mid-search)."""
+    import torch
+
+    from edgekit.build.backends.base import SourceModel
+    from edgekit.build.backends.quantize_tflite import TFLiteCompiler, _AeqRecipes
+    from edgekit.models.digits_cnn import build
+
+    torch.manual_seed(0)
+    src = SourceModel(tmp_path / "model.onnx", torch=build(width=8).eval(), input_shape=[1, 1, 8, 8])
+    fp32 = TFLiteCompiler().fp32(src, tmp_path / "work")
+    x = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    aeq = _AeqRecipes(fp32.directory / fp32.main, x)
+    ranking = aeq.rank(tmp_path / "scratch", x[:4])
+    assert len(ranking) == len(aeq.layers()) >= 4
+    assert [e.error for e in ranking] == sorted((e.error for e in ranking), reverse=True)
+    assert not list((tmp_path / "scratch").rglob("*.tflite"))

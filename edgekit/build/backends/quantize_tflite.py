@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -475,12 +476,17 @@ class _AeqRecipes:
         return _artifact(out, "int8", details)
 
     def rank(self, scratch: Path, samples: np.ndarray) -> list[LayerError]:
-        """Each op INT8 alone (the rest float), ranked by the output error it causes, largest first."""
+        """Each op INT8 alone (the rest float), ranked by the output error it causes, largest first. Each candidate
+        is a whole model: it is deleted once measured (kept, a ViT-B/16's ~100 candidates of ~340 MB each filled
+        the disk)."""
         ref = _run(self.float_path, samples)
         ranking = []
         for i, (scope, kind) in enumerate(self.layers()):
             path = self.write(scratch / f"only-{i}", only=scope)
-            ranking.append(LayerError(scope, kind, relative_error(ref, _run(path, samples))))
+            try:
+                ranking.append(LayerError(scope, kind, relative_error(ref, _run(path, samples))))
+            finally:
+                shutil.rmtree(path.parent, ignore_errors=True)
         return sorted(ranking, key=lambda e: e.error, reverse=True)
 
 
