@@ -476,9 +476,9 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
     rows, zoo = doc["rows"], doc.get("zoo", [])
     out: dict[str, Any] = {"targets": {}, "bugs": 0, "export_failures": sum("export_failure" in r for r in rows)}
     for t in doc["settings"]["targets"]:
-        cells = [r["targets"][t] for r in rows if t in r.get("targets", {})]
-        hostile = sum(outcome(c) == "gate" and reference_misses(r, c) for r in rows
-                      for c in [r.get("targets", {}).get(t)] if c)
+        pairs = [(r, r["targets"][t]) for r in rows if t in r.get("targets", {})]
+        cells = [c for _, c in pairs]
+        hostile = sum(outcome(c) == "gate" and reference_misses(r, c) for r, c in pairs)
         conv = [c for c in cells if c["result"] == "converted"]
         int8 = [c for c in conv if c.get("int8_within_gate")]
         speed = [c["speedup"] for c in int8 if c.get("speedup")]

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,7 @@ def readable_scope(scope: str) -> str:
     levels), with ``;;`` between the locations of fused ops (a Conv with its BatchNorm and ReLU lists the
     ReLU first and the Conv last). The last location is the op the others were fused into; a scope in
     another form is returned as it is."""
-    location = [part for part in scope.split(";;") if part][-1].split(";")[0] if scope else scope
-    levels = location.split("/")
+    levels = _last_location(scope).split(";")[0].split("/")
     if len(levels) < 2 or "." not in levels[0]:  # not a qualified root: a name of another form
         return scope
     attrs, kind = [], None
@@ -108,17 +108,20 @@ def readable_scopes(scopes: list[str]) -> list[str]:
     """:func:`readable_scope` of each, told apart where several ops came from one module (a LayerNorm lowers to
     a mean, a subtraction, a rsqrt …): those carry the number litert-torch gave the op, ``… (LayerNorm) #11``."""
     names = [readable_scope(s) for s in scopes]
-    seen: dict[str, int] = {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
+    seen = Counter(names)
     out = []
     for scope, name in zip(scopes, names):
         if seen[name] > 1 and name != scope:
-            location = [part for part in scope.split(";;") if part][-1]
+            location = _last_location(scope)
             number = location.split(";")[1] if ";" in location else ""
             name = f"{name} #{number or '?'}"
         out.append(name)
     return out
+
+
+def _last_location(scope: str) -> str:
+    """The last of a scope's ``;;``-separated locations: the op the others were fused into."""
+    return ([part for part in scope.split(";;") if part] or [scope])[-1]
 
 
 def contiguous_constants(module) -> int:
