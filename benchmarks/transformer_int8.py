@@ -162,11 +162,11 @@ def main(argv=None) -> int:
     key = load_private_key(common.ensure_keys()["private"])
     onnx_path, calib = prepare(args.work)
     mon = common.CpuMonitor().start()
+    system = system_description()
     results = {}
     for target in args.targets.split(","):
         log(f"{target}: compiling ViT-Ti/16")
-        results[target] = {**compile_one(onnx_path, calib, target, args.work, key),
-                           "machine": system_description().get("cpu")}
+        results[target] = {**compile_one(onnx_path, calib, target, args.work, key), "machine": system.get("cpu")}
         log(f"{target}: {results[target]['shipped']} · {results[target]['attempts']}")
     cpu_during = mon.stop()
     previous = args.out / f"{stem}.json"
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
                       if t not in results}, **results}
     doc = {
         **common.run_header("transformer_int8", argv),
-        "system": system_description(), "provenance": common.provenance(), "cpu_during": cpu_during,
+        "system": system, "provenance": common.provenance(), "cpu_during": cpu_during,
         "caveat": (f"Other processes used {cpu_during.get('other_processes_pct', 0):.0f} % of the CPU during the "
                    f"run: cosine and agreement are unaffected, wall-clock figures are only as good as that"),
         "results": results,
